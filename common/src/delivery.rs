@@ -1,0 +1,228 @@
+//! Deliveries: the pre-targeted message a router publishes on a user's
+//! subject, and the `event`/`batch` frames an edge builds from it.
+//!
+//! A delivery body is the event frame's map without `op` (and without `pos`,
+//! which the delivery log assigns): `{"type","data","ts", "id"?, "key"?,
+//! "prio"?, "sub"?}`, with the producer's `data` bytes embedded untouched.
+//! The edge turns it into a frame by rewriting only the map header and
+//! prepending `op` (and `pos`), so a MessagePack client gets the producer's
+//! bytes with no decode and no re-encode on the edge.
+
+use crate::event::{Prio, ProducerEvent};
+use crate::transcode::{self, TranscodeError};
+use crate::Encoding;
+
+/// Writes a delivery body for one user.
+///
+/// `data` is the payload to send (the event's own bytes, or a trimmed copy
+/// when the user's subscriptions asked for `fields`); `subs` names the user's
+/// matching subscriptions (empty for direct, room and broadcast targets).
+pub fn encode_delivery(event: &ProducerEvent, ts_ms: u64, subs: &[&str], data: &[u8], out: &mut Vec<u8>) {
+    let n = 3
+        + u32::from(event.id.is_some())
+        + u32::from(event.key.is_some())
+        + u32::from(event.prio != Prio::Normal)
+        + u32::from(!subs.is_empty());
+    // Writes into a Vec cannot fail.
+    let _ = rmp::encode::write_map_len(out, n);
+    write_str(out, "type");
+    write_str(out, &event.event_type);
+    write_str(out, "data");
+    out.extend_from_slice(data);
+    write_str(out, "ts");
+    let _ = rmp::encode::write_uint(out, ts_ms);
+    if let Some(id) = &event.id {
+        write_str(out, "id");
+        write_str(out, id);
+    }
+    if let Some(key) = &event.key {
+        write_str(out, "key");
+        write_str(out, key);
+    }
+    if event.prio != Prio::Normal {
+        write_str(out, "prio");
+        write_str(out, event.prio.as_str());
+    }
+    if !subs.is_empty() {
+        write_str(out, "sub");
+        let _ = rmp::encode::write_array_len(out, subs.len() as u32);
+        for s in subs {
+            write_str(out, s);
+        }
+    }
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writes into a Vec cannot fail.
+    let _ = rmp::encode::write_str(out, s);
+}
+
+/// A delivery body whose map header has been read.
+struct Body<'a> {
+    entries: u32,
+    rest: &'a [u8],
+}
+
+fn split_body(body: &[u8]) -> Result<Body<'_>, TranscodeError> {
+    let mut rd = body;
+    let entries = rmp::decode::read_map_len(&mut rd).map_err(|_| TranscodeError::Invalid("delivery body is not a map"))?;
+    Ok(Body { entries, rest: rd })
+}
+
+fn write_msgpack_entries(body: &Body<'_>, extra: u32, pos: Option<u64>, out: &mut Vec<u8>) {
+    let _ = rmp::encode::write_map_len(out, body.entries + extra + u32::from(pos.is_some()));
+    if let Some(pos) = pos {
+        write_str(out, "pos");
+        let _ = rmp::encode::write_uint(out, pos);
+    }
+    out.extend_from_slice(body.rest);
+}
+
+/// Appends JSON for a body with `prefix` fields spliced in front of its own.
+fn write_json_entries(body: &[u8], pos: Option<u64>, out: &mut Vec<u8>) -> Result<(), TranscodeError> {
+    if let Some(pos) = pos {
+        out.extend_from_slice(b"\"pos\":");
+        out.extend_from_slice(pos.to_string().as_bytes());
+        out.push(b',');
+    }
+    let at = out.len();
+    transcode::msgpack_to_json(body, out)?;
+    // The transcoded body starts with '{'; drop it so the fields continue the open map.
+    out.remove(at);
+    Ok(())
+}
+
+/// Writes an `event` frame from a delivery body (and its `pos`, if durable).
+pub fn write_event_frame(enc: Encoding, body: &[u8], pos: Option<u64>, out: &mut Vec<u8>) -> Result<(), TranscodeError> {
+    match enc {
+        Encoding::MsgPack => {
+            let b = split_body(body)?;
+            let _ = rmp::encode::write_map_len(out, b.entries + 1 + u32::from(pos.is_some()));
+            write_str(out, "op");
+            write_str(out, "event");
+            if let Some(pos) = pos {
+                write_str(out, "pos");
+                let _ = rmp::encode::write_uint(out, pos);
+            }
+            out.extend_from_slice(b.rest);
+            Ok(())
+        }
+        Encoding::Json => {
+            let start = out.len();
+            out.extend_from_slice(b"{\"op\":\"event\",");
+            write_json_entries(body, pos, out).inspect_err(|_| out.truncate(start))
+        }
+    }
+}
+
+/// Writes a `batch` frame from several delivery bodies, in order.
+pub fn write_batch_frame<'a>(
+    enc: Encoding,
+    bodies: impl ExactSizeIterator<Item = (&'a [u8], Option<u64>)>,
+    out: &mut Vec<u8>,
+) -> Result<(), TranscodeError> {
+    let start = out.len();
+    let res = (|| match enc {
+        Encoding::MsgPack => {
+            let _ = rmp::encode::write_map_len(out, 2);
+            write_str(out, "op");
+            write_str(out, "batch");
+            write_str(out, "events");
+            let _ = rmp::encode::write_array_len(out, bodies.len() as u32);
+            for (body, pos) in bodies {
+                write_msgpack_entries(&split_body(body)?, 0, pos, out);
+            }
+            Ok(())
+        }
+        Encoding::Json => {
+            out.extend_from_slice(b"{\"op\":\"batch\",\"events\":[");
+            for (i, (body, pos)) in bodies.enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.push(b'{');
+                write_json_entries(body, pos, out)?;
+            }
+            out.extend_from_slice(b"]}");
+            Ok(())
+        }
+    })();
+    if res.is_err() {
+        out.truncate(start);
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Target;
+    use bytes::Bytes;
+
+    fn event() -> ProducerEvent {
+        ProducerEvent {
+            event_type: "tick".into(),
+            data: Bytes::from_static(&[0x81, 0xa1, b'p', 0x05]),
+            id: None,
+            target: Target::All,
+            prio: Prio::Normal,
+            key: None,
+            durable: true,
+        }
+    }
+
+    #[test]
+    fn golden_event_frame_msgpack() {
+        let ev = event();
+        let mut body = Vec::new();
+        encode_delivery(&ev, 1, &[], &ev.data, &mut body);
+        let mut frame = Vec::new();
+        write_event_frame(Encoding::MsgPack, &body, None, &mut frame).unwrap();
+        let mut expected = vec![0x84, 0xa2, b'o', b'p', 0xa5];
+        expected.extend_from_slice(b"event");
+        expected.extend_from_slice(&[0xa4]);
+        expected.extend_from_slice(b"type");
+        expected.extend_from_slice(&[0xa4]);
+        expected.extend_from_slice(b"tick");
+        expected.extend_from_slice(&[0xa4]);
+        expected.extend_from_slice(b"data");
+        expected.extend_from_slice(&[0x81, 0xa1, b'p', 0x05]);
+        expected.extend_from_slice(&[0xa2, b't', b's', 0x01]);
+        assert_eq!(frame, expected);
+    }
+
+    #[test]
+    fn golden_event_frame_json_with_pos_and_subs() {
+        let mut ev = event();
+        ev.id = Some("e1".into());
+        ev.prio = Prio::High;
+        let mut body = Vec::new();
+        encode_delivery(&ev, 1700, &["s1"], &ev.data, &mut body);
+        let mut frame = Vec::new();
+        write_event_frame(Encoding::Json, &body, Some(9), &mut frame).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&frame).unwrap(),
+            r#"{"op":"event","pos":9,"type":"tick","data":{"p":5},"ts":1700,"id":"e1","prio":"high","sub":["s1"]}"#
+        );
+    }
+
+    #[test]
+    fn batch_frames() {
+        let ev = event();
+        let mut a = Vec::new();
+        encode_delivery(&ev, 1, &[], &ev.data, &mut a);
+        let mut out = Vec::new();
+        write_batch_frame(Encoding::Json, [(&a[..], None), (&a[..], Some(2))].into_iter(), &mut out).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"op":"batch","events":[{"type":"tick","data":{"p":5},"ts":1},{"pos":2,"type":"tick","data":{"p":5},"ts":1}]}"#
+        );
+        out.clear();
+        write_batch_frame(Encoding::MsgPack, [(&a[..], Some(2))].into_iter(), &mut out).unwrap();
+        let v = rmpv::decode::read_value(&mut &out[..]).unwrap();
+        let events = crate::value::get(v.as_map().unwrap(), "events").unwrap().as_array().unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(crate::value::get(events[0].as_map().unwrap(), "pos").unwrap().as_u64(), Some(2));
+        assert!(write_batch_frame(Encoding::MsgPack, [(&[0x01u8][..], None)].into_iter(), &mut out).is_err());
+    }
+}

@@ -1,0 +1,376 @@
+//! Producer events: the payload producers publish on `<prefix>.events.<type>[.<key>]`.
+//!
+//! A MessagePack event is walked at the byte level so its `data` can be kept
+//! as a zero-copy slice of the NATS payload and passed to clients byte for
+//! byte; only the small control fields are decoded. A JSON event (header
+//! `Content-Type: application/json`) has its `data` converted to MessagePack
+//! once, here. Anything malformed is an [`EventError`], never a panic.
+
+use bytes::Bytes;
+use rmpv::Value;
+
+use crate::ids;
+use crate::transcode;
+use crate::value::{self, as_number, get, MAX_DEPTH};
+
+/// Most users one `users` target may list.
+pub const MAX_TARGET_USERS: usize = 10_000;
+/// Longest producer `id` and `key`, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Delivery priority; decides what a slow connection drops first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Prio {
+    /// Dropped first.
+    Low,
+    /// The default.
+    #[default]
+    Normal,
+    /// Never dropped for a slow consumer.
+    High,
+    /// Never dropped, never rate limited, never conflated.
+    Critical,
+}
+
+impl Prio {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Prio::Low => "low",
+            Prio::Normal => "normal",
+            Prio::High => "high",
+            Prio::Critical => "critical",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Prio> {
+        Some(match s {
+            "low" => Prio::Low,
+            "normal" => Prio::Normal,
+            "high" => Prio::High,
+            "critical" => Prio::Critical,
+            _ => return None,
+        })
+    }
+}
+
+/// Who an event is for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// These users, directly.
+    Users(Vec<String>),
+    /// The members of a room.
+    Room(String),
+    /// Every user with a live connection (and, when durable, resuming users).
+    All,
+    /// Users whose subscriptions of `sub_type` match.
+    Match {
+        /// Subscription type (defaults to the event's type).
+        sub_type: String,
+        /// `match` dimensions.
+        dimensions: Vec<(String, String)>,
+        /// `values` fields.
+        values: Vec<(String, f64)>,
+    },
+}
+
+/// A decoded, validated producer event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProducerEvent {
+    /// Event type shown to clients.
+    pub event_type: String,
+    /// The payload as MessagePack bytes (a slice of the NATS message for MessagePack producers).
+    pub data: Bytes,
+    /// Producer id for deduplication.
+    pub id: Option<String>,
+    /// Who gets it.
+    pub target: Target,
+    /// Priority.
+    pub prio: Prio,
+    /// Conflation key.
+    pub key: Option<String>,
+    /// Kept in the delivery log (default) or live only.
+    pub durable: bool,
+}
+
+/// Why a producer event was dropped.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EventError {
+    /// The payload did not decode.
+    #[error("undecodable event: {0}")]
+    Decode(String),
+    /// The subject is not `<prefix>.events.<type>[.<key>]` with a valid type.
+    #[error("bad subject: {0}")]
+    Subject(String),
+    /// No valid `target`.
+    #[error("bad target: {0}")]
+    Target(String),
+    /// Some other field breaks the rules.
+    #[error("bad field: {0}")]
+    Field(String),
+}
+
+impl EventError {
+    /// A short label for the `reason` of the malformed-events counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EventError::Decode(_) => "decode",
+            EventError::Subject(_) => "subject",
+            EventError::Target(_) => "target",
+            EventError::Field(_) => "field",
+        }
+    }
+}
+
+/// Whether a `Content-Type` header value names JSON (parameters allowed).
+pub fn is_json_content_type(v: &str) -> bool {
+    v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Parses an event published on a subject with `subject_type` and optional
+/// `subject_key` tokens.
+pub fn parse_event(
+    subject_type: &str,
+    subject_key: Option<&str>,
+    payload: &Bytes,
+    json: bool,
+) -> Result<ProducerEvent, EventError> {
+    if !ids::is_valid_type_name(subject_type) {
+        return Err(EventError::Subject(format!("invalid type token {subject_type:?}")));
+    }
+    let (fields, data) = if json { split_json(payload)? } else { split_msgpack(payload)? };
+    let event_type = match get(&fields, "type") {
+        None | Some(Value::Nil) => subject_type.to_string(),
+        Some(v) => match v.as_str() {
+            Some(t) if ids::is_valid_type_name(t) => t.to_string(),
+            _ => return Err(EventError::Field("type must be a valid type name".into())),
+        },
+    };
+    let id = match get(&fields, "id") {
+        None | Some(Value::Nil) => None,
+        Some(Value::String(s)) => match s.as_str() {
+            Some(s) if !s.is_empty() && s.len() <= MAX_ID_LEN => Some(s.to_string()),
+            _ => return Err(EventError::Field("id must be a non-empty string of at most 256 bytes".into())),
+        },
+        Some(Value::Integer(i)) => Some(i.to_string()),
+        Some(_) => return Err(EventError::Field("id must be a string or integer".into())),
+    };
+    let prio = match get(&fields, "prio") {
+        None | Some(Value::Nil) => Prio::Normal,
+        Some(v) => v.as_str().and_then(Prio::parse).ok_or_else(|| EventError::Field("prio must be low, normal, high or critical".into()))?,
+    };
+    let key = match get(&fields, "key") {
+        None | Some(Value::Nil) => subject_key.map(str::to_string),
+        Some(v) => match v.as_str() {
+            Some(k) if !k.is_empty() && k.len() <= MAX_ID_LEN => Some(k.to_string()),
+            _ => return Err(EventError::Field("key must be a non-empty string of at most 256 bytes".into())),
+        },
+    };
+    let durable = match get(&fields, "durable") {
+        None | Some(Value::Nil) => true,
+        Some(Value::Boolean(b)) => *b,
+        Some(_) => return Err(EventError::Field("durable must be a boolean".into())),
+    };
+    let target = parse_target(get(&fields, "target"), &event_type)?;
+    Ok(ProducerEvent { event_type, data, id, target, prio, key, durable })
+}
+
+fn parse_target(v: Option<&Value>, event_type: &str) -> Result<Target, EventError> {
+    let bad = |m: &str| EventError::Target(m.to_string());
+    let Some(Value::Map(t)) = v else {
+        return Err(bad("target must be a map"));
+    };
+    let kinds = ["users", "room", "all", "match"].iter().filter(|k| get(t, k).is_some()).count();
+    if kinds != 1 {
+        return Err(bad("target needs exactly one of users, room, all, match"));
+    }
+    if let Some(users) = get(t, "users") {
+        let Value::Array(list) = users else { return Err(bad("users must be an array")) };
+        if list.is_empty() || list.len() > MAX_TARGET_USERS {
+            return Err(bad("users must list 1 to 10000 user ids"));
+        }
+        let mut out = Vec::with_capacity(list.len());
+        for u in list {
+            match u.as_str() {
+                Some(s) if ids::is_valid_user_id(s) => out.push(s.to_string()),
+                _ => return Err(bad("users must be valid user ids")),
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        return Ok(Target::Users(out));
+    }
+    if let Some(room) = get(t, "room") {
+        return match room.as_str() {
+            Some(r) if ids::is_valid_room(r) => Ok(Target::Room(r.to_string())),
+            _ => Err(bad("room must be a valid room name")),
+        };
+    }
+    if let Some(all) = get(t, "all") {
+        return match all {
+            Value::Boolean(true) => Ok(Target::All),
+            _ => Err(bad("all must be true")),
+        };
+    }
+    let Some(Value::Map(m)) = get(t, "match") else { return Err(bad("match must be a map")) };
+    let sub_type = match get(t, "type") {
+        None | Some(Value::Nil) => event_type.to_string(),
+        Some(v) => match v.as_str() {
+            Some(s) if ids::is_valid_type_name(s) => s.to_string(),
+            _ => return Err(bad("target type must be a valid type name")),
+        },
+    };
+    let mut dimensions = Vec::with_capacity(m.len());
+    for (k, v) in m {
+        match (k.as_str(), v.as_str()) {
+            (Some(d), Some(val)) if ids::is_valid_type_name(d) && ids::is_valid_value(val) => {
+                if dimensions.iter().any(|(x, _): &(String, String)| x == d) {
+                    return Err(bad("duplicate match dimension"));
+                }
+                dimensions.push((d.to_string(), val.to_string()));
+            }
+            _ => return Err(bad("match must map dimension names to strings of at most 64 bytes")),
+        }
+    }
+    let mut values = Vec::new();
+    match get(t, "values") {
+        None | Some(Value::Nil) => {}
+        Some(Value::Map(vals)) => {
+            for (k, v) in vals {
+                match (k.as_str(), as_number(v)) {
+                    (Some(f), Some(n)) if ids::is_valid_type_name(f) && !n.is_nan() => values.push((f.to_string(), n)),
+                    _ => return Err(bad("values must map field names to numbers")),
+                }
+            }
+        }
+        Some(_) => return Err(bad("values must be a map")),
+    }
+    Ok(Target::Match { sub_type, dimensions, values })
+}
+
+/// The MessagePack `nil`, used when an event carries no `data`.
+const NIL: &[u8] = &[0xc0];
+
+fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventError> {
+    let dec = |m: &str| EventError::Decode(m.to_string());
+    let mut rd: &[u8] = payload;
+    let n = rmp::decode::read_map_len(&mut rd).map_err(|_| dec("event must be a MessagePack map"))?;
+    let mut fields = Vec::with_capacity(n.min(16) as usize);
+    let mut data = Bytes::from_static(NIL);
+    for _ in 0..n {
+        let key_len = transcode::value_len(rd).map_err(|e| dec(&e.to_string()))?;
+        let key = rmpv::decode::read_value(&mut &rd[..key_len]).map_err(|e| dec(&e.to_string()))?;
+        rd = &rd[key_len..];
+        let val_len = transcode::value_len(rd).map_err(|e| dec(&e.to_string()))?;
+        if key.as_str() == Some("data") {
+            let start = payload.len() - rd.len();
+            data = payload.slice(start..start + val_len);
+        } else {
+            let v = rmpv::decode::read_value_with_max_depth(&mut &rd[..val_len], MAX_DEPTH).map_err(|e| dec(&e.to_string()))?;
+            fields.push((key, v));
+        }
+        rd = &rd[val_len..];
+    }
+    if !rd.is_empty() {
+        return Err(dec("trailing bytes after the event map"));
+    }
+    Ok((fields, data))
+}
+
+fn split_json(payload: &[u8]) -> Result<(Vec<(Value, Value)>, Bytes), EventError> {
+    let json: serde_json::Value = serde_json::from_slice(payload).map_err(|e| EventError::Decode(e.to_string()))?;
+    let serde_json::Value::Object(obj) = json else {
+        return Err(EventError::Decode("event must be a JSON object".into()));
+    };
+    let mut fields = Vec::with_capacity(obj.len());
+    let mut data = Bytes::from_static(NIL);
+    for (k, v) in &obj {
+        if k == "data" {
+            let mut buf = Vec::new();
+            transcode::json_to_msgpack(v, &mut buf);
+            data = Bytes::from(buf);
+        } else {
+            fields.push((Value::from(k.as_str()), value::json_to_value(v)));
+        }
+    }
+    Ok((fields, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn mp(v: &serde_json::Value) -> Bytes {
+        let mut out = Vec::new();
+        transcode::json_to_msgpack(v, &mut out);
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn msgpack_data_is_passed_through_byte_for_byte() {
+        // {"target":{"all":true},"data":<bin 3 bytes>} written by hand.
+        let mut buf = vec![0x82, 0xa6];
+        buf.extend_from_slice(b"target");
+        buf.extend_from_slice(&[0x81, 0xa3, b'a', b'l', b'l', 0xc3, 0xa4]);
+        buf.extend_from_slice(b"data");
+        let data = [0xc4, 0x03, 1, 2, 3];
+        buf.extend_from_slice(&data);
+        let ev = parse_event("tick", Some("AAPL"), &Bytes::from(buf), false).unwrap();
+        assert_eq!(&ev.data[..], &data);
+        assert_eq!(ev.target, Target::All);
+        assert_eq!(ev.key.as_deref(), Some("AAPL"));
+        assert_eq!(ev.event_type, "tick");
+        assert!(ev.durable);
+        assert_eq!(ev.prio, Prio::Normal);
+    }
+
+    #[test]
+    fn json_event_with_match_target() {
+        let payload = br#"{"type":"tier_patterns","data":{"p":1},"id":"e1","prio":"high","durable":false,
+            "target":{"match":{"symbol":"AAPL","tier":"daily"},"values":{"confidence":0.8}}}"#;
+        let ev = parse_event("patterns", None, &Bytes::from_static(payload), true).unwrap();
+        assert_eq!(ev.event_type, "tier_patterns");
+        assert_eq!(&ev.data[..], &[0x81, 0xa1, b'p', 0x01]);
+        assert_eq!(ev.id.as_deref(), Some("e1"));
+        assert_eq!(ev.prio, Prio::High);
+        assert!(!ev.durable);
+        let Target::Match { sub_type, dimensions, values } = ev.target else { panic!() };
+        assert_eq!(sub_type, "tier_patterns");
+        assert_eq!(dimensions.len(), 2);
+        assert_eq!(values, vec![("confidence".to_string(), 0.8)]);
+    }
+
+    #[test]
+    fn malformed_events() {
+        let cases = [
+            json!({"data":1}),
+            json!({"target":{}}),
+            json!({"target":{"users":["a.b"]}}),
+            json!({"target":{"users":["ok"],"all":true}}),
+            json!({"target":{"all":false}}),
+            json!({"target":{"room":"a b"}}),
+            json!({"target":{"match":{"symbol":1}}}),
+            json!({"target":{"match":{"symbol":"x".repeat(65)}}}),
+            json!({"target":{"match":{"s":"a"},"values":{"c":"high"}}}),
+            json!({"target":{"all":true},"prio":"urgent"}),
+            json!({"target":{"all":true},"durable":"yes"}),
+            json!({"target":{"all":true},"type":"Bad"}),
+            json!([1, 2]),
+        ];
+        for c in &cases {
+            assert!(parse_event("t", None, &mp(c), false).is_err(), "{c} accepted");
+        }
+        assert!(parse_event("Bad", None, &mp(&json!({"target":{"all":true}})), false).is_err());
+        assert!(parse_event("t", None, &Bytes::from_static(&[0x82, 0xa1]), false).is_err());
+        assert!(parse_event("t", None, &Bytes::from_static(b"{"), true).is_err());
+    }
+
+    #[test]
+    fn content_type() {
+        assert!(is_json_content_type("application/json"));
+        assert!(is_json_content_type("Application/JSON; charset=utf-8"));
+        assert!(!is_json_content_type("application/msgpack"));
+    }
+}

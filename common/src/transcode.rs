@@ -1,0 +1,771 @@
+//! Byte-level MessagePack helpers for the delivery path.
+//!
+//! This module owns the three things the edge does to a producer's `data`
+//! bytes on their way to a client (PROTOCOL.md, "JSON clients and
+//! MessagePack payloads" and "`fields`"):
+//!
+//! * measuring one encoded value without decoding it ([`value_len`]),
+//! * trimming a map payload to the keys a subscription asked for
+//!   ([`trim_map_fields`]), copying kept entries byte for byte,
+//! * transcoding MessagePack to JSON text for `switchyard.v1.json`
+//!   connections ([`msgpack_to_json`]), plus the reverse for JSON producers
+//!   ([`json_to_msgpack`]).
+//!
+//! It must not build an intermediate value tree (`rmpv::Value` or similar):
+//! everything works on the input slice and appends to the caller's output
+//! buffer, with no allocation per value beyond that buffer (the one exception
+//! is a map key that is itself an array, map or extension, which is rendered
+//! into a scratch buffer before being quoted). Input is untrusted: nothing
+//! here may panic on arbitrary bytes, length prefixes are checked against the
+//! bytes actually present, and nesting is limited to [`MAX_DEPTH`].
+
+use std::io::Write as _;
+
+use base64::Engine as _;
+
+/// Deepest container nesting accepted; guards the stack against hostile input.
+pub const MAX_DEPTH: usize = 64;
+
+/// Why a MessagePack buffer could not be measured, trimmed or transcoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TranscodeError {
+    /// The buffer ends before the value (or a length it announces) does.
+    #[error("truncated MessagePack value")]
+    Truncated,
+    /// The bytes are not valid MessagePack.
+    #[error("invalid MessagePack: {0}")]
+    Invalid(&'static str),
+    /// Containers are nested deeper than [`MAX_DEPTH`].
+    #[error("MessagePack nesting deeper than {}", MAX_DEPTH)]
+    TooDeep,
+}
+
+/// One decoded MessagePack header. Scalars carry their payload; containers
+/// carry their element count (entries for maps).
+enum Head<'a> {
+    Nil,
+    Bool(bool),
+    Uint(u64),
+    Int(i64),
+    F32(f32),
+    F64(f64),
+    Str(&'a [u8]),
+    Bin(&'a [u8]),
+    Array(usize),
+    Map(usize),
+    Ext(i8, &'a [u8]),
+}
+
+/// `n` bytes of `buf` starting at `pos`, or `Truncated`.
+fn take(buf: &[u8], pos: usize, n: usize) -> Result<&[u8], TranscodeError> {
+    let end = pos.checked_add(n).ok_or(TranscodeError::Truncated)?;
+    buf.get(pos..end).ok_or(TranscodeError::Truncated)
+}
+
+/// Big-endian unsigned integer of `n` (1, 2, 4 or 8) bytes at `pos`.
+fn be(buf: &[u8], pos: usize, n: usize) -> Result<u64, TranscodeError> {
+    Ok(take(buf, pos, n)?
+        .iter()
+        .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+}
+
+/// Decodes the header at `pos`. Returns the head and the position after it:
+/// after the whole value for scalars, after the header only for containers.
+/// A container announcing more elements than there are bytes left is
+/// reported as `Truncated` at once (every element takes at least one byte).
+fn read_head(buf: &[u8], pos: usize) -> Result<(Head<'_>, usize), TranscodeError> {
+    let marker = *buf.get(pos).ok_or(TranscodeError::Truncated)?;
+    let p = pos + 1;
+    // Variable-length payload: `len_bytes` length prefix, then the data.
+    let sized = |len_bytes: usize| -> Result<(&[u8], usize), TranscodeError> {
+        let len = be(buf, p, len_bytes)? as usize;
+        let start = p + len_bytes;
+        Ok((take(buf, start, len)?, start + len))
+    };
+    let container = |n: u64, per: u64, after: usize| -> Result<usize, TranscodeError> {
+        let left = (buf.len() - after.min(buf.len())) as u64;
+        if n.saturating_mul(per) > left {
+            return Err(TranscodeError::Truncated);
+        }
+        Ok(n as usize)
+    };
+    let fixed = |n: usize| be(buf, p, n);
+    Ok(match marker {
+        0x00..=0x7f => (Head::Uint(u64::from(marker)), p),
+        0x80..=0x8f => (Head::Map(container(u64::from(marker & 0x0f), 2, p)?), p),
+        0x90..=0x9f => (Head::Array(container(u64::from(marker & 0x0f), 1, p)?), p),
+        0xa0..=0xbf => {
+            let len = usize::from(marker & 0x1f);
+            (Head::Str(take(buf, p, len)?), p + len)
+        }
+        0xc0 => (Head::Nil, p),
+        0xc1 => return Err(TranscodeError::Invalid("reserved marker 0xc1")),
+        0xc2 => (Head::Bool(false), p),
+        0xc3 => (Head::Bool(true), p),
+        0xc4..=0xc6 => {
+            let (data, end) = sized(1 << (marker - 0xc4))?;
+            (Head::Bin(data), end)
+        }
+        0xc7..=0xc9 => {
+            let len_bytes = 1 << (marker - 0xc7);
+            let len = be(buf, p, len_bytes)? as usize;
+            let ty = fixed_i8(buf, p + len_bytes)?;
+            let start = p + len_bytes + 1;
+            (Head::Ext(ty, take(buf, start, len)?), start + len)
+        }
+        0xca => (Head::F32(f32::from_bits(fixed(4)? as u32)), p + 4),
+        0xcb => (Head::F64(f64::from_bits(fixed(8)?)), p + 8),
+        0xcc..=0xcf => {
+            let n = 1 << (marker - 0xcc);
+            (Head::Uint(fixed(n)?), p + n)
+        }
+        0xd0 => (Head::Int(i64::from(fixed(1)? as u8 as i8)), p + 1),
+        0xd1 => (Head::Int(i64::from(fixed(2)? as u16 as i16)), p + 2),
+        0xd2 => (Head::Int(i64::from(fixed(4)? as u32 as i32)), p + 4),
+        0xd3 => (Head::Int(fixed(8)? as i64), p + 8),
+        0xd4..=0xd8 => {
+            let len = 1 << (marker - 0xd4);
+            let ty = fixed_i8(buf, p)?;
+            (Head::Ext(ty, take(buf, p + 1, len)?), p + 1 + len)
+        }
+        0xd9..=0xdb => {
+            let (data, end) = sized(1 << (marker - 0xd9))?;
+            (Head::Str(data), end)
+        }
+        0xdc | 0xdd => {
+            let w = if marker == 0xdc { 2 } else { 4 };
+            (Head::Array(container(fixed(w)?, 1, p + w)?), p + w)
+        }
+        0xde | 0xdf => {
+            let w = if marker == 0xde { 2 } else { 4 };
+            (Head::Map(container(fixed(w)?, 2, p + w)?), p + w)
+        }
+        0xe0..=0xff => (Head::Int(i64::from(marker as i8)), p),
+    })
+}
+
+fn fixed_i8(buf: &[u8], pos: usize) -> Result<i8, TranscodeError> {
+    Ok(*buf.get(pos).ok_or(TranscodeError::Truncated)? as i8)
+}
+
+/// Byte length of the one complete MessagePack value at the start of `buf`;
+/// lets callers step over values (keys, payloads) without decoding them.
+///
+/// Iterative with an explicit fixed-size stack, so hostile nesting yields
+/// [`TranscodeError::TooDeep`] rather than a stack overflow.
+pub fn value_len(buf: &[u8]) -> Result<usize, TranscodeError> {
+    // Elements still to skip in each open container.
+    let mut stack = [0usize; MAX_DEPTH];
+    let mut depth = 0;
+    let mut pos = 0;
+    loop {
+        let (head, next) = read_head(buf, pos)?;
+        pos = next;
+        let children = match head {
+            Head::Array(n) => Some(n),
+            Head::Map(n) => Some(n * 2),
+            _ => None,
+        };
+        if let Some(n) = children {
+            if depth >= MAX_DEPTH {
+                return Err(TranscodeError::TooDeep);
+            }
+            if n > 0 {
+                stack[depth] = n;
+                depth += 1;
+                continue;
+            }
+        }
+        // One value finished: count it against the enclosing containers.
+        loop {
+            if depth == 0 {
+                return Ok(pos);
+            }
+            stack[depth - 1] -= 1;
+            if stack[depth - 1] > 0 {
+                break;
+            }
+            depth -= 1;
+        }
+    }
+}
+
+/// Implements `fields` (PROTOCOL.md): writes to `out` the map `payload`
+/// restricted to string keys accepted by `keep`, copying each kept key and
+/// value byte for byte and using the smallest map header for the new count.
+///
+/// Returns `Ok(false)` and writes nothing when `payload` is not a map (the
+/// caller then sends it whole). Entries with non-string keys (or keys that
+/// are not valid UTF-8) are dropped. Bytes after the map are ignored. On
+/// error `out` is left as it was.
+pub fn trim_map_fields(
+    payload: &[u8],
+    keep: &dyn Fn(&str) -> bool,
+    out: &mut Vec<u8>,
+) -> Result<bool, TranscodeError> {
+    if !matches!(payload.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+        return Ok(false);
+    }
+    let start = out.len();
+    let result = trim_into(payload, keep, out, start);
+    if result.is_err() {
+        out.truncate(start);
+    }
+    result.map(|()| true)
+}
+
+fn trim_into(
+    payload: &[u8],
+    keep: &dyn Fn(&str) -> bool,
+    out: &mut Vec<u8>,
+    start: usize,
+) -> Result<(), TranscodeError> {
+    let (Head::Map(entries), mut pos) = read_head(payload, 0)? else {
+        return Err(TranscodeError::Invalid("expected a map"));
+    };
+    // Reserve room for the largest header (map32) and close the gap later,
+    // so the kept entries are copied only once and nothing else is allocated.
+    out.extend_from_slice(&[0; 5]);
+    let mut kept: u32 = 0;
+    for _ in 0..entries {
+        let key_start = pos;
+        let key_end = key_start + value_len(&payload[key_start..])?;
+        let value_end = key_end + value_len(&payload[key_end..])?;
+        pos = value_end;
+        if let (Head::Str(name), _) = read_head(payload, key_start)? {
+            if std::str::from_utf8(name).is_ok_and(keep) {
+                out.extend_from_slice(&payload[key_start..value_end]);
+                kept += 1;
+            }
+        }
+    }
+    let mut header = [0u8; 5];
+    let header_len = if kept <= 15 {
+        header[0] = 0x80 | kept as u8;
+        1
+    } else if let Ok(n) = u16::try_from(kept) {
+        header[0] = 0xde;
+        header[1..3].copy_from_slice(&n.to_be_bytes());
+        3
+    } else {
+        header[0] = 0xdf;
+        header[1..5].copy_from_slice(&kept.to_be_bytes());
+        5
+    };
+    out[start..start + header_len].copy_from_slice(&header[..header_len]);
+    let end = out.len();
+    out.copy_within(start + 5..end, start + header_len);
+    out.truncate(end - (5 - header_len));
+    Ok(())
+}
+
+/// Transcodes the one MessagePack value at the start of `buf` into JSON text
+/// appended to `out`, for `switchyard.v1.json` connections; returns the
+/// number of input bytes consumed.
+///
+/// Rules (PROTOCOL.md): binary becomes a standard padded base64 string;
+/// extensions become `{"$ext":<type>,"base64":"<data>"}`; NaN and
+/// infinities become `null`; floats are printed in their shortest
+/// round-tripping form and always as floats (`1.0`, `1e300`), float32 from
+/// the f32's own shortest form (`0.1`); invalid UTF-8 in a string becomes
+/// U+FFFD. A non-string map key becomes the string holding its JSON text:
+/// `"12"`, `"-1"`, `"1.5"`, `"true"`, `"null"` (also for NaN/infinite float
+/// keys); a binary key becomes its base64; an array, map or extension key
+/// becomes its JSON text, escaped as a string (e.g. `"[1,2]"`).
+/// On error `out` is left as it was.
+pub fn msgpack_to_json(buf: &[u8], out: &mut Vec<u8>) -> Result<usize, TranscodeError> {
+    let start = out.len();
+    let result = to_json(buf, 0, out, 0);
+    if result.is_err() {
+        out.truncate(start);
+    }
+    result
+}
+
+/// Appends formatted text; writing into a `Vec<u8>` cannot fail.
+fn push_fmt(out: &mut Vec<u8>, args: std::fmt::Arguments<'_>) {
+    let _ = out.write_fmt(args);
+}
+
+/// Shortest round-tripping float text (`Debug` keeps `1.0` a float and
+/// switches to exponent form for very large or small magnitudes).
+fn push_f64(f: f64, out: &mut Vec<u8>) {
+    if f.is_finite() {
+        push_fmt(out, format_args!("{f:?}"));
+    } else {
+        out.extend_from_slice(b"null");
+    }
+}
+
+fn push_f32(f: f32, out: &mut Vec<u8>) {
+    if f.is_finite() {
+        push_fmt(out, format_args!("{f:?}"));
+    } else {
+        out.extend_from_slice(b"null");
+    }
+}
+
+/// `data` as a quoted standard padded base64 string (no escaping needed).
+fn push_base64_string(data: &[u8], out: &mut Vec<u8>) -> Result<(), TranscodeError> {
+    let len =
+        base64::encoded_len(data.len(), true).ok_or(TranscodeError::Invalid("binary too large"))?;
+    out.push(b'"');
+    let at = out.len();
+    out.resize(at + len, 0);
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(data, &mut out[at..])
+        .map_err(|_| TranscodeError::Invalid("binary too large"))?;
+    out.truncate(at + written);
+    out.push(b'"');
+    Ok(())
+}
+
+/// Writes the value at `pos` as JSON; `depth` counts enclosing containers.
+fn to_json(
+    buf: &[u8],
+    pos: usize,
+    out: &mut Vec<u8>,
+    depth: usize,
+) -> Result<usize, TranscodeError> {
+    let (head, mut pos) = read_head(buf, pos)?;
+    match head {
+        Head::Nil => out.extend_from_slice(b"null"),
+        Head::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+        Head::Uint(n) => push_fmt(out, format_args!("{n}")),
+        Head::Int(n) => push_fmt(out, format_args!("{n}")),
+        Head::F32(f) => push_f32(f, out),
+        Head::F64(f) => push_f64(f, out),
+        Head::Str(s) => write_json_string(&String::from_utf8_lossy(s), out),
+        Head::Bin(b) => push_base64_string(b, out)?,
+        Head::Ext(ty, data) => {
+            push_fmt(out, format_args!("{{\"$ext\":{ty},\"base64\":"));
+            push_base64_string(data, out)?;
+            out.push(b'}');
+        }
+        Head::Array(n) => {
+            if depth >= MAX_DEPTH {
+                return Err(TranscodeError::TooDeep);
+            }
+            out.push(b'[');
+            for i in 0..n {
+                if i > 0 {
+                    out.push(b',');
+                }
+                pos = to_json(buf, pos, out, depth + 1)?;
+            }
+            out.push(b']');
+        }
+        Head::Map(n) => {
+            if depth >= MAX_DEPTH {
+                return Err(TranscodeError::TooDeep);
+            }
+            out.push(b'{');
+            for i in 0..n {
+                if i > 0 {
+                    out.push(b',');
+                }
+                pos = key_to_json(buf, pos, out, depth + 1)?;
+                out.push(b':');
+                pos = to_json(buf, pos, out, depth + 1)?;
+            }
+            out.push(b'}');
+        }
+    }
+    Ok(pos)
+}
+
+/// Writes the map key at `pos` as a JSON string (see [`msgpack_to_json`]).
+fn key_to_json(
+    buf: &[u8],
+    pos: usize,
+    out: &mut Vec<u8>,
+    depth: usize,
+) -> Result<usize, TranscodeError> {
+    let (head, next) = read_head(buf, pos)?;
+    match head {
+        Head::Str(s) => write_json_string(&String::from_utf8_lossy(s), out),
+        Head::Bin(b) => push_base64_string(b, out)?,
+        Head::Nil => out.extend_from_slice(b"\"null\""),
+        Head::Bool(b) => out.extend_from_slice(if b { b"\"true\"" } else { b"\"false\"" }),
+        Head::Uint(n) => push_fmt(out, format_args!("\"{n}\"")),
+        Head::Int(n) => push_fmt(out, format_args!("\"{n}\"")),
+        Head::F32(f) => {
+            out.push(b'"');
+            push_f32(f, out);
+            out.push(b'"');
+        }
+        Head::F64(f) => {
+            out.push(b'"');
+            push_f64(f, out);
+            out.push(b'"');
+        }
+        Head::Array(_) | Head::Map(_) | Head::Ext(..) => {
+            // Rare: render the key's JSON into scratch space, then quote it.
+            let mut scratch = Vec::new();
+            let end = to_json(buf, pos, &mut scratch, depth)?;
+            write_json_string(&String::from_utf8_lossy(&scratch), out);
+            return Ok(end);
+        }
+    }
+    Ok(next)
+}
+
+/// Encodes a JSON producer's `data` as MessagePack, so every client format
+/// is served from one MessagePack payload.
+///
+/// Integers that serde_json holds as `u64`/`i64` get the smallest integer
+/// encoding; every other number (fraction, exponent, beyond 64 bits) is a
+/// float64, as PROTOCOL.md requires. Objects become maps with string keys.
+/// Recursive: nesting is bounded by serde_json's parser (128 levels).
+pub fn json_to_msgpack(value: &serde_json::Value, out: &mut Vec<u8>) {
+    use rmp::encode;
+    use serde_json::Value;
+    // Writes into a Vec<u8> cannot fail, so the results are ignored; lengths
+    // cannot exceed u32 because such a value would not fit in memory.
+    match value {
+        Value::Null => {
+            let _ = encode::write_nil(out);
+        }
+        Value::Bool(b) => {
+            let _ = encode::write_bool(out, *b);
+        }
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                let _ = encode::write_uint(out, u);
+            } else if let Some(i) = n.as_i64() {
+                let _ = encode::write_sint(out, i);
+            } else {
+                let _ = encode::write_f64(out, n.as_f64().unwrap_or(f64::NAN));
+            }
+        }
+        Value::String(s) => {
+            let _ = encode::write_str(out, s);
+        }
+        Value::Array(items) => {
+            let _ = encode::write_array_len(out, items.len() as u32);
+            for item in items {
+                json_to_msgpack(item, out);
+            }
+        }
+        Value::Object(map) => {
+            let _ = encode::write_map_len(out, map.len() as u32);
+            for (k, v) in map {
+                let _ = encode::write_str(out, k);
+                json_to_msgpack(v, out);
+            }
+        }
+    }
+}
+
+/// Appends `s` as a quoted JSON string (quote, backslash and control
+/// characters escaped); shared by every module that writes JSON frames.
+pub fn write_json_string(s: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => &[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ],
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run..i]);
+        out.extend_from_slice(short);
+        run = i + 1;
+    }
+    out.extend_from_slice(&bytes[run..]);
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmpv::Value as Mp;
+    use serde_json::json;
+
+    fn enc(v: &Mp) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, v).unwrap();
+        out
+    }
+
+    fn to_json_string(buf: &[u8]) -> String {
+        let mut out = Vec::new();
+        let used = msgpack_to_json(buf, &mut out).unwrap();
+        assert_eq!(used, buf.len());
+        String::from_utf8(out).unwrap()
+    }
+
+    fn to_mp(v: &serde_json::Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        json_to_msgpack(v, &mut out);
+        out
+    }
+
+    #[test]
+    fn value_len_each_family() {
+        let cases: &[&[u8]] = &[
+            &[0xc0],
+            &[0xc3],
+            &[0x7f],
+            &[0xe0],
+            &[0xcc, 1],
+            &[0xcd, 1, 2],
+            &[0xd2, 1, 2, 3, 4],
+            &[0xcf, 1, 2, 3, 4, 5, 6, 7, 8],
+            &[0xca, 0, 0, 0, 0],
+            &[0xcb, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[0xa2, b'h', b'i'],
+            &[0xd9, 1, b'x'],
+            &[0xda, 0, 1, b'x'],
+            &[0xdb, 0, 0, 0, 1, b'x'],
+            &[0xc4, 2, 9, 9],
+            &[0xc5, 0, 1, 9],
+            &[0xc6, 0, 0, 0, 1, 9],
+            &[0x92, 0x01, 0xa1, b'a'],
+            &[0xdc, 0, 2, 0x90, 0x80],
+            &[0xdd, 0, 0, 0, 1, 0xc0],
+            &[0x81, 0xa1, b'k', 0x91, 0x05],
+            &[0xde, 0, 1, 0x01, 0x02],
+            &[0xdf, 0, 0, 0, 1, 0x01, 0x80],
+            &[0xd4, 1, 0xaa],
+            &[0xd5, 1, 0, 0],
+            &[0xd6, 1, 0, 0, 0, 0],
+            &[0xd7, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[0xd8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[0xc7, 1, 5, 0],
+            &[0xc8, 0, 1, 5, 0],
+            &[0xc9, 0, 0, 0, 1, 5, 0],
+        ];
+        for case in cases {
+            assert_eq!(value_len(case), Ok(case.len()), "{case:02x?}");
+            let mut padded = case.to_vec();
+            padded.extend_from_slice(&[0xc0, 0xc0]);
+            assert_eq!(value_len(&padded), Ok(case.len()), "{case:02x?}");
+            for cut in 0..case.len() {
+                assert_eq!(
+                    value_len(&case[..cut]),
+                    Err(TranscodeError::Truncated),
+                    "{case:02x?} cut {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn value_len_hostile_input() {
+        assert_eq!(
+            value_len(&[0xc1]),
+            Err(TranscodeError::Invalid("reserved marker 0xc1"))
+        );
+        assert_eq!(
+            value_len(&[0xdb, 0xff, 0xff, 0xff, 0xff]),
+            Err(TranscodeError::Truncated)
+        );
+        assert_eq!(
+            value_len(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0xc0]),
+            Err(TranscodeError::Truncated)
+        );
+        assert_eq!(
+            value_len(&[0xdf, 0xff, 0xff, 0xff, 0xff, 0xc0]),
+            Err(TranscodeError::Truncated)
+        );
+        assert_eq!(
+            value_len(&[0xc9, 0xff, 0xff, 0xff, 0xff, 1]),
+            Err(TranscodeError::Truncated)
+        );
+        let deep = vec![0x91u8; 100_000];
+        assert_eq!(value_len(&deep), Err(TranscodeError::TooDeep));
+        let mut out = Vec::new();
+        assert_eq!(
+            msgpack_to_json(&deep, &mut out),
+            Err(TranscodeError::TooDeep)
+        );
+        assert!(out.is_empty());
+        // Exactly MAX_DEPTH nested containers are fine; one more is not.
+        let mut ok = vec![0x91u8; MAX_DEPTH - 1];
+        ok.push(0x90);
+        assert_eq!(value_len(&ok), Ok(MAX_DEPTH));
+        assert!(msgpack_to_json(&ok, &mut out).is_ok());
+        let mut too_deep = vec![0x91u8; MAX_DEPTH];
+        too_deep.push(0x90);
+        assert_eq!(value_len(&too_deep), Err(TranscodeError::TooDeep));
+    }
+
+    #[test]
+    fn trim_keeps_selected_string_keys() {
+        let payload = enc(&Mp::Map(vec![
+            (Mp::from("a"), Mp::from(1)),
+            (Mp::from("b"), Mp::Array(vec![Mp::from("x"), Mp::from(2.5)])),
+            (Mp::from("c"), Mp::Nil),
+            (Mp::from(7), Mp::from("int key")),
+        ]));
+        let mut out = vec![0xee];
+        let keep = |k: &str| k == "a" || k == "c" || k == "7";
+        assert_eq!(trim_map_fields(&payload, &keep, &mut out), Ok(true));
+        let expected = enc(&Mp::Map(vec![
+            (Mp::from("a"), Mp::from(1)),
+            (Mp::from("c"), Mp::Nil),
+        ]));
+        assert_eq!(out[0], 0xee);
+        assert_eq!(&out[1..], &expected[..]);
+    }
+
+    #[test]
+    fn trim_uses_smallest_header() {
+        let entries = (0..20)
+            .map(|i| (Mp::from(format!("k{i}")), Mp::from(i)))
+            .collect();
+        let payload = enc(&Mp::Map(entries));
+        assert_eq!(payload[0], 0xde);
+        let mut out = Vec::new();
+        assert_eq!(
+            trim_map_fields(&payload, &|k| k != "k3", &mut out),
+            Ok(true)
+        );
+        let expected: Vec<_> = (0..20)
+            .filter(|&i| i != 3)
+            .map(|i| (Mp::from(format!("k{i}")), Mp::from(i)))
+            .collect();
+        assert_eq!(out, enc(&Mp::Map(expected)));
+        out.clear();
+        assert_eq!(
+            trim_map_fields(&payload, &|k| k.len() == 2, &mut out),
+            Ok(true)
+        );
+        assert_eq!(out[0], 0x8a);
+        assert_eq!(value_len(&out), Ok(out.len()));
+    }
+
+    #[test]
+    fn trim_non_map_and_errors() {
+        let mut out = Vec::new();
+        for payload in [&[0x91, 0x01][..], &[0xa1, b'a'], &[], &[0xc1]] {
+            assert_eq!(trim_map_fields(payload, &|_| true, &mut out), Ok(false));
+            assert!(out.is_empty());
+        }
+        let truncated = [0x82, 0xa1, b'a', 0x01, 0xa1];
+        assert_eq!(
+            trim_map_fields(&truncated, &|_| true, &mut out),
+            Err(TranscodeError::Truncated)
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn json_of_nested_map_with_bin_and_odd_keys() {
+        let v = Mp::Map(vec![
+            (
+                Mp::from("m"),
+                Mp::Map(vec![
+                    (Mp::from("bin"), Mp::Binary(vec![0, 1, 2, 0xff])),
+                    (Mp::from("n"), Mp::from(-5)),
+                ]),
+            ),
+            (Mp::from(42), Mp::from("int key")),
+            (Mp::from(-3), Mp::from(1)),
+            (Mp::Boolean(true), Mp::Boolean(false)),
+            (Mp::Nil, Mp::Nil),
+            (Mp::F64(1.5), Mp::from(2)),
+            (Mp::Binary(b"hi".to_vec()), Mp::from(3)),
+            (Mp::Array(vec![Mp::from(1), Mp::from("a")]), Mp::from(4)),
+        ]);
+        assert_eq!(
+            to_json_string(&enc(&v)),
+            r#"{"m":{"bin":"AAEC/w==","n":-5},"42":"int key","-3":1,"true":false,"null":null,"1.5":2,"aGk=":3,"[1,\"a\"]":4}"#
+        );
+    }
+
+    #[test]
+    fn json_of_scalars() {
+        let cases: Vec<(Mp, &str)> = vec![
+            (Mp::Ext(5, vec![1, 2, 3]), r#"{"$ext":5,"base64":"AQID"}"#),
+            (
+                Mp::Ext(-1, vec![0; 4]),
+                r#"{"$ext":-1,"base64":"AAAAAA=="}"#,
+            ),
+            (Mp::F64(f64::NAN), "null"),
+            (Mp::F64(f64::INFINITY), "null"),
+            (Mp::F32(f32::NEG_INFINITY), "null"),
+            (Mp::F64(1.0), "1.0"),
+            (Mp::F64(-0.0), "-0.0"),
+            (Mp::F64(1e300), "1e300"),
+            (Mp::F32(0.1), "0.1"),
+            (Mp::from(-1), "-1"),
+            (Mp::from(-200), "-200"),
+            (Mp::from(i64::MIN), "-9223372036854775808"),
+            (Mp::from(u64::MAX), "18446744073709551615"),
+            (Mp::from("é☃\u{1F600}"), "\"é☃\u{1F600}\""),
+            (
+                Mp::from("q\"b\\n\n\t\r\u{8}\u{c}\u{1}\u{1f}"),
+                r#""q\"b\\n\n\t\r\b\f\u0001\u001f""#,
+            ),
+        ];
+        for (v, want) in cases {
+            assert_eq!(to_json_string(&enc(&v)), want, "{v:?}");
+        }
+        // Invalid UTF-8 in a str is replaced, and only the first value is read.
+        let mut out = Vec::new();
+        assert_eq!(
+            msgpack_to_json(&[0xa3, b'a', 0xff, b'b', 0xc0], &mut out),
+            Ok(4)
+        );
+        assert_eq!(String::from_utf8(out).unwrap(), "\"a\u{FFFD}b\"");
+    }
+
+    #[test]
+    fn json_to_msgpack_numbers_and_nesting() {
+        assert_eq!(to_mp(&json!(1)), [0x01]);
+        assert_eq!(to_mp(&json!(-1)), [0xff]);
+        assert_eq!(to_mp(&json!(300)), [0xcd, 0x01, 0x2c]);
+        let mut f = vec![0xcb];
+        f.extend_from_slice(&1.5f64.to_bits().to_be_bytes());
+        assert_eq!(to_mp(&json!(1.5)), f);
+        let parsed: serde_json::Value = serde_json::from_str("1e3").unwrap();
+        let mut f = vec![0xcb];
+        f.extend_from_slice(&1000f64.to_bits().to_be_bytes());
+        assert_eq!(to_mp(&parsed), f);
+        let parsed: serde_json::Value = serde_json::from_str("18446744073709551616").unwrap();
+        let mut f = vec![0xcb];
+        f.extend_from_slice(&18446744073709551616f64.to_bits().to_be_bytes());
+        assert_eq!(to_mp(&parsed), f);
+        assert_eq!(
+            to_mp(&json!(u64::MAX)),
+            [0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
+        );
+        let nested = json!({"a": {"b": [null, true, "s"]}});
+        let expected = enc(&Mp::Map(vec![(
+            Mp::from("a"),
+            Mp::Map(vec![(
+                Mp::from("b"),
+                Mp::Array(vec![Mp::Nil, Mp::Boolean(true), Mp::from("s")]),
+            )]),
+        )]));
+        assert_eq!(to_mp(&nested), expected);
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let v = json!({
+            "symbol": "AAPL", "confidence": 0.8, "count": 3, "neg": -7, "big": u64::MAX,
+            "flag": false, "none": null, "tags": ["a", "b\n\"c\""], "inner": {"x": 1.0, "y": []}
+        });
+        let back: serde_json::Value = serde_json::from_str(&to_json_string(&to_mp(&v))).unwrap();
+        assert_eq!(back, v);
+    }
+}

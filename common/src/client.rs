@@ -176,21 +176,25 @@ pub fn decode_client_frame(enc: Encoding, buf: &[u8]) -> Result<ClientFrame, Fra
     Ok(ClientFrame { id, op })
 }
 
+/// Every resume-point error message starts with this, so an edge can tell a
+/// bad resume point (`bad_frame`) from an undecodable auth frame (`unauthorized`).
+pub const RESUME_ERROR_PREFIX: &str = "resume: ";
+
 /// Interprets the resume fields of an upgrade URL or `auth` frame.
 /// `epoch` alone means `since: 0`; `since` alone, or a `since` that is not an
 /// unsigned integer, is refused.
 pub fn parse_resume(epoch: Option<Value>, since: Option<Value>) -> Result<Option<Resume>, String> {
     match (epoch, since) {
         (None, None) => Ok(None),
-        (None, Some(_)) => Err("since without epoch".into()),
+        (None, Some(_)) => Err(format!("{RESUME_ERROR_PREFIX}since without epoch")),
         (Some(e), since) => {
             let epoch = match e {
-                Value::String(s) => s.into_str().ok_or("epoch must be a string")?,
-                _ => return Err("epoch must be a string".into()),
+                Value::String(s) => s.into_str().ok_or_else(|| format!("{RESUME_ERROR_PREFIX}epoch must be a string"))?,
+                _ => return Err(format!("{RESUME_ERROR_PREFIX}epoch must be a string")),
             };
             let since = match since {
                 None => 0,
-                Some(v) => v.as_u64().ok_or("since must be an unsigned integer")?,
+                Some(v) => v.as_u64().ok_or_else(|| format!("{RESUME_ERROR_PREFIX}since must be an unsigned integer"))?,
             };
             Ok(Some(Resume { epoch, since }))
         }
@@ -249,8 +253,8 @@ pub enum ServerFrame<'a> {
         /// Echoed request id.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u32>,
-        /// Protocol error code.
-        code: ErrorCode,
+        /// Protocol error code (or an application's own code, for rpc).
+        code: &'a str,
         /// Human-readable reason.
         message: &'a str,
     },
@@ -330,7 +334,7 @@ pub fn encode_rpc_result(enc: Encoding, id: Option<u32>, data: &[u8], out: &mut 
                 out.clear();
                 encode_server_frame(
                     enc,
-                    &ServerFrame::Error { id, code: ErrorCode::Internal, message: "application reply is not valid MessagePack" },
+                    &ServerFrame::Error { id, code: ErrorCode::Internal.as_str(), message: "application reply is not valid MessagePack" },
                     out,
                 );
             }
@@ -384,7 +388,7 @@ mod tests {
         out.clear();
         encode_server_frame(
             Encoding::Json,
-            &ServerFrame::Error { id: Some(9), code: ErrorCode::BadFrame, message: "x" },
+            &ServerFrame::Error { id: Some(9), code: ErrorCode::BadFrame.as_str(), message: "x" },
             &mut out,
         );
         assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"op":"error","id":9,"code":"bad_frame","message":"x"}"#);

@@ -1,1 +1,130 @@
-//! x
+//! The Switchyard edge tier: terminates WebSocket connections, authenticates
+//! users and delivers each user's events to every one of their connections.
+//!
+//! The edge is stateless beyond its connections: subscriptions live in the
+//! router tier, deliveries arrive pre-targeted on per-user NATS subjects.
+//!
+//! # Layout
+//! - [`config`]: flags and `SWITCHYARD_*` variables.
+//! - [`auth`]: JWT verification; the user id is the token's `sub`.
+//! - [`server`]: HTTP up to the WebSocket upgrade (status-code refusals).
+//! - [`session`]: one connection's reader and writer.
+//! - [`conn`]: the handle and bounded queues of one connection.
+//! - [`hub`]: user → connections, per-user NATS subscriptions, broadcasts, the sweeper.
+//! - [`backend`]: requests to the router tier and rpc applications.
+//! - [`node`]: what all connections share.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+
+pub mod admin;
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod conn;
+pub mod hub;
+pub mod node;
+pub mod server;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::EdgeConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The `epoch` announced in `ready` while the edge has no delivery log:
+/// positions are not durable, so every resume answers `recovered: false`.
+pub const LIVE_EPOCH: &str = "live";
+
+/// Why an edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    /// NATS could not be reached.
+    #[error("cannot connect to NATS: {0}")]
+    Nats(#[from] async_nats::ConnectError),
+    /// A NATS subscription failed.
+    #[error("cannot subscribe: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    /// A listener could not be bound.
+    #[error("cannot bind: {0}")]
+    Bind(#[from] std::io::Error),
+    /// The metrics recorder could not be installed.
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
+}
+
+/// A running edge.
+pub struct RunningEdge {
+    /// Where WebSocket clients connect (`ws://ADDR/ws`).
+    pub ws_addr: SocketAddr,
+    /// Where the admin endpoint listens.
+    pub admin_addr: SocketAddr,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl RunningEdge {
+    /// Closes every connection (1001) and waits, bounded, for the tasks to end.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await.is_err() {
+            tracing::warn!("edge tasks did not stop within 5 s");
+        }
+    }
+}
+
+/// Connects to NATS, binds the listeners and starts serving.
+pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
+    let subjects = config.validate()?;
+    if config.jwt_secret.as_deref().is_none_or(str::is_empty) {
+        tracing::warn!("DEV MODE: no JWT key configured; accepting tokens signed with the built-in dev secret. Never run this in production.");
+    }
+    let metrics = match config.metrics.clone() {
+        Some(h) => h,
+        None => admin::install_recorder()?,
+    };
+    let client = async_nats::ConnectOptions::new()
+        .name("switchyard-edge")
+        .retry_on_initial_connect()
+        .connect(config.nats_url.as_str())
+        .await?;
+    for _ in 0..500 {
+        if client.connection_state() == async_nats::connection::State::Connected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let verifier = auth::Verifier::hmac(
+        config.effective_secret().as_bytes(),
+        config.jwt_issuer.as_deref(),
+        config.jwt_audience.as_deref(),
+        config.jwt_leeway_s,
+    );
+    let sweep = hub::SweepConfig { heartbeat: Duration::from_millis(config.heartbeat_ms) };
+    let hub = hub::Hub::start(client.clone(), subjects.clone(), sweep, tasks.clone(), cancel.clone()).await?;
+    let backend = backend::Backend::new(client.clone(), subjects.clone(), config.request_timeout());
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let ws_addr = listener.local_addr()?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen).await?;
+    let admin_addr = admin_listener.local_addr()?;
+    let ready_client = client.clone();
+    let ready_cancel = cancel.clone();
+    let ready: admin::ReadyCheck = Arc::new(move || {
+        !ready_cancel.is_cancelled() && ready_client.connection_state() == async_nats::connection::State::Connected
+    });
+    tasks.spawn(admin::serve(admin_listener, ready, metrics, cancel.clone()));
+    let node = Arc::new(node::Node::new(config, verifier, hub, backend, client.clone(), cancel.clone(), tasks.clone()));
+    if let Err(e) = client.flush().await {
+        tracing::warn!(error = %e, "flush after subscribing failed");
+    }
+    tasks.spawn(server::serve(listener, node));
+    tracing::info!(%ws_addr, %admin_addr, prefix = %subjects.prefix(), "edge started");
+    Ok(RunningEdge { ws_addr, admin_addr, cancel, tasks })
+}

@@ -1,0 +1,184 @@
+//! Edge configuration from flags and `SWITCHYARD_*` environment variables.
+//!
+//! Parsed and validated once at start; a bad value exits with code 64.
+//! Secrets are redacted from the `Debug` output printed at start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use metrics_exporter_prometheus::PrometheusHandle;
+use switchyard_common::client::Limits;
+use switchyard_common::subject::Subjects;
+
+/// The secret a dev-mode edge uses when no key is configured. Never use it in production.
+pub const DEV_JWT_SECRET: &str = "switchyard-dev-secret-do-not-use-in-production";
+
+/// Everything an edge needs to run.
+#[derive(Clone, Parser)]
+#[command(name = "switchyard-edge", version, about = "Switchyard edge: WebSocket termination and per-connection delivery")]
+pub struct EdgeConfig {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, env = "SWITCHYARD_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Subject prefix shared by producers, routers and edges.
+    #[arg(long, env = "SWITCHYARD_PREFIX", default_value = "sy")]
+    pub prefix: String,
+    /// WebSocket listen address.
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Admin endpoint (health, readiness, metrics).
+    #[arg(long, env = "SWITCHYARD_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// HMAC secret for HS256/384/512 tokens.
+    #[arg(long, env = "SWITCHYARD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "SWITCHYARD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "SWITCHYARD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock leeway for `exp`/`nbf`, in seconds.
+    #[arg(long, env = "SWITCHYARD_JWT_LEEWAY_S", default_value_t = 0)]
+    pub jwt_leeway_s: u64,
+    /// Dev mode: without a configured key, accept tokens signed with the built-in dev secret.
+    #[arg(long, env = "SWITCHYARD_DEV_INSECURE", default_value_t = false)]
+    pub dev_insecure: bool,
+    /// Accept `?token=` in the upgrade URL (tokens in URLs end up in logs).
+    #[arg(long, env = "SWITCHYARD_ALLOW_QUERY_TOKEN", default_value_t = false)]
+    pub allow_query_token: bool,
+    /// Time a frame-auth client has to send its `auth` frame, in milliseconds.
+    #[arg(long, env = "SWITCHYARD_AUTH_TIMEOUT_MS", default_value_t = 5000)]
+    pub auth_timeout_ms: u64,
+    /// WebSocket ping interval, in milliseconds; silence for two intervals closes with 4000.
+    #[arg(long, env = "SWITCHYARD_HEARTBEAT_MS", default_value_t = 25_000)]
+    pub heartbeat_ms: u64,
+    /// Largest client frame, in bytes; larger closes with 4008.
+    #[arg(long, env = "SWITCHYARD_MAX_FRAME_BYTES", default_value_t = 65_536)]
+    pub max_frame_bytes: usize,
+    /// Most subscriptions per user (announced in `ready`; enforced by the router's own setting).
+    #[arg(long, env = "SWITCHYARD_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub max_subscriptions: u64,
+    /// Sustained events per second per connection (announced in `ready`).
+    #[arg(long, env = "SWITCHYARD_RATE_PER_S", default_value_t = 100)]
+    pub rate_per_s: u64,
+    /// Token-bucket burst per connection (announced in `ready`).
+    #[arg(long, env = "SWITCHYARD_BURST", default_value_t = 200)]
+    pub burst: u64,
+    /// Most events in one `batch` frame.
+    #[arg(long, env = "SWITCHYARD_BATCH_MAX_EVENTS", default_value_t = 50)]
+    pub batch_max_events: usize,
+    /// Largest `batch` frame, in bytes (an event larger than this goes alone).
+    #[arg(long, env = "SWITCHYARD_BATCH_MAX_BYTES", default_value_t = 65_536)]
+    pub batch_max_bytes: usize,
+    /// Outbound queue per connection, in events; beyond it events are dropped and reported.
+    #[arg(long, env = "SWITCHYARD_QUEUE_EVENTS", default_value_t = 1024)]
+    pub queue_events: usize,
+    /// Bad frames allowed per 60 s before closing with 4008.
+    #[arg(long, env = "SWITCHYARD_BAD_FRAME_BUDGET", default_value_t = 20)]
+    pub bad_frame_budget: u32,
+    /// Time the router tier (and rpc applications) have to answer, in milliseconds.
+    #[arg(long, env = "SWITCHYARD_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
+    pub request_timeout_ms: u64,
+    /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
+    #[arg(skip)]
+    pub metrics: Option<PrometheusHandle>,
+}
+
+impl std::fmt::Debug for EdgeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeConfig")
+            .field("nats_url", &self.nats_url)
+            .field("prefix", &self.prefix)
+            .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<redacted>"))
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_leeway_s", &self.jwt_leeway_s)
+            .field("dev_insecure", &self.dev_insecure)
+            .field("allow_query_token", &self.allow_query_token)
+            .field("auth_timeout_ms", &self.auth_timeout_ms)
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("limits", &self.limits())
+            .field("queue_events", &self.queue_events)
+            .field("bad_frame_budget", &self.bad_frame_budget)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .finish()
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No key and no dev mode.
+    #[error("no JWT key configured: set SWITCHYARD_JWT_SECRET, or pass --dev-insecure (SWITCHYARD_DEV_INSECURE=true) for local development only")]
+    NoKey,
+    /// The subject prefix is not valid.
+    #[error(transparent)]
+    Prefix(#[from] switchyard_common::subject::InvalidPrefix),
+    /// A numeric setting is out of range.
+    #[error("{0}")]
+    Range(&'static str),
+}
+
+impl EdgeConfig {
+    /// Checks what clap cannot; returns the subject builder.
+    pub fn validate(&self) -> Result<Subjects, ConfigError> {
+        if self.jwt_secret.as_deref().is_none_or(str::is_empty) && !self.dev_insecure {
+            return Err(ConfigError::NoKey);
+        }
+        if self.heartbeat_ms < 100 {
+            return Err(ConfigError::Range("SWITCHYARD_HEARTBEAT_MS must be at least 100"));
+        }
+        if self.max_frame_bytes < 256 {
+            return Err(ConfigError::Range("SWITCHYARD_MAX_FRAME_BYTES must be at least 256"));
+        }
+        if self.batch_max_events == 0 || self.queue_events == 0 || self.batch_max_bytes == 0 {
+            return Err(ConfigError::Range("batch and queue sizes must be at least 1"));
+        }
+        Ok(Subjects::new(&self.prefix)?)
+    }
+
+    /// The secret tokens are verified with (the dev secret in dev mode without a key).
+    pub fn effective_secret(&self) -> &str {
+        match self.jwt_secret.as_deref() {
+            Some(s) if !s.is_empty() => s,
+            _ => DEV_JWT_SECRET,
+        }
+    }
+
+    /// The limits announced in `ready`.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.max_frame_bytes as u64,
+            max_subscriptions: self.max_subscriptions,
+            rate_per_s: self.rate_per_s,
+            burst: self.burst,
+            batch_max_events: self.batch_max_events as u64,
+            batch_max_bytes: self.batch_max_bytes as u64,
+        }
+    }
+
+    /// The auth timeout.
+    pub fn auth_timeout(&self) -> Duration {
+        Duration::from_millis(self.auth_timeout_ms)
+    }
+
+    /// The backend request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// A config for embedding (tests): defaults, this NATS URL and secret, ports ephemeral.
+    pub fn embedded(nats_url: &str, secret: &str) -> EdgeConfig {
+        let mut c = EdgeConfig::parse_from(["switchyard-edge"]);
+        c.nats_url = nats_url.to_string();
+        c.jwt_secret = Some(secret.to_string());
+        c.listen = "127.0.0.1:0".parse().expect("literal address");
+        c.admin_listen = "127.0.0.1:0".parse().expect("literal address");
+        c
+    }
+}

@@ -1,0 +1,497 @@
+//! One WebSocket connection: authentication, the reader loop and the writer.
+//!
+//! Each connection has a reader (this module's [`run`], the connection's
+//! task) and a writer task that owns the socket's write half. The reader
+//! never writes: replies, pongs and close frames go to the writer's control
+//! queue, which the writer serves before data so a backlog of events cannot
+//! hold them up. Whenever the writer wakes for data it drains what is queued
+//! (up to the batch caps) into one `event` or `batch` frame, so an idle
+//! connection gets each event at once and a busy one fewer, larger frames.
+//!
+//! fastwebsockets' `read_frame` is not cancel-safe; the reader only races it
+//! against its own end (auth timeout, connection closing), after which it
+//! never reads again.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use switchyard_common::client::{decode_client_frame, encode_rpc_result, encode_server_frame, ClientOp, Resume, ServerFrame};
+use switchyard_common::control::{ControlOp, ControlReply};
+use switchyard_common::delivery::{write_batch_frame, write_event_frame};
+use switchyard_common::{CloseCode, Encoding, ErrorCode};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Claims;
+use crate::conn::{channels, now_ms, ConnHandle, ConnQueues, ConnSenders, Control};
+use crate::node::Node;
+
+type Io = TokioIo<Upgraded>;
+
+/// Authentication done before the upgrade (header or query token).
+pub struct PreAuth {
+    /// The verified claims.
+    pub claims: Claims,
+    /// Resume point from the upgrade URL.
+    pub resume: Option<Resume>,
+}
+
+/// Why the reader stopped.
+enum End {
+    /// The client closed, the socket failed or the writer stopped.
+    Gone,
+    /// We asked the writer to close.
+    Closed,
+}
+
+/// Runs one upgraded connection to its end.
+pub async fn run(node: Arc<Node>, upgrade: fastwebsockets::upgrade::UpgradeFut, encoding: Encoding, pre_auth: Option<PreAuth>) {
+    let ws = match upgrade.await {
+        Ok(ws) => ws,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let (mut rd, wr) = ws.split(tokio::io::split);
+    rd.set_max_message_size(node.config.max_frame_bytes + 1);
+    let (senders, queues) = channels(node.config.queue_events);
+    let conn_done = node.cancel.child_token();
+    let writer = Writer {
+        ws: wr,
+        encoding,
+        batch_max_events: node.config.batch_max_events,
+        batch_max_bytes: node.config.batch_max_bytes,
+        buf: Vec::with_capacity(1024),
+    };
+    node.tasks.spawn(writer.run(queues, conn_done.clone(), node.cancel.clone()));
+    metrics::counter!("switchyard_edge_connections_total").increment(1);
+
+    let mut reader = Reader { rd, node: node.clone(), encoding, senders, conn_done: conn_done.clone(), frag: None, bad_frames: VecDeque::new() };
+    let auth = match pre_auth {
+        Some(p) => Some((p.claims, p.resume, None)),
+        None => reader.frame_auth().await,
+    };
+    let Some((claims, resume, auth_id)) = auth else {
+        conn_done.cancel();
+        return;
+    };
+    let conn = ConnHandle::new(node.next_conn_id(), Arc::from(claims.sub.as_str()), reader.senders.clone(), claims.exp);
+    if let Err(e) = node.hub.register(conn.clone(), encoding).await {
+        tracing::error!(error = %e, "cannot register connection");
+        reader.reply_error(None, ErrorCode::Internal, "cannot subscribe to deliveries").await;
+        reader.senders.control(Control::Close(1011, "internal error")).await;
+        conn_done.cancel();
+        return;
+    }
+    // One round trip makes sure the user's subscription is in place before `ready`.
+    if let Err(e) = node.client.flush().await {
+        tracing::warn!(error = %e, "flush after subscribing failed");
+    }
+    let conn_name = format!("{}-{}", node.node_id, conn.id);
+    let ready = ServerFrame::Ready {
+        id: auth_id,
+        conn: &conn_name,
+        user: &claims.sub,
+        epoch: crate::LIVE_EPOCH,
+        pos: 0,
+        server_time: now_ms(),
+        heartbeat_ms: node.config.heartbeat_ms,
+        limits: node.config.limits(),
+    };
+    reader.send(&ready).await;
+    if resume.is_some() {
+        // No delivery log yet: nothing can be replayed, so nothing is proven recovered.
+        reader.send(&ServerFrame::Resumed { recovered: false, replayed: 0 }).await;
+    }
+    tracing::debug!(conn = %conn_name, user = %claims.sub, "connection ready");
+    reader.serve(conn.clone(), claims).await;
+    node.hub.unregister(conn).await;
+    conn_done.cancel();
+}
+
+struct Reader {
+    rd: WebSocketRead<ReadHalf<Io>>,
+    node: Arc<Node>,
+    encoding: Encoding,
+    senders: ConnSenders,
+    conn_done: CancellationToken,
+    /// A fragmented message being collected: (opcode, bytes so far).
+    frag: Option<(OpCode, Vec<u8>)>,
+    /// Times (unix ms) of recent bad frames, for the budget.
+    bad_frames: VecDeque<u64>,
+}
+
+impl Reader {
+    /// Reads the next complete data message; `None` when the connection ended.
+    async fn next_message(&mut self) -> Option<(OpCode, Bytes)> {
+        let control = self.senders.control_sender();
+        let mut obligated = move |frame: Frame<'_>| {
+            let control = control.clone();
+            let c = match frame.opcode {
+                OpCode::Pong => Control::Pong(Bytes::copy_from_slice(&frame.payload)),
+                _ => Control::CloseEcho(Bytes::copy_from_slice(&frame.payload)),
+            };
+            async move { control.send(c).await.map_err(|_| WebSocketError::ConnectionClosed) }
+        };
+        loop {
+            let frame = tokio::select! {
+                _ = self.conn_done.cancelled() => return None,
+                f = self.rd.read_frame(&mut obligated) => f,
+            };
+            let frame = match frame {
+                Ok(f) => f,
+                Err(WebSocketError::FrameTooLarge) => {
+                    metrics::counter!("switchyard_edge_closed_total", "reason" => "frame_too_large").increment(1);
+                    self.senders.control(Control::Close(CloseCode::PolicyViolation.code(), "frame too large")).await;
+                    return None;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "read ended");
+                    return None;
+                }
+            };
+            match frame.opcode {
+                OpCode::Close => return None,
+                OpCode::Ping | OpCode::Pong => {
+                    return Some((frame.opcode, Bytes::new()));
+                }
+                OpCode::Text | OpCode::Binary if frame.fin => {
+                    if self.frag.is_some() {
+                        self.senders.control(Control::Close(1002, "unfinished fragmented message")).await;
+                        return None;
+                    }
+                    return Some((frame.opcode, Bytes::from(frame.payload.to_vec())));
+                }
+                OpCode::Text | OpCode::Binary => self.frag = Some((frame.opcode, frame.payload.to_vec())),
+                OpCode::Continuation => {
+                    let Some((op, mut buf)) = self.frag.take() else {
+                        self.senders.control(Control::Close(1002, "continuation without a start")).await;
+                        return None;
+                    };
+                    buf.extend_from_slice(&frame.payload);
+                    if buf.len() > self.node.config.max_frame_bytes {
+                        metrics::counter!("switchyard_edge_closed_total", "reason" => "frame_too_large").increment(1);
+                        self.senders.control(Control::Close(CloseCode::PolicyViolation.code(), "frame too large")).await;
+                        return None;
+                    }
+                    if frame.fin {
+                        if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
+                            self.senders.control(Control::Close(1007, "invalid UTF-8")).await;
+                            return None;
+                        }
+                        return Some((op, Bytes::from(buf)));
+                    }
+                    self.frag = Some((op, buf));
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, frame: &ServerFrame<'_>) {
+        let mut buf = Vec::with_capacity(64);
+        encode_server_frame(self.encoding, frame, &mut buf);
+        self.senders.control(Control::Frame(buf)).await;
+    }
+
+    async fn reply_error(&mut self, id: Option<u32>, code: ErrorCode, message: &str) {
+        self.send(&ServerFrame::Error { id, code: code.as_str(), message }).await;
+    }
+
+    async fn refuse(&mut self, id: Option<u32>, code: ErrorCode, message: &str, close: CloseCode) {
+        metrics::counter!("switchyard_edge_auth_failures_total", "reason" => code.as_str()).increment(1);
+        self.reply_error(id, code, message).await;
+        self.senders.control(Control::Close(close.code(), "unauthorized")).await;
+    }
+
+    /// Waits for the first frame, which must be a valid `auth`.
+    async fn frame_auth(&mut self) -> Option<(Claims, Option<Resume>, Option<u32>)> {
+        let deadline = tokio::time::Instant::now() + self.node.config.auth_timeout();
+        let msg = loop {
+            match tokio::time::timeout_at(deadline, self.next_message()).await {
+                Err(_) => {
+                    self.refuse(None, ErrorCode::Unauthorized, "no auth frame in time", CloseCode::Unauthorized).await;
+                    return None;
+                }
+                Ok(None) => return None,
+                Ok(Some((OpCode::Ping | OpCode::Pong, _))) => continue,
+                Ok(Some(m)) => break m,
+            }
+        };
+        let frame = match self.decode(msg) {
+            Ok(f) => f,
+            Err(e) => {
+                // A bad resume point is a bad frame; anything else undecodable is unauthorized.
+                let code = if e.message.starts_with(switchyard_common::client::RESUME_ERROR_PREFIX) {
+                    ErrorCode::BadFrame
+                } else {
+                    ErrorCode::Unauthorized
+                };
+                self.refuse(e.id, code, &e.message, CloseCode::Unauthorized).await;
+                return None;
+            }
+        };
+        let ClientOp::Auth { token, resume } = frame.op else {
+            self.refuse(frame.id, ErrorCode::Unauthorized, "the first frame must be auth", CloseCode::Unauthorized).await;
+            return None;
+        };
+        match self.node.verifier.verify(&token) {
+            Ok(claims) => Some((claims, resume, frame.id)),
+            Err(e) => {
+                tracing::debug!(reason = e.reason(), "frame auth refused");
+                self.refuse(frame.id, ErrorCode::Unauthorized, "invalid token", CloseCode::Unauthorized).await;
+                None
+            }
+        }
+    }
+
+    fn decode(&self, (opcode, payload): (OpCode, Bytes)) -> Result<switchyard_common::client::ClientFrame, switchyard_common::client::FrameError> {
+        let expected = match self.encoding {
+            Encoding::MsgPack => OpCode::Binary,
+            Encoding::Json => OpCode::Text,
+        };
+        if opcode != expected {
+            return Err(switchyard_common::client::FrameError {
+                id: None,
+                code: ErrorCode::BadFrame,
+                message: match self.encoding {
+                    Encoding::MsgPack => "text frame on a MessagePack connection".into(),
+                    Encoding::Json => "binary frame on a JSON connection".into(),
+                },
+            });
+        }
+        decode_client_frame(self.encoding, &payload)
+    }
+
+    /// Counts a bad frame; whether the budget is spent.
+    fn bad_frame_budget_spent(&mut self) -> bool {
+        let now = now_ms();
+        while self.bad_frames.front().is_some_and(|t| now.saturating_sub(*t) > 60_000) {
+            self.bad_frames.pop_front();
+        }
+        self.bad_frames.push_back(now);
+        self.bad_frames.len() > self.node.config.bad_frame_budget as usize
+    }
+
+    /// The authenticated loop: answer frames until the connection ends.
+    async fn serve(&mut self, conn: Arc<ConnHandle>, mut claims: Claims) -> End {
+        loop {
+            let Some(msg) = self.next_message().await else { return End::Gone };
+            conn.touch(now_ms());
+            if matches!(msg.0, OpCode::Ping | OpCode::Pong) {
+                continue;
+            }
+            metrics::counter!("switchyard_edge_frames_in_total").increment(1);
+            let frame = match self.decode(msg) {
+                Ok(f) => f,
+                Err(e) => {
+                    metrics::counter!("switchyard_edge_bad_frames_total").increment(1);
+                    self.reply_error(e.id, e.code, &e.message).await;
+                    if e.code == ErrorCode::BadFrame && self.bad_frame_budget_spent() {
+                        metrics::counter!("switchyard_edge_closed_total", "reason" => "bad_frames").increment(1);
+                        self.senders.control(Control::Close(CloseCode::PolicyViolation.code(), "bad frame budget spent")).await;
+                        return End::Closed;
+                    }
+                    continue;
+                }
+            };
+            let id = frame.id;
+            let control_op = match frame.op {
+                ClientOp::Ping => {
+                    self.send(&ServerFrame::Pong { id, server_time: now_ms() }).await;
+                    continue;
+                }
+                ClientOp::Auth { token, .. } => {
+                    match self.node.verifier.verify(&token) {
+                        Ok(fresh) if fresh.sub == claims.sub => {
+                            conn.exp_s.store(fresh.exp, Ordering::Relaxed);
+                            claims = fresh;
+                            self.send(&ServerFrame::Ok { id }).await;
+                        }
+                        Ok(_) => {
+                            self.refuse(id, ErrorCode::Unauthorized, "token for another user", CloseCode::Unauthorized).await;
+                            return End::Closed;
+                        }
+                        Err(e) => {
+                            tracing::debug!(reason = e.reason(), "refresh refused");
+                            self.reply_error(id, ErrorCode::Unauthorized, "invalid token; keeping the current one").await;
+                        }
+                    }
+                    continue;
+                }
+                ClientOp::Rpc { method, data } => {
+                    match self.node.backend.rpc(&claims.sub, &claims.roles, &method, &data).await {
+                        Ok(reply) => {
+                            let mut buf = Vec::with_capacity(reply.len() + 32);
+                            encode_rpc_result(self.encoding, id, &reply, &mut buf);
+                            self.senders.control(Control::Frame(buf)).await;
+                        }
+                        Err(e) => self.send(&ServerFrame::Error { id, code: e.code(), message: &e.to_string() }).await,
+                    }
+                    continue;
+                }
+                ClientOp::Subscribe(raw) => ControlOp::Subscribe(raw),
+                ClientOp::Unsubscribe { sub } => ControlOp::Unsubscribe { sub },
+                ClientOp::List => ControlOp::List,
+                ClientOp::Join { room } => ControlOp::Join { room },
+                ClientOp::Leave { room } => ControlOp::Leave { room },
+            };
+            match self.node.backend.control(&claims.sub, &claims.rooms, control_op).await {
+                Ok(ControlReply::Ok) => self.send(&ServerFrame::Ok { id }).await,
+                Ok(ControlReply::Subs(subs)) => self.send(&ServerFrame::Subs { id, subs: &subs }).await,
+                Ok(ControlReply::Error { code, message }) => self.reply_error(id, code, &message).await,
+                Err(e) => self.send(&ServerFrame::Error { id, code: e.code(), message: &e.to_string() }).await,
+            }
+        }
+    }
+}
+
+/// The connection's writer: owns the socket's write half.
+struct Writer {
+    ws: WebSocketWrite<WriteHalf<Io>>,
+    encoding: Encoding,
+    batch_max_events: usize,
+    batch_max_bytes: usize,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+
+    async fn run(mut self, mut q: ConnQueues, conn_done: CancellationToken, node_cancel: CancellationToken) {
+        let mut batch: Vec<Bytes> = Vec::with_capacity(self.batch_max_events);
+        let mut pending: Option<Bytes> = None;
+        let mut data_open = true;
+        let result: Result<(), WebSocketError> = async {
+            loop {
+                if let Ok(c) = q.control.try_recv() {
+                    if self.control(c, &q).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                let first = match pending.take() {
+                    Some(b) => b,
+                    None => tokio::select! {
+                        biased;
+                        c = q.control.recv() => match c {
+                            Some(c) => {
+                                if self.control(c, &q).await? {
+                                    return Ok(());
+                                }
+                                continue;
+                            }
+                            None => return Ok(()),
+                        },
+                        _ = node_cancel.cancelled() => {
+                            self.ws.write_frame(Frame::close(CloseCode::GoingAway.code(), b"server shutting down")).await?;
+                            self.ws.flush().await?;
+                            return Ok(());
+                        }
+                        _ = conn_done.cancelled() => return Ok(()),
+                        d = q.data.recv(), if data_open => match d {
+                            Some(b) => b,
+                            None => { data_open = false; continue; }
+                        },
+                    },
+                };
+                batch.clear();
+                let mut bytes = first.len();
+                batch.push(first);
+                while batch.len() < self.batch_max_events {
+                    match q.data.try_recv() {
+                        Ok(b) if bytes + b.len() > self.batch_max_bytes => {
+                            pending = Some(b);
+                            break;
+                        }
+                        Ok(b) => {
+                            bytes += b.len();
+                            batch.push(b);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                self.dropped_notice(&q).await?;
+                self.buf.clear();
+                let written = if batch.len() == 1 {
+                    write_event_frame(self.encoding, &batch[0], None, &mut self.buf)
+                } else {
+                    write_batch_frame(self.encoding, batch.iter().map(|b| (&b[..], None)), &mut self.buf)
+                };
+                if let Err(e) = written {
+                    metrics::counter!("switchyard_edge_bad_deliveries_total").increment(1);
+                    tracing::warn!(error = %e, "undecodable delivery skipped");
+                    continue;
+                }
+                metrics::counter!("switchyard_edge_deliveries_total").increment(batch.len() as u64);
+                let frame = data_frame(self.encoding, &self.buf);
+                self.ws.write_frame(frame).await?;
+                self.ws.flush().await?;
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "writer ended");
+        }
+        conn_done.cancel();
+    }
+
+    async fn dropped_notice(&mut self, q: &ConnQueues) -> Result<(), WebSocketError> {
+        let count = q.dropped_slow.swap(0, Ordering::Relaxed);
+        if count == 0 {
+            return Ok(());
+        }
+        self.buf.clear();
+        encode_server_frame(self.encoding, &ServerFrame::Dropped { count, reason: "slow_consumer" }, &mut self.buf);
+        let frame = data_frame(self.encoding, &self.buf);
+        self.ws.write_frame(frame).await
+    }
+
+    /// Writes one control item; whether the connection is now closed.
+    async fn control(&mut self, c: Control, q: &ConnQueues) -> Result<bool, WebSocketError> {
+        let closed = match c {
+            Control::Frame(bytes) => {
+                self.buf.clear();
+                self.buf.extend_from_slice(&bytes);
+                let frame = data_frame(self.encoding, &self.buf);
+                self.ws.write_frame(frame).await?;
+                false
+            }
+            Control::Pong(p) => {
+                self.ws.write_frame(Frame::pong(Payload::Borrowed(&p))).await?;
+                false
+            }
+            Control::Ping => {
+                self.ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await?;
+                false
+            }
+            Control::DroppedNotice => {
+                self.dropped_notice(q).await?;
+                false
+            }
+            Control::CloseEcho(p) => {
+                self.ws.write_frame(Frame::close_raw(Payload::Borrowed(&p))).await?;
+                true
+            }
+            Control::Close(code, reason) => {
+                self.ws.write_frame(Frame::close(code, reason.as_bytes())).await?;
+                true
+            }
+        };
+        self.ws.flush().await?;
+        Ok(closed)
+    }
+}
+
+/// A data frame of the connection's encoding (binary for MessagePack, text for JSON).
+fn data_frame(encoding: Encoding, buf: &[u8]) -> Frame<'_> {
+    let payload = Payload::Borrowed(buf);
+    match encoding {
+        Encoding::MsgPack => Frame::binary(payload),
+        Encoding::Json => Frame::text(payload),
+    }
+}

@@ -1,1 +1,19 @@
-//! x
+//! Test harness and developer tools for Switchyard.
+//!
+//! Integration tests run against real parts only: a real `nats-server`
+//! process per test ([`nats_server`]), a router and an edge started
+//! in-process on ephemeral ports ([`fleet`]), and real WebSocket clients
+//! over real sockets ([`ws_client`]). The binaries in `src/bin` (the tail
+//! client, the demo producer, the dev token minter) are built on the same
+//! pieces.
+//!
+//! # Layout
+//! - [`nats_server`]: start/stop/restart a real nats-server on a free loopback port.
+//! - [`fleet`]: nats-server + router + edge, wired together, plus a producer helper.
+//! - [`ws_client`]: a small protocol-level WebSocket client (MessagePack or JSON).
+//! - [`tokens`]: HS256 test and dev tokens.
+
+pub mod fleet;
+pub mod nats_server;
+pub mod tokens;
+pub mod ws_client;

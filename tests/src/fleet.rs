@@ -1,0 +1,106 @@
+//! A whole Switchyard on one machine for tests: a real nats-server, a router
+//! and an edge in-process on ephemeral ports, and a producer helper.
+
+use std::sync::OnceLock;
+
+use anyhow::Result;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::Value;
+use switchyard_common::transcode::json_to_msgpack;
+use switchyard_edge::{EdgeConfig, RunningEdge};
+use switchyard_router::{RouterConfig, RunningRouter};
+
+use crate::nats_server::NatsServer;
+
+/// The HMAC secret test edges use.
+pub const TEST_SECRET: &str = "test-secret-generated-for-this-run";
+
+/// One Prometheus recorder per test process, shared by every embedded component.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().expect("first recorder in this process")
+        })
+        .clone()
+}
+
+/// nats-server + router + edge.
+pub struct Fleet {
+    /// The NATS server (killed on drop).
+    pub nats: NatsServer,
+    /// The router.
+    pub router: Option<RunningRouter>,
+    /// The edge.
+    pub edge: Option<RunningEdge>,
+    /// A NATS client for producing events.
+    pub producer: async_nats::Client,
+}
+
+impl Fleet {
+    /// Starts everything with default settings.
+    pub async fn start() -> Result<Fleet> {
+        Fleet::start_with(|_| {}).await
+    }
+
+    /// Starts everything, letting the caller adjust the edge's config.
+    pub async fn start_with(tweak_edge: impl FnOnce(&mut EdgeConfig)) -> Result<Fleet> {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("SWITCHYARD_LOG")).with_test_writer().try_init();
+        let nats = NatsServer::start()?;
+        let mut rc = RouterConfig::embedded(&nats.url());
+        rc.metrics = Some(metrics_handle());
+        let router = switchyard_router::start(rc).await?;
+        let mut ec = EdgeConfig::embedded(&nats.url(), TEST_SECRET);
+        ec.metrics = Some(metrics_handle());
+        tweak_edge(&mut ec);
+        let edge = switchyard_edge::start(ec).await?;
+        let producer = async_nats::connect(nats.url()).await?;
+        Ok(Fleet { nats, router: Some(router), edge: Some(edge), producer })
+    }
+
+    /// `ws://ADDR/ws` of the edge.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.edge.as_ref().expect("edge running").ws_addr)
+    }
+
+    /// `http://ADDR` of the edge's admin endpoint.
+    pub fn edge_admin(&self) -> std::net::SocketAddr {
+        self.edge.as_ref().expect("edge running").admin_addr
+    }
+
+    /// A token for `sub` valid for an hour, with extra claims.
+    pub fn token(&self, sub: &str, extra: Value) -> String {
+        crate::tokens::token(TEST_SECRET, sub, 3600, extra)
+    }
+
+    /// Publishes a producer event given as JSON, encoded as MessagePack, on `sy.events.<subject_tail>`.
+    pub async fn publish(&self, subject_tail: &str, event: &Value) -> Result<()> {
+        let mut payload = Vec::new();
+        json_to_msgpack(event, &mut payload);
+        self.publish_raw(subject_tail, payload, false).await
+    }
+
+    /// Publishes raw bytes (MessagePack, or JSON with the Content-Type header).
+    pub async fn publish_raw(&self, subject_tail: &str, payload: Vec<u8>, json: bool) -> Result<()> {
+        let subject = format!("sy.events.{subject_tail}");
+        if json {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Content-Type", "application/json; charset=utf-8");
+            self.producer.publish_with_headers(subject, headers, payload.into()).await?;
+        } else {
+            self.producer.publish(subject, payload.into()).await?;
+        }
+        self.producer.flush().await?;
+        Ok(())
+    }
+
+    /// Stops router and edge (the NATS server stops on drop).
+    pub async fn shutdown(mut self) {
+        if let Some(e) = self.edge.take() {
+            e.shutdown().await;
+        }
+        if let Some(r) = self.router.take() {
+            r.shutdown().await;
+        }
+    }
+}

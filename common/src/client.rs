@@ -102,7 +102,11 @@ pub struct FrameError {
 
 impl FrameError {
     fn bad(id: Option<u32>, message: impl Into<String>) -> FrameError {
-        FrameError { id, code: ErrorCode::BadFrame, message: message.into() }
+        FrameError {
+            id,
+            code: ErrorCode::BadFrame,
+            message: message.into(),
+        }
     }
 }
 
@@ -155,8 +159,12 @@ pub fn decode_client_frame(enc: Encoding, buf: &[u8]) -> Result<ClientFrame, Fra
         }),
         "unsubscribe" => ClientOp::Unsubscribe { sub: required("sub")? },
         "list" => ClientOp::List,
-        "join" => ClientOp::Join { room: required("room")? },
-        "leave" => ClientOp::Leave { room: required("room")? },
+        "join" => ClientOp::Join {
+            room: required("room")?,
+        },
+        "leave" => ClientOp::Leave {
+            room: required("room")?,
+        },
         "ping" => ClientOp::Ping,
         "rpc" => {
             let method = match required("method")? {
@@ -164,9 +172,16 @@ pub fn decode_client_frame(enc: Encoding, buf: &[u8]) -> Result<ClientFrame, Fra
                 _ => return Err(FrameError::bad(id, "method must be a string")),
             };
             if !crate::ids::is_valid_method(&method) {
-                return Err(FrameError { id, code: ErrorCode::InvalidFilter, message: "invalid rpc method name".into() });
+                return Err(FrameError {
+                    id,
+                    code: ErrorCode::InvalidFilter,
+                    message: "invalid rpc method name".into(),
+                });
             }
-            ClientOp::Rpc { method, data: optional("data").unwrap_or(Value::Nil) }
+            ClientOp::Rpc {
+                method,
+                data: optional("data").unwrap_or(Value::Nil),
+            }
         }
         other => {
             let shown: String = other.chars().take(32).collect();
@@ -189,12 +204,16 @@ pub fn parse_resume(epoch: Option<Value>, since: Option<Value>) -> Result<Option
         (None, Some(_)) => Err(format!("{RESUME_ERROR_PREFIX}since without epoch")),
         (Some(e), since) => {
             let epoch = match e {
-                Value::String(s) => s.into_str().ok_or_else(|| format!("{RESUME_ERROR_PREFIX}epoch must be a string"))?,
+                Value::String(s) => s
+                    .into_str()
+                    .ok_or_else(|| format!("{RESUME_ERROR_PREFIX}epoch must be a string"))?,
                 _ => return Err(format!("{RESUME_ERROR_PREFIX}epoch must be a string")),
             };
             let since = match since {
                 None => 0,
-                Some(v) => v.as_u64().ok_or_else(|| format!("{RESUME_ERROR_PREFIX}since must be an unsigned integer"))?,
+                Some(v) => v
+                    .as_u64()
+                    .ok_or_else(|| format!("{RESUME_ERROR_PREFIX}since must be an unsigned integer"))?,
             };
             Ok(Some(Resume { epoch, since }))
         }
@@ -334,7 +353,11 @@ pub fn encode_rpc_result(enc: Encoding, id: Option<u32>, data: &[u8], out: &mut 
                 out.clear();
                 encode_server_frame(
                     enc,
-                    &ServerFrame::Error { id, code: ErrorCode::Internal.as_str(), message: "application reply is not valid MessagePack" },
+                    &ServerFrame::Error {
+                        id,
+                        code: ErrorCode::Internal.as_str(),
+                        message: "application reply is not valid MessagePack",
+                    },
                     out,
                 );
             }
@@ -355,9 +378,17 @@ mod tests {
     #[test]
     fn golden_msgpack_ping() {
         // {"op":"ping","id":7}
-        let bytes = [0x82, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g', 0xa2, b'i', b'd', 0x07];
+        let bytes = [
+            0x82, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g', 0xa2, b'i', b'd', 0x07,
+        ];
         let f = decode_client_frame(Encoding::MsgPack, &bytes).unwrap();
-        assert_eq!(f, ClientFrame { id: Some(7), op: ClientOp::Ping });
+        assert_eq!(
+            f,
+            ClientFrame {
+                id: Some(7),
+                op: ClientOp::Ping
+            }
+        );
     }
 
     #[test]
@@ -368,7 +399,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.id, Some(3));
-        let ClientOp::Subscribe(raw) = f.op else { panic!("not subscribe") };
+        let ClientOp::Subscribe(raw) = f.op else {
+            panic!("not subscribe")
+        };
         assert_eq!(raw.sub.as_str(), Some("s1"));
         assert_eq!(raw.sub_type.as_str(), Some("tick"));
         assert!(raw.min.is_none());
@@ -380,7 +413,14 @@ mod tests {
         encode_server_frame(Encoding::MsgPack, &ServerFrame::Ok { id: Some(5) }, &mut out);
         assert_eq!(out, [0x82, 0xa2, b'o', b'p', 0xa2, b'o', b'k', 0xa2, b'i', b'd', 0x05]);
         out.clear();
-        encode_server_frame(Encoding::MsgPack, &ServerFrame::Pong { id: None, server_time: 1 }, &mut out);
+        encode_server_frame(
+            Encoding::MsgPack,
+            &ServerFrame::Pong {
+                id: None,
+                server_time: 1,
+            },
+            &mut out,
+        );
         let mut expected = vec![0x82, 0xa2, b'o', b'p', 0xa4, b'p', b'o', b'n', b'g', 0xab];
         expected.extend_from_slice(b"server_time");
         expected.push(0x01);
@@ -388,18 +428,40 @@ mod tests {
         out.clear();
         encode_server_frame(
             Encoding::Json,
-            &ServerFrame::Error { id: Some(9), code: ErrorCode::BadFrame.as_str(), message: "x" },
+            &ServerFrame::Error {
+                id: Some(9),
+                code: ErrorCode::BadFrame.as_str(),
+                message: "x",
+            },
             &mut out,
         );
-        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"op":"error","id":9,"code":"bad_frame","message":"x"}"#);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"op":"error","id":9,"code":"bad_frame","message":"x"}"#
+        );
         out.clear();
-        encode_server_frame(Encoding::Json, &ServerFrame::Dropped { count: 3, reason: "rate_limited" }, &mut out);
-        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"op":"dropped","count":3,"reason":"rate_limited"}"#);
+        encode_server_frame(
+            Encoding::Json,
+            &ServerFrame::Dropped {
+                count: 3,
+                reason: "rate_limited",
+            },
+            &mut out,
+        );
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"op":"dropped","count":3,"reason":"rate_limited"}"#
+        );
     }
 
     #[test]
     fn bad_ids_are_not_echoed() {
-        for id in [serde_json::json!(-1), serde_json::json!(4294967296u64), serde_json::json!("7"), serde_json::json!(1.5)] {
+        for id in [
+            serde_json::json!(-1),
+            serde_json::json!(4294967296u64),
+            serde_json::json!("7"),
+            serde_json::json!(1.5),
+        ] {
             let e = decode_client_frame(Encoding::MsgPack, &mp(serde_json::json!({"op":"ping","id":id}))).unwrap_err();
             assert_eq!(e.code, ErrorCode::BadFrame);
             assert_eq!(e.id, None);
@@ -421,9 +483,27 @@ mod tests {
     #[test]
     fn auth_resume_fields() {
         let f = decode_client_frame(Encoding::Json, br#"{"op":"auth","token":"t","epoch":"e1","since":42}"#).unwrap();
-        assert_eq!(f.op, ClientOp::Auth { token: "t".into(), resume: Some(Resume { epoch: "e1".into(), since: 42 }) });
+        assert_eq!(
+            f.op,
+            ClientOp::Auth {
+                token: "t".into(),
+                resume: Some(Resume {
+                    epoch: "e1".into(),
+                    since: 42
+                })
+            }
+        );
         let f = decode_client_frame(Encoding::Json, br#"{"op":"auth","token":"t","epoch":"e1"}"#).unwrap();
-        assert_eq!(f.op, ClientOp::Auth { token: "t".into(), resume: Some(Resume { epoch: "e1".into(), since: 0 }) });
+        assert_eq!(
+            f.op,
+            ClientOp::Auth {
+                token: "t".into(),
+                resume: Some(Resume {
+                    epoch: "e1".into(),
+                    since: 0
+                })
+            }
+        );
         assert!(decode_client_frame(Encoding::Json, br#"{"op":"auth","token":"t","since":1}"#).is_err());
         assert!(decode_client_frame(Encoding::Json, br#"{"op":"auth","token":"t","epoch":"e","since":-1}"#).is_err());
     }

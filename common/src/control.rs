@@ -86,15 +86,24 @@ mod tests {
             op: ControlOp::Subscribe(RawSubscription {
                 sub: Value::from("s"),
                 sub_type: Value::from("tick"),
-                filters: Some(Value::Map(vec![(Value::from("symbol"), Value::Array(vec![Value::from("AAPL")]))])),
+                filters: Some(Value::Map(vec![(
+                    Value::from("symbol"),
+                    Value::Array(vec![Value::from("AAPL")]),
+                )])),
                 min: None,
                 max: None,
                 fields: None,
             }),
         };
         assert_eq!(decode::<ControlRequest>(&encode(&req)).unwrap(), req);
-        let rep = ControlReply::Error { code: ErrorCode::Forbidden, message: "no".into() };
+        let rep = ControlReply::Error {
+            code: ErrorCode::Forbidden,
+            message: "no".into(),
+        };
         assert_eq!(decode::<ControlReply>(&encode(&rep)).unwrap(), rep);
-        assert_eq!(decode::<ControlReply>(&encode(&ControlReply::Ok)).unwrap(), ControlReply::Ok);
+        assert_eq!(
+            decode::<ControlReply>(&encode(&ControlReply::Ok)).unwrap(),
+            ControlReply::Ok
+        );
     }
 }

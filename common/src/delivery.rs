@@ -65,7 +65,8 @@ struct Body<'a> {
 
 fn split_body(body: &[u8]) -> Result<Body<'_>, TranscodeError> {
     let mut rd = body;
-    let entries = rmp::decode::read_map_len(&mut rd).map_err(|_| TranscodeError::Invalid("delivery body is not a map"))?;
+    let entries =
+        rmp::decode::read_map_len(&mut rd).map_err(|_| TranscodeError::Invalid("delivery body is not a map"))?;
     Ok(Body { entries, rest: rd })
 }
 
@@ -93,7 +94,12 @@ fn write_json_entries(body: &[u8], pos: Option<u64>, out: &mut Vec<u8>) -> Resul
 }
 
 /// Writes an `event` frame from a delivery body (and its `pos`, if durable).
-pub fn write_event_frame(enc: Encoding, body: &[u8], pos: Option<u64>, out: &mut Vec<u8>) -> Result<(), TranscodeError> {
+pub fn write_event_frame(
+    enc: Encoding,
+    body: &[u8],
+    pos: Option<u64>,
+    out: &mut Vec<u8>,
+) -> Result<(), TranscodeError> {
     match enc {
         Encoding::MsgPack => {
             let b = split_body(body)?;
@@ -212,7 +218,12 @@ mod tests {
         let mut a = Vec::new();
         encode_delivery(&ev, 1, &[], &ev.data, &mut a);
         let mut out = Vec::new();
-        write_batch_frame(Encoding::Json, [(&a[..], None), (&a[..], Some(2))].into_iter(), &mut out).unwrap();
+        write_batch_frame(
+            Encoding::Json,
+            [(&a[..], None), (&a[..], Some(2))].into_iter(),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"op":"batch","events":[{"type":"tick","data":{"p":5},"ts":1},{"pos":2,"type":"tick","data":{"p":5},"ts":1}]}"#
@@ -220,9 +231,15 @@ mod tests {
         out.clear();
         write_batch_frame(Encoding::MsgPack, [(&a[..], Some(2))].into_iter(), &mut out).unwrap();
         let v = rmpv::decode::read_value(&mut &out[..]).unwrap();
-        let events = crate::value::get(v.as_map().unwrap(), "events").unwrap().as_array().unwrap();
+        let events = crate::value::get(v.as_map().unwrap(), "events")
+            .unwrap()
+            .as_array()
+            .unwrap();
         assert_eq!(events.len(), 1);
-        assert_eq!(crate::value::get(events[0].as_map().unwrap(), "pos").unwrap().as_u64(), Some(2));
+        assert_eq!(
+            crate::value::get(events[0].as_map().unwrap(), "pos").unwrap().as_u64(),
+            Some(2)
+        );
         assert!(write_batch_frame(Encoding::MsgPack, [(&[0x01u8][..], None)].into_iter(), &mut out).is_err());
     }
 }

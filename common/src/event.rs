@@ -125,7 +125,9 @@ impl EventError {
 
 /// Whether a `Content-Type` header value names JSON (parameters allowed).
 pub fn is_json_content_type(v: &str) -> bool {
-    v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    v.split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Parses an event published on a subject with `subject_type` and optional
@@ -139,7 +141,11 @@ pub fn parse_event(
     if !ids::is_valid_type_name(subject_type) {
         return Err(EventError::Subject(format!("invalid type token {subject_type:?}")));
     }
-    let (fields, data) = if json { split_json(payload)? } else { split_msgpack(payload)? };
+    let (fields, data) = if json {
+        split_json(payload)?
+    } else {
+        split_msgpack(payload)?
+    };
     let event_type = match get(&fields, "type") {
         None | Some(Value::Nil) => subject_type.to_string(),
         Some(v) => match v.as_str() {
@@ -151,20 +157,31 @@ pub fn parse_event(
         None | Some(Value::Nil) => None,
         Some(Value::String(s)) => match s.as_str() {
             Some(s) if !s.is_empty() && s.len() <= MAX_ID_LEN => Some(s.to_string()),
-            _ => return Err(EventError::Field("id must be a non-empty string of at most 256 bytes".into())),
+            _ => {
+                return Err(EventError::Field(
+                    "id must be a non-empty string of at most 256 bytes".into(),
+                ))
+            }
         },
         Some(Value::Integer(i)) => Some(i.to_string()),
         Some(_) => return Err(EventError::Field("id must be a string or integer".into())),
     };
     let prio = match get(&fields, "prio") {
         None | Some(Value::Nil) => Prio::Normal,
-        Some(v) => v.as_str().and_then(Prio::parse).ok_or_else(|| EventError::Field("prio must be low, normal, high or critical".into()))?,
+        Some(v) => v
+            .as_str()
+            .and_then(Prio::parse)
+            .ok_or_else(|| EventError::Field("prio must be low, normal, high or critical".into()))?,
     };
     let key = match get(&fields, "key") {
         None | Some(Value::Nil) => subject_key.map(str::to_string),
         Some(v) => match v.as_str() {
             Some(k) if !k.is_empty() && k.len() <= MAX_ID_LEN => Some(k.to_string()),
-            _ => return Err(EventError::Field("key must be a non-empty string of at most 256 bytes".into())),
+            _ => {
+                return Err(EventError::Field(
+                    "key must be a non-empty string of at most 256 bytes".into(),
+                ))
+            }
         },
     };
     let durable = match get(&fields, "durable") {
@@ -173,7 +190,15 @@ pub fn parse_event(
         Some(_) => return Err(EventError::Field("durable must be a boolean".into())),
     };
     let target = parse_target(get(&fields, "target"), &event_type)?;
-    Ok(ProducerEvent { event_type, data, id, target, prio, key, durable })
+    Ok(ProducerEvent {
+        event_type,
+        data,
+        id,
+        target,
+        prio,
+        key,
+        durable,
+    })
 }
 
 fn parse_target(v: Option<&Value>, event_type: &str) -> Result<Target, EventError> {
@@ -181,12 +206,17 @@ fn parse_target(v: Option<&Value>, event_type: &str) -> Result<Target, EventErro
     let Some(Value::Map(t)) = v else {
         return Err(bad("target must be a map"));
     };
-    let kinds = ["users", "room", "all", "match"].iter().filter(|k| get(t, k).is_some()).count();
+    let kinds = ["users", "room", "all", "match"]
+        .iter()
+        .filter(|k| get(t, k).is_some())
+        .count();
     if kinds != 1 {
         return Err(bad("target needs exactly one of users, room, all, match"));
     }
     if let Some(users) = get(t, "users") {
-        let Value::Array(list) = users else { return Err(bad("users must be an array")) };
+        let Value::Array(list) = users else {
+            return Err(bad("users must be an array"));
+        };
         if list.is_empty() || list.len() > MAX_TARGET_USERS {
             return Err(bad("users must list 1 to 10000 user ids"));
         }
@@ -213,7 +243,9 @@ fn parse_target(v: Option<&Value>, event_type: &str) -> Result<Target, EventErro
             _ => Err(bad("all must be true")),
         };
     }
-    let Some(Value::Map(m)) = get(t, "match") else { return Err(bad("match must be a map")) };
+    let Some(Value::Map(m)) = get(t, "match") else {
+        return Err(bad("match must be a map"));
+    };
     let sub_type = match get(t, "type") {
         None | Some(Value::Nil) => event_type.to_string(),
         Some(v) => match v.as_str() {
@@ -246,7 +278,11 @@ fn parse_target(v: Option<&Value>, event_type: &str) -> Result<Target, EventErro
         }
         Some(_) => return Err(bad("values must be a map")),
     }
-    Ok(Target::Match { sub_type, dimensions, values })
+    Ok(Target::Match {
+        sub_type,
+        dimensions,
+        values,
+    })
 }
 
 /// The MessagePack `nil`, used when an event carries no `data`.
@@ -267,7 +303,8 @@ fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventE
             let start = payload.len() - rd.len();
             data = payload.slice(start..start + val_len);
         } else {
-            let v = rmpv::decode::read_value_with_max_depth(&mut &rd[..val_len], MAX_DEPTH).map_err(|e| dec(&e.to_string()))?;
+            let v = rmpv::decode::read_value_with_max_depth(&mut &rd[..val_len], MAX_DEPTH)
+                .map_err(|e| dec(&e.to_string()))?;
             fields.push((key, v));
         }
         rd = &rd[val_len..];
@@ -336,7 +373,14 @@ mod tests {
         assert_eq!(ev.id.as_deref(), Some("e1"));
         assert_eq!(ev.prio, Prio::High);
         assert!(!ev.durable);
-        let Target::Match { sub_type, dimensions, values } = ev.target else { panic!() };
+        let Target::Match {
+            sub_type,
+            dimensions,
+            values,
+        } = ev.target
+        else {
+            panic!()
+        };
         assert_eq!(sub_type, "tier_patterns");
         assert_eq!(dimensions.len(), 2);
         assert_eq!(values, vec![("confidence".to_string(), 0.8)]);

@@ -41,15 +41,15 @@ pub fn is_valid_type_name(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= MAX_TYPE_NAME_LEN
         && b[0].is_ascii_lowercase()
-        && b[1..].iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+        && b[1..]
+            .iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
 }
 
 /// A room name.
 pub fn is_valid_room(s: &str) -> bool {
     let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= MAX_ROOM_LEN
-        && b.iter().all(|&c| alnum(c) || matches!(c, b'_' | b':' | b'.' | b'-'))
+    !b.is_empty() && b.len() <= MAX_ROOM_LEN && b.iter().all(|&c| alnum(c) || matches!(c, b'_' | b':' | b'.' | b'-'))
 }
 
 /// A filter or `match` value: any string of at most 64 bytes.
@@ -63,14 +63,17 @@ pub fn is_valid_method(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= MAX_METHOD_LEN
         && b[0].is_ascii_lowercase()
-        && b[1..].iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'.')
+        && b[1..]
+            .iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'.')
 }
 
 /// A single NATS subject token as producers may use for `<key>`: non-empty,
 /// no `.`, no wildcards, no whitespace.
 pub fn is_valid_subject_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|c| !matches!(c, b'.' | b'*' | b'>') && !c.is_ascii_whitespace() && !c.is_ascii_control())
+        && s.bytes()
+            .all(|c| !matches!(c, b'.' | b'*' | b'>') && !c.is_ascii_whitespace() && !c.is_ascii_control())
 }
 
 /// Whether a token's `rooms` claim allows joining `room`: an exact name, or a

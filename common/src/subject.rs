@@ -22,7 +22,9 @@ impl Subjects {
     /// A builder for `prefix`; the prefix must be one or more valid subject tokens.
     pub fn new(prefix: &str) -> Result<Subjects, InvalidPrefix> {
         if prefix.split('.').all(ids::is_valid_subject_token) {
-            Ok(Subjects { prefix: prefix.to_string() })
+            Ok(Subjects {
+                prefix: prefix.to_string(),
+            })
         } else {
             Err(InvalidPrefix(prefix.to_string()))
         }
@@ -83,7 +85,9 @@ impl Subjects {
 
 impl Default for Subjects {
     fn default() -> Self {
-        Subjects { prefix: DEFAULT_PREFIX.to_string() }
+        Subjects {
+            prefix: DEFAULT_PREFIX.to_string(),
+        }
     }
 }
 

@@ -114,7 +114,9 @@ impl Subscription {
                 return invalid(format!("filters.{dim} must be an array of strings"));
             };
             if vals.is_empty() || vals.len() > MAX_VALUES_PER_DIMENSION {
-                return invalid(format!("filters.{dim} must list 1 to {MAX_VALUES_PER_DIMENSION} values"));
+                return invalid(format!(
+                    "filters.{dim} must list 1 to {MAX_VALUES_PER_DIMENSION} values"
+                ));
             }
             let mut list = Vec::with_capacity(vals.len());
             for v in vals {
@@ -147,7 +149,14 @@ impl Subscription {
             }
             Some(_) => return invalid(format!("fields must be an array of 1 to {MAX_FIELDS} names")),
         };
-        Ok(Subscription { name, sub_type, filters, min, max, fields })
+        Ok(Subscription {
+            name,
+            sub_type,
+            filters,
+            min,
+            max,
+            fields,
+        })
     }
 
     /// The reference matching rule: every named dimension has one of its
@@ -155,7 +164,9 @@ impl Subscription {
     pub fn matches(&self, event: &MatchQuery<'_>) -> bool {
         self.sub_type == event.sub_type
             && self.filters.iter().all(|(dim, accepted)| {
-                event.dimension(dim).is_some_and(|v| accepted.binary_search_by(|a| a.as_str().cmp(v)).is_ok())
+                event
+                    .dimension(dim)
+                    .is_some_and(|v| accepted.binary_search_by(|a| a.as_str().cmp(v)).is_ok())
             })
             && self.min.iter().all(|(f, lo)| event.value(f).is_some_and(|v| v >= *lo))
             && self.max.iter().all(|(f, hi)| event.value(f).is_some_and(|v| v <= *hi))
@@ -212,21 +223,43 @@ mod tests {
     fn protocol_example() {
         let s = Subscription::from_raw(&raw(json!({"sub":"s","type":"tier_patterns","filters":{"symbol":["AAPL","TSLA"],"tier":["daily"]},"min":{"confidence":0.6}}))).unwrap();
         let d = dims(&[("symbol", "AAPL"), ("tier", "daily"), ("pattern_type", "BreakoutBO")]);
-        let q = |d: &[(String, String)], c: f64| s.matches(&MatchQuery { sub_type: "tier_patterns", dimensions: d, values: &[("confidence".into(), c)] });
+        let q = |d: &[(String, String)], c: f64| {
+            s.matches(&MatchQuery {
+                sub_type: "tier_patterns",
+                dimensions: d,
+                values: &[("confidence".into(), c)],
+            })
+        };
         assert!(q(&d, 0.8));
         assert!(q(&d, 0.6));
         assert!(!q(&d, 0.5));
         assert!(!q(&dims(&[("symbol", "NVDA"), ("tier", "daily")]), 0.8));
         assert!(!q(&dims(&[("symbol", "AAPL")]), 0.8));
-        assert!(!s.matches(&MatchQuery { sub_type: "tier_patterns", dimensions: &d, values: &[] }));
-        assert!(!s.matches(&MatchQuery { sub_type: "other", dimensions: &d, values: &[("confidence".into(), 0.9)] }));
+        assert!(!s.matches(&MatchQuery {
+            sub_type: "tier_patterns",
+            dimensions: &d,
+            values: &[]
+        }));
+        assert!(!s.matches(&MatchQuery {
+            sub_type: "other",
+            dimensions: &d,
+            values: &[("confidence".into(), 0.9)]
+        }));
     }
 
     #[test]
     fn empty_filters_match_every_event_of_the_type() {
         let s = Subscription::from_raw(&raw(json!({"sub":"all","type":"tick"}))).unwrap();
-        assert!(s.matches(&MatchQuery { sub_type: "tick", dimensions: &[], values: &[] }));
-        assert!(!s.matches(&MatchQuery { sub_type: "alert", dimensions: &[], values: &[] }));
+        assert!(s.matches(&MatchQuery {
+            sub_type: "tick",
+            dimensions: &[],
+            values: &[]
+        }));
+        assert!(!s.matches(&MatchQuery {
+            sub_type: "alert",
+            dimensions: &[],
+            values: &[]
+        }));
     }
 
     #[test]
@@ -248,7 +281,10 @@ mod tests {
         for b in bad {
             assert!(Subscription::from_raw(&raw(b.clone())).is_err(), "{b} accepted");
         }
-        let ok = Subscription::from_raw(&raw(json!({"sub":"s","type":"t","filters":{"s":["b","a","a"]},"max":{"p":3},"fields":["x"]}))).unwrap();
+        let ok = Subscription::from_raw(&raw(
+            json!({"sub":"s","type":"t","filters":{"s":["b","a","a"]},"max":{"p":3},"fields":["x"]}),
+        ))
+        .unwrap();
         assert_eq!(ok.filters["s"], vec!["a", "b"]);
         assert_eq!(ok.max["p"], 3.0);
         assert_eq!(ok.fields, Some(vec!["x".to_string()]));

@@ -198,11 +198,7 @@ pub fn value_len(buf: &[u8]) -> Result<usize, TranscodeError> {
 /// caller then sends it whole). Entries with non-string keys (or keys that
 /// are not valid UTF-8) are dropped. Bytes after the map are ignored. On
 /// error `out` is left as it was.
-pub fn trim_map_fields(
-    payload: &[u8],
-    keep: &dyn Fn(&str) -> bool,
-    out: &mut Vec<u8>,
-) -> Result<bool, TranscodeError> {
+pub fn trim_map_fields(payload: &[u8], keep: &dyn Fn(&str) -> bool, out: &mut Vec<u8>) -> Result<bool, TranscodeError> {
     if !matches!(payload.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
         return Ok(false);
     }
@@ -307,8 +303,7 @@ fn push_f32(f: f32, out: &mut Vec<u8>) {
 
 /// `data` as a quoted standard padded base64 string (no escaping needed).
 fn push_base64_string(data: &[u8], out: &mut Vec<u8>) -> Result<(), TranscodeError> {
-    let len =
-        base64::encoded_len(data.len(), true).ok_or(TranscodeError::Invalid("binary too large"))?;
+    let len = base64::encoded_len(data.len(), true).ok_or(TranscodeError::Invalid("binary too large"))?;
     out.push(b'"');
     let at = out.len();
     out.resize(at + len, 0);
@@ -321,12 +316,7 @@ fn push_base64_string(data: &[u8], out: &mut Vec<u8>) -> Result<(), TranscodeErr
 }
 
 /// Writes the value at `pos` as JSON; `depth` counts enclosing containers.
-fn to_json(
-    buf: &[u8],
-    pos: usize,
-    out: &mut Vec<u8>,
-    depth: usize,
-) -> Result<usize, TranscodeError> {
+fn to_json(buf: &[u8], pos: usize, out: &mut Vec<u8>, depth: usize) -> Result<usize, TranscodeError> {
     let (head, mut pos) = read_head(buf, pos)?;
     match head {
         Head::Nil => out.extend_from_slice(b"null"),
@@ -375,12 +365,7 @@ fn to_json(
 }
 
 /// Writes the map key at `pos` as a JSON string (see [`msgpack_to_json`]).
-fn key_to_json(
-    buf: &[u8],
-    pos: usize,
-    out: &mut Vec<u8>,
-    depth: usize,
-) -> Result<usize, TranscodeError> {
+fn key_to_json(buf: &[u8], pos: usize, out: &mut Vec<u8>, depth: usize) -> Result<usize, TranscodeError> {
     let (head, next) = read_head(buf, pos)?;
     match head {
         Head::Str(s) => write_json_string(&String::from_utf8_lossy(s), out),
@@ -569,10 +554,7 @@ mod tests {
 
     #[test]
     fn value_len_hostile_input() {
-        assert_eq!(
-            value_len(&[0xc1]),
-            Err(TranscodeError::Invalid("reserved marker 0xc1"))
-        );
+        assert_eq!(value_len(&[0xc1]), Err(TranscodeError::Invalid("reserved marker 0xc1")));
         assert_eq!(
             value_len(&[0xdb, 0xff, 0xff, 0xff, 0xff]),
             Err(TranscodeError::Truncated)
@@ -592,10 +574,7 @@ mod tests {
         let deep = vec![0x91u8; 100_000];
         assert_eq!(value_len(&deep), Err(TranscodeError::TooDeep));
         let mut out = Vec::new();
-        assert_eq!(
-            msgpack_to_json(&deep, &mut out),
-            Err(TranscodeError::TooDeep)
-        );
+        assert_eq!(msgpack_to_json(&deep, &mut out), Err(TranscodeError::TooDeep));
         assert!(out.is_empty());
         // Exactly MAX_DEPTH nested containers are fine; one more is not.
         let mut ok = vec![0x91u8; MAX_DEPTH - 1];
@@ -618,36 +597,25 @@ mod tests {
         let mut out = vec![0xee];
         let keep = |k: &str| k == "a" || k == "c" || k == "7";
         assert_eq!(trim_map_fields(&payload, &keep, &mut out), Ok(true));
-        let expected = enc(&Mp::Map(vec![
-            (Mp::from("a"), Mp::from(1)),
-            (Mp::from("c"), Mp::Nil),
-        ]));
+        let expected = enc(&Mp::Map(vec![(Mp::from("a"), Mp::from(1)), (Mp::from("c"), Mp::Nil)]));
         assert_eq!(out[0], 0xee);
         assert_eq!(&out[1..], &expected[..]);
     }
 
     #[test]
     fn trim_uses_smallest_header() {
-        let entries = (0..20)
-            .map(|i| (Mp::from(format!("k{i}")), Mp::from(i)))
-            .collect();
+        let entries = (0..20).map(|i| (Mp::from(format!("k{i}")), Mp::from(i))).collect();
         let payload = enc(&Mp::Map(entries));
         assert_eq!(payload[0], 0xde);
         let mut out = Vec::new();
-        assert_eq!(
-            trim_map_fields(&payload, &|k| k != "k3", &mut out),
-            Ok(true)
-        );
+        assert_eq!(trim_map_fields(&payload, &|k| k != "k3", &mut out), Ok(true));
         let expected: Vec<_> = (0..20)
             .filter(|&i| i != 3)
             .map(|i| (Mp::from(format!("k{i}")), Mp::from(i)))
             .collect();
         assert_eq!(out, enc(&Mp::Map(expected)));
         out.clear();
-        assert_eq!(
-            trim_map_fields(&payload, &|k| k.len() == 2, &mut out),
-            Ok(true)
-        );
+        assert_eq!(trim_map_fields(&payload, &|k| k.len() == 2, &mut out), Ok(true));
         assert_eq!(out[0], 0x8a);
         assert_eq!(value_len(&out), Ok(out.len()));
     }
@@ -695,10 +663,7 @@ mod tests {
     fn json_of_scalars() {
         let cases: Vec<(Mp, &str)> = vec![
             (Mp::Ext(5, vec![1, 2, 3]), r#"{"$ext":5,"base64":"AQID"}"#),
-            (
-                Mp::Ext(-1, vec![0; 4]),
-                r#"{"$ext":-1,"base64":"AAAAAA=="}"#,
-            ),
+            (Mp::Ext(-1, vec![0; 4]), r#"{"$ext":-1,"base64":"AAAAAA=="}"#),
             (Mp::F64(f64::NAN), "null"),
             (Mp::F64(f64::INFINITY), "null"),
             (Mp::F32(f32::NEG_INFINITY), "null"),
@@ -721,10 +686,7 @@ mod tests {
         }
         // Invalid UTF-8 in a str is replaced, and only the first value is read.
         let mut out = Vec::new();
-        assert_eq!(
-            msgpack_to_json(&[0xa3, b'a', 0xff, b'b', 0xc0], &mut out),
-            Ok(4)
-        );
+        assert_eq!(msgpack_to_json(&[0xa3, b'a', 0xff, b'b', 0xc0], &mut out), Ok(4));
         assert_eq!(String::from_utf8(out).unwrap(), "\"a\u{FFFD}b\"");
     }
 

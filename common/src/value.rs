@@ -60,9 +60,11 @@ pub fn json_to_value(json: &serde_json::Value) -> Value {
         }
         serde_json::Value::String(s) => Value::from(s.as_str()),
         serde_json::Value::Array(a) => Value::Array(a.iter().map(json_to_value).collect()),
-        serde_json::Value::Object(o) => {
-            Value::Map(o.iter().map(|(k, v)| (Value::from(k.as_str()), json_to_value(v))).collect())
-        }
+        serde_json::Value::Object(o) => Value::Map(
+            o.iter()
+                .map(|(k, v)| (Value::from(k.as_str()), json_to_value(v)))
+                .collect(),
+        ),
     }
 }
 

@@ -5,7 +5,6 @@
 //! the metrics render.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -31,13 +30,8 @@ fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> 
 }
 
 /// Serves the admin endpoint on `listener` until `cancel` fires.
-pub fn serve(
-    listener: TcpListener,
-    ready: ReadyCheck,
-    metrics: PrometheusHandle,
-    cancel: CancellationToken,
-) -> impl Future<Output = ()> + Send + 'static {
-    async move {
+pub async fn serve(listener: TcpListener, ready: ReadyCheck, metrics: PrometheusHandle, cancel: CancellationToken) {
+    {
         let upkeep = {
             let metrics = metrics.clone();
             let cancel = cancel.clone();
@@ -71,7 +65,10 @@ pub fn serve(
                     "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
                     "/metrics" => {
                         let mut r = respond(StatusCode::OK, metrics.render());
-                        r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
+                        r.headers_mut().insert(
+                            "content-type",
+                            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
                         r
                     }
                     _ => respond(StatusCode::NOT_FOUND, "not found\n"),
@@ -79,7 +76,10 @@ pub fn serve(
                 async move { Ok::<_, Infallible>(resp) }
             });
             tokio::spawn(async move {
-                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
                     tracing::debug!(error = %e, "admin connection ended with an error");
                 }
             });

@@ -78,7 +78,10 @@ impl Verifier {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Verifier { key: DecodingKey::from_secret(secret), validation }
+        Verifier {
+            key: DecodingKey::from_secret(secret),
+            validation,
+        }
     }
 
     /// Verifies a token and returns its claims.
@@ -101,7 +104,10 @@ mod tests {
     use serde_json::json;
 
     fn now() -> u64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
     }
 
     fn sign(claims: serde_json::Value, alg: Algorithm, secret: &[u8]) -> String {
@@ -111,22 +117,64 @@ mod tests {
     #[test]
     fn accepts_and_refuses() {
         let v = Verifier::hmac(b"k", None, None, 0);
-        let good = sign(json!({"sub":"alice","exp":now()+60,"rooms":["desk:*"]}), Algorithm::HS256, b"k");
+        let good = sign(
+            json!({"sub":"alice","exp":now()+60,"rooms":["desk:*"]}),
+            Algorithm::HS256,
+            b"k",
+        );
         let c = v.verify(&good).unwrap();
         assert_eq!(c.sub, "alice");
         assert_eq!(c.rooms, vec!["desk:*"]);
-        assert!(v.verify(&sign(json!({"sub":"alice","exp":now()+60}), Algorithm::HS512, b"k")).is_ok());
-        assert!(v.verify(&sign(json!({"sub":"alice","exp":now()+60,"aud":"x"}), Algorithm::HS256, b"k")).is_ok());
-        assert_eq!(v.verify(&sign(json!({"sub":"alice","exp":now()+60}), Algorithm::HS256, b"other")).unwrap_err().reason(), "signature");
-        assert_eq!(v.verify(&sign(json!({"sub":"alice","exp":now()-1}), Algorithm::HS256, b"k")).unwrap_err().reason(), "expired");
-        assert_eq!(v.verify(&sign(json!({"exp":now()+60}), Algorithm::HS256, b"k")).unwrap_err().reason(), "missing_claim");
-        assert_eq!(v.verify(&sign(json!({"sub":"a.b","exp":now()+60}), Algorithm::HS256, b"k")).unwrap_err().reason(), "bad_sub");
+        assert!(v
+            .verify(&sign(json!({"sub":"alice","exp":now()+60}), Algorithm::HS512, b"k"))
+            .is_ok());
+        assert!(v
+            .verify(&sign(
+                json!({"sub":"alice","exp":now()+60,"aud":"x"}),
+                Algorithm::HS256,
+                b"k"
+            ))
+            .is_ok());
+        assert_eq!(
+            v.verify(&sign(json!({"sub":"alice","exp":now()+60}), Algorithm::HS256, b"other"))
+                .unwrap_err()
+                .reason(),
+            "signature"
+        );
+        assert_eq!(
+            v.verify(&sign(json!({"sub":"alice","exp":now()-1}), Algorithm::HS256, b"k"))
+                .unwrap_err()
+                .reason(),
+            "expired"
+        );
+        assert_eq!(
+            v.verify(&sign(json!({"exp":now()+60}), Algorithm::HS256, b"k"))
+                .unwrap_err()
+                .reason(),
+            "missing_claim"
+        );
+        assert_eq!(
+            v.verify(&sign(json!({"sub":"a.b","exp":now()+60}), Algorithm::HS256, b"k"))
+                .unwrap_err()
+                .reason(),
+            "bad_sub"
+        );
         assert!(v.verify(&sign(json!({"sub":"alice"}), Algorithm::HS256, b"k")).is_err());
-        assert!(v.verify(&sign(json!({"sub":"alice","exp":now()+60,"nbf":now()+60}), Algorithm::HS256, b"k")).is_err());
+        assert!(v
+            .verify(&sign(
+                json!({"sub":"alice","exp":now()+60,"nbf":now()+60}),
+                Algorithm::HS256,
+                b"k"
+            ))
+            .is_err());
         // alg: none, unsigned.
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let none = format!("{}.{}.", b64.encode(br#"{"alg":"none","typ":"JWT"}"#), b64.encode(format!(r#"{{"sub":"alice","exp":{}}}"#, now() + 60)));
+        let none = format!(
+            "{}.{}.",
+            b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(format!(r#"{{"sub":"alice","exp":{}}}"#, now() + 60))
+        );
         assert!(v.verify(&none).is_err());
         assert!(v.verify("").is_err());
         assert!(v.verify("garbage").is_err());
@@ -135,8 +183,26 @@ mod tests {
     #[test]
     fn issuer_and_audience_when_configured() {
         let v = Verifier::hmac(b"k", Some("iss1"), Some("aud1"), 0);
-        assert!(v.verify(&sign(json!({"sub":"a","exp":now()+60,"iss":"iss1","aud":"aud1"}), Algorithm::HS256, b"k")).is_ok());
-        assert!(v.verify(&sign(json!({"sub":"a","exp":now()+60,"iss":"iss2","aud":"aud1"}), Algorithm::HS256, b"k")).is_err());
-        assert!(v.verify(&sign(json!({"sub":"a","exp":now()+60,"iss":"iss1"}), Algorithm::HS256, b"k")).is_err());
+        assert!(v
+            .verify(&sign(
+                json!({"sub":"a","exp":now()+60,"iss":"iss1","aud":"aud1"}),
+                Algorithm::HS256,
+                b"k"
+            ))
+            .is_ok());
+        assert!(v
+            .verify(&sign(
+                json!({"sub":"a","exp":now()+60,"iss":"iss2","aud":"aud1"}),
+                Algorithm::HS256,
+                b"k"
+            ))
+            .is_err());
+        assert!(v
+            .verify(&sign(
+                json!({"sub":"a","exp":now()+60,"iss":"iss1"}),
+                Algorithm::HS256,
+                b"k"
+            ))
+            .is_err());
     }
 }

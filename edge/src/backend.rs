@@ -52,7 +52,11 @@ pub struct Backend {
 impl Backend {
     /// A backend over `client`.
     pub fn new(client: async_nats::Client, subjects: Subjects, timeout: Duration) -> Backend {
-        Backend { client, subjects, timeout }
+        Backend {
+            client,
+            subjects,
+            timeout,
+        }
     }
 
     async fn request(&self, subject: String, payload: Vec<u8>, who: &'static str) -> Result<Bytes, BackendError> {
@@ -68,16 +72,31 @@ impl Backend {
 
     /// Sends a subscription change for `user` to the router tier.
     pub async fn control(&self, user: &str, rooms: &[String], op: ControlOp) -> Result<ControlReply, BackendError> {
-        let req = ControlRequest { user: user.to_string(), rooms: rooms.to_vec(), op };
-        let payload = self.request(self.subjects.control(), control::encode(&req), "router").await?;
+        let req = ControlRequest {
+            user: user.to_string(),
+            rooms: rooms.to_vec(),
+            op,
+        };
+        let payload = self
+            .request(self.subjects.control(), control::encode(&req), "router")
+            .await?;
         control::decode(&payload).map_err(|_| BackendError::BadReply("router"))
     }
 
     /// Calls application method `method` for `user`; returns the reply's `data` as MessagePack bytes.
-    pub async fn rpc(&self, user: &str, roles: &[String], method: &str, data: &rmpv::Value) -> Result<Vec<u8>, BackendError> {
+    pub async fn rpc(
+        &self,
+        user: &str,
+        roles: &[String],
+        method: &str,
+        data: &rmpv::Value,
+    ) -> Result<Vec<u8>, BackendError> {
         let request = rmpv::Value::Map(vec![
             (rmpv::Value::from("user"), rmpv::Value::from(user)),
-            (rmpv::Value::from("roles"), rmpv::Value::Array(roles.iter().map(|r| rmpv::Value::from(r.as_str())).collect())),
+            (
+                rmpv::Value::from("roles"),
+                rmpv::Value::Array(roles.iter().map(|r| rmpv::Value::from(r.as_str())).collect()),
+            ),
             (rmpv::Value::from("data"), data.clone()),
         ]);
         let mut payload = Vec::new();
@@ -85,16 +104,29 @@ impl Backend {
         let reply = self.request(self.subjects.rpc(method), payload, "application").await?;
         let value = rmpv::decode::read_value_with_max_depth(&mut &reply[..], switchyard_common::value::MAX_DEPTH)
             .map_err(|_| BackendError::BadReply("application"))?;
-        let Some(map) = value.as_map() else { return Err(BackendError::BadReply("application")) };
+        let Some(map) = value.as_map() else {
+            return Err(BackendError::BadReply("application"));
+        };
         if let Some(err) = switchyard_common::value::get(map, "error").and_then(|e| e.as_map()) {
-            let field = |k| switchyard_common::value::get(err, k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+            let field = |k| {
+                switchyard_common::value::get(err, k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            };
             let code = field("code");
             return Err(BackendError::Application {
-                code: if code.is_empty() { ErrorCode::Internal.as_str().to_string() } else { code },
+                code: if code.is_empty() {
+                    ErrorCode::Internal.as_str().to_string()
+                } else {
+                    code
+                },
                 message: field("message"),
             });
         }
-        let data = switchyard_common::value::get(map, "data").cloned().unwrap_or(rmpv::Value::Nil);
+        let data = switchyard_common::value::get(map, "data")
+            .cloned()
+            .unwrap_or(rmpv::Value::Nil);
         let mut out = Vec::new();
         rmpv::encode::write_value(&mut out, &data).map_err(|_| BackendError::BadReply("application"))?;
         Ok(out)

@@ -16,7 +16,11 @@ pub const DEV_JWT_SECRET: &str = "switchyard-dev-secret-do-not-use-in-production
 
 /// Everything an edge needs to run.
 #[derive(Clone, Parser)]
-#[command(name = "switchyard-edge", version, about = "Switchyard edge: WebSocket termination and per-connection delivery")]
+#[command(
+    name = "switchyard-edge",
+    version,
+    about = "Switchyard edge: WebSocket termination and per-connection delivery"
+)]
 pub struct EdgeConfig {
     /// NATS server URL(s), comma separated.
     #[arg(long, env = "SWITCHYARD_NATS_URL", default_value = "nats://127.0.0.1:4222")]
@@ -180,5 +184,33 @@ impl EdgeConfig {
         c.listen = "127.0.0.1:0".parse().expect("literal address");
         c.admin_listen = "127.0.0.1:0".parse().expect("literal address");
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_to_start_without_a_key_unless_dev_mode() {
+        let mut c = EdgeConfig::parse_from(["switchyard-edge"]);
+        c.jwt_secret = None;
+        assert!(matches!(c.validate(), Err(ConfigError::NoKey)));
+        c.jwt_secret = Some(String::new());
+        assert!(matches!(c.validate(), Err(ConfigError::NoKey)));
+        c.dev_insecure = true;
+        assert!(c.validate().is_ok());
+        assert_eq!(c.effective_secret(), DEV_JWT_SECRET);
+        c.jwt_secret = Some("k".into());
+        assert_eq!(c.effective_secret(), "k");
+        assert!(!format!("{c:?}").contains("\"k\""), "secret leaked into Debug output");
+    }
+
+    #[test]
+    fn flags_and_env_names() {
+        let c = EdgeConfig::parse_from(["switchyard-edge", "--jwt-secret", "s", "--prefix", "acme", "--listen", "127.0.0.1:1"]);
+        assert_eq!(c.validate().unwrap().prefix(), "acme");
+        let bad = EdgeConfig::parse_from(["switchyard-edge", "--jwt-secret", "s", "--prefix", "a b"]);
+        assert!(matches!(bad.validate(), Err(ConfigError::Prefix(_))));
     }
 }

@@ -55,8 +55,16 @@ pub fn channels(queue_events: usize) -> (ConnSenders, ConnQueues) {
     let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
     let dropped = Arc::new(AtomicU64::new(0));
     (
-        ConnSenders { data: data_tx, control: ctl_tx.clone(), dropped_slow: dropped.clone() },
-        ConnQueues { data: data_rx, control: ctl_rx, dropped_slow: dropped },
+        ConnSenders {
+            data: data_tx,
+            control: ctl_tx.clone(),
+            dropped_slow: dropped.clone(),
+        },
+        ConnQueues {
+            data: data_rx,
+            control: ctl_rx,
+            dropped_slow: dropped,
+        },
     )
 }
 
@@ -89,7 +97,13 @@ pub struct ConnHandle {
 impl ConnHandle {
     /// A handle for an authenticated connection.
     pub fn new(id: u64, user: Arc<str>, senders: ConnSenders, exp_s: u64) -> Arc<ConnHandle> {
-        Arc::new(ConnHandle { id, user, senders, last_rx_ms: AtomicU64::new(now_ms()), exp_s: AtomicU64::new(exp_s) })
+        Arc::new(ConnHandle {
+            id,
+            user,
+            senders,
+            last_rx_ms: AtomicU64::new(now_ms()),
+            exp_s: AtomicU64::new(exp_s),
+        })
     }
 
     /// Queues a delivery without waiting; a full queue counts a drop.
@@ -120,5 +134,8 @@ impl ConnHandle {
 
 /// Unix milliseconds now.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -38,8 +38,14 @@ pub enum HubError {
 }
 
 enum Command {
-    Register { conn: Arc<ConnHandle>, encoding: Encoding, done: oneshot::Sender<Result<(), HubError>> },
-    Unregister { conn: Arc<ConnHandle> },
+    Register {
+        conn: Arc<ConnHandle>,
+        encoding: Encoding,
+        done: oneshot::Sender<Result<(), HubError>>,
+    },
+    Unregister {
+        conn: Arc<ConnHandle>,
+    },
 }
 
 enum PumpCommand {
@@ -85,7 +91,14 @@ impl Hub {
     ) -> Result<Hub, async_nats::SubscribeError> {
         let broadcast = client.subscribe(subjects.broadcast()).await?;
         let (tx, rx) = mpsc::channel(1024);
-        let task = HubTask { client, subjects, users: HashMap::new(), conns: HashMap::new(), tasks: tasks.clone(), heartbeat: sweep.heartbeat };
+        let task = HubTask {
+            client,
+            subjects,
+            users: HashMap::new(),
+            conns: HashMap::new(),
+            tasks: tasks.clone(),
+            heartbeat: sweep.heartbeat,
+        };
         tasks.spawn(task.run(rx, broadcast, cancel));
         Ok(Hub { tx })
     }
@@ -94,7 +107,10 @@ impl Hub {
     /// and the NATS client has been flushed.
     pub async fn register(&self, conn: Arc<ConnHandle>, encoding: Encoding) -> Result<(), HubError> {
         let (done, wait) = oneshot::channel();
-        self.tx.send(Command::Register { conn, encoding, done }).await.map_err(|_| HubError::Stopped)?;
+        self.tx
+            .send(Command::Register { conn, encoding, done })
+            .await
+            .map_err(|_| HubError::Stopped)?;
         wait.await.map_err(|_| HubError::Stopped)?
     }
 
@@ -162,7 +178,13 @@ impl HubTask {
         let sub = self.client.subscribe(self.subjects.deliver(&conn.user)).await?;
         let (pump_tx, pump_rx) = mpsc::channel(64);
         self.tasks.spawn(pump(sub, vec![conn.clone()], pump_rx));
-        self.users.insert(conn.user.clone(), UserSlot { conns: 1, pump: pump_tx });
+        self.users.insert(
+            conn.user.clone(),
+            UserSlot {
+                conns: 1,
+                pump: pump_tx,
+            },
+        );
         self.conns.insert(conn.id, (conn, encoding));
         Ok(())
     }
@@ -171,13 +193,18 @@ impl HubTask {
         if self.conns.remove(&conn.id).is_none() {
             return;
         }
-        let Some(slot) = self.users.get_mut(&conn.user) else { return };
+        let Some(slot) = self.users.get_mut(&conn.user) else {
+            return;
+        };
         slot.conns -= 1;
         if slot.conns == 0 {
             // Dropping the sender ends the pump, which drops (unsubscribes) the subscription.
             self.users.remove(&conn.user);
         } else if slot.pump.try_send(PumpCommand::Remove(conn.id)).is_err() {
-            tracing::warn!(conn = conn.id, "pump busy; connection will be pruned when its queue closes");
+            tracing::warn!(
+                conn = conn.id,
+                "pump busy; connection will be pruned when its queue closes"
+            );
         }
     }
 
@@ -192,7 +219,11 @@ impl HubTask {
             } else if conn.exp_s.load(Ordering::Relaxed).saturating_mul(1000) <= now {
                 metrics::counter!("switchyard_edge_closed_total", "reason" => "token_expired").increment(1);
                 let mut frame = Vec::new();
-                let err = ServerFrame::Error { id: None, code: ErrorCode::TokenExpired.as_str(), message: "token expired" };
+                let err = ServerFrame::Error {
+                    id: None,
+                    code: ErrorCode::TokenExpired.as_str(),
+                    message: "token expired",
+                };
                 encode_server_frame(*encoding, &err, &mut frame);
                 conn.try_control(Control::Frame(frame));
                 conn.try_control(Control::Close(CloseCode::TokenExpired.code(), "token expired"));

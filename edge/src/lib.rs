@@ -72,7 +72,10 @@ impl RunningEdge {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         self.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("edge tasks did not stop within 5 s");
         }
     }
@@ -107,7 +110,9 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         config.jwt_audience.as_deref(),
         config.jwt_leeway_s,
     );
-    let sweep = hub::SweepConfig { heartbeat: Duration::from_millis(config.heartbeat_ms) };
+    let sweep = hub::SweepConfig {
+        heartbeat: Duration::from_millis(config.heartbeat_ms),
+    };
     let hub = hub::Hub::start(client.clone(), subjects.clone(), sweep, tasks.clone(), cancel.clone()).await?;
     let backend = backend::Backend::new(client.clone(), subjects.clone(), config.request_timeout());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
@@ -120,11 +125,24 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         !ready_cancel.is_cancelled() && ready_client.connection_state() == async_nats::connection::State::Connected
     });
     tasks.spawn(admin::serve(admin_listener, ready, metrics, cancel.clone()));
-    let node = Arc::new(node::Node::new(config, verifier, hub, backend, client.clone(), cancel.clone(), tasks.clone()));
+    let node = Arc::new(node::Node::new(
+        config,
+        verifier,
+        hub,
+        backend,
+        client.clone(),
+        cancel.clone(),
+        tasks.clone(),
+    ));
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }
     tasks.spawn(server::serve(listener, node));
     tracing::info!(%ws_addr, %admin_addr, prefix = %subjects.prefix(), "edge started");
-    Ok(RunningEdge { ws_addr, admin_addr, cancel, tasks })
+    Ok(RunningEdge {
+        ws_addr,
+        admin_addr,
+        cancel,
+        tasks,
+    })
 }

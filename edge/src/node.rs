@@ -43,9 +43,22 @@ impl Node {
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Node {
-        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or(0);
         let node_id = format!("{:x}{:x}", std::process::id(), started & 0xff_ffff);
-        Node { config, verifier, hub, backend, client, node_id, cancel, tasks, next_conn: AtomicU64::new(1) }
+        Node {
+            config,
+            verifier,
+            hub,
+            backend,
+            client,
+            node_id,
+            cancel,
+            tasks,
+            next_conn: AtomicU64::new(1),
+        }
     }
 
     /// A fresh connection id.

@@ -51,7 +51,9 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>) {
                 let node = svc_node.clone();
                 async move { Ok::<_, Infallible>(handle(node, req)) }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "http connection ended with an error");
             }
@@ -138,21 +140,34 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>) -> Response<
         return respond(StatusCode::UPGRADE_REQUIRED, "this endpoint only speaks WebSocket\n");
     }
     let Ok((encoding, echo_protocol)) = negotiate(&req) else {
-        return respond(StatusCode::BAD_REQUEST, "unsupported subprotocol; supported: switchyard.v1.msgpack, switchyard.v1.json\n");
+        return respond(
+            StatusCode::BAD_REQUEST,
+            "unsupported subprotocol; supported: switchyard.v1.msgpack, switchyard.v1.json\n",
+        );
     };
     let query = match parse_query(req.uri().query()) {
         Ok(q) => q,
         Err(e) => return respond(StatusCode::BAD_REQUEST, &format!("{e}\n")),
     };
-    let header_token = req
-        .headers()
-        .get(AUTHORIZATION)
-        .map(|v| v.to_str().ok().and_then(|s| s.strip_prefix("Bearer ")).map(str::trim).unwrap_or(""));
-    let query_token = if node.config.allow_query_token { query.token.as_deref() } else { None };
+    let header_token = req.headers().get(AUTHORIZATION).map(|v| {
+        v.to_str()
+            .ok()
+            .and_then(|s| s.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("")
+    });
+    let query_token = if node.config.allow_query_token {
+        query.token.as_deref()
+    } else {
+        None
+    };
     let pre_auth = match header_token.or(query_token) {
         None => None,
         Some(token) => match node.verifier.verify(token) {
-            Ok(claims) => Some(PreAuth { claims, resume: query.resume }),
+            Ok(claims) => Some(PreAuth {
+                claims,
+                resume: query.resume,
+            }),
             Err(e) => {
                 metrics::counter!("switchyard_edge_auth_failures_total", "reason" => e.reason()).increment(1);
                 return respond(StatusCode::UNAUTHORIZED, "invalid token\n");
@@ -164,9 +179,12 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>) -> Response<
         Err(e) => return respond(StatusCode::BAD_REQUEST, &format!("bad upgrade request: {e}\n")),
     };
     if echo_protocol {
-        response.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(encoding.subprotocol()));
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(encoding.subprotocol()));
     }
-    node.tasks.spawn(session::run(node.clone(), upgrade, encoding, pre_auth));
+    node.tasks
+        .spawn(session::run(node.clone(), upgrade, encoding, pre_auth));
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, Full::new(Bytes::new()))
 }
@@ -178,11 +196,23 @@ mod tests {
     #[test]
     fn query_parsing() {
         let q = parse_query(Some("epoch=e%3A1&since=42")).unwrap();
-        assert_eq!(q.resume, Some(Resume { epoch: "e:1".into(), since: 42 }));
+        assert_eq!(
+            q.resume,
+            Some(Resume {
+                epoch: "e:1".into(),
+                since: 42
+            })
+        );
         assert!(parse_query(Some("since=4")).is_err());
         assert!(parse_query(Some("epoch=e&since=-4")).is_err());
         assert!(parse_query(Some("epoch=e&since=abc")).is_err());
-        assert_eq!(parse_query(Some("epoch=e")).unwrap().resume, Some(Resume { epoch: "e".into(), since: 0 }));
+        assert_eq!(
+            parse_query(Some("epoch=e")).unwrap().resume,
+            Some(Resume {
+                epoch: "e".into(),
+                since: 0
+            })
+        );
         assert_eq!(parse_query(Some("token=a%2Eb")).unwrap().token.as_deref(), Some("a.b"));
         assert!(parse_query(None).unwrap().resume.is_none());
     }

@@ -20,7 +20,9 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use switchyard_common::client::{decode_client_frame, encode_rpc_result, encode_server_frame, ClientOp, Resume, ServerFrame};
+use switchyard_common::client::{
+    decode_client_frame, encode_rpc_result, encode_server_frame, ClientOp, Resume, ServerFrame,
+};
 use switchyard_common::control::{ControlOp, ControlReply};
 use switchyard_common::delivery::{write_batch_frame, write_event_frame};
 use switchyard_common::{CloseCode, Encoding, ErrorCode};
@@ -50,7 +52,12 @@ enum End {
 }
 
 /// Runs one upgraded connection to its end.
-pub async fn run(node: Arc<Node>, upgrade: fastwebsockets::upgrade::UpgradeFut, encoding: Encoding, pre_auth: Option<PreAuth>) {
+pub async fn run(
+    node: Arc<Node>,
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    encoding: Encoding,
+    pre_auth: Option<PreAuth>,
+) {
     let ws = match upgrade.await {
         Ok(ws) => ws,
         Err(e) => {
@@ -69,10 +76,19 @@ pub async fn run(node: Arc<Node>, upgrade: fastwebsockets::upgrade::UpgradeFut, 
         batch_max_bytes: node.config.batch_max_bytes,
         buf: Vec::with_capacity(1024),
     };
-    node.tasks.spawn(writer.run(queues, conn_done.clone(), node.cancel.clone()));
+    node.tasks
+        .spawn(writer.run(queues, conn_done.clone(), node.cancel.clone()));
     metrics::counter!("switchyard_edge_connections_total").increment(1);
 
-    let mut reader = Reader { rd, node: node.clone(), encoding, senders, conn_done: conn_done.clone(), frag: None, bad_frames: VecDeque::new() };
+    let mut reader = Reader {
+        rd,
+        node: node.clone(),
+        encoding,
+        senders,
+        conn_done: conn_done.clone(),
+        frag: None,
+        bad_frames: VecDeque::new(),
+    };
     let auth = match pre_auth {
         Some(p) => Some((p.claims, p.resume, None)),
         None => reader.frame_auth().await,
@@ -81,10 +97,17 @@ pub async fn run(node: Arc<Node>, upgrade: fastwebsockets::upgrade::UpgradeFut, 
         conn_done.cancel();
         return;
     };
-    let conn = ConnHandle::new(node.next_conn_id(), Arc::from(claims.sub.as_str()), reader.senders.clone(), claims.exp);
+    let conn = ConnHandle::new(
+        node.next_conn_id(),
+        Arc::from(claims.sub.as_str()),
+        reader.senders.clone(),
+        claims.exp,
+    );
     if let Err(e) = node.hub.register(conn.clone(), encoding).await {
         tracing::error!(error = %e, "cannot register connection");
-        reader.reply_error(None, ErrorCode::Internal, "cannot subscribe to deliveries").await;
+        reader
+            .reply_error(None, ErrorCode::Internal, "cannot subscribe to deliveries")
+            .await;
         reader.senders.control(Control::Close(1011, "internal error")).await;
         conn_done.cancel();
         return;
@@ -107,7 +130,12 @@ pub async fn run(node: Arc<Node>, upgrade: fastwebsockets::upgrade::UpgradeFut, 
     reader.send(&ready).await;
     if resume.is_some() {
         // No delivery log yet: nothing can be replayed, so nothing is proven recovered.
-        reader.send(&ServerFrame::Resumed { recovered: false, replayed: 0 }).await;
+        reader
+            .send(&ServerFrame::Resumed {
+                recovered: false,
+                replayed: 0,
+            })
+            .await;
     }
     tracing::debug!(conn = %conn_name, user = %claims.sub, "connection ready");
     reader.serve(conn.clone(), claims).await;
@@ -148,7 +176,9 @@ impl Reader {
                 Ok(f) => f,
                 Err(WebSocketError::FrameTooLarge) => {
                     metrics::counter!("switchyard_edge_closed_total", "reason" => "frame_too_large").increment(1);
-                    self.senders.control(Control::Close(CloseCode::PolicyViolation.code(), "frame too large")).await;
+                    self.senders
+                        .control(Control::Close(CloseCode::PolicyViolation.code(), "frame too large"))
+                        .await;
                     return None;
                 }
                 Err(e) => {
@@ -163,7 +193,9 @@ impl Reader {
                 }
                 OpCode::Text | OpCode::Binary if frame.fin => {
                     if self.frag.is_some() {
-                        self.senders.control(Control::Close(1002, "unfinished fragmented message")).await;
+                        self.senders
+                            .control(Control::Close(1002, "unfinished fragmented message"))
+                            .await;
                         return None;
                     }
                     return Some((frame.opcode, Bytes::from(frame.payload.to_vec())));
@@ -171,13 +203,17 @@ impl Reader {
                 OpCode::Text | OpCode::Binary => self.frag = Some((frame.opcode, frame.payload.to_vec())),
                 OpCode::Continuation => {
                     let Some((op, mut buf)) = self.frag.take() else {
-                        self.senders.control(Control::Close(1002, "continuation without a start")).await;
+                        self.senders
+                            .control(Control::Close(1002, "continuation without a start"))
+                            .await;
                         return None;
                     };
                     buf.extend_from_slice(&frame.payload);
                     if buf.len() > self.node.config.max_frame_bytes {
                         metrics::counter!("switchyard_edge_closed_total", "reason" => "frame_too_large").increment(1);
-                        self.senders.control(Control::Close(CloseCode::PolicyViolation.code(), "frame too large")).await;
+                        self.senders
+                            .control(Control::Close(CloseCode::PolicyViolation.code(), "frame too large"))
+                            .await;
                         return None;
                     }
                     if frame.fin {
@@ -200,7 +236,12 @@ impl Reader {
     }
 
     async fn reply_error(&mut self, id: Option<u32>, code: ErrorCode, message: &str) {
-        self.send(&ServerFrame::Error { id, code: code.as_str(), message }).await;
+        self.send(&ServerFrame::Error {
+            id,
+            code: code.as_str(),
+            message,
+        })
+        .await;
     }
 
     async fn refuse(&mut self, id: Option<u32>, code: ErrorCode, message: &str, close: CloseCode) {
@@ -215,7 +256,13 @@ impl Reader {
         let msg = loop {
             match tokio::time::timeout_at(deadline, self.next_message()).await {
                 Err(_) => {
-                    self.refuse(None, ErrorCode::Unauthorized, "no auth frame in time", CloseCode::Unauthorized).await;
+                    self.refuse(
+                        None,
+                        ErrorCode::Unauthorized,
+                        "no auth frame in time",
+                        CloseCode::Unauthorized,
+                    )
+                    .await;
                     return None;
                 }
                 Ok(None) => return None,
@@ -237,20 +284,35 @@ impl Reader {
             }
         };
         let ClientOp::Auth { token, resume } = frame.op else {
-            self.refuse(frame.id, ErrorCode::Unauthorized, "the first frame must be auth", CloseCode::Unauthorized).await;
+            self.refuse(
+                frame.id,
+                ErrorCode::Unauthorized,
+                "the first frame must be auth",
+                CloseCode::Unauthorized,
+            )
+            .await;
             return None;
         };
         match self.node.verifier.verify(&token) {
             Ok(claims) => Some((claims, resume, frame.id)),
             Err(e) => {
                 tracing::debug!(reason = e.reason(), "frame auth refused");
-                self.refuse(frame.id, ErrorCode::Unauthorized, "invalid token", CloseCode::Unauthorized).await;
+                self.refuse(
+                    frame.id,
+                    ErrorCode::Unauthorized,
+                    "invalid token",
+                    CloseCode::Unauthorized,
+                )
+                .await;
                 None
             }
         }
     }
 
-    fn decode(&self, (opcode, payload): (OpCode, Bytes)) -> Result<switchyard_common::client::ClientFrame, switchyard_common::client::FrameError> {
+    fn decode(
+        &self,
+        (opcode, payload): (OpCode, Bytes),
+    ) -> Result<switchyard_common::client::ClientFrame, switchyard_common::client::FrameError> {
         let expected = match self.encoding {
             Encoding::MsgPack => OpCode::Binary,
             Encoding::Json => OpCode::Text,
@@ -281,7 +343,9 @@ impl Reader {
     /// The authenticated loop: answer frames until the connection ends.
     async fn serve(&mut self, conn: Arc<ConnHandle>, mut claims: Claims) -> End {
         loop {
-            let Some(msg) = self.next_message().await else { return End::Gone };
+            let Some(msg) = self.next_message().await else {
+                return End::Gone;
+            };
             conn.touch(now_ms());
             if matches!(msg.0, OpCode::Ping | OpCode::Pong) {
                 continue;
@@ -294,7 +358,12 @@ impl Reader {
                     self.reply_error(e.id, e.code, &e.message).await;
                     if e.code == ErrorCode::BadFrame && self.bad_frame_budget_spent() {
                         metrics::counter!("switchyard_edge_closed_total", "reason" => "bad_frames").increment(1);
-                        self.senders.control(Control::Close(CloseCode::PolicyViolation.code(), "bad frame budget spent")).await;
+                        self.senders
+                            .control(Control::Close(
+                                CloseCode::PolicyViolation.code(),
+                                "bad frame budget spent",
+                            ))
+                            .await;
                         return End::Closed;
                     }
                     continue;
@@ -303,7 +372,11 @@ impl Reader {
             let id = frame.id;
             let control_op = match frame.op {
                 ClientOp::Ping => {
-                    self.send(&ServerFrame::Pong { id, server_time: now_ms() }).await;
+                    self.send(&ServerFrame::Pong {
+                        id,
+                        server_time: now_ms(),
+                    })
+                    .await;
                     continue;
                 }
                 ClientOp::Auth { token, .. } => {
@@ -314,12 +387,19 @@ impl Reader {
                             self.send(&ServerFrame::Ok { id }).await;
                         }
                         Ok(_) => {
-                            self.refuse(id, ErrorCode::Unauthorized, "token for another user", CloseCode::Unauthorized).await;
+                            self.refuse(
+                                id,
+                                ErrorCode::Unauthorized,
+                                "token for another user",
+                                CloseCode::Unauthorized,
+                            )
+                            .await;
                             return End::Closed;
                         }
                         Err(e) => {
                             tracing::debug!(reason = e.reason(), "refresh refused");
-                            self.reply_error(id, ErrorCode::Unauthorized, "invalid token; keeping the current one").await;
+                            self.reply_error(id, ErrorCode::Unauthorized, "invalid token; keeping the current one")
+                                .await;
                         }
                     }
                     continue;
@@ -331,7 +411,14 @@ impl Reader {
                             encode_rpc_result(self.encoding, id, &reply, &mut buf);
                             self.senders.control(Control::Frame(buf)).await;
                         }
-                        Err(e) => self.send(&ServerFrame::Error { id, code: e.code(), message: &e.to_string() }).await,
+                        Err(e) => {
+                            self.send(&ServerFrame::Error {
+                                id,
+                                code: e.code(),
+                                message: &e.to_string(),
+                            })
+                            .await
+                        }
                     }
                     continue;
                 }
@@ -345,7 +432,14 @@ impl Reader {
                 Ok(ControlReply::Ok) => self.send(&ServerFrame::Ok { id }).await,
                 Ok(ControlReply::Subs(subs)) => self.send(&ServerFrame::Subs { id, subs: &subs }).await,
                 Ok(ControlReply::Error { code, message }) => self.reply_error(id, code, &message).await,
-                Err(e) => self.send(&ServerFrame::Error { id, code: e.code(), message: &e.to_string() }).await,
+                Err(e) => {
+                    self.send(&ServerFrame::Error {
+                        id,
+                        code: e.code(),
+                        message: &e.to_string(),
+                    })
+                    .await
+                }
             }
         }
     }
@@ -361,7 +455,6 @@ struct Writer {
 }
 
 impl Writer {
-
     async fn run(mut self, mut q: ConnQueues, conn_done: CancellationToken, node_cancel: CancellationToken) {
         let mut batch: Vec<Bytes> = Vec::with_capacity(self.batch_max_events);
         let mut pending: Option<Bytes> = None;
@@ -446,7 +539,14 @@ impl Writer {
             return Ok(());
         }
         self.buf.clear();
-        encode_server_frame(self.encoding, &ServerFrame::Dropped { count, reason: "slow_consumer" }, &mut self.buf);
+        encode_server_frame(
+            self.encoding,
+            &ServerFrame::Dropped {
+                count,
+                reason: "slow_consumer",
+            },
+            &mut self.buf,
+        );
         let frame = data_frame(self.encoding, &self.buf);
         self.ws.write_frame(frame).await
     }
@@ -466,7 +566,9 @@ impl Writer {
                 false
             }
             Control::Ping => {
-                self.ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await?;
+                self.ws
+                    .write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[])))
+                    .await?;
                 false
             }
             Control::DroppedNotice => {

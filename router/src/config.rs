@@ -10,7 +10,11 @@ use switchyard_common::subject::Subjects;
 
 /// Everything a router needs to run.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "switchyard-router", version, about = "Switchyard router: subscription index and targeted deliveries")]
+#[command(
+    name = "switchyard-router",
+    version,
+    about = "Switchyard router: subscription index and targeted deliveries"
+)]
 pub struct RouterConfig {
     /// NATS server URL(s), comma separated.
     #[arg(long, env = "SWITCHYARD_NATS_URL", default_value = "nats://127.0.0.1:4222")]

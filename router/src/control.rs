@@ -16,12 +16,22 @@ use tokio_util::sync::CancellationToken;
 use crate::state::RouterState;
 
 /// Subscribes to control requests (in the routers' queue group).
-pub async fn subscribe(client: &async_nats::Client, subjects: &Subjects) -> Result<Subscriber, async_nats::SubscribeError> {
-    client.queue_subscribe(subjects.control(), ROUTER_QUEUE_GROUP.to_string()).await
+pub async fn subscribe(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+) -> Result<Subscriber, async_nats::SubscribeError> {
+    client
+        .queue_subscribe(subjects.control(), ROUTER_QUEUE_GROUP.to_string())
+        .await
 }
 
 /// Serves control requests from `requests` (see [`subscribe`]) until cancelled.
-pub async fn serve(client: async_nats::Client, mut requests: Subscriber, state: Arc<RouterState>, cancel: CancellationToken) {
+pub async fn serve(
+    client: async_nats::Client,
+    mut requests: Subscriber,
+    state: Arc<RouterState>,
+    cancel: CancellationToken,
+) {
     loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -44,7 +54,10 @@ pub async fn serve(client: async_nats::Client, mut requests: Subscriber, state: 
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable control request");
                 metrics::counter!("switchyard_router_control_requests_total", "op" => "unknown", "result" => "internal").increment(1);
-                ControlReply::Error { code: ErrorCode::Internal, message: "undecodable control request".into() }
+                ControlReply::Error {
+                    code: ErrorCode::Internal,
+                    message: "undecodable control request".into(),
+                }
             }
         };
         metrics::gauge!("switchyard_router_subscriptions").set(state.subscription_count() as f64);

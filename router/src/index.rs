@@ -39,10 +39,13 @@ pub trait SubscriptionIndex: Send + Sync {
     }
 }
 
+/// One user's subscription, as listed under its type.
+type Entry = (Arc<str>, Arc<Subscription>);
+
 /// A linear-scan index grouped by subscription type.
 #[derive(Default)]
 pub struct ScanIndex {
-    by_type: HashMap<String, Vec<(Arc<str>, Arc<Subscription>)>>,
+    by_type: HashMap<String, Vec<Entry>>,
     by_user: HashMap<Arc<str>, BTreeMap<String, Arc<Subscription>>>,
     count: usize,
 }
@@ -88,7 +91,9 @@ impl SubscriptionIndex for ScanIndex {
     }
 
     fn remove(&mut self, user: &str, name: &str) -> bool {
-        let Some(subs) = self.by_user.get_mut(user) else { return false };
+        let Some(subs) = self.by_user.get_mut(user) else {
+            return false;
+        };
         let Some(old) = subs.remove(name) else { return false };
         if subs.is_empty() {
             self.by_user.remove(user);
@@ -99,7 +104,10 @@ impl SubscriptionIndex for ScanIndex {
     }
 
     fn list(&self, user: &str) -> Vec<Subscription> {
-        self.by_user.get(user).map(|subs| subs.values().map(|s| (**s).clone()).collect()).unwrap_or_default()
+        self.by_user
+            .get(user)
+            .map(|subs| subs.values().map(|s| (**s).clone()).collect())
+            .unwrap_or_default()
     }
 
     fn for_each_match(&self, event: &MatchQuery<'_>, f: &mut dyn FnMut(&Arc<str>, &Arc<Subscription>)) {
@@ -126,7 +134,10 @@ mod tests {
         Subscription {
             name: name.into(),
             sub_type: ty.into(),
-            filters: dims.iter().map(|(d, v)| (d.to_string(), v.iter().map(|s| s.to_string()).collect())).collect(),
+            filters: dims
+                .iter()
+                .map(|(d, v)| (d.to_string(), v.iter().map(|s| s.to_string()).collect()))
+                .collect(),
             min: BTreeMap::new(),
             max: BTreeMap::new(),
             fields: None,
@@ -136,9 +147,14 @@ mod tests {
     fn matches(idx: &ScanIndex, ty: &str, dims: &[(&str, &str)]) -> Vec<String> {
         let dims: Vec<(String, String)> = dims.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         let mut out = Vec::new();
-        idx.for_each_match(&MatchQuery { sub_type: ty, dimensions: &dims, values: &[] }, &mut |u, s| {
-            out.push(format!("{u}/{}", s.name))
-        });
+        idx.for_each_match(
+            &MatchQuery {
+                sub_type: ty,
+                dimensions: &dims,
+                values: &[],
+            },
+            &mut |u, s| out.push(format!("{u}/{}", s.name)),
+        );
         out.sort();
         out
     }
@@ -146,9 +162,11 @@ mod tests {
     #[test]
     fn upsert_replaces_by_name() {
         let mut idx = ScanIndex::new();
-        idx.upsert("u1", sub("a", "tick", &[("symbol", &["AAPL"])]), 10).unwrap();
+        idx.upsert("u1", sub("a", "tick", &[("symbol", &["AAPL"])]), 10)
+            .unwrap();
         assert_eq!(matches(&idx, "tick", &[("symbol", "AAPL")]), vec!["u1/a"]);
-        idx.upsert("u1", sub("a", "tick", &[("symbol", &["TSLA"])]), 10).unwrap();
+        idx.upsert("u1", sub("a", "tick", &[("symbol", &["TSLA"])]), 10)
+            .unwrap();
         assert_eq!(idx.len(), 1);
         assert!(matches(&idx, "tick", &[("symbol", "AAPL")]).is_empty());
         assert_eq!(matches(&idx, "tick", &[("symbol", "TSLA")]), vec!["u1/a"]);
@@ -163,7 +181,10 @@ mod tests {
         idx.upsert("u1", sub("a", "tick", &[]), 2).unwrap();
         idx.upsert("u2", sub("a", "tick", &[]), 2).unwrap();
         idx.upsert("u1", sub("b", "tick", &[]), 2).unwrap();
-        assert_eq!(idx.upsert("u1", sub("c", "tick", &[]), 2), Err(IndexError::TooManySubscriptions(2)));
+        assert_eq!(
+            idx.upsert("u1", sub("c", "tick", &[]), 2),
+            Err(IndexError::TooManySubscriptions(2))
+        );
         idx.upsert("u1", sub("b", "tick", &[("x", &["1"])]), 2).unwrap();
         assert_eq!(matches(&idx, "tick", &[]), vec!["u1/a", "u2/a"]);
         assert!(idx.remove("u1", "a"));

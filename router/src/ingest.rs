@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
 use async_nats::Subscriber;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use switchyard_common::delivery::encode_delivery;
 use switchyard_common::event::{is_json_content_type, parse_event, ProducerEvent, Target};
@@ -25,7 +25,10 @@ pub type DedupCache = moka::sync::Cache<String, ()>;
 
 /// Builds the dedup cache for a window.
 pub fn dedup_cache(window: Duration) -> DedupCache {
-    moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(window).build()
+    moka::sync::Cache::builder()
+        .max_capacity(1_000_000)
+        .time_to_live(window)
+        .build()
 }
 
 /// Turns events into deliveries; one per router process.
@@ -50,18 +53,32 @@ pub struct Outcome {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Ingest {
     /// An ingest stage publishing through `client`.
     pub fn new(client: async_nats::Client, subjects: Subjects, state: Arc<RouterState>, dedup: DedupCache) -> Ingest {
-        Ingest { client, subjects, state, dedup, matches: Vec::new(), out: BytesMut::with_capacity(64 * 1024), scratch: Vec::new(), body_buf: Vec::new() }
+        Ingest {
+            client,
+            subjects,
+            state,
+            dedup,
+            matches: Vec::new(),
+            out: BytesMut::with_capacity(64 * 1024),
+            scratch: Vec::new(),
+            body_buf: Vec::new(),
+        }
     }
 
     /// Subscribes to producer events (in the routers' queue group).
     pub async fn subscribe(&self) -> Result<Subscriber, async_nats::SubscribeError> {
-        self.client.queue_subscribe(self.subjects.events_wildcard(), ROUTER_QUEUE_GROUP.to_string()).await
+        self.client
+            .queue_subscribe(self.subjects.events_wildcard(), ROUTER_QUEUE_GROUP.to_string())
+            .await
     }
 
     /// Consumes events from `events` (see [`Ingest::subscribe`]) until cancelled.
@@ -121,7 +138,11 @@ impl Ingest {
             }
             Target::Room(room) => {
                 let mut members: Vec<Arc<str>> = Vec::new();
-                self.state.rooms.read().expect("rooms lock").for_each_member(room, |u| members.push(u.clone()));
+                self.state
+                    .rooms
+                    .read()
+                    .expect("rooms lock")
+                    .for_each_member(room, |u| members.push(u.clone()));
                 let body = self.body(event, ts, &[], None);
                 for u in &members {
                     self.publish(self.subjects.deliver(u), body.clone()).await;
@@ -133,13 +154,21 @@ impl Ingest {
                 self.publish(self.subjects.broadcast(), body).await;
                 1
             }
-            Target::Match { sub_type, dimensions, values } => {
+            Target::Match {
+                sub_type,
+                dimensions,
+                values,
+            } => {
                 let started = Instant::now();
                 let mut matches = std::mem::take(&mut self.matches);
                 matches.clear();
                 {
                     let index = self.state.index.read().expect("index lock");
-                    let query = MatchQuery { sub_type, dimensions, values };
+                    let query = MatchQuery {
+                        sub_type,
+                        dimensions,
+                        values,
+                    };
                     index.for_each_match(&query, &mut |u, s| matches.push((u.clone(), s.clone())));
                 }
                 metrics::histogram!("switchyard_router_match_seconds").record(started.elapsed().as_secs_f64());

@@ -65,7 +65,10 @@ impl RunningRouter {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         self.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("router tasks did not stop within 5 s");
         }
         if let Err(e) = self.client.flush().await {
@@ -106,7 +109,12 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
     // Subscribe before returning so that a started router already receives events.
     let control_sub = control::subscribe(&client, &subjects).await?;
     let events_sub = ingest.subscribe().await?;
-    tasks.spawn(control::serve(client.clone(), control_sub, state.clone(), cancel.clone()));
+    tasks.spawn(control::serve(
+        client.clone(),
+        control_sub,
+        state.clone(),
+        cancel.clone(),
+    ));
     tasks.spawn(ingest.run(events_sub, cancel.clone()));
     let listener = tokio::net::TcpListener::bind(config.admin_listen).await?;
     let admin_addr = listener.local_addr()?;
@@ -119,7 +127,13 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }
     tracing::info!(%admin_addr, nats = %config.nats_url, prefix = %subjects.prefix(), "router started");
-    Ok(RunningRouter { admin_addr, state, cancel, tasks, client })
+    Ok(RunningRouter {
+        admin_addr,
+        state,
+        cancel,
+        tasks,
+        client,
+    })
 }
 
 async fn wait_connected(client: &async_nats::Client) {

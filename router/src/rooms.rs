@@ -21,12 +21,17 @@ impl Rooms {
 
     /// Adds `user` to `room`; whether it was new.
     pub fn join(&mut self, room: &str, user: &str) -> bool {
-        self.members.entry(room.to_string()).or_default().insert(Arc::from(user))
+        self.members
+            .entry(room.to_string())
+            .or_default()
+            .insert(Arc::from(user))
     }
 
     /// Removes `user` from `room`; whether it was a member.
     pub fn leave(&mut self, room: &str, user: &str) -> bool {
-        let Some(set) = self.members.get_mut(room) else { return false };
+        let Some(set) = self.members.get_mut(room) else {
+            return false;
+        };
         let removed = set.remove(user);
         if set.is_empty() {
             self.members.remove(room);

@@ -25,7 +25,10 @@ pub struct RouterState {
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> ControlReply {
-    ControlReply::Error { code, message: message.into() }
+    ControlReply::Error {
+        code,
+        message: message.into(),
+    }
 }
 
 impl RouterState {
@@ -50,10 +53,16 @@ impl RouterState {
                     Ok(s) => s,
                     Err(e) => return error(ErrorCode::InvalidFilter, e.0),
                 };
-                let result = self.index.write().expect("index lock").upsert(user, sub, self.max_subscriptions);
+                let result = self
+                    .index
+                    .write()
+                    .expect("index lock")
+                    .upsert(user, sub, self.max_subscriptions);
                 match result {
                     Ok(()) => ControlReply::Ok,
-                    Err(e @ IndexError::TooManySubscriptions(_)) => error(ErrorCode::TooManySubscriptions, e.to_string()),
+                    Err(e @ IndexError::TooManySubscriptions(_)) => {
+                        error(ErrorCode::TooManySubscriptions, e.to_string())
+                    }
                 }
             }
             ControlOp::Unsubscribe { sub } => match name_field(sub, "subscription name", ids::is_valid_sub_name) {
@@ -69,7 +78,10 @@ impl RouterState {
                     self.rooms.write().expect("rooms lock").join(room, user);
                     ControlReply::Ok
                 }
-                Ok(room) => error(ErrorCode::Forbidden, format!("the token does not allow joining {room:?}")),
+                Ok(room) => error(
+                    ErrorCode::Forbidden,
+                    format!("the token does not allow joining {room:?}"),
+                ),
                 Err(e) => error(ErrorCode::InvalidFilter, e.0),
             },
             ControlOp::Leave { room } => match name_field(room, "room name", ids::is_valid_room) {
@@ -95,7 +107,11 @@ mod tests {
     use switchyard_common::subscription::RawSubscription;
 
     fn req(user: &str, rooms: &[&str], op: ControlOp) -> ControlRequest {
-        ControlRequest { user: user.into(), rooms: rooms.iter().map(|s| s.to_string()).collect(), op }
+        ControlRequest {
+            user: user.into(),
+            rooms: rooms.iter().map(|s| s.to_string()).collect(),
+            op,
+        }
     }
 
     fn code(r: ControlReply) -> Option<ErrorCode> {
@@ -108,10 +124,40 @@ mod tests {
     #[test]
     fn join_needs_the_rooms_claim() {
         let s = RouterState::new(10);
-        assert_eq!(code(s.apply(&req("u1", &["desk:*"], ControlOp::Join { room: Value::from("desk:fx") }))), None);
-        assert_eq!(code(s.apply(&req("u1", &["desk:*"], ControlOp::Join { room: Value::from("lobby") }))), Some(ErrorCode::Forbidden));
-        assert_eq!(code(s.apply(&req("u1", &[], ControlOp::Join { room: Value::from("a b") }))), Some(ErrorCode::InvalidFilter));
-        assert_eq!(code(s.apply(&req("u1", &[], ControlOp::Leave { room: Value::from(3) }))), Some(ErrorCode::InvalidFilter));
+        assert_eq!(
+            code(s.apply(&req(
+                "u1",
+                &["desk:*"],
+                ControlOp::Join {
+                    room: Value::from("desk:fx")
+                }
+            ))),
+            None
+        );
+        assert_eq!(
+            code(s.apply(&req(
+                "u1",
+                &["desk:*"],
+                ControlOp::Join {
+                    room: Value::from("lobby")
+                }
+            ))),
+            Some(ErrorCode::Forbidden)
+        );
+        assert_eq!(
+            code(s.apply(&req(
+                "u1",
+                &[],
+                ControlOp::Join {
+                    room: Value::from("a b")
+                }
+            ))),
+            Some(ErrorCode::InvalidFilter)
+        );
+        assert_eq!(
+            code(s.apply(&req("u1", &[], ControlOp::Leave { room: Value::from(3) }))),
+            Some(ErrorCode::InvalidFilter)
+        );
     }
 
     #[test]
@@ -126,10 +172,31 @@ mod tests {
             fields: None,
         };
         assert_eq!(code(s.apply(&req("u1", &[], ControlOp::Subscribe(raw("a"))))), None);
-        assert_eq!(code(s.apply(&req("u1", &[], ControlOp::Subscribe(raw("b"))))), Some(ErrorCode::TooManySubscriptions));
-        assert_eq!(code(s.apply(&req("u1", &[], ControlOp::Subscribe(raw("a.b"))))), Some(ErrorCode::InvalidFilter));
-        assert_eq!(code(s.apply(&req("a.b", &[], ControlOp::List))), Some(ErrorCode::Unauthorized));
-        assert_eq!(code(s.apply(&req("u1", &[], ControlOp::Unsubscribe { sub: Value::from("zz") }))), None);
-        assert_eq!(code(s.apply(&req("u1", &[], ControlOp::Unsubscribe { sub: Value::from("a.b") }))), Some(ErrorCode::InvalidFilter));
+        assert_eq!(
+            code(s.apply(&req("u1", &[], ControlOp::Subscribe(raw("b"))))),
+            Some(ErrorCode::TooManySubscriptions)
+        );
+        assert_eq!(
+            code(s.apply(&req("u1", &[], ControlOp::Subscribe(raw("a.b"))))),
+            Some(ErrorCode::InvalidFilter)
+        );
+        assert_eq!(
+            code(s.apply(&req("a.b", &[], ControlOp::List))),
+            Some(ErrorCode::Unauthorized)
+        );
+        assert_eq!(
+            code(s.apply(&req("u1", &[], ControlOp::Unsubscribe { sub: Value::from("zz") }))),
+            None
+        );
+        assert_eq!(
+            code(s.apply(&req(
+                "u1",
+                &[],
+                ControlOp::Unsubscribe {
+                    sub: Value::from("a.b")
+                }
+            ))),
+            Some(ErrorCode::InvalidFilter)
+        );
     }
 }

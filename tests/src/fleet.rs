@@ -20,7 +20,9 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().expect("first recorder in this process")
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("first recorder in this process")
         })
         .clone()
 }
@@ -45,7 +47,10 @@ impl Fleet {
 
     /// Starts everything, letting the caller adjust the edge's config.
     pub async fn start_with(tweak_edge: impl FnOnce(&mut EdgeConfig)) -> Result<Fleet> {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("SWITCHYARD_LOG")).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("SWITCHYARD_LOG"))
+            .with_test_writer()
+            .try_init();
         let nats = NatsServer::start()?;
         let mut rc = RouterConfig::embedded(&nats.url());
         rc.metrics = Some(metrics_handle());
@@ -55,7 +60,12 @@ impl Fleet {
         tweak_edge(&mut ec);
         let edge = switchyard_edge::start(ec).await?;
         let producer = async_nats::connect(nats.url()).await?;
-        Ok(Fleet { nats, router: Some(router), edge: Some(edge), producer })
+        Ok(Fleet {
+            nats,
+            router: Some(router),
+            edge: Some(edge),
+            producer,
+        })
     }
 
     /// `ws://ADDR/ws` of the edge.
@@ -86,7 +96,9 @@ impl Fleet {
         if json {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Content-Type", "application/json; charset=utf-8");
-            self.producer.publish_with_headers(subject, headers, payload.into()).await?;
+            self.producer
+                .publish_with_headers(subject, headers, payload.into())
+                .await?;
         } else {
             self.producer.publish(subject, payload.into()).await?;
         }

@@ -185,10 +185,7 @@ impl NatsServer {
                         thread::sleep(Duration::from_millis(50));
                         continue;
                     }
-                    let msg = format!(
-                        "nats-server exited while restarting on port {} ({status})",
-                        self.port
-                    );
+                    let msg = format!("nats-server exited while restarting on port {} ({status})", self.port);
                     return Err(self.failure(&msg, log_offset));
                 }
             }
@@ -305,15 +302,11 @@ impl Drop for NatsServer {
 /// complete: `{"nats":["nats://127.0.0.1:PORT"],...}`. A half-written file
 /// reads as `None`; the caller polls again.
 fn read_ports_file(dir: &Path, suffix: &str) -> Option<u16> {
-    let path = fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(suffix))
-        })?;
+    let path = fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(suffix))
+    })?;
     let text = fs::read_to_string(path).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     let url = json.get("nats")?.as_array()?.first()?.as_str()?;

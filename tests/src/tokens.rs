@@ -5,7 +5,10 @@ use serde_json::{json, Value};
 
 /// Unix seconds now.
 pub fn now_s() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A token for `sub` valid for `ttl_s` seconds, with extra claims merged in.
@@ -26,5 +29,9 @@ pub fn sign(secret: &str, claims: &Value, alg: Algorithm) -> String {
 pub fn alg_none(claims: &Value) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    format!("{}.{}.", b64.encode(br#"{"alg":"none","typ":"JWT"}"#), b64.encode(claims.to_string()))
+    format!(
+        "{}.{}.",
+        b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        b64.encode(claims.to_string())
+    )
 }

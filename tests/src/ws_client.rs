@@ -53,16 +53,28 @@ impl WsClient {
             Some(q) => format!("{url}?{q}"),
             None => url.to_string(),
         };
-        let mut req = full.into_client_request().map_err(|e| ConnectError::Other(e.to_string()))?;
+        let mut req = full
+            .into_client_request()
+            .map_err(|e| ConnectError::Other(e.to_string()))?;
         if let Some(t) = &opts.bearer {
-            req.headers_mut().insert("Authorization", HeaderValue::from_str(&format!("Bearer {t}")).map_err(|e| ConnectError::Other(e.to_string()))?);
+            req.headers_mut().insert(
+                "Authorization",
+                HeaderValue::from_str(&format!("Bearer {t}")).map_err(|e| ConnectError::Other(e.to_string()))?,
+            );
         }
         if !opts.protocols.is_empty() {
-            req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_str(&opts.protocols.join(", ")).map_err(|e| ConnectError::Other(e.to_string()))?);
+            req.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                HeaderValue::from_str(&opts.protocols.join(", ")).map_err(|e| ConnectError::Other(e.to_string()))?,
+            );
         }
         match tokio_tungstenite::connect_async(req).await {
             Ok((ws, resp)) => {
-                let encoding = match resp.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok()) {
+                let encoding = match resp
+                    .headers()
+                    .get("Sec-WebSocket-Protocol")
+                    .and_then(|v| v.to_str().ok())
+                {
                     Some("switchyard.v1.json") => Encoding::Json,
                     _ => Encoding::MsgPack,
                 };
@@ -75,8 +87,14 @@ impl WsClient {
 
     /// Connects with a bearer token and waits for `ready`.
     pub async fn connect_ready(url: &str, token: &str, protocols: &[&str]) -> Result<(WsClient, Value)> {
-        let opts = Connect { bearer: Some(token.to_string()), protocols: protocols.iter().map(|s| s.to_string()).collect(), query: None };
-        let mut c = WsClient::connect(url, &opts).await.map_err(|e| anyhow!("connect: {e:?}"))?;
+        let opts = Connect {
+            bearer: Some(token.to_string()),
+            protocols: protocols.iter().map(|s| s.to_string()).collect(),
+            query: None,
+        };
+        let mut c = WsClient::connect(url, &opts)
+            .await
+            .map_err(|e| anyhow!("connect: {e:?}"))?;
         let ready = c.expect_op("ready").await?;
         Ok((c, ready))
     }
@@ -101,7 +119,9 @@ impl WsClient {
 
     /// The next frame or close, within `WAIT`.
     pub async fn next(&mut self) -> Result<Incoming> {
-        self.next_within(WAIT).await?.ok_or_else(|| anyhow!("nothing received within {WAIT:?}"))
+        self.next_within(WAIT)
+            .await?
+            .ok_or_else(|| anyhow!("nothing received within {WAIT:?}"))
     }
 
     /// The next frame or close, or `None` if nothing came within `wait`.
@@ -130,7 +150,9 @@ impl WsClient {
                     return Ok(Some(Incoming::Frame(serde_json::from_slice(&json)?)));
                 }
                 Message::Close(frame) => {
-                    let (code, reason) = frame.map(|CloseFrame { code, reason }| (u16::from(code), reason.to_string())).unwrap_or((1005, String::new()));
+                    let (code, reason) = frame
+                        .map(|CloseFrame { code, reason }| (u16::from(code), reason.to_string()))
+                        .unwrap_or((1005, String::new()));
                     return Ok(Some(Incoming::Closed(code, reason)));
                 }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,

@@ -44,12 +44,28 @@ async fn header_and_frame_auth_reach_ready() -> R {
     for field in ["conn", "epoch", "pos", "server_time", "heartbeat_ms"] {
         assert!(!ready[field].is_null(), "ready lacks {field}: {ready}");
     }
-    for field in ["max_frame_bytes", "max_subscriptions", "rate_per_s", "burst", "batch_max_events", "batch_max_bytes"] {
+    for field in [
+        "max_frame_bytes",
+        "max_subscriptions",
+        "rate_per_s",
+        "burst",
+        "batch_max_events",
+        "batch_max_bytes",
+    ] {
         assert!(ready["limits"][field].is_u64(), "limits lack {field}: {ready}");
     }
 
-    let mut c = WsClient::connect(&fleet.ws_url(), &Connect { protocols: vec!["switchyard.v1.json".into()], ..Default::default() }).await.expect("upgrade");
-    c.send(&json!({"op":"auth","id":1,"token": fleet.token("bob", json!({}))})).await?;
+    let mut c = WsClient::connect(
+        &fleet.ws_url(),
+        &Connect {
+            protocols: vec!["switchyard.v1.json".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("upgrade");
+    c.send(&json!({"op":"auth","id":1,"token": fleet.token("bob", json!({}))}))
+        .await?;
     let ready = c.expect_op("ready").await?;
     assert_eq!(ready["user"], "bob");
     assert_eq!(ready["id"], 1);
@@ -66,8 +82,14 @@ fn bad_tokens() -> Vec<(&'static str, String)> {
         ("bad signature", token("some-other-secret", "alice", 3600, json!({}))),
         ("expired", token(TEST_SECRET, "alice", -10, json!({}))),
         ("alg none", alg_none(&json!({"sub":"alice","exp":exp}))),
-        ("missing sub", sign(TEST_SECRET, &json!({"exp":exp}), jsonwebtoken::Algorithm::HS256)),
-        ("missing exp", sign(TEST_SECRET, &json!({"sub":"alice"}), jsonwebtoken::Algorithm::HS256)),
+        (
+            "missing sub",
+            sign(TEST_SECRET, &json!({"exp":exp}), jsonwebtoken::Algorithm::HS256),
+        ),
+        (
+            "missing exp",
+            sign(TEST_SECRET, &json!({"sub":"alice"}), jsonwebtoken::Algorithm::HS256),
+        ),
         ("garbage", "not.a.token".to_string()),
     ];
     for hostile in ["a.b", "*", ">", "a b", "", &"x".repeat(65)] {
@@ -80,16 +102,31 @@ fn bad_tokens() -> Vec<(&'static str, String)> {
 async fn bad_tokens_are_refused_by_header_and_by_frame() -> R {
     let fleet = Fleet::start().await?;
     for (what, t) in bad_tokens() {
-        let opts = Connect { bearer: Some(t.clone()), ..Default::default() };
+        let opts = Connect {
+            bearer: Some(t.clone()),
+            ..Default::default()
+        };
         match WsClient::connect(&fleet.ws_url(), &opts).await {
             Err(ConnectError::Status(401)) => {}
             Err(e) => panic!("{what}: expected 401, got {e:?}"),
             Ok(_) => panic!("{what}: header token accepted"),
         }
-        let mut c = WsClient::connect(&fleet.ws_url(), &Connect { protocols: vec!["switchyard.v1.json".into()], ..Default::default() }).await.expect("upgrade");
+        let mut c = WsClient::connect(
+            &fleet.ws_url(),
+            &Connect {
+                protocols: vec!["switchyard.v1.json".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("upgrade");
         c.send(&json!({"op":"auth","token": t})).await?;
         let err = c.frame().await?;
-        assert_eq!((err["op"].as_str(), err["code"].as_str()), (Some("error"), Some("unauthorized")), "{what}: {err}");
+        assert_eq!(
+            (err["op"].as_str(), err["code"].as_str()),
+            (Some("error"), Some("unauthorized")),
+            "{what}: {err}"
+        );
         assert_eq!(c.expect_close().await?, 4001, "{what}");
     }
     fleet.shutdown().await;
@@ -100,7 +137,10 @@ async fn bad_tokens_are_refused_by_header_and_by_frame() -> R {
 async fn frame_auth_failures_close_4001() -> R {
     let fleet = Fleet::start_with(|c| c.auth_timeout_ms = 300).await?;
     let url = fleet.ws_url();
-    let json_opts = Connect { protocols: vec!["switchyard.v1.json".into()], ..Default::default() };
+    let json_opts = Connect {
+        protocols: vec!["switchyard.v1.json".into()],
+        ..Default::default()
+    };
     // Silence past the auth timeout.
     let mut c = WsClient::connect(&url, &json_opts).await.expect("upgrade");
     assert_eq!(c.frame().await?["code"], "unauthorized");
@@ -117,12 +157,20 @@ async fn frame_auth_failures_close_4001() -> R {
     assert_eq!(c.expect_close().await?, 4001);
     // since without epoch.
     let mut c = WsClient::connect(&url, &json_opts).await.expect("upgrade");
-    c.send(&json!({"op":"auth","token": fleet.token("alice", json!({})),"since":3})).await?;
+    c.send(&json!({"op":"auth","token": fleet.token("alice", json!({})),"since":3}))
+        .await?;
     assert_eq!(c.frame().await?["code"], "bad_frame");
     assert_eq!(c.expect_close().await?, 4001);
     // ...and in the URL, HTTP 400.
-    let opts = Connect { bearer: Some(fleet.token("alice", json!({}))), query: Some("since=3".into()), ..Default::default() };
-    assert_eq!(WsClient::connect(&url, &opts).await.err(), Some(ConnectError::Status(400)));
+    let opts = Connect {
+        bearer: Some(fleet.token("alice", json!({}))),
+        query: Some("since=3".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        WsClient::connect(&url, &opts).await.err(),
+        Some(ConnectError::Status(400))
+    );
     fleet.shutdown().await;
     Ok(())
 }
@@ -131,11 +179,27 @@ async fn frame_auth_failures_close_4001() -> R {
 async fn subprotocol_negotiation() -> R {
     let fleet = Fleet::start().await?;
     let t = fleet.token("alice", json!({}));
-    let with = |p: &[&str]| Connect { bearer: Some(t.clone()), protocols: p.iter().map(|s| s.to_string()).collect(), query: None };
-    assert_eq!(WsClient::connect(&fleet.ws_url(), &with(&["mqtt", "stomp"])).await.err(), Some(ConnectError::Status(400)));
-    let c = WsClient::connect(&fleet.ws_url(), &with(&["mqtt", "switchyard.v1.json", "switchyard.v1.msgpack"])).await.expect("upgrade");
+    let with = |p: &[&str]| Connect {
+        bearer: Some(t.clone()),
+        protocols: p.iter().map(|s| s.to_string()).collect(),
+        query: None,
+    };
+    assert_eq!(
+        WsClient::connect(&fleet.ws_url(), &with(&["mqtt", "stomp"]))
+            .await
+            .err(),
+        Some(ConnectError::Status(400))
+    );
+    let c = WsClient::connect(
+        &fleet.ws_url(),
+        &with(&["mqtt", "switchyard.v1.json", "switchyard.v1.msgpack"]),
+    )
+    .await
+    .expect("upgrade");
     assert_eq!(c.encoding, switchyard_common::Encoding::Json);
-    let c = WsClient::connect(&fleet.ws_url(), &with(&["switchyard.v1.msgpack", "switchyard.v1.json"])).await.expect("upgrade");
+    let c = WsClient::connect(&fleet.ws_url(), &with(&["switchyard.v1.msgpack", "switchyard.v1.json"]))
+        .await
+        .expect("upgrade");
     assert_eq!(c.encoding, switchyard_common::Encoding::MsgPack);
     fleet.shutdown().await;
     Ok(())
@@ -166,21 +230,54 @@ async fn matching_semantics_end_to_end() -> R {
     assert!(got[0]["ts"].as_u64().unwrap() > 0);
 
     // Upsert by name: the same name replaces (now any symbol, max bound only).
-    c.ok(json!({"op":"subscribe","sub":"p","type":"tier_patterns","max":{"confidence":0.7}}), 2).await?;
+    c.ok(
+        json!({"op":"subscribe","sub":"p","type":"tier_patterns","max":{"confidence":0.7}}),
+        2,
+    )
+    .await?;
     let list = c.request(json!({"op":"list"}), 3).await?;
     assert_eq!(list["op"], "subs");
-    assert_eq!(list["subs"], json!([{"sub":"p","type":"tier_patterns","filters":{},"min":{},"max":{"confidence":0.7}}]));
+    assert_eq!(
+        list["subs"],
+        json!([{"sub":"p","type":"tier_patterns","filters":{},"min":{},"max":{"confidence":0.7}}])
+    );
     fleet.publish("patterns", &ev(6, "NVDA", None, 0.7)).await?;
     fleet.publish("patterns", &ev(7, "NVDA", None, 0.71)).await?;
-    fleet.publish("patterns", &json!({"data":{"n":8},"target":{"type":"tier_patterns","match":{"symbol":"X"}}})).await?;
+    fleet
+        .publish(
+            "patterns",
+            &json!({"data":{"n":8},"target":{"type":"tier_patterns","match":{"symbol":"X"}}}),
+        )
+        .await?;
     let got = until_marker(&fleet, &mut [&mut c]).await?.remove(0);
-    assert_eq!(got.iter().map(|e| e["data"]["n"].as_u64().unwrap()).collect::<Vec<_>>(), [6]);
+    assert_eq!(
+        got.iter().map(|e| e["data"]["n"].as_u64().unwrap()).collect::<Vec<_>>(),
+        [6]
+    );
 
     // A second subscription matching the same event: one delivery naming both, fields unioned.
-    c.ok(json!({"op":"subscribe","sub":"all_ticks","type":"tick","fields":["px"]}), 4).await?;
-    c.ok(json!({"op":"subscribe","sub":"aapl","type":"tick","filters":{"symbol":["AAPL"]},"fields":["sym"]}), 5).await?;
-    fleet.publish("tick.AAPL", &json!({"data":{"px":1.5,"sym":"AAPL","vol":9},"target":{"match":{"symbol":"AAPL"}}})).await?;
-    fleet.publish("tick.MSFT", &json!({"data":{"px":2.5,"sym":"MSFT","vol":9},"target":{"match":{"symbol":"MSFT"}}})).await?;
+    c.ok(
+        json!({"op":"subscribe","sub":"all_ticks","type":"tick","fields":["px"]}),
+        4,
+    )
+    .await?;
+    c.ok(
+        json!({"op":"subscribe","sub":"aapl","type":"tick","filters":{"symbol":["AAPL"]},"fields":["sym"]}),
+        5,
+    )
+    .await?;
+    fleet
+        .publish(
+            "tick.AAPL",
+            &json!({"data":{"px":1.5,"sym":"AAPL","vol":9},"target":{"match":{"symbol":"AAPL"}}}),
+        )
+        .await?;
+    fleet
+        .publish(
+            "tick.MSFT",
+            &json!({"data":{"px":2.5,"sym":"MSFT","vol":9},"target":{"match":{"symbol":"MSFT"}}}),
+        )
+        .await?;
     let got = until_marker(&fleet, &mut [&mut c]).await?.remove(0);
     assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(got[0]["sub"], json!(["aapl", "all_ticks"]));
@@ -193,8 +290,16 @@ async fn matching_semantics_end_to_end() -> R {
     c.ok(json!({"op":"unsubscribe","sub":"all_ticks"}), 6).await?;
     c.ok(json!({"op":"unsubscribe","sub":"aapl"}), 7).await?;
     c.ok(json!({"op":"unsubscribe","sub":"never-existed"}), 8).await?;
-    assert_eq!(c.request(json!({"op":"unsubscribe","sub":"a.b"}), 9).await?["code"], "invalid_filter");
-    fleet.publish("tick.AAPL", &json!({"data":{"px":1},"target":{"match":{"symbol":"AAPL"}}})).await?;
+    assert_eq!(
+        c.request(json!({"op":"unsubscribe","sub":"a.b"}), 9).await?["code"],
+        "invalid_filter"
+    );
+    fleet
+        .publish(
+            "tick.AAPL",
+            &json!({"data":{"px":1},"target":{"match":{"symbol":"AAPL"}}}),
+        )
+        .await?;
     assert!(until_marker(&fleet, &mut [&mut c]).await?[0].is_empty());
 
     // Invalid subscriptions.
@@ -208,7 +313,11 @@ async fn matching_semantics_end_to_end() -> R {
     .enumerate()
     {
         let r = c.request(bad.clone(), 100 + i as u32).await?;
-        assert_eq!((r["op"].as_str(), r["code"].as_str()), (Some("error"), Some("invalid_filter")), "{bad}");
+        assert_eq!(
+            (r["op"].as_str(), r["code"].as_str()),
+            (Some("error"), Some("invalid_filter")),
+            "{bad}"
+        );
     }
     fleet.shutdown().await;
     Ok(())
@@ -218,29 +327,64 @@ async fn matching_semantics_end_to_end() -> R {
 async fn all_four_target_kinds() -> R {
     let fleet = Fleet::start().await?;
     let url = fleet.ws_url();
-    let (mut alice, _) = WsClient::connect_ready(&url, &fleet.token("alice", json!({"rooms":["desk:*"]})), MSGPACK).await?;
+    let (mut alice, _) =
+        WsClient::connect_ready(&url, &fleet.token("alice", json!({"rooms":["desk:*"]})), MSGPACK).await?;
     let (mut bob, _) = WsClient::connect_ready(&url, &fleet.token("bob", json!({"rooms":["lobby"]})), JSON).await?;
     alice.ok(json!({"op":"join","room":"desk:fx"}), 1).await?;
-    assert_eq!(alice.request(json!({"op":"join","room":"lobby"}), 2).await?["code"], "forbidden");
-    assert_eq!(alice.request(json!({"op":"join","room":"desk:"}), 3).await?["code"], "forbidden");
-    assert_eq!(alice.request(json!({"op":"join","room":"bad room"}), 4).await?["code"], "invalid_filter");
+    assert_eq!(
+        alice.request(json!({"op":"join","room":"lobby"}), 2).await?["code"],
+        "forbidden"
+    );
+    assert_eq!(
+        alice.request(json!({"op":"join","room":"desk:"}), 3).await?["code"],
+        "forbidden"
+    );
+    assert_eq!(
+        alice.request(json!({"op":"join","room":"bad room"}), 4).await?["code"],
+        "invalid_filter"
+    );
     bob.ok(json!({"op":"join","room":"lobby"}), 1).await?;
-    bob.ok(json!({"op":"subscribe","sub":"fx","type":"quote","filters":{"pair":["EURUSD"]}}), 2).await?;
+    bob.ok(
+        json!({"op":"subscribe","sub":"fx","type":"quote","filters":{"pair":["EURUSD"]}}),
+        2,
+    )
+    .await?;
 
-    fleet.publish("direct", &json!({"data":"to alice","target":{"users":["alice"]}})).await?;
-    fleet.publish("direct", &json!({"data":"to both","target":{"users":["alice","bob","carol"]}})).await?;
-    fleet.publish("chat", &json!({"data":"desk","target":{"room":"desk:fx"}})).await?;
-    fleet.publish("chat", &json!({"data":"lobby","target":{"room":"lobby"}})).await?;
-    fleet.publish("news", &json!({"data":"everyone","target":{"all":true}})).await?;
-    fleet.publish("quote", &json!({"data":"eur","target":{"match":{"pair":"EURUSD"}}})).await?;
+    fleet
+        .publish("direct", &json!({"data":"to alice","target":{"users":["alice"]}}))
+        .await?;
+    fleet
+        .publish(
+            "direct",
+            &json!({"data":"to both","target":{"users":["alice","bob","carol"]}}),
+        )
+        .await?;
+    fleet
+        .publish("chat", &json!({"data":"desk","target":{"room":"desk:fx"}}))
+        .await?;
+    fleet
+        .publish("chat", &json!({"data":"lobby","target":{"room":"lobby"}}))
+        .await?;
+    fleet
+        .publish("news", &json!({"data":"everyone","target":{"all":true}}))
+        .await?;
+    fleet
+        .publish("quote", &json!({"data":"eur","target":{"match":{"pair":"EURUSD"}}}))
+        .await?;
     let got = until_marker(&fleet, &mut [&mut alice, &mut bob]).await?;
-    let data = |evs: &Vec<Value>| evs.iter().map(|e| e["data"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let data = |evs: &Vec<Value>| {
+        evs.iter()
+            .map(|e| e["data"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(data(&got[0]), ["to alice", "to both", "desk", "everyone"]);
     assert_eq!(data(&got[1]), ["to both", "lobby", "everyone", "eur"]);
 
     // Leave stops room events.
     alice.ok(json!({"op":"leave","room":"desk:fx"}), 5).await?;
-    fleet.publish("chat", &json!({"data":"desk2","target":{"room":"desk:fx"}})).await?;
+    fleet
+        .publish("chat", &json!({"data":"desk2","target":{"room":"desk:fx"}}))
+        .await?;
     assert!(until_marker(&fleet, &mut [&mut alice]).await?[0].is_empty());
     fleet.shutdown().await;
     Ok(())
@@ -255,7 +399,9 @@ async fn every_connection_of_a_user_gets_each_event_once() -> R {
     let (mut tab2, _) = WsClient::connect_ready(&url, &t, JSON).await?;
     tab1.ok(json!({"op":"subscribe","sub":"t","type":"tick"}), 1).await?;
     for i in 0..20 {
-        fleet.publish("tick", &json!({"data":{"i":i},"target":{"match":{}}})).await?;
+        fleet
+            .publish("tick", &json!({"data":{"i":i},"target":{"match":{}}}))
+            .await?;
     }
     for evs in until_marker(&fleet, &mut [&mut tab1, &mut tab2]).await? {
         let is: Vec<u64> = evs.iter().map(|e| e["data"]["i"].as_u64().unwrap()).collect();
@@ -263,13 +409,17 @@ async fn every_connection_of_a_user_gets_each_event_once() -> R {
     }
     // Unsubscribe on one tab applies to all.
     tab2.ok(json!({"op":"unsubscribe","sub":"t"}), 1).await?;
-    fleet.publish("tick", &json!({"data":{"i":99},"target":{"match":{}}})).await?;
+    fleet
+        .publish("tick", &json!({"data":{"i":99},"target":{"match":{}}}))
+        .await?;
     for evs in until_marker(&fleet, &mut [&mut tab1, &mut tab2]).await? {
         assert!(evs.is_empty(), "{evs:?}");
     }
     // Closing one tab leaves the other served.
     drop(tab1);
-    fleet.publish("direct", &json!({"data":"still here","target":{"users":["alice"]}})).await?;
+    fleet
+        .publish("direct", &json!({"data":"still here","target":{"users":["alice"]}}))
+        .await?;
     let evs = until_marker(&fleet, &mut [&mut tab2]).await?.remove(0);
     assert_eq!(evs.len(), 1);
     fleet.shutdown().await;
@@ -295,7 +445,13 @@ async fn json_subprotocol_transcodes_payloads() -> R {
     payload.extend_from_slice(&f64::NAN.to_be_bytes());
     fleet.publish_raw("bin", payload, false).await?;
     // A JSON producer.
-    fleet.publish_raw("js", br#"{"data":{"big":12345678901,"f":1.5,"e":1e2},"target":{"users":["alice"]}}"#.to_vec(), true).await?;
+    fleet
+        .publish_raw(
+            "js",
+            br#"{"data":{"big":12345678901,"f":1.5,"e":1e2},"target":{"users":["alice"]}}"#.to_vec(),
+            true,
+        )
+        .await?;
     let evs = until_marker(&fleet, &mut [&mut c]).await?.remove(0);
     assert_eq!(evs[0]["data"], json!({"1":"/wA=","f":null}));
     assert_eq!(evs[1]["data"], json!({"big":12345678901u64,"f":1.5,"e":100.0}));
@@ -327,10 +483,23 @@ async fn a_frame_naming_another_user_changes_nothing_for_them() -> R {
     let url = fleet.ws_url();
     let (mut alice, _) = WsClient::connect_ready(&url, &fleet.token("alice", json!({})), MSGPACK).await?;
     let (mut bob, _) = WsClient::connect_ready(&url, &fleet.token("bob", json!({})), MSGPACK).await?;
-    alice.ok(json!({"op":"subscribe","sub":"s","type":"tick","user":"bob","sub_user":"bob"}), 1).await?;
-    alice.ok(json!({"op":"subscribe","sub":"s2","type":"tick","user_id":"bob"}), 2).await?;
+    alice
+        .ok(
+            json!({"op":"subscribe","sub":"s","type":"tick","user":"bob","sub_user":"bob"}),
+            1,
+        )
+        .await?;
+    alice
+        .ok(json!({"op":"subscribe","sub":"s2","type":"tick","user_id":"bob"}), 2)
+        .await?;
     assert_eq!(bob.request(json!({"op":"list"}), 1).await?["subs"], json!([]));
-    assert_eq!(alice.request(json!({"op":"list"}), 3).await?["subs"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        alice.request(json!({"op":"list"}), 3).await?["subs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     fleet.publish("tick", &json!({"data":1,"target":{"match":{}}})).await?;
     let got = until_marker(&fleet, &mut [&mut alice, &mut bob]).await?;
     assert_eq!(got[0].len(), 1);
@@ -350,14 +519,21 @@ async fn malformed_client_frames_get_bad_frame_and_the_connection_stays_usable()
         (Message::binary(mp(&json!({"op":"teleport","id":5}))), Some(5)),
         (Message::binary(mp(&json!({"op":"ping","id":-1}))), None),
         (Message::binary(mp(&json!({"op":"ping","id":"x"}))), None),
-        (Message::binary(mp(&json!({"op":"subscribe","id":6,"type":"t"}))), Some(6)),
+        (
+            Message::binary(mp(&json!({"op":"subscribe","id":6,"type":"t"}))),
+            Some(6),
+        ),
         (Message::binary(mp(&json!({"id":7}))), Some(7)),
         (Message::binary(mp(&json!({"op":7,"id":8}))), Some(8)),
     ];
     for (msg, id) in cases {
         c.send_raw(msg.clone()).await?;
         let r = c.frame().await?;
-        assert_eq!((r["op"].as_str(), r["code"].as_str()), (Some("error"), Some("bad_frame")), "{msg:?}: {r}");
+        assert_eq!(
+            (r["op"].as_str(), r["code"].as_str()),
+            (Some("error"), Some("bad_frame")),
+            "{msg:?}: {r}"
+        );
         assert_eq!(r["id"].as_u64(), id, "{msg:?}: {r}");
     }
     assert_eq!(c.request(json!({"op":"ping"}), 42).await?["op"], "pong");
@@ -398,12 +574,25 @@ async fn malformed_producer_events_are_dropped_and_later_ones_arrive() -> R {
     fleet.publish_raw("tick", vec![0xc1, 0x00], false).await?;
     fleet.publish_raw("tick", b"{not json".to_vec(), true).await?;
     fleet.publish("tick", &json!({"data":1})).await?;
-    fleet.publish("tick", &json!({"data":1,"target":{"users":["a.b"]}})).await?;
-    fleet.publish("tick", &json!({"data":1,"target":{"match":{"s":7}}})).await?;
-    fleet.publish("tick", &json!({"data":1,"target":{"match":{"s":"x"},"values":{"c":"high"}}})).await?;
-    fleet.publish("Bad-Type", &json!({"data":1,"target":{"all":true}})).await?;
+    fleet
+        .publish("tick", &json!({"data":1,"target":{"users":["a.b"]}}))
+        .await?;
+    fleet
+        .publish("tick", &json!({"data":1,"target":{"match":{"s":7}}}))
+        .await?;
+    fleet
+        .publish(
+            "tick",
+            &json!({"data":1,"target":{"match":{"s":"x"},"values":{"c":"high"}}}),
+        )
+        .await?;
+    fleet
+        .publish("Bad-Type", &json!({"data":1,"target":{"all":true}}))
+        .await?;
     fleet.publish("a.b.c", &json!({"data":1,"target":{"all":true}})).await?;
-    fleet.publish("tick", &json!({"data":"valid","target":{"users":["alice"]}})).await?;
+    fleet
+        .publish("tick", &json!({"data":"valid","target":{"users":["alice"]}}))
+        .await?;
     let evs = until_marker(&fleet, &mut [&mut c]).await?.remove(0);
     assert_eq!(evs.len(), 1, "{evs:?}");
     assert_eq!(evs[0]["data"], "valid");
@@ -416,11 +605,24 @@ async fn duplicate_producer_ids_are_delivered_once() -> R {
     let fleet = Fleet::start().await?;
     let (mut c, _) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), MSGPACK).await?;
     for _ in 0..3 {
-        fleet.publish("alert", &json!({"id":"evt-1","data":"once","target":{"users":["alice"]}})).await?;
+        fleet
+            .publish(
+                "alert",
+                &json!({"id":"evt-1","data":"once","target":{"users":["alice"]}}),
+            )
+            .await?;
     }
-    fleet.publish("alert", &json!({"id":"evt-2","data":"twice","target":{"users":["alice"]}})).await?;
+    fleet
+        .publish(
+            "alert",
+            &json!({"id":"evt-2","data":"twice","target":{"users":["alice"]}}),
+        )
+        .await?;
     let evs = until_marker(&fleet, &mut [&mut c]).await?.remove(0);
-    assert_eq!(evs.iter().map(|e| e["data"].as_str().unwrap()).collect::<Vec<_>>(), ["once", "twice"]);
+    assert_eq!(
+        evs.iter().map(|e| e["data"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["once", "twice"]
+    );
     assert_eq!(evs[0]["id"], "evt-1");
     fleet.shutdown().await;
     Ok(())
@@ -436,17 +638,31 @@ async fn rpc_reaches_the_application_with_the_verified_user() -> R {
         use futures::StreamExt;
         while let Some(msg) = calls.next().await {
             let v: rmpv::Value = rmpv::decode::read_value(&mut &msg.payload[..]).unwrap();
-            let user = switchyard_common::value::get(v.as_map().unwrap(), "user").unwrap().as_str().unwrap().to_string();
-            let reply = rmpv::Value::Map(vec![(rmpv::Value::from("data"), rmpv::Value::from(format!("placed for {user}")))]);
+            let user = switchyard_common::value::get(v.as_map().unwrap(), "user")
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string();
+            let reply = rmpv::Value::Map(vec![(
+                rmpv::Value::from("data"),
+                rmpv::Value::from(format!("placed for {user}")),
+            )]);
             let mut buf = Vec::new();
             rmpv::encode::write_value(&mut buf, &reply).unwrap();
             app.publish(msg.reply.unwrap(), buf.into()).await.unwrap();
         }
     });
     let (mut c, _) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), JSON).await?;
-    let r = c.request(json!({"op":"rpc","method":"orders.place","data":{"qty":1},"user":"bob"}), 1).await?;
+    let r = c
+        .request(
+            json!({"op":"rpc","method":"orders.place","data":{"qty":1},"user":"bob"}),
+            1,
+        )
+        .await?;
     assert_eq!(r, json!({"op":"rpc_result","id":1,"data":"placed for alice"}));
-    let r = c.request(json!({"op":"rpc","method":"nobody.home","data":{}}), 2).await?;
+    let r = c
+        .request(json!({"op":"rpc","method":"nobody.home","data":{}}), 2)
+        .await?;
     assert_eq!(r["code"], "unavailable");
     fleet.shutdown().await;
     Ok(())
@@ -462,7 +678,8 @@ async fn admin_endpoints_report_health_and_metrics() -> R {
         async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = tokio::net::TcpStream::connect(addr).await?;
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+                .await?;
             let mut out = String::new();
             tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
             anyhow::Ok(out)

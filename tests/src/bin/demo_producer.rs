@@ -48,7 +48,10 @@ impl Xorshift {
 async fn main() -> Result<()> {
     let a = Args::parse();
     let client = async_nats::connect(a.nats_url.as_str()).await?;
-    eprintln!("publishing ~{} ticks/s and a pattern alert every ~2 s to {} (prefix {})", a.rate, a.nats_url, a.prefix);
+    eprintln!(
+        "publishing ~{} ticks/s and a pattern alert every ~2 s to {} (prefix {})",
+        a.rate, a.nats_url, a.prefix
+    );
     let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
     let mut prices: Vec<f64> = vec![190.0, 250.0, 120.0, 420.0, 180.0, 500.0];
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / a.rate.max(1)));
@@ -74,8 +77,10 @@ async fn main() -> Result<()> {
         });
         buf.clear();
         json_to_msgpack(&tick_event, &mut buf);
-        client.publish(format!("{}.events.tick.{sym}", a.prefix), buf.clone().into()).await?;
-        if n % (2 * a.rate.max(1)) == 0 {
+        client
+            .publish(format!("{}.events.tick.{sym}", a.prefix), buf.clone().into())
+            .await?;
+        if n.is_multiple_of(2 * a.rate.max(1)) {
             let confidence = (rng.unit() * 100.0).round() / 100.0;
             let pattern = PATTERNS[(rng.next() % PATTERNS.len() as u64) as usize];
             let tier = TIERS[(rng.next() % TIERS.len() as u64) as usize];
@@ -87,7 +92,9 @@ async fn main() -> Result<()> {
             });
             buf.clear();
             json_to_msgpack(&alert, &mut buf);
-            client.publish(format!("{}.events.pattern.{sym}", a.prefix), buf.clone().into()).await?;
+            client
+                .publish(format!("{}.events.pattern.{sym}", a.prefix), buf.clone().into())
+                .await?;
         }
     }
     client.flush().await?;

@@ -43,23 +43,49 @@ struct Args {
 async fn main() -> Result<()> {
     let a = Args::parse();
     let jwt = token(&a.secret, &a.user, 24 * 3600, json!({"rooms": ["demo:*"]}));
-    let protocols = if a.json { vec!["switchyard.v1.json".to_string()] } else { vec![] };
-    let mut c = WsClient::connect(&a.url, &Connect { bearer: Some(jwt), protocols, query: None })
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e:?} (is the fleet running? see README)", a.url))?;
+    let protocols = if a.json {
+        vec!["switchyard.v1.json".to_string()]
+    } else {
+        vec![]
+    };
+    let mut c = WsClient::connect(
+        &a.url,
+        &Connect {
+            bearer: Some(jwt),
+            protocols,
+            query: None,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e:?} (is the fleet running? see README)", a.url))?;
     let ready = c.expect_op("ready").await.context("waiting for ready")?;
     eprintln!("connected as {} (conn {})", ready["user"], ready["conn"]);
-    c.ok(json!({"op":"subscribe","sub":"ticks","type":"tick","filters":{"symbol": a.symbols}}), 1).await?;
-    c.ok(json!({"op":"subscribe","sub":"alerts","type":"pattern","min":{"confidence": a.min_confidence}}), 2).await?;
-    eprintln!("subscribed: ticks for {:?}, pattern alerts with confidence >= {}", a.symbols, a.min_confidence);
+    c.ok(
+        json!({"op":"subscribe","sub":"ticks","type":"tick","filters":{"symbol": a.symbols}}),
+        1,
+    )
+    .await?;
+    c.ok(
+        json!({"op":"subscribe","sub":"alerts","type":"pattern","min":{"confidence": a.min_confidence}}),
+        2,
+    )
+    .await?;
+    eprintln!(
+        "subscribed: ticks for {:?}, pattern alerts with confidence >= {}",
+        a.symbols, a.min_confidence
+    );
     let deadline = (a.duration_s > 0).then(|| tokio::time::Instant::now() + Duration::from_secs(a.duration_s));
     let mut seen = 0u64;
     loop {
-        let wait = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now())).unwrap_or(Duration::from_secs(3600));
+        let wait = deadline
+            .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
+            .unwrap_or(Duration::from_secs(3600));
         if wait.is_zero() {
             break;
         }
-        let Some(msg) = c.next_within(wait).await? else { continue };
+        let Some(msg) = c.next_within(wait).await? else {
+            continue;
+        };
         let frame = match msg {
             Incoming::Frame(f) => f,
             Incoming::Closed(code, reason) => bail!("server closed the connection: {code} {reason}"),

@@ -12,9 +12,11 @@ use switchyard_common::ids;
 /// The claims the edge uses.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Claims {
-    /// The user id.
+    /// The user id (absent is refused by validation as a missing claim).
+    #[serde(default)]
     pub sub: String,
-    /// Expiry, unix seconds.
+    /// Expiry, unix seconds (absent is refused by validation as a missing claim).
+    #[serde(default)]
     pub exp: u64,
     /// Application roles, passed to rpc handlers.
     #[serde(default)]
@@ -69,7 +71,14 @@ impl Verifier {
         validation.algorithms = vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
         validation.leeway = leeway_s;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
+        if issuer.is_some() {
+            required.push("iss");
+        }
+        if audience.is_some() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         match issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,

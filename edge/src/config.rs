@@ -208,7 +208,15 @@ mod tests {
 
     #[test]
     fn flags_and_env_names() {
-        let c = EdgeConfig::parse_from(["switchyard-edge", "--jwt-secret", "s", "--prefix", "acme", "--listen", "127.0.0.1:1"]);
+        let c = EdgeConfig::parse_from([
+            "switchyard-edge",
+            "--jwt-secret",
+            "s",
+            "--prefix",
+            "acme",
+            "--listen",
+            "127.0.0.1:1",
+        ]);
         assert_eq!(c.validate().unwrap().prefix(), "acme");
         let bad = EdgeConfig::parse_from(["switchyard-edge", "--jwt-secret", "s", "--prefix", "a b"]);
         assert!(matches!(bad.validate(), Err(ConfigError::Prefix(_))));

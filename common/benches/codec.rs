@@ -61,12 +61,10 @@ fn event_json() -> serde_json::Value {
             "pattern_type": "BreakoutBO",
             "confidence": 0.82,
             "price": 187.42,
-            "breakout_level": 185.0,
             "volume": 48_213_900u64,
             "avg_volume": 31_550_000u64,
             "detected_at": 1_767_225_600_000u64,
             "timeframe": "1d",
-            "lookback_bars": 55,
             "direction": "up",
             "note": "close above 55-day high on 1.5x volume"
         }
@@ -103,7 +101,16 @@ fn fixtures() -> (Bytes, Bytes, ProducerEvent) {
 }
 
 fn bench_parse_event(c: &mut Criterion) {
-    let (mp, js, _) = fixtures();
+    let (mp, js, ev) = fixtures();
+    let mut body = Vec::new();
+    encode_delivery(&ev, TS_MS, &["breakouts"], &ev.data, &mut body);
+    eprintln!(
+        "event: {} bytes MessagePack ({} bytes data), {} bytes JSON; delivery body {} bytes",
+        mp.len(),
+        ev.data.len(),
+        js.len(),
+        body.len()
+    );
     let mut g = c.benchmark_group("parse_event");
     g.throughput(Throughput::Bytes(mp.len() as u64));
     g.bench_function("msgpack", |b| {

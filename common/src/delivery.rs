@@ -57,6 +57,70 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     let _ = rmp::encode::write_str(out, s);
 }
 
+/// What flow control needs from a delivery body, read without decoding `data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeliveryMeta {
+    /// The event's priority.
+    pub prio: Prio,
+    /// Hash of (`type`, `key`) when the event has a key: its conflation identity.
+    pub conflation_key: Option<u64>,
+}
+
+/// Reads priority and conflation identity from a delivery body.
+pub fn peek_meta(body: &[u8]) -> Result<DeliveryMeta, TranscodeError> {
+    let Body { entries, mut rest } = split_body(body)?;
+    let mut meta = DeliveryMeta::default();
+    let mut ty: &[u8] = &[];
+    let mut key: Option<&[u8]> = None;
+    for _ in 0..entries {
+        let klen = transcode::value_len(rest)?;
+        let (k, after_key) = rest.split_at(klen);
+        let vlen = transcode::value_len(after_key)?;
+        let (v, after_value) = after_key.split_at(vlen);
+        match str_payload(k) {
+            Some(b"type") => ty = str_payload(v).unwrap_or_default(),
+            Some(b"key") => key = str_payload(v),
+            Some(b"prio") => {
+                meta.prio = str_payload(v)
+                    .and_then(|p| std::str::from_utf8(p).ok())
+                    .and_then(Prio::parse)
+                    .unwrap_or_default()
+            }
+            _ => {}
+        }
+        rest = after_value;
+    }
+    if let Some(key) = key {
+        // FNV-1a over type, a separator no name contains, and key.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in ty.iter().chain(std::iter::once(&0u8)).chain(key.iter()) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        meta.conflation_key = Some(h);
+    }
+    Ok(meta)
+}
+
+/// The bytes of a MessagePack string value, if it is one.
+fn str_payload(v: &[u8]) -> Option<&[u8]> {
+    let (&first, rest) = v.split_first()?;
+    let (len, rest) = match first {
+        0xa0..=0xbf => (usize::from(first & 0x1f), rest),
+        0xd9 => (usize::from(*rest.first()?), rest.get(1..)?),
+        0xda => (
+            usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?])),
+            rest.get(2..)?,
+        ),
+        0xdb => (
+            u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize,
+            rest.get(4..)?,
+        ),
+        _ => return None,
+    };
+    rest.get(..len)
+}
+
 /// A delivery body whose map header has been read.
 struct Body<'a> {
     entries: u32,
@@ -210,6 +274,37 @@ mod tests {
             std::str::from_utf8(&frame).unwrap(),
             r#"{"op":"event","pos":9,"type":"tick","data":{"p":5},"ts":1700,"id":"e1","prio":"high","sub":["s1"]}"#
         );
+    }
+
+    #[test]
+    fn meta_is_read_without_decoding_data() {
+        let mut ev = event();
+        let mut body = Vec::new();
+        encode_delivery(&ev, 1, &[], &ev.data, &mut body);
+        assert_eq!(
+            peek_meta(&body).unwrap(),
+            DeliveryMeta {
+                prio: Prio::Normal,
+                conflation_key: None
+            }
+        );
+        ev.key = Some("AAPL".into());
+        ev.prio = Prio::Critical;
+        let mut a = Vec::new();
+        encode_delivery(&ev, 1, &[], &ev.data, &mut a);
+        let ma = peek_meta(&a).unwrap();
+        assert_eq!(ma.prio, Prio::Critical);
+        assert!(ma.conflation_key.is_some());
+        ev.key = Some("TSLA".into());
+        let mut b = Vec::new();
+        encode_delivery(&ev, 2, &[], &ev.data, &mut b);
+        assert_ne!(ma.conflation_key, peek_meta(&b).unwrap().conflation_key);
+        ev.event_type = "quote".into();
+        ev.key = Some("AAPL".into());
+        let mut c = Vec::new();
+        encode_delivery(&ev, 2, &[], &ev.data, &mut c);
+        assert_ne!(ma.conflation_key, peek_meta(&c).unwrap().conflation_key);
+        assert!(peek_meta(&[0x01]).is_err());
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub struct Subjects {
 /// Default subject prefix.
 pub const DEFAULT_PREFIX: &str = "sy";
 
+/// The subject token of broadcasts. User ids start with a letter or digit,
+/// so no user can own it.
+pub const BROADCAST_TOKEN: &str = "_all";
+
 /// Queue group shared by every router, so each event is handled once.
 pub const ROUTER_QUEUE_GROUP: &str = "switchyard-routers";
 
@@ -61,15 +65,44 @@ impl Subjects {
         Some((ty, key))
     }
 
-    /// The delivery subject of one user: `<prefix>.deliver.<user>`.
+    /// The durable delivery subject of one user: `<prefix>.deliver.<user>`,
+    /// captured by the delivery log.
     pub fn deliver(&self, user: &str) -> String {
         debug_assert!(ids::is_valid_user_id(user));
         format!("{}.deliver.{user}", self.prefix)
     }
 
-    /// Live broadcasts (`target: all`), which every edge subscribes to once.
-    pub fn broadcast(&self) -> String {
-        format!("{}.broadcast", self.prefix)
+    /// Durable broadcasts (`target: all`), stored once: `<prefix>.deliver._all`.
+    pub fn deliver_all(&self) -> String {
+        format!("{}.deliver.{BROADCAST_TOKEN}", self.prefix)
+    }
+
+    /// Every durable delivery subject, for the delivery log stream: `<prefix>.deliver.>`.
+    pub fn deliver_wildcard(&self) -> String {
+        format!("{}.deliver.>", self.prefix)
+    }
+
+    /// The live subject edges subscribe to for one user: `<prefix>.live.<user>`.
+    /// Durable deliveries reach it through the log's republish (with their
+    /// sequence); non-durable ones are published to it directly.
+    pub fn live(&self, user: &str) -> String {
+        debug_assert!(ids::is_valid_user_id(user));
+        format!("{}.live.{user}", self.prefix)
+    }
+
+    /// The live subject of broadcasts, which every edge subscribes to once.
+    pub fn live_all(&self) -> String {
+        format!("{}.live.{BROADCAST_TOKEN}", self.prefix)
+    }
+
+    /// Where the log republishes: `<prefix>.live.>`.
+    pub fn live_wildcard(&self) -> String {
+        format!("{}.live.>", self.prefix)
+    }
+
+    /// Name of the delivery log stream: the prefix, upper-cased, `.` → `_`, plus `_DELIVERIES`.
+    pub fn log_stream(&self) -> String {
+        format!("{}_DELIVERIES", self.prefix.replace('.', "_").to_ascii_uppercase())
     }
 
     /// Subscription-change requests from edges to the router tier.
@@ -105,6 +138,11 @@ mod tests {
         let s = Subjects::new("acme.sy").unwrap();
         assert_eq!(s.events_wildcard(), "acme.sy.events.>");
         assert_eq!(s.deliver("u1"), "acme.sy.deliver.u1");
+        assert_eq!(s.deliver_all(), "acme.sy.deliver._all");
+        assert_eq!(s.live("u1"), "acme.sy.live.u1");
+        assert_eq!(s.live_all(), "acme.sy.live._all");
+        assert_eq!(s.log_stream(), "ACME_SY_DELIVERIES");
+        assert!(!ids::is_valid_user_id(BROADCAST_TOKEN));
         assert_eq!(s.event("tick", Some("AAPL")), "acme.sy.events.tick.AAPL");
         assert_eq!(s.parse_event("acme.sy.events.tick.AAPL"), Some(("tick", Some("AAPL"))));
         assert_eq!(s.parse_event("acme.sy.events.tick"), Some(("tick", None)));

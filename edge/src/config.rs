@@ -85,6 +85,9 @@ pub struct EdgeConfig {
     /// Time the router tier (and rpc applications) have to answer, in milliseconds.
     #[arg(long, env = "SWITCHYARD_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
     pub request_timeout_ms: u64,
+    /// How long to wait at start for the delivery log stream (created by routers), in milliseconds.
+    #[arg(long, env = "SWITCHYARD_LOG_WAIT_MS", default_value_t = 30_000)]
+    pub log_wait_ms: u64,
     /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
     #[arg(skip)]
     pub metrics: Option<PrometheusHandle>,
@@ -110,6 +113,7 @@ impl std::fmt::Debug for EdgeConfig {
             .field("queue_events", &self.queue_events)
             .field("bad_frame_budget", &self.bad_frame_budget)
             .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("log_wait_ms", &self.log_wait_ms)
             .finish()
     }
 }

@@ -3,19 +3,75 @@
 //! Deliveries go into a bounded data queue with `try_send`: a full queue is
 //! a slow consumer, counted and reported, never awaited. Control frames
 //! (replies, pings, close) have their own small queue so data cannot block
-//! them. The handle also carries the few atomics the sweeper reads.
+//! them. A connection starts *holding*: live deliveries that arrive while it
+//! sends `ready` and replays the log are parked (bounded) and released in
+//! order afterwards, so nothing live overtakes the replay.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use switchyard_common::event::Prio;
+use tokio::sync::{mpsc, oneshot};
+
+/// One event on its way to a connection: the delivery body (see
+/// `switchyard_common::delivery`) and what flow control needs to know
+/// without decoding it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The delivery body (event frame map without `op`/`pos`).
+    pub body: Bytes,
+    /// Position in the delivery log; `None` for non-durable events.
+    pub pos: Option<u64>,
+    /// Priority (decides what a slow connection drops first).
+    pub prio: Prio,
+    /// Hash of the event's (`type`, `key`) when it has a key: the conflation identity.
+    pub conflation_key: Option<u64>,
+    /// Replayed from the log on resume: never rate limited, never conflated.
+    pub replayed: bool,
+}
+
+impl Delivery {
+    /// A live delivery from a NATS message: the body, and the log position
+    /// from the republish header when the event is durable.
+    pub fn from_message(msg: &async_nats::Message) -> Delivery {
+        let pos = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        Delivery::new(msg.payload.clone(), pos, false)
+    }
+
+    /// A delivery for `body` at `pos`.
+    pub fn new(body: Bytes, pos: Option<u64>, replayed: bool) -> Delivery {
+        let meta = switchyard_common::delivery::peek_meta(&body).unwrap_or_default();
+        Delivery {
+            body,
+            pos,
+            prio: meta.prio,
+            conflation_key: meta.conflation_key,
+            replayed,
+        }
+    }
+}
 
 /// Something for the connection's writer to send that is not a delivery.
 #[derive(Debug)]
 pub enum Control {
-    /// An encoded control frame (reply, error, ready...).
+    /// An encoded control frame (reply, error...).
     Frame(Vec<u8>),
+    /// Write everything already in the data queue, then this frame; then
+    /// skip durable events at or below `floor`, and acknowledge. Orders
+    /// `ready` and `resumed` against the events around them.
+    Barrier {
+        /// The frame to write after the queued data.
+        frame: Vec<u8>,
+        /// Durable events at or below this position are no longer sent.
+        floor: Option<u64>,
+        /// Acknowledged once the frame is written.
+        done: oneshot::Sender<()>,
+    },
     /// A WebSocket pong answering the client's ping.
     Pong(Bytes),
     /// A WebSocket ping (heartbeat).
@@ -31,7 +87,7 @@ pub enum Control {
 /// Sending ends of a connection's queues, created before the user is known.
 #[derive(Debug, Clone)]
 pub struct ConnSenders {
-    data: mpsc::Sender<Bytes>,
+    data: mpsc::Sender<Delivery>,
     control: mpsc::Sender<Control>,
     dropped_slow: Arc<AtomicU64>,
 }
@@ -39,7 +95,7 @@ pub struct ConnSenders {
 /// Receiving ends owned by the connection's writer.
 pub struct ConnQueues {
     /// Deliveries.
-    pub data: mpsc::Receiver<Bytes>,
+    pub data: mpsc::Receiver<Delivery>,
     /// Control frames.
     pub control: mpsc::Receiver<Control>,
     /// Deliveries dropped because the data queue was full, not yet reported.
@@ -57,7 +113,7 @@ pub fn channels(queue_events: usize) -> (ConnSenders, ConnQueues) {
     (
         ConnSenders {
             data: data_tx,
-            control: ctl_tx.clone(),
+            control: ctl_tx,
             dropped_slow: dropped.clone(),
         },
         ConnQueues {
@@ -74,10 +130,46 @@ impl ConnSenders {
         self.control.send(c).await.is_ok()
     }
 
+    /// Queues a replayed delivery, waiting for room: replay is paced by the writer.
+    pub async fn replayed(&self, d: Delivery) -> bool {
+        self.data.send(d).await.is_ok()
+    }
+
+    /// Writes `frame` after everything queued so far and waits until it is written.
+    pub async fn barrier(&self, frame: Vec<u8>, floor: Option<u64>) -> bool {
+        let (done, written) = oneshot::channel();
+        self.control.send(Control::Barrier { frame, floor, done }).await.is_ok() && written.await.is_ok()
+    }
+
     /// A sender for the control queue, for fastwebsockets' obligated replies.
     pub fn control_sender(&self) -> mpsc::Sender<Control> {
         self.control.clone()
     }
+
+    fn count_dropped(&self, n: u64) {
+        metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer").increment(n);
+        if self.dropped_slow.fetch_add(n, Ordering::Relaxed) == 0 {
+            // First drop since the last notice: wake the writer to report it.
+            let _ = self.control.try_send(Control::DroppedNotice);
+        }
+    }
+
+    fn try_deliver(&self, d: Delivery) {
+        match self.data.try_send(d) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.count_dropped(1),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+/// Live deliveries parked while the connection sends `ready` and replays.
+#[derive(Debug, Default)]
+struct Hold {
+    active: bool,
+    items: Vec<Delivery>,
+    /// A durable delivery did not fit: the replay must catch up from the log.
+    overflowed: bool,
 }
 
 /// Shared reference to an authenticated connection, held by the hub and pumps.
@@ -88,6 +180,9 @@ pub struct ConnHandle {
     /// The authenticated user.
     pub user: Arc<str>,
     senders: ConnSenders,
+    holding: AtomicBool,
+    hold: Mutex<Hold>,
+    hold_cap: usize,
     /// Unix ms of the last frame received from the client.
     pub last_rx_ms: AtomicU64,
     /// Token expiry, unix seconds (updated by refresh).
@@ -95,30 +190,62 @@ pub struct ConnHandle {
 }
 
 impl ConnHandle {
-    /// A handle for an authenticated connection.
-    pub fn new(id: u64, user: Arc<str>, senders: ConnSenders, exp_s: u64) -> Arc<ConnHandle> {
+    /// A handle for an authenticated connection, holding live deliveries
+    /// (at most `hold_cap`) until [`ConnHandle::release`].
+    pub fn new(id: u64, user: Arc<str>, senders: ConnSenders, exp_s: u64, hold_cap: usize) -> Arc<ConnHandle> {
         Arc::new(ConnHandle {
             id,
             user,
             senders,
+            holding: AtomicBool::new(true),
+            hold: Mutex::new(Hold {
+                active: true,
+                items: Vec::new(),
+                overflowed: false,
+            }),
+            hold_cap,
             last_rx_ms: AtomicU64::new(now_ms()),
             exp_s: AtomicU64::new(exp_s),
         })
     }
 
-    /// Queues a delivery without waiting; a full queue counts a drop.
-    pub fn deliver(&self, body: Bytes) {
-        match self.senders.data.try_send(body) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer").increment(1);
-                if self.senders.dropped_slow.fetch_add(1, Ordering::Relaxed) == 0 {
-                    // First drop since the last notice: wake the writer to report it.
-                    self.try_control(Control::DroppedNotice);
+    /// Queues a live delivery without waiting; a full queue counts a drop.
+    pub fn deliver(&self, d: Delivery) {
+        if self.holding.load(Ordering::Acquire) {
+            let mut hold = self.hold.lock().expect("hold lock");
+            if hold.active {
+                if hold.items.len() < self.hold_cap {
+                    hold.items.push(d);
+                } else if d.pos.is_some() {
+                    hold.overflowed = true;
+                } else {
+                    drop(hold);
+                    self.senders.count_dropped(1);
                 }
+                return;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+        self.senders.try_deliver(d);
+    }
+
+    /// Counts deliveries this connection missed (a lagging broadcast receiver).
+    pub fn missed(&self, n: u64) {
+        self.senders.count_dropped(n);
+    }
+
+    /// Whether durable deliveries were lost from the hold since the last call.
+    pub fn take_hold_overflow(&self) -> bool {
+        std::mem::take(&mut self.hold.lock().expect("hold lock").overflowed)
+    }
+
+    /// Ends holding: queues what was held, in order, then lets deliveries through.
+    pub fn release(&self) {
+        let mut hold = self.hold.lock().expect("hold lock");
+        for d in hold.items.drain(..) {
+            self.senders.try_deliver(d);
+        }
+        hold.active = false;
+        self.holding.store(false, Ordering::Release);
     }
 
     /// Queues a control frame without waiting (used by shared tasks such as the sweeper).

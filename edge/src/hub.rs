@@ -1,30 +1,40 @@
-//! The hub: which users have connections on this node, and the one NATS
-//! subscription per such user that feeds them.
+//! The hub: which users have connections on this node, and the NATS
+//! subscriptions that feed them.
 //!
 //! A cloneable [`Hub`] handle talks to one hub task over a bounded channel.
-//! The hub task owns the user → connections table, the node-wide broadcast
-//! subscription, and the sweeper (heartbeat pings, idle and token-expiry
-//! closes) that runs over every connection once per tick: one timer for the
-//! node, not one per connection. Each user with local connections gets a
-//! pump task that owns that user's NATS subscription and fans each delivery
-//! out to the user's connections; when the last connection goes, the pump
-//! ends and its subscription is dropped (unsubscribed).
+//! The hub task owns the user → connections table and the sweeper
+//! (heartbeat pings, idle and token-expiry closes) that runs over every
+//! connection once per tick: one timer for the node, not one per connection.
+//! Each user with local connections gets a pump task that owns that user's
+//! live subscription and fans each delivery out to the user's connections;
+//! when the last connection goes, the pump ends and its subscription is
+//! dropped (unsubscribed).
+//!
+//! Broadcasts arrive on one node-wide subscription. A user's events must
+//! reach each connection in `pos` order, and broadcasts interleave with the
+//! user's own events, but two NATS subscriptions are two channels with no
+//! order between them. The NATS client pushes messages into those channels
+//! in socket order, which is stream order, so a pump restores the order:
+//! whenever it takes a message it first gathers everything that arrived
+//! before it on either path (its own subscription, and the broadcast relay,
+//! drained under a lock into a broadcast channel), then merges by `pos`.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use async_nats::Subscriber;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use switchyard_common::client::{encode_server_frame, ServerFrame};
 use switchyard_common::subject::Subjects;
 use switchyard_common::{CloseCode, Encoding, ErrorCode};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::conn::{now_ms, ConnHandle, Control};
+use crate::conn::{now_ms, ConnHandle, Control, Delivery};
 
 /// Why a connection could not be registered.
 #[derive(Debug, thiserror::Error)]
@@ -64,11 +74,50 @@ struct UserSlot {
     pump: mpsc::Sender<PumpCommand>,
 }
 
+/// Broadcasts waiting to be fanned out; this many may queue per pump before it lags.
+const BROADCAST_BACKLOG: usize = 4096;
+
+/// Wakes the hub task when a broadcast arrives, whoever polled the subscription.
+struct NotifyWaker(Arc<Notify>);
+
+impl Wake for NotifyWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// The node-wide broadcast subscription, drained into a broadcast channel by
+/// whichever task needs it first (under a lock never held across `.await`).
+struct BroadcastRelay {
+    sub: Mutex<Subscriber>,
+    waker: Waker,
+    tx: broadcast::Sender<Delivery>,
+}
+
+impl BroadcastRelay {
+    /// Moves every broadcast that has arrived into the channel; false when the subscription ended.
+    fn drain(&self) -> bool {
+        let mut cx = Context::from_waker(&self.waker);
+        let mut sub = self.sub.lock().expect("relay lock");
+        loop {
+            match sub.poll_next_unpin(&mut cx) {
+                Poll::Ready(Some(msg)) => {
+                    // No receiver just means no user is connected here.
+                    let _ = self.tx.send(Delivery::from_message(&msg));
+                }
+                Poll::Ready(None) => return false,
+                Poll::Pending => return true,
+            }
+        }
+    }
+}
+
 struct HubTask {
     client: async_nats::Client,
     subjects: Subjects,
     users: HashMap<Arc<str>, UserSlot>,
     conns: HashMap<u64, (Arc<ConnHandle>, Encoding)>,
+    relay: Arc<BroadcastRelay>,
     tasks: TaskTracker,
     heartbeat: Duration,
 }
@@ -89,22 +138,30 @@ impl Hub {
         tasks: TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Hub, async_nats::SubscribeError> {
-        let broadcast = client.subscribe(subjects.broadcast()).await?;
+        let sub = client.subscribe(subjects.live_all()).await?;
+        let notify = Arc::new(Notify::new());
+        let relay = Arc::new(BroadcastRelay {
+            sub: Mutex::new(sub),
+            waker: Waker::from(Arc::new(NotifyWaker(notify.clone()))),
+            tx: broadcast::channel(BROADCAST_BACKLOG).0,
+        });
         let (tx, rx) = mpsc::channel(1024);
         let task = HubTask {
             client,
             subjects,
             users: HashMap::new(),
             conns: HashMap::new(),
+            relay,
             tasks: tasks.clone(),
             heartbeat: sweep.heartbeat,
         };
-        tasks.spawn(task.run(rx, broadcast, cancel));
+        tasks.spawn(task.run(rx, notify, cancel));
         Ok(Hub { tx })
     }
 
-    /// Adds a connection; its user's deliveries flow to it once this returns
-    /// and the NATS client has been flushed.
+    /// Adds a connection; its user's deliveries flow to it (held until the
+    /// connection releases them) once this returns and the NATS client has
+    /// been flushed.
     pub async fn register(&self, conn: Arc<ConnHandle>, encoding: Encoding) -> Result<(), HubError> {
         let (done, wait) = oneshot::channel();
         self.tx
@@ -123,10 +180,12 @@ impl Hub {
 }
 
 impl HubTask {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut broadcast: Subscriber, cancel: CancellationToken) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, notify: Arc<Notify>, cancel: CancellationToken) {
         let mut sweep = tokio::time::interval(self.heartbeat);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         sweep.tick().await;
+        // Register the relay's waker before the first broadcast can arrive.
+        self.relay.drain();
         loop {
             tokio::select! {
                 biased;
@@ -135,17 +194,12 @@ impl HubTask {
                     Some(cmd) => self.command(cmd).await,
                     None => break,
                 },
-                msg = broadcast.next() => match msg {
-                    Some(msg) => {
-                        for (conn, _) in self.conns.values() {
-                            conn.deliver(msg.payload.clone());
-                        }
-                    }
-                    None => {
+                _ = notify.notified() => {
+                    if !self.relay.drain() {
                         tracing::error!("broadcast subscription ended");
                         break;
                     }
-                },
+                }
                 _ = sweep.tick() => self.sweep(),
             }
         }
@@ -175,9 +229,17 @@ impl HubTask {
             // The pump died (its subscription ended); start a fresh one below.
             self.users.remove(&conn.user);
         }
-        let sub = self.client.subscribe(self.subjects.deliver(&conn.user)).await?;
+        let sub = self.client.subscribe(self.subjects.live(&conn.user)).await?;
         let (pump_tx, pump_rx) = mpsc::channel(64);
-        self.tasks.spawn(pump(sub, vec![conn.clone()], pump_rx));
+        let pump = Pump {
+            sub,
+            relay: self.relay.clone(),
+            broadcasts: self.relay.tx.subscribe(),
+            conns: vec![conn.clone()],
+            own: Vec::new(),
+            shared: Vec::new(),
+        };
+        self.tasks.spawn(pump.run(pump_rx));
         self.users.insert(
             conn.user.clone(),
             UserSlot {
@@ -234,25 +296,96 @@ impl HubTask {
     }
 }
 
-/// Fans one user's deliveries out to that user's connections on this node.
-async fn pump(mut sub: Subscriber, mut conns: Vec<Arc<ConnHandle>>, mut commands: mpsc::Receiver<PumpCommand>) {
-    loop {
-        tokio::select! {
-            biased;
-            cmd = commands.recv() => match cmd {
-                Some(PumpCommand::Add(c)) => conns.push(c),
-                Some(PumpCommand::Remove(id)) => conns.retain(|c| c.id != id),
-                None => break,
-            },
-            msg = sub.next() => match msg {
-                Some(msg) => {
-                    metrics::counter!("switchyard_edge_deliveries_in_total").increment(1);
-                    for c in &conns {
-                        c.deliver(msg.payload.clone());
-                    }
-                }
-                None => break,
-            },
+/// Fans one user's deliveries, and the node's broadcasts, out to that
+/// user's connections on this node, in `pos` order.
+struct Pump {
+    sub: Subscriber,
+    relay: Arc<BroadcastRelay>,
+    broadcasts: broadcast::Receiver<Delivery>,
+    conns: Vec<Arc<ConnHandle>>,
+    /// Gathered from the user's own subscription, in arrival order.
+    own: Vec<Delivery>,
+    /// Gathered broadcasts, in arrival order.
+    shared: Vec<Delivery>,
+}
+
+impl Pump {
+    async fn run(mut self, mut commands: mpsc::Receiver<PumpCommand>) {
+        loop {
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => match cmd {
+                    Some(PumpCommand::Add(c)) => self.conns.push(c),
+                    Some(PumpCommand::Remove(id)) => self.conns.retain(|c| c.id != id),
+                    None => break,
+                },
+                msg = self.sub.next() => match msg {
+                    Some(msg) => self.own.push(Delivery::from_message(&msg)),
+                    None => break,
+                },
+                b = self.broadcasts.recv() => match b {
+                    Ok(d) => self.shared.push(d),
+                    Err(broadcast::error::RecvError::Lagged(n)) => self.lagged(n),
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+            }
+            self.gather();
+            self.dispatch();
         }
+    }
+
+    /// Collects everything that arrived (on either path) before what we hold.
+    fn gather(&mut self) {
+        while let Some(Some(msg)) = self.sub.next().now_or_never() {
+            self.own.push(Delivery::from_message(&msg));
+        }
+        self.relay.drain();
+        loop {
+            match self.broadcasts.try_recv() {
+                Ok(d) => self.shared.push(d),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => self.lagged(n),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn lagged(&self, n: u64) {
+        tracing::warn!(
+            missed = n,
+            "broadcasts lagged behind; connections will see a dropped notice"
+        );
+        for c in &self.conns {
+            c.missed(n);
+        }
+    }
+
+    /// Merges the two paths by `pos` (each path keeps its own order; events
+    /// without `pos` go out as they come) and hands each event to every connection.
+    fn dispatch(&mut self) {
+        metrics::counter!("switchyard_edge_deliveries_in_total").increment((self.own.len() + self.shared.len()) as u64);
+        let (mut a, mut b) = (0, 0);
+        while a < self.own.len() || b < self.shared.len() {
+            let take_own = match (self.own.get(a), self.shared.get(b)) {
+                (Some(x), Some(y)) => match (x.pos, y.pos) {
+                    (Some(px), Some(py)) => px < py,
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                },
+                (Some(_), None) => true,
+                _ => false,
+            };
+            let d = if take_own {
+                a += 1;
+                &self.own[a - 1]
+            } else {
+                b += 1;
+                &self.shared[b - 1]
+            };
+            for c in &self.conns {
+                c.deliver(d.clone());
+            }
+        }
+        self.own.clear();
+        self.shared.clear();
     }
 }

@@ -11,6 +11,7 @@
 //! - [`session`]: one connection's reader and writer.
 //! - [`conn`]: the handle and bounded queues of one connection.
 //! - [`hub`]: user → connections, per-user NATS subscriptions, broadcasts, the sweeper.
+//! - [`log`]: the delivery log: positions, replay on resume, `recovered`.
 //! - [`backend`]: requests to the router tier and rpc applications.
 //! - [`node`]: what all connections share.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
@@ -21,6 +22,7 @@ pub mod backend;
 pub mod config;
 pub mod conn;
 pub mod hub;
+pub mod log;
 pub mod node;
 pub mod server;
 pub mod session;
@@ -32,10 +34,6 @@ use std::time::Duration;
 pub use config::EdgeConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// The `epoch` announced in `ready` while the edge has no delivery log:
-/// positions are not durable, so every resume answers `recovered: false`.
-pub const LIVE_EPOCH: &str = "live";
 
 /// Why an edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +47,9 @@ pub enum StartError {
     /// A NATS subscription failed.
     #[error("cannot subscribe: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    /// The delivery log is not there.
+    #[error(transparent)]
+    Log(#[from] log::LogError),
     /// A listener could not be bound.
     #[error("cannot bind: {0}")]
     Bind(#[from] std::io::Error),
@@ -114,6 +115,8 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         heartbeat: Duration::from_millis(config.heartbeat_ms),
     };
     let hub = hub::Hub::start(client.clone(), subjects.clone(), sweep, tasks.clone(), cancel.clone()).await?;
+    let log_wait = Duration::from_millis(config.log_wait_ms);
+    let log = log::DeliveryLog::open(async_nats::jetstream::new(client.clone()), subjects.clone(), log_wait).await?;
     let backend = backend::Backend::new(client.clone(), subjects.clone(), config.request_timeout());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let ws_addr = listener.local_addr()?;
@@ -130,6 +133,7 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         verifier,
         hub,
         backend,
+        log,
         client.clone(),
         cancel.clone(),
         tasks.clone(),

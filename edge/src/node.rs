@@ -10,6 +10,7 @@ use crate::auth::Verifier;
 use crate::backend::Backend;
 use crate::config::EdgeConfig;
 use crate::hub::Hub;
+use crate::log::DeliveryLog;
 
 /// Node-wide shared state, behind an `Arc`.
 pub struct Node {
@@ -21,6 +22,8 @@ pub struct Node {
     pub hub: Hub,
     /// Router tier and applications.
     pub backend: Backend,
+    /// The delivery log (positions, replay).
+    pub log: DeliveryLog,
     /// The node's NATS client.
     pub client: async_nats::Client,
     /// Prefix of this node's connection ids.
@@ -34,11 +37,13 @@ pub struct Node {
 
 impl Node {
     /// Assembles the node state.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: EdgeConfig,
         verifier: Verifier,
         hub: Hub,
         backend: Backend,
+        log: DeliveryLog,
         client: async_nats::Client,
         cancel: CancellationToken,
         tasks: TaskTracker,
@@ -53,6 +58,7 @@ impl Node {
             verifier,
             hub,
             backend,
+            log,
             client,
             node_id,
             cancel,

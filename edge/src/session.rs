@@ -30,7 +30,8 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
-use crate::conn::{channels, now_ms, ConnHandle, ConnQueues, ConnSenders, Control};
+use crate::conn::{channels, now_ms, ConnHandle, ConnQueues, ConnSenders, Control, Delivery};
+use crate::log::LogError;
 use crate::node::Node;
 
 type Io = TokioIo<Upgraded>;
@@ -75,6 +76,9 @@ pub async fn run(
         batch_max_events: node.config.batch_max_events,
         batch_max_bytes: node.config.batch_max_bytes,
         buf: Vec::with_capacity(1024),
+        batch: Vec::with_capacity(node.config.batch_max_events),
+        pending: None,
+        last_pos: 0,
     };
     node.tasks
         .spawn(writer.run(queues, conn_done.clone(), node.cancel.clone()));
@@ -102,6 +106,7 @@ pub async fn run(
         Arc::from(claims.sub.as_str()),
         reader.senders.clone(),
         claims.exp,
+        node.config.queue_events,
     );
     if let Err(e) = node.hub.register(conn.clone(), encoding).await {
         tracing::error!(error = %e, "cannot register connection");
@@ -112,36 +117,103 @@ pub async fn run(
         conn_done.cancel();
         return;
     }
-    // One round trip makes sure the user's subscription is in place before `ready`.
-    if let Err(e) = node.client.flush().await {
-        tracing::warn!(error = %e, "flush after subscribing failed");
-    }
     let conn_name = format!("{}-{}", node.node_id, conn.id);
-    let ready = ServerFrame::Ready {
-        id: auth_id,
-        conn: &conn_name,
-        user: &claims.sub,
-        epoch: crate::LIVE_EPOCH,
-        pos: 0,
-        server_time: now_ms(),
-        heartbeat_ms: node.config.heartbeat_ms,
-        limits: node.config.limits(),
-    };
-    reader.send(&ready).await;
-    if resume.is_some() {
-        // No delivery log yet: nothing can be replayed, so nothing is proven recovered.
+    if let Err(e) = start_delivery(&node, &mut reader, &conn, &conn_name, &claims, resume, auth_id).await {
+        tracing::warn!(error = %e, conn = %conn_name, "cannot start delivery");
         reader
-            .send(&ServerFrame::Resumed {
-                recovered: false,
-                replayed: 0,
-            })
+            .reply_error(
+                None,
+                ErrorCode::Unavailable,
+                "delivery log unavailable; reconnect later",
+            )
             .await;
+        reader
+            .senders
+            .control(Control::Close(1011, "delivery log unavailable"))
+            .await;
+        node.hub.unregister(conn).await;
+        conn_done.cancel();
+        return;
     }
     tracing::debug!(conn = %conn_name, user = %claims.sub, "connection ready");
     reader.serve(conn.clone(), claims).await;
     node.hub.unregister(conn).await;
     conn_done.cancel();
 }
+
+/// Sends `ready`, replays the log when a resume was asked, sends `resumed`,
+/// and then lets live deliveries through: the order PROTOCOL.md promises.
+async fn start_delivery(
+    node: &Node,
+    reader: &mut Reader,
+    conn: &ConnHandle,
+    conn_name: &str,
+    claims: &Claims,
+    resume: Option<Resume>,
+    auth_id: Option<u32>,
+) -> Result<(), LogError> {
+    // One round trip makes sure the user's live subscription is in place
+    // before the log's position is read: everything after it arrives live.
+    if let Err(e) = node.client.flush().await {
+        tracing::warn!(error = %e, "flush after subscribing failed");
+    }
+    let point = node.log.point().await?;
+    let ready = ServerFrame::Ready {
+        id: auth_id,
+        conn: conn_name,
+        user: &claims.sub,
+        epoch: &point.epoch,
+        pos: point.last_seq,
+        server_time: now_ms(),
+        heartbeat_ms: node.config.heartbeat_ms,
+        limits: node.config.limits(),
+    };
+    let Some(resume) = resume else {
+        // No resume: live events after `ready.pos`.
+        reader.barrier(&ready, Some(point.last_seq)).await;
+        conn.release();
+        return Ok(());
+    };
+    reader.barrier(&ready, None).await;
+    let same_epoch = resume.epoch == point.epoch;
+    let after = if same_epoch { resume.since } else { 0 };
+    let recovered = same_epoch && node.log.recovered(&claims.sub, resume.since, &point).await?;
+    let mut replayed = node
+        .log
+        .replay(&claims.sub, after, point.last_seq, &reader.senders)
+        .await?;
+    let mut upto = point.last_seq;
+    // Live events that did not fit the hold while replaying are still in
+    // the log: catch up from there (bounded), then switch to live.
+    for _ in 0..MAX_CATCH_UP_ROUNDS {
+        if !conn.take_hold_overflow() {
+            break;
+        }
+        upto = node.log.point().await?.last_seq;
+        let more = node
+            .log
+            .replay(&claims.sub, replayed.last_pos.max(after), upto, &reader.senders)
+            .await?;
+        replayed.count += more.count;
+        replayed.last_pos = more.last_pos;
+    }
+    let floor = upto.max(replayed.last_pos);
+    reader
+        .barrier(
+            &ServerFrame::Resumed {
+                recovered,
+                replayed: replayed.count,
+            },
+            Some(floor),
+        )
+        .await;
+    conn.release();
+    tracing::debug!(conn = %conn_name, replayed = replayed.count, recovered, "resumed");
+    Ok(())
+}
+
+/// How many times a resume catches up from the log before going live.
+const MAX_CATCH_UP_ROUNDS: usize = 5;
 
 struct Reader {
     rd: WebSocketRead<ReadHalf<Io>>,
@@ -233,6 +305,13 @@ impl Reader {
         let mut buf = Vec::with_capacity(64);
         encode_server_frame(self.encoding, frame, &mut buf);
         self.senders.control(Control::Frame(buf)).await;
+    }
+
+    /// Sends a frame after everything queued, waiting until it is written.
+    async fn barrier(&mut self, frame: &ServerFrame<'_>, floor: Option<u64>) {
+        let mut buf = Vec::with_capacity(256);
+        encode_server_frame(self.encoding, frame, &mut buf);
+        self.senders.barrier(buf, floor).await;
     }
 
     async fn reply_error(&mut self, id: Option<u32>, code: ErrorCode, message: &str) {
@@ -452,28 +531,32 @@ struct Writer {
     batch_max_events: usize,
     batch_max_bytes: usize,
     buf: Vec<u8>,
+    batch: Vec<Delivery>,
+    /// A delivery taken from the queue that did not fit the last batch.
+    pending: Option<Delivery>,
+    /// Highest `pos` written (or the floor set by a barrier): durable events
+    /// at or below it are duplicates and are skipped, which keeps `pos`
+    /// strictly increasing on the wire.
+    last_pos: u64,
 }
 
 impl Writer {
     async fn run(mut self, mut q: ConnQueues, conn_done: CancellationToken, node_cancel: CancellationToken) {
-        let mut batch: Vec<Bytes> = Vec::with_capacity(self.batch_max_events);
-        let mut pending: Option<Bytes> = None;
         let mut data_open = true;
         let result: Result<(), WebSocketError> = async {
             loop {
                 if let Ok(c) = q.control.try_recv() {
-                    if self.control(c, &q).await? {
+                    if self.control(c, &mut q).await? {
                         return Ok(());
                     }
                     continue;
                 }
-                let first = match pending.take() {
-                    Some(b) => b,
-                    None => tokio::select! {
+                if self.pending.is_none() {
+                    let first = tokio::select! {
                         biased;
                         c = q.control.recv() => match c {
                             Some(c) => {
-                                if self.control(c, &q).await? {
+                                if self.control(c, &mut q).await? {
                                     return Ok(());
                                 }
                                 continue;
@@ -487,42 +570,13 @@ impl Writer {
                         }
                         _ = conn_done.cancelled() => return Ok(()),
                         d = q.data.recv(), if data_open => match d {
-                            Some(b) => b,
+                            Some(d) => d,
                             None => { data_open = false; continue; }
                         },
-                    },
-                };
-                batch.clear();
-                let mut bytes = first.len();
-                batch.push(first);
-                while batch.len() < self.batch_max_events {
-                    match q.data.try_recv() {
-                        Ok(b) if bytes + b.len() > self.batch_max_bytes => {
-                            pending = Some(b);
-                            break;
-                        }
-                        Ok(b) => {
-                            bytes += b.len();
-                            batch.push(b);
-                        }
-                        Err(_) => break,
-                    }
+                    };
+                    self.pending = Some(first);
                 }
-                self.dropped_notice(&q).await?;
-                self.buf.clear();
-                let written = if batch.len() == 1 {
-                    write_event_frame(self.encoding, &batch[0], None, &mut self.buf)
-                } else {
-                    write_batch_frame(self.encoding, batch.iter().map(|b| (&b[..], None)), &mut self.buf)
-                };
-                if let Err(e) = written {
-                    metrics::counter!("switchyard_edge_bad_deliveries_total").increment(1);
-                    tracing::warn!(error = %e, "undecodable delivery skipped");
-                    continue;
-                }
-                metrics::counter!("switchyard_edge_deliveries_total").increment(batch.len() as u64);
-                let frame = data_frame(self.encoding, &self.buf);
-                self.ws.write_frame(frame).await?;
+                self.write_batch(&mut q).await?;
                 self.ws.flush().await?;
             }
         }
@@ -533,32 +587,89 @@ impl Writer {
         conn_done.cancel();
     }
 
+    /// Writes the pending delivery and whatever else is queued, up to the
+    /// batch caps, as one `event` or `batch` frame.
+    async fn write_batch(&mut self, q: &mut ConnQueues) -> Result<(), WebSocketError> {
+        self.batch.clear();
+        let mut bytes = 0;
+        while self.batch.len() < self.batch_max_events {
+            let Some(d) = self.pending.take().or_else(|| q.data.try_recv().ok()) else {
+                break;
+            };
+            if let Some(pos) = d.pos {
+                if pos <= self.last_pos {
+                    metrics::counter!("switchyard_edge_duplicates_skipped_total").increment(1);
+                    continue;
+                }
+            }
+            if !self.batch.is_empty() && bytes + d.body.len() > self.batch_max_bytes {
+                self.pending = Some(d);
+                break;
+            }
+            bytes += d.body.len();
+            if let Some(pos) = d.pos {
+                self.last_pos = pos;
+            }
+            self.batch.push(d);
+        }
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.dropped_notice(q).await?;
+        self.buf.clear();
+        let written = if self.batch.len() == 1 {
+            write_event_frame(self.encoding, &self.batch[0].body, self.batch[0].pos, &mut self.buf)
+        } else {
+            write_batch_frame(
+                self.encoding,
+                self.batch.iter().map(|d| (&d.body[..], d.pos)),
+                &mut self.buf,
+            )
+        };
+        if let Err(e) = written {
+            metrics::counter!("switchyard_edge_bad_deliveries_total").increment(1);
+            tracing::warn!(error = %e, "undecodable delivery skipped");
+            return Ok(());
+        }
+        metrics::counter!("switchyard_edge_deliveries_total").increment(self.batch.len() as u64);
+        let frame = data_frame(self.encoding, &self.buf);
+        self.ws.write_frame(frame).await
+    }
+
     async fn dropped_notice(&mut self, q: &ConnQueues) -> Result<(), WebSocketError> {
         let count = q.dropped_slow.swap(0, Ordering::Relaxed);
         if count == 0 {
             return Ok(());
         }
-        self.buf.clear();
+        let mut buf = Vec::with_capacity(48);
         encode_server_frame(
             self.encoding,
             &ServerFrame::Dropped {
                 count,
                 reason: "slow_consumer",
             },
-            &mut self.buf,
+            &mut buf,
         );
-        let frame = data_frame(self.encoding, &self.buf);
-        self.ws.write_frame(frame).await
+        self.ws.write_frame(data_frame(self.encoding, &buf)).await
     }
 
     /// Writes one control item; whether the connection is now closed.
-    async fn control(&mut self, c: Control, q: &ConnQueues) -> Result<bool, WebSocketError> {
+    async fn control(&mut self, c: Control, q: &mut ConnQueues) -> Result<bool, WebSocketError> {
         let closed = match c {
             Control::Frame(bytes) => {
-                self.buf.clear();
-                self.buf.extend_from_slice(&bytes);
-                let frame = data_frame(self.encoding, &self.buf);
-                self.ws.write_frame(frame).await?;
+                self.ws.write_frame(data_frame(self.encoding, &bytes)).await?;
+                false
+            }
+            Control::Barrier { frame, floor, done } => {
+                while self.pending.is_some() || !q.data.is_empty() {
+                    self.write_batch(q).await?;
+                }
+                self.ws.write_frame(data_frame(self.encoding, &frame)).await?;
+                if let Some(floor) = floor {
+                    self.last_pos = self.last_pos.max(floor);
+                }
+                // The session may have given up waiting; nothing to tell it then.
+                let _ = done.send(());
                 false
             }
             Control::Pong(p) => {

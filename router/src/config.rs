@@ -31,6 +31,18 @@ pub struct RouterConfig {
     /// Window in which events with the same producer `id` are delivered once, in seconds.
     #[arg(long, env = "SWITCHYARD_DEDUP_WINDOW_S", default_value_t = 120)]
     pub dedup_window_s: u64,
+    /// Delivery log: messages kept per user (and for broadcasts).
+    #[arg(long, env = "SWITCHYARD_LOG_MAX_PER_USER", default_value_t = 1000)]
+    pub log_max_per_user: i64,
+    /// Delivery log: how long a delivery is kept, in seconds.
+    #[arg(long, env = "SWITCHYARD_LOG_MAX_AGE_S", default_value_t = 86_400)]
+    pub log_max_age_s: u64,
+    /// Delivery log storage: `file` or `memory`.
+    #[arg(long, env = "SWITCHYARD_LOG_STORAGE", default_value = "file", value_parser = ["file", "memory"])]
+    pub log_storage: String,
+    /// Delivery log replicas (3 on a NATS cluster).
+    #[arg(long, env = "SWITCHYARD_LOG_REPLICAS", default_value_t = 1)]
+    pub log_replicas: usize,
     /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
     #[arg(skip)]
     pub metrics: Option<PrometheusHandle>,
@@ -56,7 +68,22 @@ impl RouterConfig {
         if self.dedup_window_s == 0 {
             return Err(ConfigError::Range("SWITCHYARD_DEDUP_WINDOW_S must be at least 1"));
         }
+        if self.log_max_per_user < 1 || self.log_max_age_s == 0 || !(1..=5).contains(&self.log_replicas) {
+            return Err(ConfigError::Range(
+                "SWITCHYARD_LOG_MAX_PER_USER and SWITCHYARD_LOG_MAX_AGE_S must be at least 1, SWITCHYARD_LOG_REPLICAS 1 to 5",
+            ));
+        }
         Ok(Subjects::new(&self.prefix)?)
+    }
+
+    /// The delivery log settings.
+    pub fn log_settings(&self) -> crate::log::LogSettings {
+        crate::log::LogSettings {
+            max_per_subject: self.log_max_per_user,
+            max_age: std::time::Duration::from_secs(self.log_max_age_s),
+            memory: self.log_storage == "memory",
+            replicas: self.log_replicas,
+        }
     }
 
     /// A config for embedding (tests): defaults, this NATS URL, admin on an ephemeral port.

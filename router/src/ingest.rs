@@ -132,7 +132,7 @@ impl Ingest {
             Target::Users(users) => {
                 let body = self.body(event, ts, &[], None);
                 for u in users {
-                    self.publish(self.subjects.deliver(u), body.clone()).await;
+                    self.publish(self.user_subject(event, u), body.clone()).await;
                 }
                 users.len()
             }
@@ -145,13 +145,18 @@ impl Ingest {
                     .for_each_member(room, |u| members.push(u.clone()));
                 let body = self.body(event, ts, &[], None);
                 for u in &members {
-                    self.publish(self.subjects.deliver(u), body.clone()).await;
+                    self.publish(self.user_subject(event, u), body.clone()).await;
                 }
                 members.len()
             }
             Target::All => {
                 let body = self.body(event, ts, &[], None);
-                self.publish(self.subjects.broadcast(), body).await;
+                let subject = if event.durable {
+                    self.subjects.deliver_all()
+                } else {
+                    self.subjects.live_all()
+                };
+                self.publish(subject, body).await;
                 1
             }
             Target::Match {
@@ -180,12 +185,22 @@ impl Ingest {
                     names.extend(group.iter().map(|(_, s)| s.name.as_str()));
                     let fields = fields_union(group.iter().map(|(_, s)| s.as_ref()));
                     let body = self.body(event, ts, &names, fields.as_deref());
-                    self.publish(self.subjects.deliver(&group[0].0), body).await;
+                    self.publish(self.user_subject(event, &group[0].0), body).await;
                     delivered += 1;
                 }
                 self.matches = matches;
                 delivered
             }
+        }
+    }
+
+    /// Durable deliveries go to the log (which republishes them live with a
+    /// position); non-durable ones straight to the live subject.
+    fn user_subject(&self, event: &ProducerEvent, user: &str) -> String {
+        if event.durable {
+            self.subjects.deliver(user)
+        } else {
+            self.subjects.live(user)
         }
     }
 

@@ -8,6 +8,7 @@
 //! - [`state`]: the shared state and how control requests change it.
 //! - [`control`]: the NATS service answering edges' subscription requests.
 //! - [`ingest`]: producer events → deliveries.
+//! - [`log`]: the delivery log stream (JetStream) that stores durable deliveries.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //!
 //! [`start`] runs all of it in the current tokio runtime, so tests can embed
@@ -18,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod index;
 pub mod ingest;
+pub mod log;
 pub mod rooms;
 pub mod state;
 
@@ -38,6 +40,9 @@ pub enum StartError {
     /// NATS could not be reached.
     #[error("cannot connect to NATS: {0}")]
     Nats(#[from] async_nats::ConnectError),
+    /// The delivery log stream could not be created.
+    #[error("cannot create the delivery log stream: {0}")]
+    Log(#[from] async_nats::jetstream::context::CreateStreamError),
     /// A NATS subscription failed.
     #[error("cannot subscribe: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
@@ -96,6 +101,8 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         .await?;
     // retry_on_initial_connect returns at once; wait (bounded) for the first connection.
     wait_connected(&client).await;
+    let js = async_nats::jetstream::new(client.clone());
+    log::ensure_stream(&js, &subjects, &config.log_settings()).await?;
     let state = state::RouterState::new(config.max_subscriptions);
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();

@@ -47,6 +47,14 @@ impl Fleet {
 
     /// Starts everything, letting the caller adjust the edge's config.
     pub async fn start_with(tweak_edge: impl FnOnce(&mut EdgeConfig)) -> Result<Fleet> {
+        Fleet::start_custom(|_| {}, tweak_edge).await
+    }
+
+    /// Starts everything, letting the caller adjust the router's and the edge's config.
+    pub async fn start_custom(
+        tweak_router: impl FnOnce(&mut RouterConfig),
+        tweak_edge: impl FnOnce(&mut EdgeConfig),
+    ) -> Result<Fleet> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("SWITCHYARD_LOG"))
             .with_test_writer()
@@ -54,6 +62,7 @@ impl Fleet {
         let nats = NatsServer::start()?;
         let mut rc = RouterConfig::embedded(&nats.url());
         rc.metrics = Some(metrics_handle());
+        tweak_router(&mut rc);
         let router = switchyard_router::start(rc).await?;
         let mut ec = EdgeConfig::embedded(&nats.url(), TEST_SECRET);
         ec.metrics = Some(metrics_handle());
@@ -66,6 +75,13 @@ impl Fleet {
             edge: Some(edge),
             producer,
         })
+    }
+
+    /// Starts one more edge on the same NATS server (default settings).
+    pub async fn start_edge(&self) -> Result<RunningEdge> {
+        let mut ec = EdgeConfig::embedded(&self.nats.url(), TEST_SECRET);
+        ec.metrics = Some(metrics_handle());
+        Ok(switchyard_edge::start(ec).await?)
     }
 
     /// `ws://ADDR/ws` of the edge.
@@ -104,6 +120,37 @@ impl Fleet {
         }
         self.producer.flush().await?;
         Ok(())
+    }
+
+    /// Waits until the router has handled everything published so far: it
+    /// publishes a fence event to a reserved user and waits until the
+    /// delivery log holds it (the router handles events in order).
+    pub async fn settle(&self) -> Result<()> {
+        static FENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = FENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.publish(
+            "fence",
+            &serde_json::json!({"data": n, "target": {"users": ["zz-fence"]}}),
+        )
+        .await?;
+        let js = async_nats::jetstream::new(self.producer.clone());
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(stream) = js.get_stream("SY_DELIVERIES").await {
+                if let Ok(msg) = stream.get_last_raw_message_by_subject("sy.deliver.zz-fence").await {
+                    let body: rmpv::Value = rmpv::decode::read_value(&mut &msg.payload[..])?;
+                    let data = body
+                        .as_map()
+                        .and_then(|m| switchyard_common::value::get(m, "data"))
+                        .and_then(|d| d.as_u64());
+                    if data.is_some_and(|d| d >= n) {
+                        return Ok(());
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        anyhow::bail!("the router did not store the fence event within 10 s")
     }
 
     /// Stops router and edge (the NATS server stops on drop).

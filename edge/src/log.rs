@@ -1,0 +1,192 @@
+//! The edge's view of the delivery log: where it stands (`epoch`, last
+//! position), replaying a user's durable events after a position, and
+//! deciding whether a resume is `recovered`.
+//!
+//! The router tier owns the stream (see `switchyard_router::log`); the edge
+//! only reads it. A user's durable history is the merge, by stream sequence,
+//! of the user's subject and the shared broadcast subject; one ordered
+//! consumer with both filter subjects reads it in that order. Requires
+//! nats-server ≥ 2.10 (multiple filter subjects).
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::stream::Stream;
+use futures::{StreamExt, TryStreamExt};
+use switchyard_common::subject::Subjects;
+
+use crate::conn::{ConnSenders, Delivery};
+
+/// Why the log could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The stream does not exist (no router has created it yet).
+    #[error("delivery log stream {0} not found; is a router running?")]
+    Missing(String),
+    /// A JetStream request failed.
+    #[error("delivery log request failed: {0}")]
+    Request(String),
+    /// The replay stalled.
+    #[error("delivery log replay timed out")]
+    Timeout,
+}
+
+fn request_error(e: impl std::fmt::Display) -> LogError {
+    LogError::Request(e.to_string())
+}
+
+/// Where the log stands now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPoint {
+    /// The stream's incarnation: name and creation time.
+    pub epoch: String,
+    /// The last sequence stored (0 when empty).
+    pub last_seq: u64,
+    /// The first sequence still stored.
+    pub first_seq: u64,
+    /// Messages kept per subject.
+    pub max_per_subject: i64,
+}
+
+/// What a replay sent.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replayed {
+    /// Events sent.
+    pub count: u64,
+    /// The last position sent (or the start position when none).
+    pub last_pos: u64,
+}
+
+/// Read access to the delivery log stream.
+pub struct DeliveryLog {
+    js: async_nats::jetstream::Context,
+    name: String,
+    subjects: Subjects,
+}
+
+/// How long one replayed message may take to arrive before the replay fails.
+const REPLAY_STALL: Duration = Duration::from_secs(10);
+
+impl DeliveryLog {
+    /// Finds the stream, waiting up to `wait` for a router to create it.
+    pub async fn open(
+        js: async_nats::jetstream::Context,
+        subjects: Subjects,
+        wait: Duration,
+    ) -> Result<DeliveryLog, LogError> {
+        let name = subjects.log_stream();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match js.get_stream(&name).await {
+                Ok(_) => return Ok(DeliveryLog { js, name, subjects }),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    tracing::error!(error = %e, stream = %name, "delivery log not available");
+                    return Err(LogError::Missing(name));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    async fn stream(&self) -> Result<Stream, LogError> {
+        self.js.get_stream(&self.name).await.map_err(|e| match e.kind() {
+            async_nats::jetstream::context::GetStreamErrorKind::JetStream(_) => LogError::Missing(self.name.clone()),
+            _ => request_error(e),
+        })
+    }
+
+    /// Reads the stream's current state.
+    pub async fn point(&self) -> Result<LogPoint, LogError> {
+        let stream = self.stream().await?;
+        let info = stream.cached_info();
+        Ok(LogPoint {
+            epoch: format!("{}-{:x}", info.config.name, info.created.unix_timestamp_nanos()),
+            last_seq: info.state.last_sequence,
+            first_seq: info.state.first_sequence,
+            max_per_subject: info.config.max_messages_per_subject,
+        })
+    }
+
+    /// Whether nothing durable for `user` after `since` has been evicted
+    /// (the caller has checked the epoch). Conservative: may say false when
+    /// nothing was lost, never true when something was.
+    pub async fn recovered(&self, user: &str, since: u64, point: &LogPoint) -> Result<bool, LogError> {
+        if since > point.last_seq {
+            return Ok(false);
+        }
+        // Age limits evict from the front of the whole stream.
+        if point.first_seq > since.saturating_add(1) {
+            return Ok(false);
+        }
+        // A per-subject limit evicts a subject's oldest first: if the subject
+        // is full and its oldest kept message is after `since`, something
+        // after `since` may have been evicted.
+        let stream = self.stream().await?;
+        for subject in [self.subjects.deliver(user), self.subjects.deliver_all()] {
+            let mut counts = stream.info_with_subjects(&subject).await.map_err(request_error)?;
+            let mut count = 0u64;
+            while let Some((_, n)) = counts.try_next().await.map_err(request_error)? {
+                count += n as u64;
+            }
+            if point.max_per_subject > 0 && count >= point.max_per_subject as u64 {
+                let first = stream
+                    .direct_get_first_for_subject(subject.as_str())
+                    .await
+                    .map_err(request_error)?;
+                if first.sequence > since.saturating_add(1) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Sends `user`'s durable events with `after < pos <= upto`, in order,
+    /// into the connection's data queue (waiting for room: the writer paces it).
+    pub async fn replay(&self, user: &str, after: u64, upto: u64, out: &ConnSenders) -> Result<Replayed, LogError> {
+        let mut done = Replayed {
+            count: 0,
+            last_pos: after,
+        };
+        if upto <= after {
+            return Ok(done);
+        }
+        let stream = self.stream().await?;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subjects: vec![self.subjects.deliver(user), self.subjects.deliver_all()],
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(request_error)?;
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(done);
+        }
+        let mut messages = consumer.messages().await.map_err(request_error)?;
+        loop {
+            let msg = match tokio::time::timeout(REPLAY_STALL, messages.next()).await {
+                Err(_) => return Err(LogError::Timeout),
+                Ok(None) => break,
+                Ok(Some(m)) => m.map_err(request_error)?,
+            };
+            let info = msg.info().map_err(request_error)?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if seq > upto {
+                break;
+            }
+            if !out.replayed(Delivery::new(msg.payload.clone(), Some(seq), true)).await {
+                break;
+            }
+            done.count += 1;
+            done.last_pos = seq;
+            if pending == 0 || seq == upto {
+                break;
+            }
+        }
+        metrics::counter!("switchyard_edge_replayed_total").increment(done.count);
+        Ok(done)
+    }
+}

@@ -88,6 +88,27 @@ pub struct EdgeConfig {
     /// How long to wait at start for the delivery log stream (created by routers), in milliseconds.
     #[arg(long, env = "SWITCHYARD_LOG_WAIT_MS", default_value_t = 30_000)]
     pub log_wait_ms: u64,
+    /// PEM certificate chain for WSS (TLS at the edge); with `tls_key`.
+    #[arg(long, env = "SWITCHYARD_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for WSS; with `tls_cert`.
+    #[arg(long, env = "SWITCHYARD_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Most WebSocket connections on this node; more get HTTP 503.
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 200_000)]
+    pub max_connections: usize,
+    /// Most connections of one user on this node; more get HTTP 429 (header auth) or close 4008 (frame auth).
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS_PER_USER", default_value_t = 16)]
+    pub max_connections_per_user: u32,
+    /// Browser origins allowed to connect, comma separated (empty: any). Requests without `Origin` (native clients) pass.
+    #[arg(long, env = "SWITCHYARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// On SIGTERM, reconnect delays announced to clients are spread over this window, in milliseconds.
+    #[arg(long, env = "SWITCHYARD_DRAIN_SPREAD_MS", default_value_t = 10_000)]
+    pub drain_spread_ms: u64,
+    /// On SIGTERM, the process exits when its connections are gone or after this long, in milliseconds.
+    #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
     /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
     #[arg(skip)]
     pub metrics: Option<PrometheusHandle>,
@@ -114,6 +135,13 @@ impl std::fmt::Debug for EdgeConfig {
             .field("bad_frame_budget", &self.bad_frame_budget)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("log_wait_ms", &self.log_wait_ms)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key.as_ref().map(|_| "<redacted path>"))
+            .field("max_connections", &self.max_connections)
+            .field("max_connections_per_user", &self.max_connections_per_user)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("drain_spread_ms", &self.drain_spread_ms)
+            .field("drain_timeout_ms", &self.drain_timeout_ms)
             .finish()
     }
 }
@@ -146,6 +174,14 @@ impl EdgeConfig {
         }
         if self.batch_max_events == 0 || self.queue_events == 0 || self.batch_max_bytes == 0 {
             return Err(ConfigError::Range("batch and queue sizes must be at least 1"));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Range(
+                "SWITCHYARD_TLS_CERT and SWITCHYARD_TLS_KEY go together",
+            ));
+        }
+        if self.max_connections == 0 || self.max_connections_per_user == 0 {
+            return Err(ConfigError::Range("connection limits must be at least 1"));
         }
         Ok(Subjects::new(&self.prefix)?)
     }

@@ -30,7 +30,7 @@ use futures::{FutureExt, StreamExt};
 use switchyard_common::client::{encode_server_frame, ServerFrame};
 use switchyard_common::subject::Subjects;
 use switchyard_common::{CloseCode, Encoding, ErrorCode};
-use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -56,6 +56,9 @@ enum Command {
     Unregister {
         conn: Arc<ConnHandle>,
     },
+    Drain {
+        spread: Duration,
+    },
 }
 
 enum PumpCommand {
@@ -67,6 +70,7 @@ enum PumpCommand {
 #[derive(Clone)]
 pub struct Hub {
     tx: mpsc::Sender<Command>,
+    connections: watch::Receiver<usize>,
 }
 
 struct UserSlot {
@@ -120,7 +124,12 @@ struct HubTask {
     relay: Arc<BroadcastRelay>,
     tasks: TaskTracker,
     heartbeat: Duration,
+    last_ping_ms: u64,
+    connections: watch::Sender<usize>,
 }
+
+/// How often the sweeper looks at every connection (pings go out every heartbeat).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Sweeper settings.
 #[derive(Debug, Clone, Copy)]
@@ -146,6 +155,7 @@ impl Hub {
             tx: broadcast::channel(BROADCAST_BACKLOG).0,
         });
         let (tx, rx) = mpsc::channel(1024);
+        let (count_tx, count_rx) = watch::channel(0);
         let task = HubTask {
             client,
             subjects,
@@ -154,9 +164,14 @@ impl Hub {
             relay,
             tasks: tasks.clone(),
             heartbeat: sweep.heartbeat,
+            last_ping_ms: now_ms(),
+            connections: count_tx,
         };
         tasks.spawn(task.run(rx, notify, cancel));
-        Ok(Hub { tx })
+        Ok(Hub {
+            tx,
+            connections: count_rx,
+        })
     }
 
     /// Adds a connection; its user's deliveries flow to it (held until the
@@ -171,6 +186,22 @@ impl Hub {
         wait.await.map_err(|_| HubError::Stopped)?
     }
 
+    /// Tells every connection to reconnect elsewhere, with delays spread over
+    /// `spread`, and closes it with 1001.
+    pub async fn drain(&self, spread: Duration) {
+        if self.tx.send(Command::Drain { spread }).await.is_err() {
+            tracing::debug!("hub already stopped at drain");
+        }
+    }
+
+    /// Waits until no connection is registered, or `timeout` passes; whether they are all gone.
+    pub async fn wait_empty(&self, timeout: Duration) -> bool {
+        let mut rx = self.connections.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Removes a connection (idempotent).
     pub async fn unregister(&self, conn: Arc<ConnHandle>) {
         if self.tx.send(Command::Unregister { conn }).await.is_err() {
@@ -181,7 +212,7 @@ impl Hub {
 
 impl HubTask {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, notify: Arc<Notify>, cancel: CancellationToken) {
-        let mut sweep = tokio::time::interval(self.heartbeat);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY.min(self.heartbeat));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         sweep.tick().await;
         // Register the relay's waker before the first broadcast can arrive.
@@ -214,7 +245,9 @@ impl HubTask {
                 }
             }
             Command::Unregister { conn } => self.remove(&conn),
+            Command::Drain { spread } => self.drain(spread),
         }
+        self.connections.send_replace(self.conns.len());
         metrics::gauge!("switchyard_edge_connections").set(self.conns.len() as f64);
         metrics::gauge!("switchyard_edge_users").set(self.users.len() as f64);
     }
@@ -270,9 +303,36 @@ impl HubTask {
         }
     }
 
-    /// Heartbeat pings, idle closes and token-expiry closes, for every connection.
-    fn sweep(&self) {
+    fn drain(&self, spread: Duration) {
+        let n = self.conns.len().max(1) as u64;
+        for (i, (conn, encoding)) in self.conns.values().enumerate() {
+            let after_ms = spread.as_millis() as u64 * i as u64 / n;
+            let mut frame = Vec::new();
+            encode_server_frame(
+                *encoding,
+                &ServerFrame::Reconnect {
+                    after_ms,
+                    reason: "draining",
+                },
+                &mut frame,
+            );
+            conn.try_control(Control::Frame(frame));
+            conn.try_control(Control::Close(CloseCode::GoingAway.code(), "draining"));
+        }
+        tracing::info!(
+            connections = self.conns.len(),
+            "drain: reconnect sent to every connection"
+        );
+    }
+
+    /// Heartbeat pings (every heartbeat), idle closes and token-expiry closes
+    /// (checked every second), for every connection.
+    fn sweep(&mut self) {
         let now = now_ms();
+        let ping = now.saturating_sub(self.last_ping_ms) >= self.heartbeat.as_millis() as u64;
+        if ping {
+            self.last_ping_ms = now;
+        }
         let idle_limit = 2 * self.heartbeat.as_millis() as u64;
         for (conn, encoding) in self.conns.values() {
             if now.saturating_sub(conn.last_rx_ms.load(Ordering::Relaxed)) > idle_limit {
@@ -289,7 +349,7 @@ impl HubTask {
                 encode_server_frame(*encoding, &err, &mut frame);
                 conn.try_control(Control::Frame(frame));
                 conn.try_control(Control::Close(CloseCode::TokenExpired.code(), "token expired"));
-            } else {
+            } else if ping {
                 conn.try_control(Control::Ping);
             }
         }

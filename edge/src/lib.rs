@@ -13,7 +13,8 @@
 //! - [`hub`]: user → connections, per-user NATS subscriptions, broadcasts, the sweeper.
 //! - [`log`]: the delivery log: positions, replay on resume, `recovered`.
 //! - [`backend`]: requests to the router tier and rpc applications.
-//! - [`node`]: what all connections share.
+//! - [`node`]: what all connections share (limits, drain flag).
+//! - [`tls`]: rustls for `wss://`.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod log;
 pub mod node;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +52,9 @@ pub enum StartError {
     /// The delivery log is not there.
     #[error(transparent)]
     Log(#[from] log::LogError),
+    /// The TLS certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// A listener could not be bound.
     #[error("cannot bind: {0}")]
     Bind(#[from] std::io::Error),
@@ -60,15 +65,35 @@ pub enum StartError {
 
 /// A running edge.
 pub struct RunningEdge {
-    /// Where WebSocket clients connect (`ws://ADDR/ws`).
+    /// Where WebSocket clients connect (`ws://ADDR/ws`, or `wss://` with TLS).
     pub ws_addr: SocketAddr,
     /// Where the admin endpoint listens.
     pub admin_addr: SocketAddr,
+    node: Arc<node::Node>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
 
 impl RunningEdge {
+    /// Drains the node: readiness turns 503, new upgrades get 503, every
+    /// client gets `reconnect` (delays spread over the configured window)
+    /// and a 1001 close; returns when all connections are gone or the drain
+    /// timeout passes. Call [`RunningEdge::shutdown`] afterwards.
+    pub async fn drain(&self) -> bool {
+        self.node.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        let spread = Duration::from_millis(self.node.config.drain_spread_ms);
+        self.node.hub.drain(spread).await;
+        let gone = self
+            .node
+            .hub
+            .wait_empty(Duration::from_millis(self.node.config.drain_timeout_ms))
+            .await;
+        if !gone {
+            tracing::warn!("drain timeout passed with connections still open");
+        }
+        gone
+    }
+
     /// Closes every connection (1001) and waits, bounded, for the tasks to end.
     pub async fn shutdown(self) {
         self.cancel.cancel();
@@ -122,12 +147,10 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     let ws_addr = listener.local_addr()?;
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen).await?;
     let admin_addr = admin_listener.local_addr()?;
-    let ready_client = client.clone();
-    let ready_cancel = cancel.clone();
-    let ready: admin::ReadyCheck = Arc::new(move || {
-        !ready_cancel.is_cancelled() && ready_client.connection_state() == async_nats::connection::State::Connected
-    });
-    tasks.spawn(admin::serve(admin_listener, ready, metrics, cancel.clone()));
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
     let node = Arc::new(node::Node::new(
         config,
         verifier,
@@ -138,14 +161,24 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         cancel.clone(),
         tasks.clone(),
     ));
+    let ready_client = client.clone();
+    let ready_node = node.clone();
+    let ready: admin::ReadyCheck = Arc::new(move || {
+        !ready_node.cancel.is_cancelled()
+            && !ready_node.draining.load(std::sync::atomic::Ordering::Relaxed)
+            && ready_client.connection_state() == async_nats::connection::State::Connected
+    });
+    tasks.spawn(admin::serve(admin_listener, ready, metrics, cancel.clone()));
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }
-    tasks.spawn(server::serve(listener, node));
-    tracing::info!(%ws_addr, %admin_addr, prefix = %subjects.prefix(), "edge started");
+    let wss = tls.is_some();
+    tasks.spawn(server::serve(listener, node.clone(), tls));
+    tracing::info!(%ws_addr, %admin_addr, wss, prefix = %subjects.prefix(), "edge started");
     Ok(RunningEdge {
         ws_addr,
         admin_addr,
+        node,
         cancel,
         tasks,
     })

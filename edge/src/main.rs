@@ -26,7 +26,8 @@ async fn main() -> ExitCode {
         }
     };
     wait_for_signal().await;
-    tracing::info!("shutting down");
+    tracing::info!("SIGTERM: draining");
+    edge.drain().await;
     edge.shutdown().await;
     ExitCode::SUCCESS
 }

@@ -1,7 +1,11 @@
 //! What every connection on this node shares: settings, verifier, hub,
 //! backend, the NATS client, and the node's shutdown signal and task tracker.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,6 +30,12 @@ pub struct Node {
     pub log: DeliveryLog,
     /// The node's NATS client.
     pub client: async_nats::Client,
+    /// Connection slots of this node (a permit per connection).
+    pub conn_slots: Arc<Semaphore>,
+    /// Connections per user on this node.
+    pub user_slots: Arc<UserSlots>,
+    /// Set on SIGTERM: readiness fails and new upgrades are refused.
+    pub draining: AtomicBool,
     /// Prefix of this node's connection ids.
     pub node_id: String,
     /// Fires when the node shuts down.
@@ -48,6 +58,7 @@ impl Node {
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Node {
+        let (config_max_connections, config_max_per_user) = (config.max_connections, config.max_connections_per_user);
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros())
@@ -64,11 +75,57 @@ impl Node {
             cancel,
             tasks,
             next_conn: AtomicU64::new(1),
+            conn_slots: Arc::new(Semaphore::new(config_max_connections)),
+            user_slots: Arc::new(UserSlots {
+                max: config_max_per_user,
+                counts: Mutex::new(HashMap::new()),
+            }),
+            draining: AtomicBool::new(false),
         }
     }
 
     /// A fresh connection id.
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Counts each user's connections on this node against a maximum.
+pub struct UserSlots {
+    max: u32,
+    counts: Mutex<HashMap<Arc<str>, u32>>,
+}
+
+impl UserSlots {
+    /// Takes a slot for `user`, or `None` when the user is at the maximum.
+    pub fn try_acquire(self: &Arc<Self>, user: &str) -> Option<UserSlot> {
+        let mut counts = self.counts.lock().expect("user slots lock");
+        let n = counts.entry(Arc::from(user)).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            slots: self.clone(),
+            user: Arc::from(user),
+        })
+    }
+}
+
+/// One connection's slot; released on drop.
+pub struct UserSlot {
+    slots: Arc<UserSlots>,
+    user: Arc<str>,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut counts = self.slots.counts.lock().expect("user slots lock");
+        if let Some(n) = counts.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.user);
+            }
+        }
     }
 }

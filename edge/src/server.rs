@@ -10,13 +10,16 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
+use std::sync::atomic::Ordering;
+
+use hyper::header::{HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rmpv::Value;
 use switchyard_common::client::{parse_resume, Resume};
 use switchyard_common::Encoding;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::node::Node;
 use crate::session::{self, PreAuth};
@@ -27,8 +30,9 @@ fn respond(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     r
 }
 
-/// Accepts connections until the node's cancel token fires.
-pub async fn serve(listener: TcpListener, node: Arc<Node>) {
+/// Accepts connections until the node's cancel token fires; with an
+/// acceptor, each connection speaks TLS first.
+pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<TlsAcceptor>) {
     loop {
         let (stream, _) = tokio::select! {
             _ = node.cancel.cancelled() => break,
@@ -45,20 +49,48 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
         let node = node.clone();
+        let tls = tls.clone();
         node.tasks.clone().spawn(async move {
-            let svc_node = node.clone();
-            let service = hyper::service::service_fn(move |req| {
-                let node = svc_node.clone();
-                async move { Ok::<_, Infallible>(handle(node, req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "http connection ended with an error");
+            match tls {
+                None => serve_http(stream, node).await,
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_http(stream, node).await,
+                    Ok(Err(e)) => {
+                        metrics::counter!("switchyard_edge_refused_total", "reason" => "tls").increment(1);
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        metrics::counter!("switchyard_edge_refused_total", "reason" => "tls_timeout").increment(1);
+                    }
+                },
             }
         });
     }
+}
+
+/// How long a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn serve_http<S>(io: S, node: Arc<Node>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc_node = node.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let node = svc_node.clone();
+        async move { Ok::<_, Infallible>(handle(node, req)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+fn refuse(reason: &'static str, status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    metrics::counter!("switchyard_edge_refused_total", "reason" => reason).increment(1);
+    respond(status, body)
 }
 
 /// Picks the encoding from `Sec-WebSocket-Protocol`: the client's first
@@ -139,6 +171,23 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>) -> Response<
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return respond(StatusCode::UPGRADE_REQUIRED, "this endpoint only speaks WebSocket\n");
     }
+    if node.draining.load(Ordering::Relaxed) {
+        return refuse(
+            "draining",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is draining; connect to another\n",
+        );
+    }
+    if !node.config.allowed_origins.is_empty() {
+        if let Some(origin) = req.headers().get(ORIGIN) {
+            let allowed = origin
+                .to_str()
+                .is_ok_and(|o| node.config.allowed_origins.iter().any(|a| a == o));
+            if !allowed {
+                return refuse("origin", StatusCode::FORBIDDEN, "origin not allowed\n");
+            }
+        }
+    }
     let Ok((encoding, echo_protocol)) = negotiate(&req) else {
         return respond(
             StatusCode::BAD_REQUEST,
@@ -164,15 +213,32 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>) -> Response<
     let pre_auth = match header_token.or(query_token) {
         None => None,
         Some(token) => match node.verifier.verify(token) {
-            Ok(claims) => Some(PreAuth {
-                claims,
-                resume: query.resume,
-            }),
+            Ok(claims) => {
+                let Some(slot) = node.user_slots.try_acquire(&claims.sub) else {
+                    return refuse(
+                        "user_connections",
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many connections for this user on this node\n",
+                    );
+                };
+                Some(PreAuth {
+                    claims,
+                    resume: query.resume,
+                    slot,
+                })
+            }
             Err(e) => {
                 metrics::counter!("switchyard_edge_auth_failures_total", "reason" => e.reason()).increment(1);
                 return respond(StatusCode::UNAUTHORIZED, "invalid token\n");
             }
         },
+    };
+    let Ok(permit) = node.conn_slots.clone().try_acquire_owned() else {
+        return refuse(
+            "node_connections",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is full; connect to another\n",
+        );
     };
     let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(r) => r,
@@ -184,7 +250,7 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>) -> Response<
             .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(encoding.subprotocol()));
     }
     node.tasks
-        .spawn(session::run(node.clone(), upgrade, encoding, pre_auth));
+        .spawn(session::run(node.clone(), upgrade, encoding, pre_auth, permit));
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, Full::new(Bytes::new()))
 }

@@ -27,12 +27,13 @@ use switchyard_common::control::{ControlOp, ControlReply};
 use switchyard_common::delivery::{write_batch_frame, write_event_frame};
 use switchyard_common::{CloseCode, Encoding, ErrorCode};
 use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
 use crate::conn::{channels, now_ms, ConnHandle, ConnQueues, ConnSenders, Control, Delivery};
 use crate::log::LogError;
-use crate::node::Node;
+use crate::node::{Node, UserSlot};
 
 type Io = TokioIo<Upgraded>;
 
@@ -42,6 +43,8 @@ pub struct PreAuth {
     pub claims: Claims,
     /// Resume point from the upgrade URL.
     pub resume: Option<Resume>,
+    /// The user's connection slot on this node.
+    pub slot: UserSlot,
 }
 
 /// Why the reader stopped.
@@ -58,6 +61,7 @@ pub async fn run(
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     encoding: Encoding,
     pre_auth: Option<PreAuth>,
+    _permit: OwnedSemaphorePermit,
 ) {
     let ws = match upgrade.await {
         Ok(ws) => ws,
@@ -94,10 +98,26 @@ pub async fn run(
         bad_frames: VecDeque::new(),
     };
     let auth = match pre_auth {
-        Some(p) => Some((p.claims, p.resume, None)),
-        None => reader.frame_auth().await,
+        Some(p) => Some((p.claims, p.resume, None, p.slot)),
+        None => match reader.frame_auth().await {
+            None => None,
+            Some((claims, resume, id)) => match node.user_slots.try_acquire(&claims.sub) {
+                Some(slot) => Some((claims, resume, id, slot)),
+                None => {
+                    metrics::counter!("switchyard_edge_refused_total", "reason" => "user_connections").increment(1);
+                    reader
+                        .senders
+                        .control(Control::Close(
+                            CloseCode::PolicyViolation.code(),
+                            "too many connections for this user",
+                        ))
+                        .await;
+                    None
+                }
+            },
+        },
     };
-    let Some((claims, resume, auth_id)) = auth else {
+    let Some((claims, resume, auth_id, _slot)) = auth else {
         conn_done.cancel();
         return;
     };

@@ -1,0 +1,213 @@
+//! Edge operations end to end: WSS, connection limits, origin allow-list,
+//! and the drain on SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+use switchyard_tests::fleet::Fleet;
+use switchyard_tests::ws_client::{Connect, ConnectError, Incoming, WsClient};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+type R = anyhow::Result<()>;
+
+async fn http_status(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
+    out.split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()
+        .context("bad status")
+}
+
+#[tokio::test]
+async fn wss_with_a_certificate_generated_at_test_time() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem())?;
+    std::fs::write(&key_path, key.serialize_pem())?;
+    let fleet = Fleet::start_with(|c| {
+        c.tls_cert = Some(cert_path.clone());
+        c.tls_key = Some(key_path.clone());
+    })
+    .await?;
+    let port = fleet.edge.as_ref().unwrap().ws_addr.port();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client_config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut req = format!("wss://localhost:{port}/ws").into_client_request()?;
+    req.headers_mut().insert(
+        "Authorization",
+        HeaderValue::from_str(&format!("Bearer {}", fleet.token("alice", json!({}))))?,
+    );
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("switchyard.v1.json"));
+    let connector = tokio_tungstenite::Connector::Rustls(Arc::new(client_config));
+    let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector)).await?;
+    use futures::{SinkExt, StreamExt};
+    let ready = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await?
+        .context("closed")??;
+    let ready: serde_json::Value = serde_json::from_str(ready.to_text()?)?;
+    assert_eq!(ready["op"], "ready");
+    ws.send(tokio_tungstenite::tungstenite::Message::text(r#"{"op":"ping","id":1}"#))
+        .await?;
+    let pong = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await?
+        .context("closed")??;
+    assert!(pong.to_text()?.contains("\"pong\""));
+    // Plain ws:// to a TLS port does not get a WebSocket.
+    assert!(
+        WsClient::connect(&format!("ws://127.0.0.1:{port}/ws"), &Connect::default())
+            .await
+            .is_err()
+    );
+    fleet.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn per_user_and_per_node_connection_limits() -> R {
+    let fleet = Fleet::start_with(|c| {
+        c.max_connections_per_user = 2;
+        c.max_connections = 4;
+    })
+    .await?;
+    let url = fleet.ws_url();
+    let t = fleet.token("alice", json!({}));
+    let (_a1, _) = WsClient::connect_ready(&url, &t, &[]).await?;
+    let (_a2, _) = WsClient::connect_ready(&url, &t, &[]).await?;
+    // Header auth: HTTP 429 before the upgrade.
+    let opts = Connect {
+        bearer: Some(t.clone()),
+        ..Default::default()
+    };
+    assert_eq!(
+        WsClient::connect(&url, &opts).await.err(),
+        Some(ConnectError::Status(429))
+    );
+    // Frame auth: close 4008 before ready.
+    let mut c = WsClient::connect(&url, &Connect::default()).await.expect("upgrade");
+    c.send(&json!({"op":"auth","token":t})).await?;
+    assert_eq!(c.expect_close().await?, 4008);
+    // Another user is fine until the node is full.
+    let (_b1, _) = WsClient::connect_ready(&url, &fleet.token("bob", json!({})), &[]).await?;
+    let (_b2, _) = WsClient::connect_ready(&url, &fleet.token("bob", json!({})), &[]).await?;
+    let opts = Connect {
+        bearer: Some(fleet.token("carol", json!({}))),
+        ..Default::default()
+    };
+    assert_eq!(
+        WsClient::connect(&url, &opts).await.err(),
+        Some(ConnectError::Status(503))
+    );
+    // A slot frees when a connection closes.
+    drop(_a1);
+    let mut ok = false;
+    for _ in 0..100 {
+        if WsClient::connect(&url, &opts).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "slot not released after a close");
+    fleet.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn origin_allow_list() -> R {
+    let fleet = Fleet::start_with(|c| c.allowed_origins = vec!["https://app.example".into()]).await?;
+    let url = fleet.ws_url();
+    let t = fleet.token("alice", json!({}));
+    let connect = |origin: Option<&'static str>| {
+        let url = url.clone();
+        let t = t.clone();
+        async move {
+            let mut req = url.into_client_request().unwrap();
+            req.headers_mut()
+                .insert("Authorization", HeaderValue::from_str(&format!("Bearer {t}")).unwrap());
+            if let Some(o) = origin {
+                req.headers_mut().insert("Origin", HeaderValue::from_static(o));
+            }
+            match tokio_tungstenite::connect_async(req).await {
+                Ok(_) => 101,
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    assert_eq!(connect(Some("https://app.example")).await, 101);
+    assert_eq!(connect(Some("https://evil.example")).await, 403);
+    assert_eq!(connect(None).await, 101);
+    fleet.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn drain_sends_reconnect_spread_then_1001_and_refuses_new_upgrades() -> R {
+    let mut fleet = Fleet::start_with(|c| {
+        c.drain_spread_ms = 4000;
+        c.drain_timeout_ms = 5000;
+    })
+    .await?;
+    let url = fleet.ws_url();
+    let admin = fleet.edge_admin();
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let (c, _) =
+            WsClient::connect_ready(&url, &fleet.token(&format!("u{i}"), json!({})), &["switchyard.v1.json"]).await?;
+        clients.push(c);
+    }
+    assert_eq!(http_status(admin, "/readyz").await?, 200);
+    let edge = fleet.edge.take().unwrap();
+    let drain = tokio::spawn(async move {
+        let gone = edge.drain().await;
+        (edge, gone)
+    });
+    let mut delays = Vec::new();
+    for c in &mut clients {
+        let f = c.expect_op("reconnect").await?;
+        assert_eq!(f["reason"], "draining");
+        delays.push(f["after_ms"].as_u64().context("after_ms")?);
+        match c.next().await? {
+            Incoming::Closed(code, _) => assert_eq!(code, 1001),
+            other => panic!("expected a 1001 close, got {other:?}"),
+        }
+    }
+    delays.sort_unstable();
+    assert!(delays.iter().all(|d| *d < 4000), "{delays:?}");
+    assert!(delays[3] > delays[0], "delays are not spread: {delays:?}");
+    let (edge, gone) = drain.await?;
+    assert!(gone, "connections still open after drain");
+    assert_eq!(http_status(admin, "/readyz").await?, 503);
+    assert_eq!(http_status(admin, "/healthz").await?, 200);
+    let opts = Connect {
+        bearer: Some(fleet.token("late", json!({}))),
+        ..Default::default()
+    };
+    assert_eq!(
+        WsClient::connect(&url, &opts).await.err(),
+        Some(ConnectError::Status(503))
+    );
+    edge.shutdown().await;
+    fleet.shutdown().await;
+    Ok(())
+}

@@ -99,6 +99,11 @@ impl WsClient {
         Ok((c, ready))
     }
 
+    /// The underlying WebSocket stream (for tools that read at full speed).
+    pub fn into_inner(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.ws
+    }
+
     /// Sends a frame given as JSON, in the connection's encoding.
     pub async fn send(&mut self, frame: &Value) -> Result<()> {
         let msg = match self.encoding {

@@ -82,6 +82,7 @@ pub async fn run(
         buf: Vec::with_capacity(1024),
         batch: Vec::with_capacity(node.config.batch_max_events),
         pending: None,
+        sent_close: false,
         last_pos: 0,
     };
     node.tasks
@@ -231,6 +232,9 @@ async fn start_delivery(
     tracing::debug!(conn = %conn_name, replayed = replayed.count, recovered, "resumed");
     Ok(())
 }
+
+/// How long the writer waits for the client to answer a close it sent.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How many times a resume catches up from the log before going live.
 const MAX_CATCH_UP_ROUNDS: usize = 5;
@@ -554,6 +558,8 @@ struct Writer {
     batch: Vec<Delivery>,
     /// A delivery taken from the queue that did not fit the last batch.
     pending: Option<Delivery>,
+    /// Whether this side sent a close frame (then it waits for the client's answer).
+    sent_close: bool,
     /// Highest `pos` written (or the floor set by a barrier): durable events
     /// at or below it are duplicates and are skipped, which keeps `pos`
     /// strictly increasing on the wire.
@@ -585,6 +591,7 @@ impl Writer {
                         },
                         _ = node_cancel.cancelled() => {
                             self.ws.write_frame(Frame::close(CloseCode::GoingAway.code(), b"server shutting down")).await?;
+                            self.sent_close = true;
                             self.ws.flush().await?;
                             return Ok(());
                         }
@@ -601,8 +608,16 @@ impl Writer {
             }
         }
         .await;
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "writer ended");
+        match result {
+            // We sent a close: give the client a moment to answer it before the
+            // socket goes, so it reads our close frame rather than a reset.
+            Ok(()) if self.sent_close => {
+                if tokio::time::timeout(CLOSE_GRACE, conn_done.cancelled()).await.is_err() {
+                    tracing::debug!("client did not answer our close in time");
+                }
+            }
+            Ok(()) => {}
+            Err(e) => tracing::debug!(error = %e, "writer ended"),
         }
         conn_done.cancel();
     }
@@ -712,6 +727,7 @@ impl Writer {
             }
             Control::Close(code, reason) => {
                 self.ws.write_frame(Frame::close(code, reason.as_bytes())).await?;
+                self.sent_close = true;
                 true
             }
         };

@@ -211,3 +211,48 @@ async fn drain_sends_reconnect_spread_then_1001_and_refuses_new_upgrades() -> R 
     fleet.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn expired_token_closes_4010_unless_refreshed() -> R {
+    let fleet = Fleet::start().await?;
+    let url = fleet.ws_url();
+    let short = switchyard_tests::tokens::token(switchyard_tests::fleet::TEST_SECRET, "alice", 2, json!({}));
+    let (mut c, _) = WsClient::connect_ready(&url, &short, &["switchyard.v1.json"]).await?;
+    let err = c.expect_op("error").await?;
+    assert_eq!(err["code"], "token_expired");
+    assert_eq!(c.expect_close().await?, 4010);
+
+    // Refreshed in time: the connection lives on past the first token's expiry.
+    let short = switchyard_tests::tokens::token(switchyard_tests::fleet::TEST_SECRET, "bob", 2, json!({}));
+    let (mut c, _) = WsClient::connect_ready(&url, &short, &["switchyard.v1.json"]).await?;
+    c.ok(json!({"op":"auth","token": fleet.token("bob", json!({}))}), 1).await?;
+    // A bad refresh is refused and the connection keeps its claims.
+    let r = c.request(json!({"op":"auth","token":"garbage"}), 2).await?;
+    assert_eq!(r["code"], "unauthorized");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(c.request(json!({"op":"ping"}), 3).await?["op"], "pong");
+    // A refresh for another user closes 4001.
+    c.send(&json!({"op":"auth","id":4,"token": fleet.token("mallory", json!({}))})).await?;
+    assert_eq!(c.expect_op("error").await?["code"], "unauthorized");
+    assert_eq!(c.expect_close().await?, 4001);
+    fleet.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn silent_clients_are_closed_4000_after_two_heartbeats() -> R {
+    let fleet = Fleet::start_with(|c| c.heartbeat_ms = 300).await?;
+    let (mut c, ready) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), &[]).await?;
+    assert_eq!(ready["heartbeat_ms"], 300);
+    // Not reading means not answering pings: the server hears nothing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(c.expect_close().await?, 4000);
+    // A client that keeps talking stays.
+    let (mut c, _) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("bob", json!({})), &[]).await?;
+    for i in 0..8 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(c.request(json!({"op":"ping"}), i).await?["op"], "pong");
+    }
+    fleet.shutdown().await;
+    Ok(())
+}

@@ -79,6 +79,15 @@ pub struct EdgeConfig {
     /// Outbound queue per connection, in events; beyond it events are dropped and reported.
     #[arg(long, env = "SWITCHYARD_QUEUE_EVENTS", default_value_t = 1024)]
     pub queue_events: usize,
+    /// Outbound queue per connection, in bytes of event bodies.
+    #[arg(long, env = "SWITCHYARD_QUEUE_BYTES", default_value_t = 1 << 20)]
+    pub queue_bytes: usize,
+    /// A connection whose queue stays full this long is closed with 4009, in milliseconds.
+    #[arg(long, env = "SWITCHYARD_SLOW_CONSUMER_MS", default_value_t = 10_000)]
+    pub slow_consumer_ms: u64,
+    /// Optional wait after an event arrives for more to batch with it, in milliseconds (0: none).
+    #[arg(long, env = "SWITCHYARD_LINGER_MS", default_value_t = 0)]
+    pub linger_ms: u64,
     /// Bad frames allowed per 60 s before closing with 4008.
     #[arg(long, env = "SWITCHYARD_BAD_FRAME_BUDGET", default_value_t = 20)]
     pub bad_frame_budget: u32,
@@ -132,6 +141,9 @@ impl std::fmt::Debug for EdgeConfig {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("limits", &self.limits())
             .field("queue_events", &self.queue_events)
+            .field("queue_bytes", &self.queue_bytes)
+            .field("slow_consumer_ms", &self.slow_consumer_ms)
+            .field("linger_ms", &self.linger_ms)
             .field("bad_frame_budget", &self.bad_frame_budget)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("log_wait_ms", &self.log_wait_ms)
@@ -203,6 +215,18 @@ impl EdgeConfig {
             burst: self.burst,
             batch_max_events: self.batch_max_events as u64,
             batch_max_bytes: self.batch_max_bytes as u64,
+        }
+    }
+
+    /// The flow-control settings of each connection's outbound queue.
+    pub fn outbound(&self) -> crate::outbound::OutboundConfig {
+        crate::outbound::OutboundConfig {
+            max_events: self.queue_events,
+            max_bytes: self.queue_bytes,
+            batch_max_events: self.batch_max_events,
+            batch_max_bytes: self.batch_max_bytes,
+            rate_per_s: u32::try_from(self.rate_per_s).unwrap_or(u32::MAX),
+            burst: u32::try_from(self.burst).unwrap_or(u32::MAX),
         }
     }
 

@@ -1,7 +1,8 @@
 //! The handle other components hold on one live connection.
 //!
-//! Deliveries go into a bounded data queue with `try_send`: a full queue is
-//! a slow consumer, counted and reported, never awaited. Control frames
+//! Deliveries go into the connection's outbound queue without waiting; its
+//! policy ([`crate::outbound`]) rate limits, conflates and drops for a slow
+//! consumer, and the writer reports drops in `dropped` frames. Control frames
 //! (replies, pings, close) have their own small queue so data cannot block
 //! them. A connection starts *holding*: live deliveries that arrive while it
 //! sends `ready` and replays the log are parked (bounded) and released in
@@ -9,10 +10,14 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use switchyard_common::event::Prio;
-use tokio::sync::{mpsc, oneshot};
+use switchyard_common::CloseCode;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::outbound::{Fate, OutboundConfig, OutboundQueue};
 
 /// One event on its way to a connection: the delivery body (see
 /// `switchyard_common::delivery`) and what flow control needs to know
@@ -84,44 +89,76 @@ pub enum Control {
     DroppedNotice,
 }
 
+/// A connection's outbound queue (flow-control policy in
+/// [`crate::outbound`]) with the signals around it. The lock is held only
+/// for queue operations, never across `.await`.
+pub struct Outbound {
+    queue: Mutex<OutboundQueue>,
+    /// Wakes the writer: there is something to send.
+    wake: Notify,
+    /// Wakes a replay waiting for room: the writer took a batch.
+    room: Notify,
+    /// Drops that happened outside the queue (a full hold, lagging
+    /// broadcasts), reported as `slow_consumer`.
+    extra_slow: AtomicU64,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound").finish_non_exhaustive()
+    }
+}
+
+impl Outbound {
+    /// Locks the queue (briefly; never across `.await`).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, OutboundQueue> {
+        self.queue.lock().expect("outbound queue lock")
+    }
+
+    /// Drops recorded outside the queue since the last call.
+    pub fn take_extra_slow(&self) -> u64 {
+        self.extra_slow.swap(0, Ordering::Relaxed)
+    }
+
+    /// Waits until the writer has something to send.
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    /// Tells a waiting replay that the writer made room.
+    pub fn made_room(&self) {
+        self.room.notify_one();
+    }
+}
+
 /// Sending ends of a connection's queues, created before the user is known.
 #[derive(Debug, Clone)]
 pub struct ConnSenders {
-    data: mpsc::Sender<Delivery>,
+    out: Arc<Outbound>,
     control: mpsc::Sender<Control>,
-    dropped_slow: Arc<AtomicU64>,
 }
 
 /// Receiving ends owned by the connection's writer.
 pub struct ConnQueues {
-    /// Deliveries.
-    pub data: mpsc::Receiver<Delivery>,
+    /// Deliveries, behind the flow-control policy.
+    pub out: Arc<Outbound>,
     /// Control frames.
     pub control: mpsc::Receiver<Control>,
-    /// Deliveries dropped because the data queue was full, not yet reported.
-    pub dropped_slow: Arc<AtomicU64>,
 }
 
 /// Room for control frames per connection.
 const CONTROL_QUEUE: usize = 64;
 
 /// Creates a connection's bounded queues.
-pub fn channels(queue_events: usize) -> (ConnSenders, ConnQueues) {
-    let (data_tx, data_rx) = mpsc::channel(queue_events);
+pub fn channels(config: OutboundConfig) -> (ConnSenders, ConnQueues) {
     let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
-    let dropped = Arc::new(AtomicU64::new(0));
-    (
-        ConnSenders {
-            data: data_tx,
-            control: ctl_tx,
-            dropped_slow: dropped.clone(),
-        },
-        ConnQueues {
-            data: data_rx,
-            control: ctl_rx,
-            dropped_slow: dropped,
-        },
-    )
+    let out = Arc::new(Outbound {
+        queue: Mutex::new(OutboundQueue::new(config)),
+        wake: Notify::new(),
+        room: Notify::new(),
+        extra_slow: AtomicU64::new(0),
+    });
+    (ConnSenders { out: out.clone(), control: ctl_tx }, ConnQueues { out, control: ctl_rx })
 }
 
 impl ConnSenders {
@@ -130,9 +167,31 @@ impl ConnSenders {
         self.control.send(c).await.is_ok()
     }
 
-    /// Queues a replayed delivery, waiting for room: replay is paced by the writer.
+    /// Queues a replayed delivery once the queue is at most half full: a
+    /// replay is paced by the writer and never overflows the queue. False
+    /// when the connection is gone.
     pub async fn replayed(&self, d: Delivery) -> bool {
-        self.data.send(d).await.is_ok()
+        loop {
+            if self.control.is_closed() {
+                return false;
+            }
+            let room = self.out.room.notified();
+            {
+                let mut q = self.out.lock();
+                if q.len() < (q.config().max_events / 2).max(1) {
+                    let outcome = q.push(d, Instant::now());
+                    drop(q);
+                    if outcome.wake {
+                        self.out.wake.notify_one();
+                    }
+                    return true;
+                }
+            }
+            // Bounded wait, so a writer that died cannot strand the replay.
+            if tokio::time::timeout(std::time::Duration::from_secs(1), room).await.is_err() {
+                continue;
+            }
+        }
     }
 
     /// Writes `frame` after everything queued so far and waits until it is written.
@@ -148,17 +207,25 @@ impl ConnSenders {
 
     fn count_dropped(&self, n: u64) {
         metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer").increment(n);
-        if self.dropped_slow.fetch_add(n, Ordering::Relaxed) == 0 {
-            // First drop since the last notice: wake the writer to report it.
-            let _ = self.control.try_send(Control::DroppedNotice);
-        }
+        self.out.extra_slow.fetch_add(n, Ordering::Relaxed);
+        self.out.wake.notify_one();
     }
 
     fn try_deliver(&self, d: Delivery) {
-        match self.data.try_send(d) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.count_dropped(1),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        let outcome = self.out.lock().push(d, Instant::now());
+        match outcome.fate {
+            Fate::Queued | Fate::Replaced => {}
+            Fate::RateLimited => metrics::counter!("switchyard_edge_dropped_total", "reason" => "rate_limited").increment(1),
+            Fate::SlowConsumer => metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer").increment(1),
+        }
+        if outcome.fate == Fate::Replaced {
+            metrics::counter!("switchyard_edge_conflated_total").increment(1);
+        }
+        if outcome.evicted > 0 {
+            metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer").increment(outcome.evicted as u64);
+        }
+        if outcome.wake {
+            self.out.wake.notify_one();
         }
     }
 }
@@ -187,6 +254,7 @@ pub struct ConnHandle {
     pub last_rx_ms: AtomicU64,
     /// Token expiry, unix seconds (updated by refresh).
     pub exp_s: AtomicU64,
+    closing: AtomicBool,
 }
 
 impl ConnHandle {
@@ -206,6 +274,7 @@ impl ConnHandle {
             hold_cap,
             last_rx_ms: AtomicU64::new(now_ms()),
             exp_s: AtomicU64::new(exp_s),
+            closing: AtomicBool::new(false),
         })
     }
 
@@ -248,9 +317,27 @@ impl ConnHandle {
         self.holding.store(false, Ordering::Release);
     }
 
+    /// The connection's outbound queue (the sweeper reads its deadlines).
+    pub fn outbound(&self) -> &Outbound {
+        &self.senders.out
+    }
+
     /// Queues a control frame without waiting (used by shared tasks such as the sweeper).
     pub fn try_control(&self, c: Control) -> bool {
         self.senders.control.try_send(c).is_ok()
+    }
+
+    /// Closes the connection with `code` (after `frame`, if any), once;
+    /// later calls do nothing. Counted in `switchyard_edge_closed_total`.
+    pub fn close_once(&self, code: CloseCode, reason: &'static str, frame: Option<Vec<u8>>) {
+        if self.closing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        metrics::counter!("switchyard_edge_closed_total", "reason" => reason).increment(1);
+        if let Some(frame) = frame {
+            self.try_control(Control::Frame(frame));
+        }
+        self.try_control(Control::Close(code.code(), reason));
     }
 
     /// Records that the client sent something.

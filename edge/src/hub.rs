@@ -124,18 +124,21 @@ struct HubTask {
     relay: Arc<BroadcastRelay>,
     tasks: TaskTracker,
     heartbeat: Duration,
+    slow_consumer: Duration,
     last_ping_ms: u64,
     connections: watch::Sender<usize>,
 }
 
 /// How often the sweeper looks at every connection (pings go out every heartbeat).
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// Sweeper settings.
 #[derive(Debug, Clone, Copy)]
 pub struct SweepConfig {
     /// Ping interval; two silent intervals close the connection.
     pub heartbeat: Duration,
+    /// A queue full this long closes the connection with 4009.
+    pub slow_consumer: Duration,
 }
 
 impl Hub {
@@ -164,6 +167,7 @@ impl Hub {
             relay,
             tasks: tasks.clone(),
             heartbeat: sweep.heartbeat,
+            slow_consumer: sweep.slow_consumer,
             last_ping_ms: now_ms(),
             connections: count_tx,
         };
@@ -226,7 +230,7 @@ impl HubTask {
                     None => break,
                 },
                 _ = notify.notified() => {
-                    if !self.relay.drain() {
+                    if !without_budget(|| self.relay.drain()) {
                         tracing::error!("broadcast subscription ended");
                         break;
                     }
@@ -329,31 +333,42 @@ impl HubTask {
     /// (checked every second), for every connection.
     fn sweep(&mut self) {
         let now = now_ms();
+        let instant = std::time::Instant::now();
         let ping = now.saturating_sub(self.last_ping_ms) >= self.heartbeat.as_millis() as u64;
         if ping {
             self.last_ping_ms = now;
         }
         let idle_limit = 2 * self.heartbeat.as_millis() as u64;
         for (conn, encoding) in self.conns.values() {
+            let (full_since, drop_pending) = {
+                let q = conn.outbound().lock();
+                (q.full_since(), q.dropped_pending_since().is_some())
+            };
             if now.saturating_sub(conn.last_rx_ms.load(Ordering::Relaxed)) > idle_limit {
-                metrics::counter!("switchyard_edge_closed_total", "reason" => "heartbeat").increment(1);
-                conn.try_control(Control::Close(CloseCode::HeartbeatTimeout.code(), "heartbeat timeout"));
+                conn.close_once(CloseCode::HeartbeatTimeout, "heartbeat timeout", None);
             } else if conn.exp_s.load(Ordering::Relaxed).saturating_mul(1000) <= now {
-                metrics::counter!("switchyard_edge_closed_total", "reason" => "token_expired").increment(1);
                 let mut frame = Vec::new();
-                let err = ServerFrame::Error {
-                    id: None,
-                    code: ErrorCode::TokenExpired.as_str(),
-                    message: "token expired",
-                };
+                let err = ServerFrame::Error { id: None, code: ErrorCode::TokenExpired.as_str(), message: "token expired" };
                 encode_server_frame(*encoding, &err, &mut frame);
-                conn.try_control(Control::Frame(frame));
-                conn.try_control(Control::Close(CloseCode::TokenExpired.code(), "token expired"));
-            } else if ping {
-                conn.try_control(Control::Ping);
+                conn.close_once(CloseCode::TokenExpired, "token expired", Some(frame));
+            } else if full_since.is_some_and(|t| instant.duration_since(t) >= self.slow_consumer) {
+                conn.close_once(CloseCode::SlowConsumer, "slow consumer", None);
+            } else {
+                if drop_pending {
+                    conn.try_control(Control::DroppedNotice);
+                }
+                if ping {
+                    conn.try_control(Control::Ping);
+                }
             }
         }
     }
+}
+
+/// Runs `f` with tokio's cooperative budget lifted, so channel polls inside
+/// it report what they hold instead of yielding.
+fn without_budget<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::unconstrained(async move { f() }).now_or_never().expect("a synchronous closure is always ready")
 }
 
 /// Fans one user's deliveries, and the node's broadcasts, out to that
@@ -372,33 +387,59 @@ struct Pump {
 impl Pump {
     async fn run(mut self, mut commands: mpsc::Receiver<PumpCommand>) {
         loop {
-            tokio::select! {
-                biased;
-                cmd = commands.recv() => match cmd {
-                    Some(PumpCommand::Add(c)) => self.conns.push(c),
-                    Some(PumpCommand::Remove(id)) => self.conns.retain(|c| c.id != id),
-                    None => break,
-                },
-                msg = self.sub.next() => match msg {
-                    Some(msg) => self.own.push(Delivery::from_message(&msg)),
-                    None => break,
-                },
-                b = self.broadcasts.recv() => match b {
-                    Ok(d) => self.shared.push(d),
-                    Err(broadcast::error::RecvError::Lagged(n)) => self.lagged(n),
-                    Err(broadcast::error::RecvError::Closed) => break,
-                },
+            if self.shared.is_empty() {
+                tokio::select! {
+                    biased;
+                    cmd = commands.recv() => match cmd {
+                        Some(PumpCommand::Add(c)) => self.conns.push(c),
+                        Some(PumpCommand::Remove(id)) => self.conns.retain(|c| c.id != id),
+                        None => break,
+                    },
+                    msg = self.sub.next() => match msg {
+                        Some(msg) => self.own.push(Delivery::from_message(&msg)),
+                        None => break,
+                    },
+                    b = self.broadcasts.recv() => match b {
+                        Ok(d) => self.shared.push(d),
+                        Err(broadcast::error::RecvError::Lagged(n)) => self.lagged(n),
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                }
+            } else {
+                // Broadcasts are held back from the last round: finish them
+                // first, but let other tasks run.
+                tokio::task::yield_now().await;
             }
-            self.gather();
-            self.dispatch();
+            // Outside tokio's cooperative budget: a budget-exhausted channel
+            // would report "empty" while holding messages, and a round must
+            // see everything that has arrived.
+            without_budget(|| self.round());
         }
     }
 
-    /// Collects everything that arrived (on either path) before what we hold.
-    fn gather(&mut self) {
+    /// One merge round (run without tokio's budget). The NATS client pushes messages into the two
+    /// channels in socket order (stream order), so:
+    /// (A) broadcasts taken before (B) the user's own messages are complete:
+    ///     every own message with a smaller `pos` was pushed before them, so B has it;
+    /// own messages taken in B are complete after (C) another broadcast drain;
+    /// broadcasts first seen in C are safe only up to the largest `pos` seen
+    /// in A and B; later ones wait for the next round (which starts at once).
+    fn round(&mut self) {
+        self.take_broadcasts(); // A
+        let safe = self.shared.len();
         while let Some(Some(msg)) = self.sub.next().now_or_never() {
-            self.own.push(Delivery::from_message(&msg));
+            self.own.push(Delivery::from_message(&msg)); // B
         }
+        let limit = self.own.iter().chain(&self.shared[..safe]).filter_map(|d| d.pos).max().unwrap_or(0);
+        self.take_broadcasts(); // C
+        let split = self.shared[safe..]
+            .iter()
+            .position(|d| d.pos.is_some_and(|p| p > limit))
+            .map_or(self.shared.len(), |i| safe + i);
+        self.dispatch(split);
+    }
+
+    fn take_broadcasts(&mut self) {
         self.relay.drain();
         loop {
             match self.broadcasts.try_recv() {
@@ -419,13 +460,15 @@ impl Pump {
         }
     }
 
-    /// Merges the two paths by `pos` (each path keeps its own order; events
-    /// without `pos` go out as they come) and hands each event to every connection.
-    fn dispatch(&mut self) {
-        metrics::counter!("switchyard_edge_deliveries_in_total").increment((self.own.len() + self.shared.len()) as u64);
+    /// Merges all own messages with the first `shared_upto` broadcasts by
+    /// `pos` (each path keeps its own order; events without `pos` go out as
+    /// they come) and hands each event to every connection; broadcasts past
+    /// `shared_upto` stay for the next round.
+    fn dispatch(&mut self, shared_upto: usize) {
+        metrics::counter!("switchyard_edge_deliveries_in_total").increment((self.own.len() + shared_upto) as u64);
         let (mut a, mut b) = (0, 0);
-        while a < self.own.len() || b < self.shared.len() {
-            let take_own = match (self.own.get(a), self.shared.get(b)) {
+        while a < self.own.len() || b < shared_upto {
+            let take_own = match (self.own.get(a), self.shared[..shared_upto].get(b)) {
                 (Some(x), Some(y)) => match (x.pos, y.pos) {
                     (Some(px), Some(py)) => px < py,
                     (None, _) => true,
@@ -446,6 +489,6 @@ impl Pump {
             }
         }
         self.own.clear();
-        self.shared.clear();
+        self.shared.drain(..shared_upto);
     }
 }

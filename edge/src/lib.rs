@@ -25,6 +25,7 @@ pub mod conn;
 pub mod hub;
 pub mod log;
 pub mod node;
+pub mod outbound;
 pub mod server;
 pub mod session;
 pub mod tls;
@@ -138,6 +139,7 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     );
     let sweep = hub::SweepConfig {
         heartbeat: Duration::from_millis(config.heartbeat_ms),
+        slow_consumer: Duration::from_millis(config.slow_consumer_ms),
     };
     let hub = hub::Hub::start(client.clone(), subjects.clone(), sweep, tasks.clone(), cancel.clone()).await?;
     let log_wait = Duration::from_millis(config.log_wait_ms);

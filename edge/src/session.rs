@@ -72,16 +72,15 @@ pub async fn run(
     };
     let (mut rd, wr) = ws.split(tokio::io::split);
     rd.set_max_message_size(node.config.max_frame_bytes + 1);
-    let (senders, queues) = channels(node.config.queue_events);
+    let (senders, queues) = channels(node.config.outbound());
     let conn_done = node.cancel.child_token();
     let writer = Writer {
         ws: wr,
         encoding,
         batch_max_events: node.config.batch_max_events,
-        batch_max_bytes: node.config.batch_max_bytes,
         buf: Vec::with_capacity(1024),
         batch: Vec::with_capacity(node.config.batch_max_events),
-        pending: None,
+        linger: (node.config.linger_ms > 0).then(|| std::time::Duration::from_millis(node.config.linger_ms)),
         sent_close: false,
         last_pos: 0,
     };
@@ -553,11 +552,10 @@ struct Writer {
     ws: WebSocketWrite<WriteHalf<Io>>,
     encoding: Encoding,
     batch_max_events: usize,
-    batch_max_bytes: usize,
     buf: Vec<u8>,
     batch: Vec<Delivery>,
-    /// A delivery taken from the queue that did not fit the last batch.
-    pending: Option<Delivery>,
+    /// Optional wait after a wake for a batch to fill (off by default).
+    linger: Option<std::time::Duration>,
     /// Whether this side sent a close frame (then it waits for the client's answer).
     sent_close: bool,
     /// Highest `pos` written (or the floor set by a barrier): durable events
@@ -568,7 +566,6 @@ struct Writer {
 
 impl Writer {
     async fn run(mut self, mut q: ConnQueues, conn_done: CancellationToken, node_cancel: CancellationToken) {
-        let mut data_open = true;
         let result: Result<(), WebSocketError> = async {
             loop {
                 if let Ok(c) = q.control.try_recv() {
@@ -577,8 +574,8 @@ impl Writer {
                     }
                     continue;
                 }
-                if self.pending.is_none() {
-                    let first = tokio::select! {
+                if q.out.lock().is_empty() {
+                    tokio::select! {
                         biased;
                         c = q.control.recv() => match c {
                             Some(c) => {
@@ -596,12 +593,15 @@ impl Writer {
                             return Ok(());
                         }
                         _ = conn_done.cancelled() => return Ok(()),
-                        d = q.data.recv(), if data_open => match d {
-                            Some(d) => d,
-                            None => { data_open = false; continue; }
-                        },
+                        _ = q.out.woken() => {
+                            if let Some(linger) = self.linger {
+                                // Operators who prefer fewer, larger frames let a batch fill a little.
+                                if q.out.lock().len() < self.batch_max_events {
+                                    tokio::time::sleep(linger).await;
+                                }
+                            }
+                        }
                     };
-                    self.pending = Some(first);
                 }
                 self.write_batch(&mut q).await?;
                 self.ws.flush().await?;
@@ -622,44 +622,40 @@ impl Writer {
         conn_done.cancel();
     }
 
-    /// Writes the pending delivery and whatever else is queued, up to the
-    /// batch caps, as one `event` or `batch` frame.
+    /// Writes what is queued, up to the batch caps, as one `event` or
+    /// `batch` frame, after any `dropped` notices that are due.
     async fn write_batch(&mut self, q: &mut ConnQueues) -> Result<(), WebSocketError> {
         self.batch.clear();
-        let mut bytes = 0;
-        while self.batch.len() < self.batch_max_events {
-            let Some(d) = self.pending.take().or_else(|| q.data.try_recv().ok()) else {
-                break;
-            };
-            if let Some(pos) = d.pos {
-                if pos <= self.last_pos {
-                    metrics::counter!("switchyard_edge_duplicates_skipped_total").increment(1);
-                    continue;
-                }
+        let dropped = {
+            let mut queue = q.out.lock();
+            queue.drain_batch(&mut self.batch);
+            queue.take_dropped()
+        };
+        q.out.made_room();
+        let extra_slow = q.out.take_extra_slow();
+        let (rate_limited, slow) = dropped.map_or((0, 0), |d| (d.rate_limited, d.slow_consumer));
+        self.dropped_notice("rate_limited", rate_limited).await?;
+        self.dropped_notice("slow_consumer", slow + extra_slow).await?;
+        let last_pos = &mut self.last_pos;
+        self.batch.retain(|d| match d.pos {
+            Some(pos) if pos <= *last_pos => {
+                metrics::counter!("switchyard_edge_duplicates_skipped_total").increment(1);
+                false
             }
-            if !self.batch.is_empty() && bytes + d.body.len() > self.batch_max_bytes {
-                self.pending = Some(d);
-                break;
+            Some(pos) => {
+                *last_pos = pos;
+                true
             }
-            bytes += d.body.len();
-            if let Some(pos) = d.pos {
-                self.last_pos = pos;
-            }
-            self.batch.push(d);
-        }
+            None => true,
+        });
         if self.batch.is_empty() {
             return Ok(());
         }
-        self.dropped_notice(q).await?;
         self.buf.clear();
         let written = if self.batch.len() == 1 {
             write_event_frame(self.encoding, &self.batch[0].body, self.batch[0].pos, &mut self.buf)
         } else {
-            write_batch_frame(
-                self.encoding,
-                self.batch.iter().map(|d| (&d.body[..], d.pos)),
-                &mut self.buf,
-            )
+            write_batch_frame(self.encoding, self.batch.iter().map(|d| (&d.body[..], d.pos)), &mut self.buf)
         };
         if let Err(e) = written {
             metrics::counter!("switchyard_edge_bad_deliveries_total").increment(1);
@@ -671,20 +667,12 @@ impl Writer {
         self.ws.write_frame(frame).await
     }
 
-    async fn dropped_notice(&mut self, q: &ConnQueues) -> Result<(), WebSocketError> {
-        let count = q.dropped_slow.swap(0, Ordering::Relaxed);
+    async fn dropped_notice(&mut self, reason: &str, count: u64) -> Result<(), WebSocketError> {
         if count == 0 {
             return Ok(());
         }
         let mut buf = Vec::with_capacity(48);
-        encode_server_frame(
-            self.encoding,
-            &ServerFrame::Dropped {
-                count,
-                reason: "slow_consumer",
-            },
-            &mut buf,
-        );
+        encode_server_frame(self.encoding, &ServerFrame::Dropped { count, reason }, &mut buf);
         self.ws.write_frame(data_frame(self.encoding, &buf)).await
     }
 
@@ -696,7 +684,7 @@ impl Writer {
                 false
             }
             Control::Barrier { frame, floor, done } => {
-                while self.pending.is_some() || !q.data.is_empty() {
+                while !q.out.lock().is_empty() {
                     self.write_batch(q).await?;
                 }
                 self.ws.write_frame(data_frame(self.encoding, &frame)).await?;
@@ -718,7 +706,11 @@ impl Writer {
                 false
             }
             Control::DroppedNotice => {
-                self.dropped_notice(q).await?;
+                let dropped = q.out.lock().take_dropped();
+                let extra_slow = q.out.take_extra_slow();
+                let (rate_limited, slow) = dropped.map_or((0, 0), |d| (d.rate_limited, d.slow_consumer));
+                self.dropped_notice("rate_limited", rate_limited).await?;
+                self.dropped_notice("slow_consumer", slow + extra_slow).await?;
                 false
             }
             Control::CloseEcho(p) => {

@@ -41,7 +41,12 @@ struct Args {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let a = Args::parse();
-    let fleet = Fleet::start_with(|c| c.max_connections_per_user = 4).await?;
+    // Flow control off: this measures the delivery path, not the rate limit.
+    let fleet = Fleet::start_with(|c| {
+        c.rate_per_s = 10_000_000;
+        c.burst = 10_000_000;
+    })
+    .await?;
     let received = Arc::new(AtomicU64::new(0));
     for u in 0..a.users {
         let (mut c, _) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token(&format!("user{u}"), json!({})), &[]).await?;

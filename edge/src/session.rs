@@ -80,6 +80,7 @@ pub async fn run(
         batch_max_events: node.config.batch_max_events,
         buf: Vec::with_capacity(1024),
         batch: Vec::with_capacity(node.config.batch_max_events),
+        stall_limit: std::time::Duration::from_millis(node.config.slow_consumer_ms),
         linger: (node.config.linger_ms > 0).then(|| std::time::Duration::from_millis(node.config.linger_ms)),
         sent_close: false,
         last_pos: 0,
@@ -554,6 +555,8 @@ struct Writer {
     batch_max_events: usize,
     buf: Vec<u8>,
     batch: Vec<Delivery>,
+    /// Longest a socket write may block before the connection is dropped.
+    stall_limit: std::time::Duration,
     /// Optional wait after a wake for a batch to fill (off by default).
     linger: Option<std::time::Duration>,
     /// Whether this side sent a close frame (then it waits for the client's answer).
@@ -603,8 +606,22 @@ impl Writer {
                         }
                     };
                 }
-                self.write_batch(&mut q).await?;
-                self.ws.flush().await?;
+                // A client that stops reading stalls the socket itself: past the
+                // slow-consumer deadline the connection is dropped (no close
+                // frame can get through a full socket); the client resumes.
+                let stall_limit = self.stall_limit;
+                let write = async {
+                    self.write_batch(&mut q).await?;
+                    self.ws.flush().await
+                };
+                match tokio::time::timeout(stall_limit, write).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        metrics::counter!("switchyard_edge_closed_total", "reason" => "socket stalled").increment(1);
+                        tracing::debug!("socket write stalled past the slow-consumer deadline; dropping the connection");
+                        return Ok(());
+                    }
+                }
             }
         }
         .await;

@@ -225,14 +225,16 @@ async fn expired_token_closes_4010_unless_refreshed() -> R {
     // Refreshed in time: the connection lives on past the first token's expiry.
     let short = switchyard_tests::tokens::token(switchyard_tests::fleet::TEST_SECRET, "bob", 2, json!({}));
     let (mut c, _) = WsClient::connect_ready(&url, &short, &["switchyard.v1.json"]).await?;
-    c.ok(json!({"op":"auth","token": fleet.token("bob", json!({}))}), 1).await?;
+    c.ok(json!({"op":"auth","token": fleet.token("bob", json!({}))}), 1)
+        .await?;
     // A bad refresh is refused and the connection keeps its claims.
     let r = c.request(json!({"op":"auth","token":"garbage"}), 2).await?;
     assert_eq!(r["code"], "unauthorized");
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(c.request(json!({"op":"ping"}), 3).await?["op"], "pong");
     // A refresh for another user closes 4001.
-    c.send(&json!({"op":"auth","id":4,"token": fleet.token("mallory", json!({}))})).await?;
+    c.send(&json!({"op":"auth","id":4,"token": fleet.token("mallory", json!({}))}))
+        .await?;
     assert_eq!(c.expect_op("error").await?["code"], "unauthorized");
     assert_eq!(c.expect_close().await?, 4001);
     fleet.shutdown().await;
@@ -253,6 +255,146 @@ async fn silent_clients_are_closed_4000_after_two_heartbeats() -> R {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(c.request(json!({"op":"ping"}), i).await?["op"], "pong");
     }
+    fleet.shutdown().await;
+    Ok(())
+}
+
+/// Reads frames until `done` says the tally is complete: (normal events, critical events, dropped by reason).
+async fn tally(c: &mut WsClient, done: impl Fn(u64, u64, u64) -> bool) -> anyhow::Result<(u64, u64, u64)> {
+    let (mut normal, mut critical, mut rate_limited) = (0, 0, 0);
+    while !done(normal, critical, rate_limited) {
+        let f = c.frame().await?;
+        let events = match f["op"].as_str() {
+            Some("event") => vec![f],
+            Some("batch") => f["events"].as_array().cloned().unwrap_or_default(),
+            Some("dropped") => {
+                assert_eq!(f["reason"], "rate_limited", "{f}");
+                rate_limited += f["count"].as_u64().context("count")?;
+                continue;
+            }
+            _ => anyhow::bail!("unexpected {f}"),
+        };
+        for e in events {
+            if e["prio"] == "critical" {
+                critical += 1;
+            } else {
+                normal += 1;
+            }
+        }
+    }
+    Ok((normal, critical, rate_limited))
+}
+
+#[tokio::test]
+async fn rate_limit_cuts_are_reported_and_critical_events_bypass_it() -> R {
+    let fleet = Fleet::start_with(|c| {
+        c.rate_per_s = 5;
+        c.burst = 5;
+    })
+    .await?;
+    let (mut c, ready) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), &[]).await?;
+    assert_eq!(
+        (
+            ready["limits"]["rate_per_s"].as_u64(),
+            ready["limits"]["burst"].as_u64()
+        ),
+        (Some(5), Some(5))
+    );
+    for i in 0..30 {
+        fleet
+            .publish("alert", &json!({"data": i, "target": {"users": ["alice"]}}))
+            .await?;
+    }
+    for i in 0..5 {
+        fleet
+            .publish(
+                "alert",
+                &json!({"data": i, "prio": "critical", "target": {"users": ["alice"]}}),
+            )
+            .await?;
+    }
+    // Received plus reported drops account for every event; critical ones all arrive.
+    let (normal, critical, cut) = tally(&mut c, |n, c, d| n + d == 30 && c == 5).await?;
+    assert_eq!(critical, 5);
+    assert!(cut >= 20, "only {cut} of 30 cut by a 5/s, burst 5 limit");
+    assert_eq!(normal + cut, 30);
+    fleet.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_resumes_without_loss() -> R {
+    let fleet = Fleet::start_with(|c| {
+        c.queue_events = 8;
+        c.slow_consumer_ms = 500;
+        c.rate_per_s = 1_000_000;
+        c.burst = 1_000_000;
+    })
+    .await?;
+    let url = fleet.ws_url();
+    let (c, ready) = WsClient::connect_ready(&url, &fleet.token("alice", json!({})), &[]).await?;
+    let epoch = ready["epoch"].as_str().unwrap().to_string();
+    let since = ready["pos"].as_u64().unwrap();
+    // 24 MiB of events against a client that reads nothing: socket buffers and the queue fill.
+    let blob = "x".repeat(60 * 1024);
+    for i in 0..400 {
+        fleet
+            .publish(
+                "big",
+                &json!({"data": {"i": i, "blob": blob}, "target": {"users": ["alice"]}}),
+            )
+            .await?;
+    }
+    fleet.settle().await?;
+    // The client keeps not reading for a while (the behaviour under test),
+    // then reads what reached it: the edge has given up on the connection,
+    // either with close 4009 or by dropping a socket that stayed stalled.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut c = c;
+    let mut received = 0;
+    let code = loop {
+        match c.next().await? {
+            Incoming::Closed(code, _) => break code,
+            Incoming::Frame(f) => {
+                received += match f["op"].as_str() {
+                    Some("batch") => f["events"].as_array().map_or(0, |e| e.len()),
+                    Some("event") => 1,
+                    _ => 0,
+                };
+            }
+        }
+    };
+    assert!(code == 4009 || code == 1006, "closed with {code}");
+    assert!(
+        received < 400,
+        "the slow client got everything ({received}); nothing was cut off"
+    );
+    drop(c);
+    // Nothing durable is lost: a resume brings back all 400.
+    let opts = Connect {
+        bearer: Some(fleet.token("alice", json!({}))),
+        protocols: vec![],
+        query: Some(format!("epoch={epoch}&since={since}")),
+    };
+    let mut c = WsClient::connect(&url, &opts)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    c.expect_op("ready").await?;
+    let mut seen = Vec::new();
+    loop {
+        let f = c.frame().await?;
+        match f["op"].as_str() {
+            Some("event") => seen.push(f["data"]["i"].as_u64().context("i")?),
+            Some("batch") => {
+                for e in f["events"].as_array().context("events")? {
+                    seen.push(e["data"]["i"].as_u64().context("i")?);
+                }
+            }
+            Some("resumed") => break,
+            _ => anyhow::bail!("unexpected {f}"),
+        }
+    }
+    assert_eq!(seen, (0..400).collect::<Vec<u64>>());
     fleet.shutdown().await;
     Ok(())
 }

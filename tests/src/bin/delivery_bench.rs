@@ -49,7 +49,8 @@ async fn main() -> Result<()> {
     .await?;
     let received = Arc::new(AtomicU64::new(0));
     for u in 0..a.users {
-        let (mut c, _) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token(&format!("user{u}"), json!({})), &[]).await?;
+        let (mut c, _) =
+            WsClient::connect_ready(&fleet.ws_url(), &fleet.token(&format!("user{u}"), json!({})), &[]).await?;
         c.ok(json!({"op":"subscribe","sub":"all","type":"bench"}), 1).await?;
         let received = received.clone();
         tokio::spawn(async move {
@@ -65,7 +66,8 @@ async fn main() -> Result<()> {
         let start_count = received.load(Ordering::Relaxed);
         let payload = |i: usize| {
             let mut buf = Vec::new();
-            let ev = json!({"data": {"i": i, "px": 101.25, "sym": "AAPL"}, "target": {"match": {}}, "durable": durable});
+            let ev =
+                json!({"data": {"i": i, "px": 101.25, "sym": "AAPL"}, "target": {"match": {}}, "durable": durable});
             json_to_msgpack(&ev, &mut buf);
             buf
         };
@@ -82,7 +84,11 @@ async fn main() -> Result<()> {
             let want = start_count + (sent * a.users) as u64;
             while received.load(Ordering::Relaxed) < want {
                 if Instant::now() > deadline {
-                    bail!("timed out: {} of {} deliveries", received.load(Ordering::Relaxed) - start_count, sent * a.users);
+                    bail!(
+                        "timed out: {} of {} deliveries",
+                        received.load(Ordering::Relaxed) - start_count,
+                        sent * a.users
+                    );
                 }
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
@@ -102,13 +108,15 @@ async fn main() -> Result<()> {
 
 /// Events in one frame: 1 for `event`, the array length for `batch`.
 fn count_events(frame: &[u8]) -> u64 {
-    let Ok(v) = rmpv::decode::read_value(&mut &frame[..]) else { return 0 };
+    let Ok(v) = rmpv::decode::read_value(&mut &frame[..]) else {
+        return 0;
+    };
     let Some(map) = v.as_map() else { return 0 };
     match switchyard_common::value::get(map, "op").and_then(|o| o.as_str()) {
         Some("event") => 1,
-        Some("batch") => {
-            switchyard_common::value::get(map, "events").and_then(|e| e.as_array()).map_or(0, |a| a.len() as u64)
-        }
+        Some("batch") => switchyard_common::value::get(map, "events")
+            .and_then(|e| e.as_array())
+            .map_or(0, |a| a.len() as u64),
         _ => 0,
     }
 }

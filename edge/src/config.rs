@@ -37,6 +37,15 @@ pub struct EdgeConfig {
     /// HMAC secret for HS256/384/512 tokens.
     #[arg(long, env = "SWITCHYARD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// PEM public key (RSA or EC P-256) for RS256/ES256 tokens.
+    #[arg(long, env = "SWITCHYARD_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+    /// JWKS file (keys chosen by `kid`; re-read when it changes) for RS256/ES256 tokens.
+    #[arg(long, env = "SWITCHYARD_JWKS")]
+    pub jwks: Option<std::path::PathBuf>,
+    /// Verified tokens kept in memory (never past their `exp`); 0 turns the cache off.
+    #[arg(long, env = "SWITCHYARD_JWT_CACHE_CAPACITY", default_value_t = 100_000)]
+    pub jwt_cache_capacity: u64,
     /// Required `iss` claim, when set.
     #[arg(long, env = "SWITCHYARD_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -131,6 +140,9 @@ impl std::fmt::Debug for EdgeConfig {
             .field("listen", &self.listen)
             .field("admin_listen", &self.admin_listen)
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<redacted>"))
+            .field("jwt_public_key", &self.jwt_public_key)
+            .field("jwks", &self.jwks)
+            .field("jwt_cache_capacity", &self.jwt_cache_capacity)
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
             .field("jwt_leeway_s", &self.jwt_leeway_s)
@@ -162,7 +174,7 @@ impl std::fmt::Debug for EdgeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// No key and no dev mode.
-    #[error("no JWT key configured: set SWITCHYARD_JWT_SECRET, or pass --dev-insecure (SWITCHYARD_DEV_INSECURE=true) for local development only")]
+    #[error("no JWT key configured: set SWITCHYARD_JWT_SECRET, SWITCHYARD_JWT_PUBLIC_KEY or SWITCHYARD_JWKS, or pass --dev-insecure (SWITCHYARD_DEV_INSECURE=true) for local development only")]
     NoKey,
     /// The subject prefix is not valid.
     #[error(transparent)]
@@ -175,7 +187,7 @@ pub enum ConfigError {
 impl EdgeConfig {
     /// Checks what clap cannot; returns the subject builder.
     pub fn validate(&self) -> Result<Subjects, ConfigError> {
-        if self.jwt_secret.as_deref().is_none_or(str::is_empty) && !self.dev_insecure {
+        if !self.has_key() && !self.dev_insecure {
             return Err(ConfigError::NoKey);
         }
         if self.heartbeat_ms < 100 {
@@ -198,11 +210,34 @@ impl EdgeConfig {
         Ok(Subjects::new(&self.prefix)?)
     }
 
-    /// The secret tokens are verified with (the dev secret in dev mode without a key).
-    pub fn effective_secret(&self) -> &str {
+    /// Whether any verification key is configured.
+    pub fn has_key(&self) -> bool {
+        self.jwt_secret.as_deref().is_some_and(|s| !s.is_empty())
+            || self.jwt_public_key.is_some()
+            || self.jwks.is_some()
+    }
+
+    /// The HMAC secret tokens are verified with: the configured one, or the
+    /// dev secret in dev mode when no key at all is configured (never beside
+    /// a public key, so a public-key edge cannot be fooled with the dev secret).
+    pub fn hmac_secret(&self) -> Option<&str> {
         match self.jwt_secret.as_deref() {
-            Some(s) if !s.is_empty() => s,
-            _ => DEV_JWT_SECRET,
+            Some(s) if !s.is_empty() => Some(s),
+            _ if self.dev_insecure && !self.has_key() => Some(DEV_JWT_SECRET),
+            _ => None,
+        }
+    }
+
+    /// Token verification settings.
+    pub fn auth_settings(&self) -> crate::auth::AuthSettings {
+        crate::auth::AuthSettings {
+            secret: self.hmac_secret().map(str::to_string),
+            public_key_pem: self.jwt_public_key.clone(),
+            jwks: self.jwks.clone(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            leeway_s: self.jwt_leeway_s,
+            cache_capacity: self.jwt_cache_capacity,
         }
     }
 
@@ -264,9 +299,14 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::NoKey)));
         c.dev_insecure = true;
         assert!(c.validate().is_ok());
-        assert_eq!(c.effective_secret(), DEV_JWT_SECRET);
+        assert_eq!(c.hmac_secret(), Some(DEV_JWT_SECRET));
+        c.jwt_public_key = Some("/keys/pub.pem".into());
+        assert_eq!(c.hmac_secret(), None, "the dev secret must not sit beside a public key");
+        assert!(c.validate().is_ok());
+        c.dev_insecure = false;
+        assert!(c.validate().is_ok());
         c.jwt_secret = Some("k".into());
-        assert_eq!(c.effective_secret(), "k");
+        assert_eq!(c.hmac_secret(), Some("k"));
         assert!(!format!("{c:?}").contains("\"k\""), "secret leaked into Debug output");
     }
 

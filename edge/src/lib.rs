@@ -53,6 +53,9 @@ pub enum StartError {
     /// The delivery log is not there.
     #[error(transparent)]
     Log(#[from] log::LogError),
+    /// A verification key is unusable.
+    #[error("invalid token verification settings: {0}")]
+    Auth(#[from] auth::AuthConfigError),
     /// The TLS certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -111,7 +114,7 @@ impl RunningEdge {
 /// Connects to NATS, binds the listeners and starts serving.
 pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     let subjects = config.validate()?;
-    if config.jwt_secret.as_deref().is_none_or(str::is_empty) {
+    if !config.has_key() {
         tracing::warn!("DEV MODE: no JWT key configured; accepting tokens signed with the built-in dev secret. Never run this in production.");
     }
     let metrics = match config.metrics.clone() {
@@ -131,12 +134,7 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     }
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let verifier = auth::Verifier::hmac(
-        config.effective_secret().as_bytes(),
-        config.jwt_issuer.as_deref(),
-        config.jwt_audience.as_deref(),
-        config.jwt_leeway_s,
-    );
+    let verifier = auth::Verifier::new(&config.auth_settings())?;
     let sweep = hub::SweepConfig {
         heartbeat: Duration::from_millis(config.heartbeat_ms),
         slow_consumer: Duration::from_millis(config.slow_consumer_ms),

@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
     tracing::info!(config = ?config, "effective configuration");
     let edge = match start(config).await {
         Ok(r) => r,
-        Err(e @ StartError::Config(_)) => {
+        Err(e @ (StartError::Config(_) | StartError::Auth(_) | StartError::Tls(_))) => {
             eprintln!("switchyard-edge: {e}");
             return ExitCode::from(64);
         }

@@ -163,3 +163,25 @@ impl Fleet {
         }
     }
 }
+
+/// `GET path` on an HTTP endpoint (the admin ports): status and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
+    use anyhow::Context;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_string(&mut out)).await??;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .context("no status line")?
+        .parse()
+        .context("bad status")?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}

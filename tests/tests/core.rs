@@ -1,8 +1,6 @@
 //! End-to-end tests of the core slice: a real nats-server, a router and an
 //! edge, and WebSocket clients over real sockets.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 use switchyard_tests::fleet::{Fleet, TEST_SECRET};
 use switchyard_tests::tokens::{alg_none, now_s, sign, token};
@@ -672,17 +670,11 @@ async fn rpc_reaches_the_application_with_the_verified_user() -> R {
 async fn admin_endpoints_report_health_and_metrics() -> R {
     let fleet = Fleet::start().await?;
     let (_c, _) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), MSGPACK).await?;
-    let get = |path: &str| {
+    let get = |path: &'static str| {
         let addr = fleet.edge_admin();
-        let path = path.to_string();
         async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(addr).await?;
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-                .await?;
-            let mut out = String::new();
-            tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
-            anyhow::Ok(out)
+            let (status, body) = switchyard_tests::fleet::http_get(addr, path).await?;
+            anyhow::Ok(format!("HTTP/1.1 {status}\n{body}"))
         }
     };
     assert!(get("/healthz").await?.starts_with("HTTP/1.1 200"));

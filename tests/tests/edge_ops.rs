@@ -14,17 +14,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 type R = anyhow::Result<()>;
 
 async fn http_status(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
-    out.split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()
-        .context("bad status")
+    Ok(switchyard_tests::fleet::http_get(addr, path).await?.0)
 }
 
 #[tokio::test]

@@ -332,23 +332,12 @@ async fn non_durable_events_are_live_only() -> R {
     Ok(())
 }
 
-async fn http_status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
-        .await
-        .ok()?
-        .ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
-}
-
 async fn wait_ready(addr: std::net::SocketAddr) -> R {
     for _ in 0..300 {
-        if http_status(addr, "/readyz").await == Some(200) {
+        if switchyard_tests::fleet::http_get(addr, "/readyz")
+            .await
+            .is_ok_and(|(status, _)| status == 200)
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

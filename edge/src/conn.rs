@@ -158,7 +158,13 @@ pub fn channels(config: OutboundConfig) -> (ConnSenders, ConnQueues) {
         room: Notify::new(),
         extra_slow: AtomicU64::new(0),
     });
-    (ConnSenders { out: out.clone(), control: ctl_tx }, ConnQueues { out, control: ctl_rx })
+    (
+        ConnSenders {
+            out: out.clone(),
+            control: ctl_tx,
+        },
+        ConnQueues { out, control: ctl_rx },
+    )
 }
 
 impl ConnSenders {
@@ -188,7 +194,10 @@ impl ConnSenders {
                 }
             }
             // Bounded wait, so a writer that died cannot strand the replay.
-            if tokio::time::timeout(std::time::Duration::from_secs(1), room).await.is_err() {
+            if tokio::time::timeout(std::time::Duration::from_secs(1), room)
+                .await
+                .is_err()
+            {
                 continue;
             }
         }
@@ -215,14 +224,19 @@ impl ConnSenders {
         let outcome = self.out.lock().push(d, Instant::now());
         match outcome.fate {
             Fate::Queued | Fate::Replaced => {}
-            Fate::RateLimited => metrics::counter!("switchyard_edge_dropped_total", "reason" => "rate_limited").increment(1),
-            Fate::SlowConsumer => metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer").increment(1),
+            Fate::RateLimited => {
+                metrics::counter!("switchyard_edge_dropped_total", "reason" => "rate_limited").increment(1)
+            }
+            Fate::SlowConsumer => {
+                metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer").increment(1)
+            }
         }
         if outcome.fate == Fate::Replaced {
             metrics::counter!("switchyard_edge_conflated_total").increment(1);
         }
         if outcome.evicted > 0 {
-            metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer").increment(outcome.evicted as u64);
+            metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer")
+                .increment(outcome.evicted as u64);
         }
         if outcome.wake {
             self.out.wake.notify_one();

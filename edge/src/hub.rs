@@ -348,7 +348,11 @@ impl HubTask {
                 conn.close_once(CloseCode::HeartbeatTimeout, "heartbeat timeout", None);
             } else if conn.exp_s.load(Ordering::Relaxed).saturating_mul(1000) <= now {
                 let mut frame = Vec::new();
-                let err = ServerFrame::Error { id: None, code: ErrorCode::TokenExpired.as_str(), message: "token expired" };
+                let err = ServerFrame::Error {
+                    id: None,
+                    code: ErrorCode::TokenExpired.as_str(),
+                    message: "token expired",
+                };
                 encode_server_frame(*encoding, &err, &mut frame);
                 conn.close_once(CloseCode::TokenExpired, "token expired", Some(frame));
             } else if full_since.is_some_and(|t| instant.duration_since(t) >= self.slow_consumer) {
@@ -368,7 +372,9 @@ impl HubTask {
 /// Runs `f` with tokio's cooperative budget lifted, so channel polls inside
 /// it report what they hold instead of yielding.
 fn without_budget<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::unconstrained(async move { f() }).now_or_never().expect("a synchronous closure is always ready")
+    tokio::task::unconstrained(async move { f() })
+        .now_or_never()
+        .expect("a synchronous closure is always ready")
 }
 
 /// Fans one user's deliveries, and the node's broadcasts, out to that
@@ -430,7 +436,13 @@ impl Pump {
         while let Some(Some(msg)) = self.sub.next().now_or_never() {
             self.own.push(Delivery::from_message(&msg)); // B
         }
-        let limit = self.own.iter().chain(&self.shared[..safe]).filter_map(|d| d.pos).max().unwrap_or(0);
+        let limit = self
+            .own
+            .iter()
+            .chain(&self.shared[..safe])
+            .filter_map(|d| d.pos)
+            .max()
+            .unwrap_or(0);
         self.take_broadcasts(); // C
         let split = self.shared[safe..]
             .iter()

@@ -672,7 +672,11 @@ impl Writer {
         let written = if self.batch.len() == 1 {
             write_event_frame(self.encoding, &self.batch[0].body, self.batch[0].pos, &mut self.buf)
         } else {
-            write_batch_frame(self.encoding, self.batch.iter().map(|d| (&d.body[..], d.pos)), &mut self.buf)
+            write_batch_frame(
+                self.encoding,
+                self.batch.iter().map(|d| (&d.body[..], d.pos)),
+                &mut self.buf,
+            )
         };
         if let Err(e) = written {
             metrics::counter!("switchyard_edge_bad_deliveries_total").increment(1);

@@ -94,6 +94,9 @@ pub struct EdgeConfig {
     /// A connection whose queue stays full this long is closed with 4009, in milliseconds.
     #[arg(long, env = "SWITCHYARD_SLOW_CONSUMER_MS", default_value_t = 10_000)]
     pub slow_consumer_ms: u64,
+    /// A socket write blocked this long drops the connection (a client that stopped reading entirely), in milliseconds.
+    #[arg(long, env = "SWITCHYARD_WRITE_STALL_MS", default_value_t = 30_000)]
+    pub write_stall_ms: u64,
     /// Optional wait after an event arrives for more to batch with it, in milliseconds (0: none).
     #[arg(long, env = "SWITCHYARD_LINGER_MS", default_value_t = 0)]
     pub linger_ms: u64,
@@ -155,6 +158,7 @@ impl std::fmt::Debug for EdgeConfig {
             .field("queue_events", &self.queue_events)
             .field("queue_bytes", &self.queue_bytes)
             .field("slow_consumer_ms", &self.slow_consumer_ms)
+            .field("write_stall_ms", &self.write_stall_ms)
             .field("linger_ms", &self.linger_ms)
             .field("bad_frame_budget", &self.bad_frame_budget)
             .field("request_timeout_ms", &self.request_timeout_ms)

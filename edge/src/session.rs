@@ -80,7 +80,7 @@ pub async fn run(
         batch_max_events: node.config.batch_max_events,
         buf: Vec::with_capacity(1024),
         batch: Vec::with_capacity(node.config.batch_max_events),
-        stall_limit: std::time::Duration::from_millis(node.config.slow_consumer_ms),
+        stall_limit: std::time::Duration::from_millis(node.config.write_stall_ms.max(node.config.slow_consumer_ms)),
         linger: (node.config.linger_ms > 0).then(|| std::time::Duration::from_millis(node.config.linger_ms)),
         sent_close: false,
         last_pos: 0,
@@ -606,9 +606,11 @@ impl Writer {
                         }
                     };
                 }
-                // A client that stops reading stalls the socket itself: past the
-                // slow-consumer deadline the connection is dropped (no close
-                // frame can get through a full socket); the client resumes.
+                // A client that stops reading stalls the socket itself. The
+                // sweeper's 4009 waits in the control queue and goes out as
+                // soon as the client reads again; one that never does is
+                // dropped after the write-stall limit (no close frame can get
+                // through a full socket). Either way the client resumes.
                 let stall_limit = self.stall_limit;
                 let write = async {
                     self.write_batch(&mut q).await?;

@@ -316,7 +316,13 @@ async fn tally(c: &mut WsClient, done: impl Fn(&Tally) -> bool) -> anyhow::Resul
 async fn a_burst_over_the_default_rate_is_batched_cut_and_accounted_for() -> R {
     let fleet = Fleet::start().await?;
     let (mut c, ready) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), &[]).await?;
-    assert_eq!((ready["limits"]["rate_per_s"].as_u64(), ready["limits"]["burst"].as_u64()), (Some(100), Some(200)));
+    assert_eq!(
+        (
+            ready["limits"]["rate_per_s"].as_u64(),
+            ready["limits"]["burst"].as_u64()
+        ),
+        (Some(100), Some(200))
+    );
     let (sent, critical) = (1000u64, 20u64);
     for i in 0..sent {
         let mut ev = json!({"data": i, "target": {"users": ["alice"]}});
@@ -329,10 +335,16 @@ async fn a_burst_over_the_default_rate_is_batched_cut_and_accounted_for() -> R {
     }
     fleet.producer.flush().await?;
     let normal_sent = sent - critical;
-    let t = tally(&mut c, |t| t.critical == critical && t.normal + t.rate_limited + t.slow_consumer == normal_sent).await?;
+    let t = tally(&mut c, |t| {
+        t.critical == critical && t.normal + t.rate_limited + t.slow_consumer == normal_sent
+    })
+    .await?;
     assert_eq!(t.critical, critical, "{t:?}");
     assert_eq!(t.normal + t.rate_limited + t.slow_consumer, normal_sent, "{t:?}");
-    assert!(t.rate_limited >= 500, "a 1000-event burst over 100/s, burst 200, cut only {t:?}");
+    assert!(
+        t.rate_limited >= 500,
+        "a 1000-event burst over 100/s, burst 200, cut only {t:?}"
+    );
     assert!(t.largest_batch <= 50, "{t:?}");
     fleet.shutdown().await;
     Ok(())
@@ -420,7 +432,10 @@ fn rsa_key() -> anyhow::Result<(jsonwebtoken::EncodingKey, rsa::RsaPublicKey)> {
     use rsa::pkcs1::EncodeRsaPrivateKey;
     let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048)?;
     let der = key.to_pkcs1_der()?;
-    Ok((jsonwebtoken::EncodingKey::from_rsa_der(der.as_bytes()), key.to_public_key()))
+    Ok((
+        jsonwebtoken::EncodingKey::from_rsa_der(der.as_bytes()),
+        key.to_public_key(),
+    ))
 }
 
 fn jwks(keys: &[(&str, &rsa::RsaPublicKey)]) -> String {
@@ -464,7 +479,15 @@ async fn rs256_by_pem_and_jwks_with_a_rotated_key_picked_up() -> R {
     let status = |token: String| {
         let url = url.clone();
         async move {
-            match WsClient::connect(&url, &Connect { bearer: Some(token), ..Default::default() }).await {
+            match WsClient::connect(
+                &url,
+                &Connect {
+                    bearer: Some(token),
+                    ..Default::default()
+                },
+            )
+            .await
+            {
                 Ok(mut c) => c.expect_op("ready").await.map(|_| 101).unwrap_or(0),
                 Err(ConnectError::Status(s)) => s,
                 Err(ConnectError::Other(e)) => panic!("{e}"),
@@ -472,9 +495,17 @@ async fn rs256_by_pem_and_jwks_with_a_rotated_key_picked_up() -> R {
         }
     };
     assert_eq!(status(rs256(&pem_priv, None, "alice")).await, 101, "RS256 by PEM key");
-    assert_eq!(status(rs256(&a_priv, Some("a"), "alice")).await, 101, "RS256 by JWKS kid");
+    assert_eq!(
+        status(rs256(&a_priv, Some("a"), "alice")).await,
+        101,
+        "RS256 by JWKS kid"
+    );
     assert_eq!(status(rs256(&b_priv, Some("b"), "alice")).await, 401, "unknown kid");
-    assert_eq!(status(rs256(&a_priv, Some("b"), "alice")).await, 401, "wrong key for the kid");
+    assert_eq!(
+        status(rs256(&a_priv, Some("b"), "alice")).await,
+        401,
+        "wrong key for the kid"
+    );
 
     // Rotate: the file now holds only key b (written aside, then renamed over).
     let tmp = dir.path().join("jwks.json.new");
@@ -489,7 +520,11 @@ async fn rs256_by_pem_and_jwks_with_a_rotated_key_picked_up() -> R {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(picked_up, "the rotated key was not picked up");
-    assert_eq!(status(rs256(&a_priv, Some("a"), "alice")).await, 401, "the retired key still works");
+    assert_eq!(
+        status(rs256(&a_priv, Some("a"), "alice")).await,
+        401,
+        "the retired key still works"
+    );
     fleet.shutdown().await;
     Ok(())
 }

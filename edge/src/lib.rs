@@ -9,6 +9,7 @@
 //! - [`auth`]: JWT verification; the user id is the token's `sub`.
 //! - [`server`]: HTTP up to the WebSocket upgrade (status-code refusals).
 //! - [`session`]: one connection's reader and writer.
+//! - [`outbound`]: the per-connection queue policy: rate limit, conflation, slow-consumer drops (pure).
 //! - [`conn`]: the handle and bounded queues of one connection.
 //! - [`hub`]: user → connections, per-user NATS subscriptions, broadcasts, the sweeper.
 //! - [`log`]: the delivery log: positions, replay on resume, `recovered`.

@@ -528,3 +528,94 @@ async fn rs256_by_pem_and_jwks_with_a_rotated_key_picked_up() -> R {
     fleet.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_backlogged_connection_conflates_keyed_events_and_keeps_the_latest() -> R {
+    let fleet = Fleet::start_with(|c| {
+        c.rate_per_s = 1_000_000;
+        c.burst = 1_000_000;
+    })
+    .await?;
+    let (mut c, _) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), &[]).await?;
+    // The client reads nothing while 24 MiB of updates for one key arrive:
+    // the socket fills, the rest waits in the queue, where each update
+    // replaces the previous one.
+    let blob = "x".repeat(60 * 1024);
+    for i in 0..400u64 {
+        fleet
+            .publish(
+                "quote.AAPL",
+                &json!({"data": {"i": i, "blob": blob}, "target": {"users": ["alice"]}}),
+            )
+            .await?;
+    }
+    fleet.settle().await?;
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    while seen.last().is_none_or(|(i, _)| *i != 399) {
+        let f = c.frame().await?;
+        let events = match f["op"].as_str() {
+            Some("event") => vec![f],
+            Some("batch") => f["events"].as_array().cloned().unwrap_or_default(),
+            _ => anyhow::bail!("unexpected {f} (conflation is not a drop)"),
+        };
+        for e in events {
+            assert_eq!(e["key"], "AAPL");
+            seen.push((e["data"]["i"].as_u64().context("i")?, e["pos"].as_u64().context("pos")?));
+        }
+    }
+    assert!(
+        seen.len() < 400,
+        "nothing was conflated: {} of 400 delivered",
+        seen.len()
+    );
+    for w in seen.windows(2) {
+        assert!(
+            w[0].0 < w[1].0 && w[0].1 < w[1].1,
+            "order broken: {:?} then {:?}",
+            w[0],
+            w[1]
+        );
+    }
+    fleet.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_query_token_counts_only_where_enabled() -> R {
+    let fleet = Fleet::start_with(|c| c.auth_timeout_ms = 500).await?;
+    let token = fleet.token("alice", json!({}));
+    let opts = Connect {
+        query: Some(format!("token={token}")),
+        protocols: vec!["switchyard.v1.json".into()],
+        ..Default::default()
+    };
+    // Off by default: the token in the URL is ignored, so frame auth is still required.
+    let mut c = WsClient::connect(&fleet.ws_url(), &opts)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(c.frame().await?["code"], "unauthorized");
+    assert_eq!(c.expect_close().await?, 4001);
+    fleet.shutdown().await;
+
+    let fleet = Fleet::start_with(|c| c.allow_query_token = true).await?;
+    let token = fleet.token("alice", json!({}));
+    let opts = Connect {
+        query: Some(format!("token={token}")),
+        protocols: vec!["switchyard.v1.json".into()],
+        ..Default::default()
+    };
+    let mut c = WsClient::connect(&fleet.ws_url(), &opts)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(c.expect_op("ready").await?["user"], "alice");
+    let bad = Connect {
+        query: Some("token=garbage".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        WsClient::connect(&fleet.ws_url(), &bad).await.err(),
+        Some(ConnectError::Status(401))
+    );
+    fleet.shutdown().await;
+    Ok(())
+}

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`config`]: flags and `SWITCHYARD_*` variables.
 //! - [`index`]: the subscription index interface and the simple scan index (pure).
+//! - [`fast_index`]: the inverted index (roaring postings) the router uses (pure).
 //! - [`rooms`]: room memberships (pure).
 //! - [`state`]: the shared state and how control requests change it.
 //! - [`control`]: the NATS service answering edges' subscription requests.
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod fast_index;
 pub mod index;
 pub mod ingest;
 pub mod log;

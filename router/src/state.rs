@@ -12,7 +12,8 @@ use switchyard_common::ids;
 use switchyard_common::subscription::{name_field, Subscription};
 use switchyard_common::ErrorCode;
 
-use crate::index::{IndexError, ScanIndex, SubscriptionIndex};
+use crate::fast_index::FastIndex;
+use crate::index::{IndexError, SubscriptionIndex};
 use crate::rooms::Rooms;
 
 /// Shared router state.
@@ -35,7 +36,7 @@ impl RouterState {
     /// Empty state with the simple index.
     pub fn new(max_subscriptions: usize) -> Arc<RouterState> {
         Arc::new(RouterState {
-            index: RwLock::new(Box::new(ScanIndex::new())),
+            index: RwLock::new(Box::new(FastIndex::new())),
             rooms: RwLock::new(Rooms::new()),
             max_subscriptions,
         })

@@ -60,8 +60,11 @@
 //! O(dimensions × values) bitmap inserts or removes, plus the user's slot list.
 //! There is no rebuild, and a new dimension costs nothing beyond its own sets.
 //! The router holds the index in a `RwLock<Box<dyn SubscriptionIndex>>`, so
-//! one update holds the write lock for one subscription's worth of work:
-//! UPDATE_NUMBERS
+//! one update holds the write lock for one subscription's worth of work.
+//! Measured at 1M subscriptions (docs/BENCHMARKS.md, "Subscription index"):
+//! a replace takes 8 µs at the median and 36 µs at p99, a remove plus a new
+//! insert 4 µs and 13 µs; at 10k, 3.4 µs and 2.3 µs at the median.
+//!
 //! The other direction matters more at scale: a match holds the read lock
 //! for as long as it runs, callbacks included, and a popular event at 1M
 //! subscriptions selects around 100k of them (milliseconds). A writer waits

@@ -45,13 +45,6 @@ pub struct Ingest {
     body_buf: Vec<u8>,
 }
 
-/// What handling one event produced (for tests and metrics).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
-    /// Deliveries published.
-    pub deliveries: usize,
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -93,12 +86,12 @@ impl Ingest {
     }
 
     /// Handles one producer message.
-    pub async fn handle(&mut self, msg: &async_nats::Message) -> Outcome {
+    pub async fn handle(&mut self, msg: &async_nats::Message) {
         metrics::counter!("switchyard_router_events_total").increment(1);
         let Some((ty, key)) = self.subjects.parse_event(msg.subject.as_str()) else {
             metrics::counter!("switchyard_router_events_malformed_total", "reason" => "subject").increment(1);
             tracing::warn!(subject = %msg.subject, "event on a subject outside <prefix>.events.<type>[.<key>]");
-            return Outcome::default();
+            return;
         };
         let json = msg
             .headers
@@ -110,7 +103,7 @@ impl Ingest {
             Err(e) => {
                 metrics::counter!("switchyard_router_events_malformed_total", "reason" => e.reason()).increment(1);
                 tracing::warn!(subject = %msg.subject, error = %e, "malformed producer event dropped");
-                return Outcome::default();
+                return;
             }
         };
         if let Some(id) = &event.id {
@@ -118,12 +111,11 @@ impl Ingest {
             self.dedup.entry_by_ref(id).or_insert_with(|| fresh = true);
             if !fresh {
                 metrics::counter!("switchyard_router_events_duplicate_total").increment(1);
-                return Outcome::default();
+                return;
             }
         }
         let deliveries = self.deliver(&event).await;
         metrics::counter!("switchyard_router_deliveries_total").increment(deliveries as u64);
-        Outcome { deliveries }
     }
 
     async fn deliver(&mut self, event: &ProducerEvent) -> usize {

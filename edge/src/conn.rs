@@ -101,6 +101,10 @@ pub struct Outbound {
     /// Drops that happened outside the queue (a full hold, lagging
     /// broadcasts), reported as `slow_consumer`.
     extra_slow: AtomicU64,
+    /// A `DroppedNotice` sits in the control queue; the sweeper adds no other.
+    notice_queued: AtomicBool,
+    /// A heartbeat `Ping` sits in the control queue; the sweeper adds no other.
+    ping_queued: AtomicBool,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -128,6 +132,16 @@ impl Outbound {
     /// Tells a waiting replay that the writer made room.
     pub fn made_room(&self) {
         self.room.notify_one();
+    }
+
+    /// The writer took the queued `DroppedNotice`; the sweeper may queue another.
+    pub fn took_notice(&self) {
+        self.notice_queued.store(false, Ordering::Relaxed);
+    }
+
+    /// The writer took the queued heartbeat `Ping`; the sweeper may queue another.
+    pub fn took_ping(&self) {
+        self.ping_queued.store(false, Ordering::Relaxed);
     }
 }
 
@@ -157,6 +171,8 @@ pub fn channels(config: OutboundConfig) -> (ConnSenders, ConnQueues) {
         wake: Notify::new(),
         room: Notify::new(),
         extra_slow: AtomicU64::new(0),
+        notice_queued: AtomicBool::new(false),
+        ping_queued: AtomicBool::new(false),
     });
     (
         ConnSenders {
@@ -341,17 +357,49 @@ impl ConnHandle {
         self.senders.control.try_send(c).is_ok()
     }
 
+    /// Asks the writer for a `dropped` notice, unless one is already queued,
+    /// so a writer stuck on a full socket does not collect one per sweep.
+    pub fn request_dropped_notice(&self) {
+        let flag = &self.senders.out.notice_queued;
+        if !flag.swap(true, Ordering::Relaxed) && !self.try_control(Control::DroppedNotice) {
+            flag.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Asks the writer for a heartbeat ping, unless one is already queued.
+    pub fn request_ping(&self) {
+        let flag = &self.senders.out.ping_queued;
+        if !flag.swap(true, Ordering::Relaxed) && !self.try_control(Control::Ping) {
+            flag.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Closes the connection with `code` (after `frame`, if any), once;
     /// later calls do nothing. Counted in `switchyard_edge_closed_total`.
+    ///
+    /// When the control queue has no room for the frames (a writer stuck on
+    /// a full socket while the sweeper keeps queueing notices), nothing is
+    /// queued and the connection is not marked closing, so the caller's next
+    /// round tries again instead of the close being lost.
     pub fn close_once(&self, code: CloseCode, reason: &'static str, frame: Option<Vec<u8>>) {
         if self.closing.swap(true, Ordering::Relaxed) {
             return;
         }
+        let needed = 1 + usize::from(frame.is_some());
+        let Ok(mut permits) = self.senders.control.try_reserve_many(needed) else {
+            self.closing.store(false, Ordering::Relaxed);
+            return;
+        };
         metrics::counter!("switchyard_edge_closed_total", "reason" => reason).increment(1);
-        if let Some(frame) = frame {
-            self.try_control(Control::Frame(frame));
+        for control in frame
+            .map(Control::Frame)
+            .into_iter()
+            .chain([Control::Close(code.code(), reason)])
+        {
+            if let Some(permit) = permits.next() {
+                permit.send(control);
+            }
         }
-        self.try_control(Control::Close(code.code(), reason));
     }
 
     /// Records that the client sent something.
@@ -366,4 +414,64 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> (Arc<ConnHandle>, ConnQueues) {
+        let (senders, queues) = channels(OutboundConfig::default());
+        (ConnHandle::new(1, Arc::from("alice"), senders, u64::MAX, 16), queues)
+    }
+
+    #[test]
+    fn a_close_that_finds_the_control_queue_full_is_retried_not_lost() {
+        let (conn, mut queues) = handle();
+        for _ in 0..CONTROL_QUEUE {
+            assert!(conn.try_control(Control::Pong(Bytes::new())));
+        }
+        conn.close_once(CloseCode::SlowConsumer, "slow consumer", Some(vec![1]));
+        // Room for one of the two frames is not enough: nothing goes in.
+        assert!(queues.control.try_recv().is_ok());
+        conn.close_once(CloseCode::SlowConsumer, "slow consumer", Some(vec![1]));
+        assert!(queues.control.try_recv().is_ok());
+        conn.close_once(CloseCode::SlowConsumer, "slow consumer", Some(vec![2]));
+        let mut tail = Vec::new();
+        while let Ok(c) = queues.control.try_recv() {
+            tail.push(c);
+        }
+        assert_eq!(tail.len(), CONTROL_QUEUE - 2 + 2, "{tail:?}");
+        assert!(
+            matches!(&tail[tail.len() - 2], Control::Frame(f) if f == &[2]),
+            "{tail:?}"
+        );
+        assert!(
+            matches!(tail.last(), Some(Control::Close(4009, "slow consumer"))),
+            "{tail:?}"
+        );
+        // Once queued, a close is not repeated.
+        conn.close_once(CloseCode::SlowConsumer, "slow consumer", None);
+        assert!(queues.control.try_recv().is_err());
+    }
+
+    #[test]
+    fn the_sweeper_queues_at_most_one_ping_and_one_notice_until_the_writer_takes_them() {
+        let (conn, mut queues) = handle();
+        for _ in 0..10 {
+            conn.request_ping();
+            conn.request_dropped_notice();
+        }
+        assert!(matches!(queues.control.try_recv(), Ok(Control::Ping)));
+        assert!(matches!(queues.control.try_recv(), Ok(Control::DroppedNotice)));
+        assert!(queues.control.try_recv().is_err());
+        conn.request_ping();
+        assert!(
+            queues.control.try_recv().is_err(),
+            "the writer has not taken the first ping"
+        );
+        queues.out.took_ping();
+        conn.request_ping();
+        assert!(matches!(queues.control.try_recv(), Ok(Control::Ping)));
+    }
 }

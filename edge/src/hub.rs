@@ -359,10 +359,10 @@ impl HubTask {
                 conn.close_once(CloseCode::SlowConsumer, "slow consumer", None);
             } else {
                 if drop_pending {
-                    conn.try_control(Control::DroppedNotice);
+                    conn.request_dropped_notice();
                 }
                 if ping {
-                    conn.try_control(Control::Ping);
+                    conn.request_ping();
                 }
             }
         }

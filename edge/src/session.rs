@@ -723,12 +723,14 @@ impl Writer {
                 false
             }
             Control::Ping => {
+                q.out.took_ping();
                 self.ws
                     .write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[])))
                     .await?;
                 false
             }
             Control::DroppedNotice => {
+                q.out.took_notice();
                 let dropped = q.out.lock().take_dropped();
                 let extra_slow = q.out.take_extra_slow();
                 let (rate_limited, slow) = dropped.map_or((0, 0), |d| (d.rate_limited, d.slow_consumer));

@@ -49,6 +49,22 @@ pub struct Connect {
 impl WsClient {
     /// Connects; returns the HTTP status on a refused upgrade.
     pub async fn connect(url: &str, opts: &Connect) -> Result<WsClient, ConnectError> {
+        Self::connect_inner(url, opts, None).await
+    }
+
+    /// Connects over plain `ws://` with the socket's receive buffer fixed at
+    /// `recv_buffer` bytes. A fixed size turns off the kernel's autotuning
+    /// (which grows to tens of MiB on some machines), so a client that stops
+    /// reading backs the server up after a known, small amount.
+    pub async fn connect_with_recv_buffer(
+        url: &str,
+        opts: &Connect,
+        recv_buffer: u32,
+    ) -> Result<WsClient, ConnectError> {
+        Self::connect_inner(url, opts, Some(recv_buffer)).await
+    }
+
+    async fn connect_inner(url: &str, opts: &Connect, recv_buffer: Option<u32>) -> Result<WsClient, ConnectError> {
         let full = match &opts.query {
             Some(q) => format!("{url}?{q}"),
             None => url.to_string(),
@@ -68,7 +84,29 @@ impl WsClient {
                 HeaderValue::from_str(&opts.protocols.join(", ")).map_err(|e| ConnectError::Other(e.to_string()))?,
             );
         }
-        match tokio_tungstenite::connect_async(req).await {
+        let connected = match recv_buffer {
+            None => tokio_tungstenite::connect_async(req).await,
+            Some(size) => {
+                let uri = req.uri();
+                let addr = format!("{}:{}", uri.host().unwrap_or("127.0.0.1"), uri.port_u16().unwrap_or(80));
+                let addr: std::net::SocketAddr = addr.parse().map_err(|e| ConnectError::Other(format!("{e}")))?;
+                let socket = if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                }
+                .map_err(|e| ConnectError::Other(e.to_string()))?;
+                socket
+                    .set_recv_buffer_size(size)
+                    .map_err(|e| ConnectError::Other(e.to_string()))?;
+                let stream = socket
+                    .connect(addr)
+                    .await
+                    .map_err(|e| ConnectError::Other(e.to_string()))?;
+                tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)).await
+            }
+        };
+        match connected {
             Ok((ws, resp)) => {
                 let encoding = match resp
                     .headers()

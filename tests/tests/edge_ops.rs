@@ -361,7 +361,17 @@ async fn a_client_that_stops_reading_is_cut_off_and_resumes_without_loss() -> R 
     })
     .await?;
     let url = fleet.ws_url();
-    let (c, ready) = WsClient::connect_ready(&url, &fleet.token("alice", json!({})), &[]).await?;
+    // A small, fixed receive buffer: what the sockets can absorb stays far
+    // below what is sent, whatever this machine's TCP autotuning limits are.
+    let small_window = Connect {
+        bearer: Some(fleet.token("alice", json!({}))),
+        protocols: vec![],
+        query: None,
+    };
+    let mut c = WsClient::connect_with_recv_buffer(&url, &small_window, 64 * 1024)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let ready = c.expect_op("ready").await?;
     let epoch = ready["epoch"].as_str().unwrap().to_string();
     let since = ready["pos"].as_u64().unwrap();
     // 24 MiB of events against a client that reads nothing: socket buffers and the queue fill.
@@ -378,7 +388,6 @@ async fn a_client_that_stops_reading_is_cut_off_and_resumes_without_loss() -> R 
     // The client keeps not reading for a while (the behaviour under test),
     // then reads what reached it: the edge has cut it with 4009.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut c = c;
     let mut received = 0;
     let code = loop {
         match c.next().await? {
@@ -536,7 +545,17 @@ async fn a_backlogged_connection_conflates_keyed_events_and_keeps_the_latest() -
         c.burst = 1_000_000;
     })
     .await?;
-    let (mut c, _) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), &[]).await?;
+    let opts = Connect {
+        bearer: Some(fleet.token("alice", json!({}))),
+        protocols: vec![],
+        query: None,
+    };
+    // A small fixed receive buffer, so the backlog does not depend on this
+    // machine's TCP autotuning limits.
+    let mut c = WsClient::connect_with_recv_buffer(&fleet.ws_url(), &opts, 64 * 1024)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    c.expect_op("ready").await?;
     // The client reads nothing while 24 MiB of updates for one key arrive:
     // the socket fills, the rest waits in the queue, where each update
     // replaces the previous one.

@@ -18,6 +18,9 @@ pub struct ControlRequest {
     /// The token's `rooms` claim, which authorizes `join`.
     #[serde(default)]
     pub rooms: Vec<String>,
+    /// The token's `roles` claim, passed to the application's authorization hook.
+    #[serde(default)]
+    pub roles: Vec<String>,
     /// What to do.
     pub op: ControlOp,
 }
@@ -83,6 +86,7 @@ mod tests {
         let req = ControlRequest {
             user: "u1".into(),
             rooms: vec!["desk:*".into()],
+            roles: vec!["agent".into()],
             op: ControlOp::Subscribe(RawSubscription {
                 sub: Value::from("s"),
                 sub_type: Value::from("tick"),

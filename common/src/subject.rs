@@ -105,6 +105,91 @@ impl Subjects {
         format!("{}_DELIVERIES", self.prefix.replace('.', "_").to_ascii_uppercase())
     }
 
+    /// Base of the JetStream asset names: the prefix upper-cased, `.` → `_`.
+    fn asset_base(&self) -> String {
+        self.prefix.replace('.', "_").to_ascii_uppercase()
+    }
+
+    /// The event stream of one subject shape: `<BASE>_EVENTS_KEYED` captures
+    /// `<prefix>.events.<type>.<key>`, `<BASE>_EVENTS_TYPED` captures
+    /// `<prefix>.events.<type>`. One stream per shape because a stream has
+    /// one subject transform, and partitioning needs `*` tokens to hash.
+    pub fn events_stream(&self, shape: EventShape) -> String {
+        match shape {
+            EventShape::Keyed => format!("{}_EVENTS_KEYED", self.asset_base()),
+            EventShape::Typed => format!("{}_EVENTS_TYPED", self.asset_base()),
+        }
+    }
+
+    /// What producers publish to, for one shape: `<prefix>.events.*.*` or `<prefix>.events.*`.
+    pub fn events_capture(&self, shape: EventShape) -> String {
+        match shape {
+            EventShape::Keyed => format!("{}.events.*.*", self.prefix),
+            EventShape::Typed => format!("{}.events.*", self.prefix),
+        }
+    }
+
+    /// Producer subjects with more tokens than any valid shape (counted as malformed).
+    pub fn events_too_deep(&self) -> String {
+        format!("{}.events.*.*.>", self.prefix)
+    }
+
+    /// The stream's subject transform destination: the partition number
+    /// (a hash of the type and key tokens) after a per-shape token, then
+    /// the original tokens, e.g. `sy.evk.3.tick.AAPL` or `sy.evt.5.alert`.
+    pub fn events_partitioned(&self, shape: EventShape, partitions: u32) -> String {
+        match shape {
+            EventShape::Keyed => format!(
+                "{}.evk.{{{{partition({partitions},1,2)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}",
+                self.prefix
+            ),
+            EventShape::Typed => format!(
+                "{}.evt.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}",
+                self.prefix
+            ),
+        }
+    }
+
+    /// The stored subjects of one partition: `<prefix>.evk.<p>.>` or `<prefix>.evt.<p>.>`.
+    pub fn events_partition_filter(&self, shape: EventShape, partition: u32) -> String {
+        match shape {
+            EventShape::Keyed => format!("{}.evk.{partition}.>", self.prefix),
+            EventShape::Typed => format!("{}.evt.{partition}.>", self.prefix),
+        }
+    }
+
+    /// Splits a stored (partitioned) event subject into `<type>` and optional `<key>`.
+    pub fn parse_partitioned_event<'a>(&self, subject: &'a str) -> Option<(&'a str, Option<&'a str>)> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix('.')?;
+        let (shape, rest) = rest.split_once('.')?;
+        let (_partition, rest) = rest.split_once('.')?;
+        match (shape, rest.split_once('.')) {
+            ("evk", Some((ty, key))) if !key.contains('.') => Some((ty, Some(key))),
+            ("evt", None) => Some((rest, None)),
+            _ => None,
+        }
+    }
+
+    /// The key-value bucket holding subscriptions and room memberships.
+    pub fn store_bucket(&self) -> String {
+        format!("{}_SUBS", self.asset_base())
+    }
+
+    /// The key-value bucket holding routers' partition leases.
+    pub fn lease_bucket(&self) -> String {
+        format!("{}_LEASES", self.asset_base())
+    }
+
+    /// Routers announce themselves here so each knows how many share the partitions.
+    pub fn router_heartbeat(&self) -> String {
+        format!("{}.routers.heartbeat", self.prefix)
+    }
+
+    /// Where the router asks the application whether `kind` (`join`, `subscribe`) is allowed.
+    pub fn authz(&self, kind: &str) -> String {
+        format!("{}.authz.{kind}", self.prefix)
+    }
+
     /// Subscription-change requests from edges to the router tier.
     pub fn control(&self) -> String {
         format!("{}.control", self.prefix)
@@ -120,6 +205,28 @@ impl Default for Subjects {
     fn default() -> Self {
         Subjects {
             prefix: DEFAULT_PREFIX.to_string(),
+        }
+    }
+}
+
+/// The two subject shapes producers publish on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventShape {
+    /// `<prefix>.events.<type>.<key>`: partitioned by type and key.
+    Keyed,
+    /// `<prefix>.events.<type>`: partitioned by type.
+    Typed,
+}
+
+impl EventShape {
+    /// Both shapes.
+    pub const ALL: [EventShape; 2] = [EventShape::Keyed, EventShape::Typed];
+
+    /// A short tag for names (`k`, `t`).
+    pub fn tag(self) -> &'static str {
+        match self {
+            EventShape::Keyed => "k",
+            EventShape::Typed => "t",
         }
     }
 }
@@ -148,6 +255,25 @@ mod tests {
         assert_eq!(s.parse_event("acme.sy.events.tick"), Some(("tick", None)));
         assert_eq!(s.parse_event("acme.sy.events.tick.a.b"), None);
         assert_eq!(s.parse_event("other.events.tick"), None);
+        assert_eq!(s.events_stream(EventShape::Keyed), "ACME_SY_EVENTS_KEYED");
+        assert_eq!(
+            s.events_partitioned(EventShape::Keyed, 8),
+            "acme.sy.evk.{{partition(8,1,2)}}.{{wildcard(1)}}.{{wildcard(2)}}"
+        );
+        assert_eq!(
+            s.events_partitioned(EventShape::Typed, 4),
+            "acme.sy.evt.{{partition(4,1)}}.{{wildcard(1)}}"
+        );
+        assert_eq!(s.events_partition_filter(EventShape::Typed, 3), "acme.sy.evt.3.>");
+        assert_eq!(
+            s.parse_partitioned_event("acme.sy.evk.3.tick.AAPL"),
+            Some(("tick", Some("AAPL")))
+        );
+        assert_eq!(s.parse_partitioned_event("acme.sy.evt.0.alert"), Some(("alert", None)));
+        assert_eq!(s.parse_partitioned_event("acme.sy.evt.0.alert.x"), None);
+        assert_eq!(s.parse_partitioned_event("acme.sy.evk.0.alert"), None);
+        assert_eq!(s.parse_partitioned_event("acme.sy.evk.0.a.b.c"), None);
+        assert_eq!(s.store_bucket(), "ACME_SY_SUBS");
         assert!(Subjects::new("a b").is_err());
         assert!(Subjects::new("a..b").is_err());
         assert!(Subjects::new("*").is_err());

@@ -71,10 +71,17 @@ impl Backend {
     }
 
     /// Sends a subscription change for `user` to the router tier.
-    pub async fn control(&self, user: &str, rooms: &[String], op: ControlOp) -> Result<ControlReply, BackendError> {
+    pub async fn control(
+        &self,
+        user: &str,
+        rooms: &[String],
+        roles: &[String],
+        op: ControlOp,
+    ) -> Result<ControlReply, BackendError> {
         let req = ControlRequest {
             user: user.to_string(),
             rooms: rooms.to_vec(),
+            roles: roles.to_vec(),
             op,
         };
         let payload = self

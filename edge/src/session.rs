@@ -531,7 +531,12 @@ impl Reader {
                 ClientOp::Join { room } => ControlOp::Join { room },
                 ClientOp::Leave { room } => ControlOp::Leave { room },
             };
-            match self.node.backend.control(&claims.sub, &claims.rooms, control_op).await {
+            match self
+                .node
+                .backend
+                .control(&claims.sub, &claims.rooms, &claims.roles, control_op)
+                .await
+            {
                 Ok(ControlReply::Ok) => self.send(&ServerFrame::Ok { id }).await,
                 Ok(ControlReply::Subs(subs)) => self.send(&ServerFrame::Subs { id, subs: &subs }).await,
                 Ok(ControlReply::Error { code, message }) => self.reply_error(id, code, &message).await,

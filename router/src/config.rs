@@ -37,12 +37,50 @@ pub struct RouterConfig {
     /// Delivery log: how long a delivery is kept, in seconds.
     #[arg(long, env = "SWITCHYARD_LOG_MAX_AGE_S", default_value_t = 86_400)]
     pub log_max_age_s: u64,
-    /// Delivery log storage: `file` or `memory`.
+    /// Storage of the router's JetStream assets (delivery log, event streams,
+    /// subscription bucket): `file` or `memory`.
     #[arg(long, env = "SWITCHYARD_LOG_STORAGE", default_value = "file", value_parser = ["file", "memory"])]
     pub log_storage: String,
-    /// Delivery log replicas (3 on a NATS cluster).
+    /// Replicas of the router's JetStream assets (3 on a NATS cluster).
     #[arg(long, env = "SWITCHYARD_LOG_REPLICAS", default_value_t = 1)]
     pub log_replicas: usize,
+    /// Window in which the delivery log stores a redone delivery (same message id) once, in
+    /// seconds. Must exceed the lease TTL plus the time to redo an event after a router dies.
+    #[arg(long, env = "SWITCHYARD_LOG_DUPLICATE_WINDOW_S", default_value_t = 30)]
+    pub log_duplicate_window_s: u64,
+    /// Partitions per event stream (events on one subject stay in one partition).
+    #[arg(long, env = "SWITCHYARD_PARTITIONS", default_value_t = 8)]
+    pub partitions: u32,
+    /// How long a dead router's partitions wait before another router takes them, in ms.
+    #[arg(long, env = "SWITCHYARD_LEASE_TTL_MS", default_value_t = 5000)]
+    pub lease_ttl_ms: u64,
+    /// Longest an event waits in its stream for a router, in seconds.
+    #[arg(long, env = "SWITCHYARD_EVENTS_MAX_AGE_S", default_value_t = 86_400)]
+    pub events_max_age_s: u64,
+    /// This router's name among routers (default: host name and process id).
+    #[arg(long, env = "SWITCHYARD_ROUTER_ID")]
+    pub router_id: Option<String>,
+    /// Most filter dimensions per subscription (at most 32).
+    #[arg(long, env = "SWITCHYARD_MAX_DIMENSIONS", default_value_t = 32)]
+    pub max_dimensions: usize,
+    /// Most values per filter dimension (at most 1024).
+    #[arg(long, env = "SWITCHYARD_MAX_VALUES_PER_DIMENSION", default_value_t = 1024)]
+    pub max_values_per_dimension: usize,
+    /// Rooms anyone may join, comma separated (exact names or `prefix:*`).
+    #[arg(long, env = "SWITCHYARD_PUBLIC_ROOMS", value_delimiter = ',', default_value = "")]
+    pub public_rooms: Vec<String>,
+    /// Subscription types anyone may use, comma separated (`*` all, `prefix*`, exact).
+    #[arg(long, env = "SWITCHYARD_PUBLIC_TYPES", value_delimiter = ',', default_value = "*")]
+    pub public_types: Vec<String>,
+    /// Ask the application (`<prefix>.authz.<kind>`) about joins and types the rules above refuse.
+    #[arg(long, env = "SWITCHYARD_AUTHZ_REQUEST", default_value_t = false, action = clap::ArgAction::Set)]
+    pub authz_request: bool,
+    /// How long to wait for the application's authorization answer, in ms (then deny).
+    #[arg(long, env = "SWITCHYARD_AUTHZ_TIMEOUT_MS", default_value_t = 1000)]
+    pub authz_timeout_ms: u64,
+    /// How long an application authorization decision is reused, in seconds.
+    #[arg(long, env = "SWITCHYARD_AUTHZ_CACHE_S", default_value_t = 60)]
+    pub authz_cache_s: u64,
     /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
     #[arg(skip)]
     pub metrics: Option<PrometheusHandle>,
@@ -57,6 +95,9 @@ pub enum ConfigError {
     /// A numeric setting is out of range.
     #[error("{0}")]
     Range(&'static str),
+    /// A setting does not parse.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl RouterConfig {
@@ -73,7 +114,86 @@ impl RouterConfig {
                 "SWITCHYARD_LOG_MAX_PER_USER and SWITCHYARD_LOG_MAX_AGE_S must be at least 1, SWITCHYARD_LOG_REPLICAS 1 to 5",
             ));
         }
+        if !(1..=1024).contains(&self.partitions) {
+            return Err(ConfigError::Range("SWITCHYARD_PARTITIONS must be 1 to 1024"));
+        }
+        if self.lease_ttl_ms < 500 {
+            return Err(ConfigError::Range("SWITCHYARD_LEASE_TTL_MS must be at least 500"));
+        }
+        if self.log_duplicate_window_s == 0 || self.events_max_age_s == 0 {
+            return Err(ConfigError::Range(
+                "SWITCHYARD_LOG_DUPLICATE_WINDOW_S and SWITCHYARD_EVENTS_MAX_AGE_S must be at least 1",
+            ));
+        }
+        if !(1..=switchyard_common::subscription::MAX_FILTER_DIMENSIONS).contains(&self.max_dimensions)
+            || !(1..=switchyard_common::subscription::MAX_VALUES_PER_DIMENSION).contains(&self.max_values_per_dimension)
+        {
+            return Err(ConfigError::Range(
+                "SWITCHYARD_MAX_DIMENSIONS must be 1 to 32 and SWITCHYARD_MAX_VALUES_PER_DIMENSION 1 to 1024",
+            ));
+        }
+        if self.authz_timeout_ms == 0 {
+            return Err(ConfigError::Range("SWITCHYARD_AUTHZ_TIMEOUT_MS must be at least 1"));
+        }
+        if let Some(bad) = self
+            .public_rooms
+            .iter()
+            .find(|r| !r.is_empty() && !switchyard_common::ids::is_valid_room(r.trim_end_matches('*')))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "SWITCHYARD_PUBLIC_ROOMS: invalid room pattern {bad:?}"
+            )));
+        }
         Ok(Subjects::new(&self.prefix)?)
+    }
+
+    /// The per-user limits.
+    pub fn limits(&self) -> crate::state::Limits {
+        crate::state::Limits {
+            max_subscriptions: self.max_subscriptions,
+            max_dimensions: self.max_dimensions,
+            max_values_per_dimension: self.max_values_per_dimension,
+        }
+    }
+
+    /// The authorization settings.
+    pub fn authz_settings(&self) -> crate::authz::AuthzSettings {
+        let clean = |v: &[String]| {
+            v.iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        crate::authz::AuthzSettings {
+            public_rooms: clean(&self.public_rooms),
+            public_types: clean(&self.public_types),
+            ask_application: self.authz_request,
+            timeout: std::time::Duration::from_millis(self.authz_timeout_ms),
+            cache_ttl: std::time::Duration::from_secs(self.authz_cache_s),
+        }
+    }
+
+    /// The event stream settings.
+    pub fn event_settings(&self) -> crate::events::EventSettings {
+        crate::events::EventSettings {
+            partitions: self.partitions,
+            memory: self.log_storage == "memory",
+            replicas: self.log_replicas,
+            max_age: std::time::Duration::from_secs(self.events_max_age_s),
+            duplicate_window: std::time::Duration::from_secs(self.dedup_window_s),
+        }
+    }
+
+    /// This router's id among routers.
+    pub fn router_id(&self) -> String {
+        self.router_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "router".into());
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("{host}-{}-{n}", std::process::id())
+        })
     }
 
     /// The delivery log settings.
@@ -83,6 +203,7 @@ impl RouterConfig {
             max_age: std::time::Duration::from_secs(self.log_max_age_s),
             memory: self.log_storage == "memory",
             replicas: self.log_replicas,
+            duplicate_window: std::time::Duration::from_secs(self.log_duplicate_window_s),
         }
     }
 

@@ -1,24 +1,53 @@
 //! Ingest: producer events in, one pre-targeted delivery per user out.
 //!
-//! Owns the `<prefix>.events.>` subscription (in the routers' queue group, so
-//! each event is handled by one router), decoding, deduplication by
-//! producer `id`, targeting and publishing. A malformed event is logged and
-//! counted, never fatal. It must not hold a state lock while publishing.
+//! A [`Worker`] processes one partition of an event stream (see
+//! [`crate::events`]) while its router holds that partition's lease (see
+//! [`crate::lease`]). It owns decoding, deduplication by producer `id`,
+//! targeting and publishing; a malformed event is counted and acknowledged
+//! (dropped), never fatal.
+//!
+//! # Order, acknowledgement and failover
+//! The worker takes messages in stream order and publishes their deliveries
+//! in that order. Durable deliveries are JetStream publishes into the
+//! delivery log; their acknowledgements are awaited in a pipeline (a
+//! [`FuturesOrdered`] of events, bounded), not one round trip at a time, and
+//! an event is acknowledged only when all its durable deliveries are stored,
+//! in event order. Every event before the first unacknowledged one is thus
+//! fully delivered, and the stream (work-queue retention) holds only what is
+//! still owed. A worker that starts (after a failover, or a restart after an
+//! error) recreates the partition's consumer from the oldest message left,
+//! so nothing is skipped and the order is kept.
+//!
+//! Redoing an event must not deliver twice: each durable delivery carries
+//! `Nats-Msg-Id: <event>:<user>`, where `<event>` is the producer's `id` or
+//! the event's stream sequence, and the delivery log stores one message per
+//! id within its duplicate window. A producer's own retry (the same `id`
+//! again) is dropped by a bounded moka cache on the router that owns the
+//! subject, and by the same message ids when it lands on another router.
+//! Non-durable deliveries (ticks) are not logged, so an event redone after a
+//! router died can repeat them; they carry no `pos` and no promise.
+//!
+//! It must not hold a state lock while publishing or awaiting.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::Subscriber;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use switchyard_common::delivery::encode_delivery;
 use switchyard_common::event::{is_json_content_type, parse_event, ProducerEvent, Target};
-use switchyard_common::subject::{Subjects, ROUTER_QUEUE_GROUP};
+use switchyard_common::subject::Subjects;
 use switchyard_common::subscription::{MatchQuery, Subscription};
 use switchyard_common::transcode;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::Partition;
 use crate::state::RouterState;
+use crate::store::Store;
 
 /// Producer ids seen within the dedup window.
 pub type DedupCache = moka::sync::Cache<String, ()>;
@@ -31,18 +60,65 @@ pub fn dedup_cache(window: Duration) -> DedupCache {
         .build()
 }
 
-/// Turns events into deliveries; one per router process.
-pub struct Ingest {
-    client: async_nats::Client,
-    subjects: Subjects,
-    state: Arc<RouterState>,
-    dedup: DedupCache,
+/// Most events fetched ahead of the stream's acknowledgement.
+const MAX_EVENTS_IN_FLIGHT: usize = 1024;
+/// Most durable deliveries awaiting the log's acknowledgement.
+const MAX_ACKS_IN_FLIGHT: usize = 20_000;
+/// Most messages taken from the consumer before one consistency check.
+const BATCH: usize = 256;
+/// How long an unacknowledged event waits before the server offers it again.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a stopping worker waits for outstanding acknowledgements.
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a worker stopped before it was told to.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The partition's consumer could not be set up or read.
+    #[error("event consumer: {0}")]
+    Consumer(String),
+    /// A delivery could not be stored in the log.
+    #[error("delivery log publish failed: {0}")]
+    Publish(String),
+}
+
+/// What every worker of one router shares.
+pub struct Shared {
+    /// Core NATS, for live deliveries.
+    pub client: async_nats::Client,
+    /// JetStream, for durable deliveries and the event consumers.
+    pub js: async_nats::jetstream::Context,
+    /// Subject names.
+    pub subjects: Subjects,
+    /// The index and rooms.
+    pub state: Arc<RouterState>,
+    /// The subscription bucket (for the consistency check).
+    pub store: Store,
+    /// Producer ids seen recently.
+    pub dedup: DedupCache,
+}
+
+/// An event whose durable deliveries are on their way to the log.
+struct InFlight {
+    msg: async_nats::jetstream::Message,
+    acks: Vec<PublishAckFuture>,
+    /// How many durable deliveries it awaited (for the in-flight bound).
+    durable: usize,
+    /// The producer id, forgotten again if the event has to be redone.
+    id: Option<String>,
+}
+
+/// Processes one partition.
+pub struct Worker {
+    shared: Arc<Shared>,
+    partition: Partition,
     /// Reused across events so targeting allocates nothing per candidate.
     matches: Vec<(Arc<str>, Arc<Subscription>)>,
     /// Delivery bodies are carved out of this buffer.
     out: BytesMut,
     scratch: Vec<u8>,
     body_buf: Vec<u8>,
+    msg_id: String,
 }
 
 fn now_ms() -> u64 {
@@ -52,104 +128,305 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-impl Ingest {
-    /// An ingest stage publishing through `client`.
-    pub fn new(client: async_nats::Client, subjects: Subjects, state: Arc<RouterState>, dedup: DedupCache) -> Ingest {
-        Ingest {
-            client,
-            subjects,
-            state,
-            dedup,
+/// Waits for an event's durable deliveries to be stored.
+async fn stored(mut f: InFlight) -> (InFlight, Result<(), String>) {
+    for ack in std::mem::take(&mut f.acks) {
+        if let Err(e) = ack.await {
+            return (f, Err(e.to_string()));
+        }
+    }
+    (f, Ok(()))
+}
+
+/// The consumer name of a partition (one per partition, shared by routers over time).
+pub fn consumer_name(partition: Partition) -> String {
+    format!("router-{}", partition.name())
+}
+
+impl Worker {
+    /// A worker for `partition`.
+    pub fn new(shared: Arc<Shared>, partition: Partition) -> Worker {
+        Worker {
+            shared,
+            partition,
             matches: Vec::new(),
             out: BytesMut::with_capacity(64 * 1024),
             scratch: Vec::new(),
             body_buf: Vec::new(),
+            msg_id: String::new(),
         }
     }
 
-    /// Subscribes to producer events (in the routers' queue group).
-    pub async fn subscribe(&self) -> Result<Subscriber, async_nats::SubscribeError> {
-        self.client
-            .queue_subscribe(self.subjects.events_wildcard(), ROUTER_QUEUE_GROUP.to_string())
+    /// (Re)creates the partition's consumer starting from the oldest message left.
+    async fn consumer(&self) -> Result<pull::Stream, IngestError> {
+        let subjects = &self.shared.subjects;
+        let err = |e: &dyn std::fmt::Display| IngestError::Consumer(e.to_string());
+        let stream = self
+            .shared
+            .js
+            .get_stream(subjects.events_stream(self.partition.shape))
             .await
+            .map_err(|e| err(&e))?;
+        let name = consumer_name(self.partition);
+        // Whatever the previous owner had fetched but not acknowledged is
+        // offered again at once, in order, instead of after its ack wait.
+        if let Err(e) = stream.delete_consumer(&name).await {
+            tracing::debug!(consumer = %name, error = %e, "no consumer to delete");
+        }
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name),
+                filter_subject: subjects.events_partition_filter(self.partition.shape, self.partition.number),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                max_ack_pending: MAX_EVENTS_IN_FLIGHT as i64,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(&e))?;
+        consumer
+            .stream()
+            .max_messages_per_batch(BATCH)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| err(&e))
     }
 
-    /// Consumes events from `events` (see [`Ingest::subscribe`]) until cancelled.
-    pub async fn run(mut self, mut events: Subscriber, cancel: CancellationToken) {
-        loop {
-            let msg = tokio::select! {
-                _ = cancel.cancelled() => break,
-                msg = events.next() => match msg { Some(m) => m, None => break },
-            };
-            self.handle(&msg).await;
+    /// Processes the partition until `cancel` (then drains what is in
+    /// flight, bounded) or an error (then forgets the ids of unacknowledged
+    /// events, so that their redo is not mistaken for a duplicate).
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), IngestError> {
+        let mut messages = self.consumer().await?;
+        tracing::info!(partition = %self.partition.name(), "processing partition");
+        let mut pending = FuturesOrdered::new();
+        // The producer ids of the events in `pending`, in the same order.
+        let mut pending_ids: std::collections::VecDeque<Option<String>> = std::collections::VecDeque::new();
+        let mut acks_in_flight = 0usize;
+        let mut batch: Vec<async_nats::jetstream::Message> = Vec::with_capacity(BATCH);
+        let result = loop {
+            let room = pending.len() < MAX_EVENTS_IN_FLIGHT && acks_in_flight < MAX_ACKS_IN_FLIGHT;
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break Ok(()),
+                Some((done, stored_result)) = pending.next(), if !pending.is_empty() => {
+                    let done: InFlight = done;
+                    pending_ids.pop_front();
+                    if let Err(e) = stored_result {
+                        self.forget(done.id.as_deref());
+                        break Err(IngestError::Publish(e));
+                    }
+                    self.acknowledge(&done.msg).await;
+                    acks_in_flight = acks_in_flight.saturating_sub(done.durable);
+                }
+                m = messages.next(), if room => {
+                    let first = match m {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "event consumer hiccup");
+                            continue;
+                        }
+                        None => break Err(IngestError::Consumer("the consumer stream ended".into())),
+                    };
+                    batch.clear();
+                    batch.push(first);
+                    while batch.len() < BATCH {
+                        match messages.next().now_or_never() {
+                            Some(Some(Ok(m))) => batch.push(m),
+                            _ => break,
+                        }
+                    }
+                    match self.process(&mut batch).await {
+                        Ok(done) => {
+                            for f in done {
+                                acks_in_flight += f.durable;
+                                pending_ids.push_back(f.id.clone());
+                                pending.push_back(stored(f));
+                            }
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
+        };
+        if result.is_ok() {
+            // Stopping (lease released): settle what is in flight, in order.
+            let drained = tokio::time::timeout(DRAIN_WAIT, async {
+                while let Some((done, r)) = pending.next().await {
+                    let done: InFlight = done;
+                    pending_ids.pop_front();
+                    if r.is_err() {
+                        self.forget(done.id.as_deref());
+                        return;
+                    }
+                    self.acknowledge(&done.msg).await;
+                }
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(partition = %self.partition.name(), "in-flight events not settled before stopping");
+            }
+        }
+        // Whatever is still unacknowledged will be redone by the next owner.
+        for id in pending_ids {
+            self.forget(id.as_deref());
+        }
+        result
+    }
+
+    fn forget(&self, id: Option<&str>) {
+        if let Some(id) = id {
+            self.shared.dedup.invalidate(id);
         }
     }
 
-    /// Handles one producer message.
-    pub async fn handle(&mut self, msg: &async_nats::Message) {
+    async fn acknowledge(&self, msg: &async_nats::jetstream::Message) {
+        if let Err(e) = msg.ack().await {
+            // The server offers it again after the ack wait; the log's
+            // message ids keep the redo from delivering twice.
+            tracing::warn!(error = %e, "acknowledging an event failed");
+        }
+    }
+
+    /// Handles a batch of messages; returns them with their pending acknowledgements.
+    async fn process(&mut self, batch: &mut Vec<async_nats::jetstream::Message>) -> Result<Vec<InFlight>, IngestError> {
+        let mut events = Vec::with_capacity(batch.len());
+        let mut needs_index = false;
+        for msg in batch.drain(..) {
+            let event = self.decode(&msg);
+            if let Some(e) = &event {
+                needs_index |= matches!(e.target, Target::Room(_) | Target::Match { .. });
+            }
+            events.push((msg, event));
+        }
+        // The promise behind `ok`: every change stored before this batch was
+        // fetched is in the index before the batch is matched.
+        if needs_index {
+            if let Err(e) = self.shared.store.catch_up().await {
+                tracing::warn!(error = %e, "matching with an index that may lag the subscription bucket");
+            }
+        }
+        let mut out = Vec::with_capacity(events.len());
+        for (msg, event) in events {
+            let mut f = InFlight {
+                msg,
+                acks: Vec::new(),
+                durable: 0,
+                id: None,
+            };
+            if let Some(event) = event {
+                if self.fresh(&event) {
+                    f.id = event.id.clone();
+                    let (seq, ts) = match f.msg.info() {
+                        Ok(info) => (
+                            info.stream_sequence,
+                            (info.published.unix_timestamp_nanos() / 1_000_000) as u64,
+                        ),
+                        Err(_) => (0, now_ms()),
+                    };
+                    metrics::histogram!("switchyard_router_event_lag_seconds")
+                        .record(now_ms().saturating_sub(ts) as f64 / 1000.0);
+                    let delivered = self.deliver(&event, ts, seq, &mut f.acks).await;
+                    f.durable = f.acks.len();
+                    match delivered {
+                        Ok(n) => metrics::counter!("switchyard_router_deliveries_total").increment(n as u64),
+                        Err(e) => {
+                            self.forget(f.id.as_deref());
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            out.push(f);
+        }
+        Ok(out)
+    }
+
+    /// Decodes one message; `None` (counted) when malformed.
+    fn decode(&self, msg: &async_nats::jetstream::Message) -> Option<ProducerEvent> {
         metrics::counter!("switchyard_router_events_total").increment(1);
-        let Some((ty, key)) = self.subjects.parse_event(msg.subject.as_str()) else {
+        let Some((ty, key)) = self.shared.subjects.parse_partitioned_event(msg.subject.as_str()) else {
             metrics::counter!("switchyard_router_events_malformed_total", "reason" => "subject").increment(1);
-            tracing::warn!(subject = %msg.subject, "event on a subject outside <prefix>.events.<type>[.<key>]");
-            return;
+            tracing::warn!(subject = %msg.subject, "stored event on an unexpected subject");
+            return None;
         };
         let json = msg
             .headers
             .as_ref()
             .and_then(|h| h.get("Content-Type"))
             .is_some_and(|v| is_json_content_type(v.as_str()));
-        let event = match parse_event(ty, key, &msg.payload, json) {
-            Ok(e) => e,
+        match parse_event(ty, key, &msg.payload, json) {
+            Ok(e) => Some(e),
             Err(e) => {
                 metrics::counter!("switchyard_router_events_malformed_total", "reason" => e.reason()).increment(1);
                 tracing::warn!(subject = %msg.subject, error = %e, "malformed producer event dropped");
-                return;
-            }
-        };
-        if let Some(id) = &event.id {
-            let mut fresh = false;
-            self.dedup.entry_by_ref(id).or_insert_with(|| fresh = true);
-            if !fresh {
-                metrics::counter!("switchyard_router_events_duplicate_total").increment(1);
-                return;
+                None
             }
         }
-        let deliveries = self.deliver(&event).await;
-        metrics::counter!("switchyard_router_deliveries_total").increment(deliveries as u64);
     }
 
-    async fn deliver(&mut self, event: &ProducerEvent) -> usize {
-        let ts = now_ms();
+    /// Whether the event's producer id (if any) is new within the window.
+    fn fresh(&self, event: &ProducerEvent) -> bool {
+        let Some(id) = &event.id else {
+            return true;
+        };
+        let mut fresh = false;
+        self.shared.dedup.entry_by_ref(id).or_insert_with(|| fresh = true);
+        if !fresh {
+            metrics::counter!("switchyard_router_events_duplicate_total").increment(1);
+        }
+        fresh
+    }
+
+    /// Publishes the event's deliveries; durable ones add their pending
+    /// acknowledgement to `acks`. Returns the number of deliveries.
+    async fn deliver(
+        &mut self,
+        event: &ProducerEvent,
+        ts: u64,
+        seq: u64,
+        acks: &mut Vec<PublishAckFuture>,
+    ) -> Result<usize, IngestError> {
+        let event_ref = EventRef {
+            id: event.id.as_deref(),
+            shape: self.partition.shape.tag(),
+            seq,
+        };
         match &event.target {
             Target::Users(users) => {
                 let body = self.body(event, ts, &[], None);
                 for u in users {
-                    self.publish(self.user_subject(event, u), body.clone()).await;
+                    self.publish(event, &event_ref, u, body.clone(), acks).await?;
                 }
-                users.len()
+                Ok(users.len())
             }
             Target::Room(room) => {
                 let mut members: Vec<Arc<str>> = Vec::new();
-                self.state
+                self.shared
+                    .state
                     .rooms
                     .read()
                     .expect("rooms lock")
                     .for_each_member(room, |u| members.push(u.clone()));
                 let body = self.body(event, ts, &[], None);
                 for u in &members {
-                    self.publish(self.user_subject(event, u), body.clone()).await;
+                    self.publish(event, &event_ref, u, body.clone(), acks).await?;
                 }
-                members.len()
+                Ok(members.len())
             }
             Target::All => {
                 let body = self.body(event, ts, &[], None);
-                let subject = if event.durable {
-                    self.subjects.deliver_all()
-                } else {
-                    self.subjects.live_all()
-                };
-                self.publish(subject, body).await;
-                1
+                self.publish(
+                    event,
+                    &event_ref,
+                    switchyard_common::subject::BROADCAST_TOKEN,
+                    body,
+                    acks,
+                )
+                .await?;
+                Ok(1)
             }
             Target::Match {
                 sub_type,
@@ -160,7 +437,7 @@ impl Ingest {
                 let mut matches = std::mem::take(&mut self.matches);
                 matches.clear();
                 {
-                    let index = self.state.index.read().expect("index lock");
+                    let index = self.shared.state.index.read().expect("index lock");
                     let query = MatchQuery {
                         sub_type,
                         dimensions,
@@ -172,27 +449,72 @@ impl Ingest {
                 matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
                 let mut delivered = 0;
                 let mut names: Vec<&str> = Vec::new();
+                let mut result = Ok(());
                 for group in matches.chunk_by(|a, b| a.0 == b.0) {
                     names.clear();
                     names.extend(group.iter().map(|(_, s)| s.name.as_str()));
                     let fields = fields_union(group.iter().map(|(_, s)| s.as_ref()));
                     let body = self.body(event, ts, &names, fields.as_deref());
-                    self.publish(self.user_subject(event, &group[0].0), body).await;
+                    if let Err(e) = self.publish(event, &event_ref, &group[0].0, body, acks).await {
+                        result = Err(e);
+                        break;
+                    }
                     delivered += 1;
                 }
+                drop(names);
                 self.matches = matches;
-                delivered
+                result.map(|()| delivered)
             }
         }
     }
 
-    /// Durable deliveries go to the log (which republishes them live with a
-    /// position); non-durable ones straight to the live subject.
-    fn user_subject(&self, event: &ProducerEvent, user: &str) -> String {
-        if event.durable {
-            self.subjects.deliver(user)
+    /// Publishes one delivery to `user` (or [`BROADCAST_TOKEN`] for `all`):
+    /// durable ones to the log with a message id, live ones directly.
+    ///
+    /// [`BROADCAST_TOKEN`]: switchyard_common::subject::BROADCAST_TOKEN
+    async fn publish(
+        &mut self,
+        event: &ProducerEvent,
+        event_ref: &EventRef<'_>,
+        user: &str,
+        body: Bytes,
+        acks: &mut Vec<PublishAckFuture>,
+    ) -> Result<(), IngestError> {
+        let broadcast = user == switchyard_common::subject::BROADCAST_TOKEN;
+        if !event.durable {
+            let subject = if broadcast {
+                self.shared.subjects.live_all()
+            } else {
+                self.shared.subjects.live(user)
+            };
+            if let Err(e) = self.shared.client.publish(subject, body).await {
+                metrics::counter!("switchyard_router_publish_errors_total").increment(1);
+                tracing::error!(error = %e, "publishing a live delivery failed");
+            }
+            return Ok(());
+        }
+        let subject = if broadcast {
+            self.shared.subjects.deliver_all()
         } else {
-            self.subjects.live(user)
+            self.shared.subjects.deliver(user)
+        };
+        event_ref.write_msg_id(user, &mut self.msg_id);
+        let publish = PublishMessage::build().payload(body).message_id(self.msg_id.as_str());
+        match self.shared.js.send_publish(subject, publish).await {
+            Ok(ack) => {
+                acks.push(ack);
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!("switchyard_router_publish_errors_total").increment(1);
+                let kind = e.kind();
+                if kind == PublishErrorKind::MaxPayloadExceeded {
+                    // This delivery can never be stored; redoing the event would not help.
+                    tracing::error!(error = %e, "delivery larger than the server's max payload dropped");
+                    return Ok(());
+                }
+                Err(IngestError::Publish(e.to_string()))
+            }
         }
     }
 
@@ -227,13 +549,39 @@ impl Ingest {
         self.body_buf = body;
         self.out.split().freeze()
     }
+}
 
-    async fn publish(&self, subject: String, body: Bytes) {
-        if let Err(e) = self.client.publish(subject, body).await {
-            metrics::counter!("switchyard_router_publish_errors_total").increment(1);
-            tracing::error!(error = %e, "publishing a delivery failed");
+/// What names an event in the delivery log's message ids.
+struct EventRef<'a> {
+    id: Option<&'a str>,
+    shape: &'static str,
+    seq: u64,
+}
+
+impl EventRef<'_> {
+    /// `i:<producer id>:<user>` (the id hashed when it is not plain
+    /// printable ASCII of at most 128 bytes), or `s<shape>:<seq>:<user>`.
+    fn write_msg_id(&self, user: &str, out: &mut String) {
+        use std::fmt::Write;
+        out.clear();
+        match self.id {
+            Some(id) if id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) => {
+                let _ = write!(out, "i:{id}:{user}");
+            }
+            Some(id) => {
+                let _ = write!(out, "h:{:016x}{:04x}:{user}", fnv1a(id.as_bytes()), id.len() & 0xffff);
+            }
+            None => {
+                let _ = write!(out, "s{}:{}:{user}", self.shape, self.seq);
+            }
         }
     }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The union of `fields` over a user's matching subscriptions; `None` when
@@ -246,4 +594,35 @@ fn fields_union<'a>(subs: impl Iterator<Item = &'a Subscription>) -> Option<Vec<
     out.sort_unstable();
     out.dedup();
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_name_the_event_and_the_user() {
+        let mut out = String::new();
+        let r = EventRef {
+            id: Some("ord-1"),
+            shape: "k",
+            seq: 9,
+        };
+        r.write_msg_id("alice", &mut out);
+        assert_eq!(out, "i:ord-1:alice");
+        let r = EventRef {
+            id: None,
+            shape: "t",
+            seq: 9,
+        };
+        r.write_msg_id("_all", &mut out);
+        assert_eq!(out, "st:9:_all");
+        let r = EventRef {
+            id: Some("with space\r\n"),
+            shape: "t",
+            seq: 9,
+        };
+        r.write_msg_id("bob", &mut out);
+        assert!(out.starts_with("h:") && out.ends_with(":bob") && out.bytes().all(|b| b.is_ascii_graphic()));
+    }
 }

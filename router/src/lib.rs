@@ -6,9 +6,13 @@
 //! - [`index`]: the subscription index interface and the simple scan index (pure).
 //! - [`fast_index`]: the inverted index (roaring postings) the router uses (pure).
 //! - [`rooms`]: room memberships (pure).
-//! - [`state`]: the shared state and how control requests change it.
+//! - [`state`]: the shared state, checks on requests, applying stored changes.
+//! - [`store`]: subscriptions and memberships persisted in a JetStream bucket, watched.
+//! - [`authz`]: who may join which room and use which subscription type.
 //! - [`control`]: the NATS service answering edges' subscription requests.
-//! - [`ingest`]: producer events → deliveries.
+//! - [`events`]: the partitioned event streams producers publish into.
+//! - [`lease`]: which router processes which partition, with failover.
+//! - [`ingest`]: producer events → deliveries, one worker per owned partition.
 //! - [`log`]: the delivery log stream (JetStream) that stores durable deliveries.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //!
@@ -16,20 +20,25 @@
 //! a router; `main.rs` is a thin wrapper.
 
 pub mod admin;
+pub mod authz;
 pub mod config;
 pub mod control;
+pub mod events;
 pub mod fast_index;
 pub mod index;
 pub mod ingest;
+pub mod lease;
 pub mod log;
 pub mod rooms;
 pub mod state;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use config::RouterConfig;
+use switchyard_common::subject::{Subjects, ROUTER_QUEUE_GROUP};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -42,9 +51,15 @@ pub enum StartError {
     /// NATS could not be reached.
     #[error("cannot connect to NATS: {0}")]
     Nats(#[from] async_nats::ConnectError),
-    /// The delivery log stream could not be created.
-    #[error("cannot create the delivery log stream: {0}")]
-    Log(#[from] async_nats::jetstream::context::CreateStreamError),
+    /// The delivery log or an event stream could not be created.
+    #[error("cannot create a stream: {0}")]
+    Stream(#[from] async_nats::jetstream::context::CreateStreamError),
+    /// The subscription bucket could not be opened or replayed.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The lease bucket could not be opened.
+    #[error(transparent)]
+    Lease(#[from] lease::LeaseError),
     /// A NATS subscription failed.
     #[error("cannot subscribe: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
@@ -105,26 +120,57 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
     wait_connected(&client).await;
     let js = async_nats::jetstream::new(client.clone());
     log::ensure_stream(&js, &subjects, &config.log_settings()).await?;
-    let state = state::RouterState::new(config.max_subscriptions);
+    events::ensure_streams(&js, &subjects, &config.event_settings()).await?;
+    let memory = config.log_storage == "memory";
+    let store = store::Store::open(&js, &subjects, config.log_replicas, memory).await?;
+    let state = state::RouterState::new(config.limits());
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let ingest = ingest::Ingest::new(
+    // The index is rebuilt from the bucket before anything is served.
+    let watcher = store.start_watcher(state.clone(), cancel.clone()).await?;
+    tasks.spawn(async move {
+        let _ = watcher.await;
+    });
+    tracing::info!(
+        subscriptions = state.subscription_count(),
+        revision = store.applied(),
+        "subscription index rebuilt"
+    );
+
+    let control = control::ControlService {
+        client: client.clone(),
+        state: state.clone(),
+        store: store.clone(),
+        authz: authz::Authz::new(config.authz_settings(), client.clone(), subjects.clone()),
+    };
+    let control_sub = control::subscribe(&client, &subjects).await?;
+    tasks.spawn(control.serve(control_sub, cancel.clone()));
+
+    let ttl = Duration::from_millis(config.lease_ttl_ms);
+    let leases = lease::open_bucket(&js, &subjects, ttl, config.log_replicas).await?;
+    let shared = Arc::new(ingest::Shared {
+        client: client.clone(),
+        js: js.clone(),
+        subjects: subjects.clone(),
+        state: state.clone(),
+        store: store.clone(),
+        dedup: ingest::dedup_cache(Duration::from_secs(config.dedup_window_s)),
+    });
+    let supervisor = lease::Supervisor::new(
+        config.router_id(),
+        leases,
+        shared,
+        events::Partition::all(config.partitions),
+        ttl,
+    );
+    let heartbeats = supervisor.heartbeats().await?;
+    tasks.spawn(supervisor.run(heartbeats, cancel.clone()));
+    tasks.spawn(count_malformed_subjects(
         client.clone(),
         subjects.clone(),
-        state.clone(),
-        ingest::dedup_cache(Duration::from_secs(config.dedup_window_s)),
-    );
-    // Subscribe before returning so that a started router already receives events.
-    let control_sub = control::subscribe(&client, &subjects).await?;
-    let events_sub = ingest.subscribe().await?;
-    tasks.spawn(control::serve(
-        client.clone(),
-        control_sub,
-        state.clone(),
         cancel.clone(),
     ));
-    tasks.spawn(ingest.run(events_sub, cancel.clone()));
     let listener = tokio::net::TcpListener::bind(config.admin_listen).await?;
     let admin_addr = listener.local_addr()?;
     let ready_client = client.clone();
@@ -143,6 +189,30 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         tasks,
         client,
     })
+}
+
+/// Counts producer events on subjects deeper than `<prefix>.events.<type>.<key>`,
+/// which no event stream captures (a JetStream publish there gets "no responders").
+async fn count_malformed_subjects(client: async_nats::Client, subjects: Subjects, cancel: CancellationToken) {
+    use futures::StreamExt;
+    let Ok(mut sub) = client
+        .queue_subscribe(subjects.events_too_deep(), ROUTER_QUEUE_GROUP.to_string())
+        .await
+    else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = sub.next() => match m {
+                Some(m) => {
+                    metrics::counter!("switchyard_router_events_malformed_total", "reason" => "subject").increment(1);
+                    tracing::warn!(subject = %m.subject, "event on a subject outside <prefix>.events.<type>[.<key>] dropped");
+                }
+                None => return,
+            },
+        }
+    }
 }
 
 async fn wait_connected(client: &async_nats::Client) {

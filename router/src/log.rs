@@ -34,6 +34,9 @@ pub struct LogSettings {
     pub memory: bool,
     /// Stream replicas (1 on a single server; 3 on a cluster).
     pub replicas: usize,
+    /// Window in which a delivery with the same message id is stored once
+    /// (a redone event after a router failover; see [`crate::ingest`]).
+    pub duplicate_window: Duration,
 }
 
 /// The stream configuration for `subjects`.
@@ -51,6 +54,7 @@ pub fn stream_config(subjects: &Subjects, s: &LogSettings) -> Config {
         },
         num_replicas: s.replicas,
         discard: DiscardPolicy::Old,
+        duplicate_window: s.duplicate_window,
         allow_direct: true,
         republish: Some(Republish {
             source: subjects.deliver_wildcard(),

@@ -1,20 +1,46 @@
 //! The router's in-memory state: the subscription index and room table,
-//! and the one place that applies control requests to them.
+//! the pure checks on control requests, and the one place that applies
+//! stored changes to them.
 //!
-//! Locks are `std::sync::RwLock`s held only for in-memory work, never across
-//! an `.await`: matching takes a read lock, collects its targets and lets go
-//! before anything is published.
+//! Changes reach the index only through [`RouterState::apply_change`],
+//! called by the store's watcher ([`crate::store`]), so every router applies
+//! the same changes in the bucket's order. Locks are `std::sync::RwLock`s
+//! held only for in-memory work, never across an `.await`: matching takes a
+//! read lock, collects its targets and lets go before anything is published.
 
 use std::sync::{Arc, RwLock};
 
-use switchyard_common::control::{ControlOp, ControlReply, ControlRequest};
+use switchyard_common::control::ControlReply;
 use switchyard_common::ids;
-use switchyard_common::subscription::{name_field, Subscription};
+use switchyard_common::subscription::{RawSubscription, Subscription};
 use switchyard_common::ErrorCode;
 
 use crate::fast_index::FastIndex;
-use crate::index::{IndexError, SubscriptionIndex};
+use crate::index::SubscriptionIndex;
 use crate::rooms::Rooms;
+use crate::store::Change;
+
+/// Operator limits on what one user may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Subscriptions per user.
+    pub max_subscriptions: usize,
+    /// Filter dimensions per subscription.
+    pub max_dimensions: usize,
+    /// Values per filter dimension.
+    pub max_values_per_dimension: usize,
+}
+
+impl Limits {
+    /// The given subscription cap and the protocol's own caps for the rest.
+    pub fn with_max_subscriptions(max_subscriptions: usize) -> Limits {
+        Limits {
+            max_subscriptions,
+            max_dimensions: switchyard_common::subscription::MAX_FILTER_DIMENSIONS,
+            max_values_per_dimension: switchyard_common::subscription::MAX_VALUES_PER_DIMENSION,
+        }
+    }
+}
 
 /// Shared router state.
 pub struct RouterState {
@@ -22,10 +48,11 @@ pub struct RouterState {
     pub index: RwLock<Box<dyn SubscriptionIndex>>,
     /// Room memberships.
     pub rooms: RwLock<Rooms>,
-    max_subscriptions: usize,
+    limits: Limits,
 }
 
-fn error(code: ErrorCode, message: impl Into<String>) -> ControlReply {
+/// An error reply.
+pub fn error(code: ErrorCode, message: impl Into<String>) -> ControlReply {
     ControlReply::Error {
         code,
         message: message.into(),
@@ -33,66 +60,85 @@ fn error(code: ErrorCode, message: impl Into<String>) -> ControlReply {
 }
 
 impl RouterState {
-    /// Empty state with the simple index.
-    pub fn new(max_subscriptions: usize) -> Arc<RouterState> {
+    /// Empty state with the fast index.
+    pub fn new(limits: Limits) -> Arc<RouterState> {
         Arc::new(RouterState {
             index: RwLock::new(Box::new(FastIndex::new())),
             rooms: RwLock::new(Rooms::new()),
-            max_subscriptions,
+            limits,
         })
     }
 
-    /// Applies one control request and says what to answer.
-    pub fn apply(&self, req: &ControlRequest) -> ControlReply {
-        if !ids::is_valid_user_id(&req.user) {
-            return error(ErrorCode::Unauthorized, "invalid user id");
+    /// Validates a subscription against the protocol rules and the operator
+    /// limits on its shape (not the per-user count: see [`RouterState::check_room_for`]).
+    pub fn check_subscription(&self, raw: &RawSubscription) -> Result<Subscription, ControlReply> {
+        let sub = Subscription::from_raw(raw).map_err(|e| error(ErrorCode::InvalidFilter, e.0))?;
+        if sub.filters.len() > self.limits.max_dimensions {
+            return Err(error(
+                ErrorCode::InvalidFilter,
+                format!("at most {} filter dimensions", self.limits.max_dimensions),
+            ));
         }
-        let user = req.user.as_str();
-        match &req.op {
-            ControlOp::Subscribe(raw) => {
-                let sub = match Subscription::from_raw(raw) {
-                    Ok(s) => s,
-                    Err(e) => return error(ErrorCode::InvalidFilter, e.0),
-                };
-                let result = self
+        if let Some((dim, _)) = sub
+            .filters
+            .iter()
+            .find(|(_, v)| v.len() > self.limits.max_values_per_dimension)
+        {
+            return Err(error(
+                ErrorCode::InvalidFilter,
+                format!(
+                    "filters.{dim} must list 1 to {} values",
+                    self.limits.max_values_per_dimension
+                ),
+            ));
+        }
+        Ok(sub)
+    }
+
+    /// Whether `user` may add (or replace) subscription `name` without
+    /// going past the per-user limit.
+    pub fn check_room_for(&self, user: &str, name: &str) -> Result<(), ControlReply> {
+        let held = self.index.read().expect("index lock").list(user);
+        if held.len() >= self.limits.max_subscriptions && !held.iter().any(|s| s.name == name) {
+            return Err(error(
+                ErrorCode::TooManySubscriptions,
+                format!("at most {} subscriptions per user", self.limits.max_subscriptions),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies a stored change (from the store's watcher).
+    pub fn apply_change(&self, change: &Change) {
+        match change {
+            Change::Subscribe { user, sub } => {
+                if !ids::is_valid_user_id(user) {
+                    return;
+                }
+                // Already accepted by the router that stored it: no cap here.
+                let _ = self
                     .index
                     .write()
                     .expect("index lock")
-                    .upsert(user, sub, self.max_subscriptions);
-                match result {
-                    Ok(()) => ControlReply::Ok,
-                    Err(e @ IndexError::TooManySubscriptions(_)) => {
-                        error(ErrorCode::TooManySubscriptions, e.to_string())
-                    }
+                    .upsert(user, sub.clone(), usize::MAX);
+            }
+            Change::Unsubscribe { user, name } => {
+                self.index.write().expect("index lock").remove(user, name);
+            }
+            Change::Join { room, user } => {
+                if ids::is_valid_user_id(user) && ids::is_valid_room(room) {
+                    self.rooms.write().expect("rooms lock").join(room, user);
                 }
             }
-            ControlOp::Unsubscribe { sub } => match name_field(sub, "subscription name", ids::is_valid_sub_name) {
-                Ok(name) => {
-                    self.index.write().expect("index lock").remove(user, name);
-                    ControlReply::Ok
-                }
-                Err(e) => error(ErrorCode::InvalidFilter, e.0),
-            },
-            ControlOp::List => ControlReply::Subs(self.index.read().expect("index lock").list(user)),
-            ControlOp::Join { room } => match name_field(room, "room name", ids::is_valid_room) {
-                Ok(room) if ids::room_allowed(&req.rooms, room) => {
-                    self.rooms.write().expect("rooms lock").join(room, user);
-                    ControlReply::Ok
-                }
-                Ok(room) => error(
-                    ErrorCode::Forbidden,
-                    format!("the token does not allow joining {room:?}"),
-                ),
-                Err(e) => error(ErrorCode::InvalidFilter, e.0),
-            },
-            ControlOp::Leave { room } => match name_field(room, "room name", ids::is_valid_room) {
-                Ok(room) => {
-                    self.rooms.write().expect("rooms lock").leave(room, user);
-                    ControlReply::Ok
-                }
-                Err(e) => error(ErrorCode::InvalidFilter, e.0),
-            },
+            Change::Leave { room, user } => {
+                self.rooms.write().expect("rooms lock").leave(room, user);
+            }
         }
+    }
+
+    /// The user's subscriptions.
+    pub fn list(&self, user: &str) -> Vec<Subscription> {
+        self.index.read().expect("index lock").list(user)
     }
 
     /// Number of subscriptions held (for the gauge).
@@ -105,99 +151,97 @@ impl RouterState {
 mod tests {
     use super::*;
     use rmpv::Value;
-    use switchyard_common::subscription::RawSubscription;
 
-    fn req(user: &str, rooms: &[&str], op: ControlOp) -> ControlRequest {
-        ControlRequest {
-            user: user.into(),
-            rooms: rooms.iter().map(|s| s.to_string()).collect(),
-            op,
+    fn raw(name: &str, dims: usize, values: usize) -> RawSubscription {
+        let filters = (0..dims)
+            .map(|d| {
+                (
+                    Value::from(format!("d{d}")),
+                    Value::Array((0..values).map(|v| Value::from(format!("v{v}"))).collect()),
+                )
+            })
+            .collect();
+        RawSubscription {
+            sub: Value::from(name),
+            sub_type: Value::from("tick"),
+            filters: Some(Value::Map(filters)),
+            min: None,
+            max: None,
+            fields: None,
         }
     }
 
-    fn code(r: ControlReply) -> Option<ErrorCode> {
+    fn code(r: Result<impl Sized, ControlReply>) -> Option<ErrorCode> {
         match r {
-            ControlReply::Error { code, .. } => Some(code),
+            Err(ControlReply::Error { code, .. }) => Some(code),
             _ => None,
         }
     }
 
     #[test]
-    fn join_needs_the_rooms_claim() {
-        let s = RouterState::new(10);
+    fn operator_limits_on_shape_use_invalid_filter() {
+        let s = RouterState::new(Limits {
+            max_subscriptions: 2,
+            max_dimensions: 2,
+            max_values_per_dimension: 3,
+        });
+        assert_eq!(code(s.check_subscription(&raw("a", 2, 3))), None);
         assert_eq!(
-            code(s.apply(&req(
-                "u1",
-                &["desk:*"],
-                ControlOp::Join {
-                    room: Value::from("desk:fx")
-                }
-            ))),
-            None
-        );
-        assert_eq!(
-            code(s.apply(&req(
-                "u1",
-                &["desk:*"],
-                ControlOp::Join {
-                    room: Value::from("lobby")
-                }
-            ))),
-            Some(ErrorCode::Forbidden)
-        );
-        assert_eq!(
-            code(s.apply(&req(
-                "u1",
-                &[],
-                ControlOp::Join {
-                    room: Value::from("a b")
-                }
-            ))),
+            code(s.check_subscription(&raw("a", 3, 1))),
             Some(ErrorCode::InvalidFilter)
         );
         assert_eq!(
-            code(s.apply(&req("u1", &[], ControlOp::Leave { room: Value::from(3) }))),
+            code(s.check_subscription(&raw("a", 1, 4))),
+            Some(ErrorCode::InvalidFilter)
+        );
+        assert_eq!(
+            code(s.check_subscription(&raw("a.b", 1, 1))),
             Some(ErrorCode::InvalidFilter)
         );
     }
 
     #[test]
-    fn subscribe_errors() {
-        let s = RouterState::new(1);
-        let raw = |name: &str| RawSubscription {
-            sub: Value::from(name),
-            sub_type: Value::from("tick"),
-            filters: None,
-            min: None,
-            max: None,
-            fields: None,
+    fn the_per_user_cap_counts_new_names_only() {
+        let s = RouterState::new(Limits::with_max_subscriptions(1));
+        let sub = s.check_subscription(&raw("a", 1, 1)).unwrap();
+        assert_eq!(code(s.check_room_for("u1", "a")), None);
+        s.apply_change(&Change::Subscribe { user: "u1".into(), sub });
+        assert_eq!(code(s.check_room_for("u1", "a")), None, "replacing is not adding");
+        assert_eq!(code(s.check_room_for("u1", "b")), Some(ErrorCode::TooManySubscriptions));
+        assert_eq!(code(s.check_room_for("u2", "b")), None);
+        s.apply_change(&Change::Unsubscribe {
+            user: "u1".into(),
+            name: "a".into(),
+        });
+        assert_eq!(code(s.check_room_for("u1", "b")), None);
+    }
+
+    #[test]
+    fn stored_changes_drive_rooms_and_hostile_ones_are_ignored() {
+        let s = RouterState::new(Limits::with_max_subscriptions(1));
+        s.apply_change(&Change::Join {
+            room: "desk:fx".into(),
+            user: "u1".into(),
+        });
+        s.apply_change(&Change::Join {
+            room: "bad room".into(),
+            user: "u1".into(),
+        });
+        s.apply_change(&Change::Join {
+            room: "lobby".into(),
+            user: "bad.user".into(),
+        });
+        let members = |room: &str| {
+            let mut v = Vec::new();
+            s.rooms.read().unwrap().for_each_member(room, |u| v.push(u.to_string()));
+            v
         };
-        assert_eq!(code(s.apply(&req("u1", &[], ControlOp::Subscribe(raw("a"))))), None);
-        assert_eq!(
-            code(s.apply(&req("u1", &[], ControlOp::Subscribe(raw("b"))))),
-            Some(ErrorCode::TooManySubscriptions)
-        );
-        assert_eq!(
-            code(s.apply(&req("u1", &[], ControlOp::Subscribe(raw("a.b"))))),
-            Some(ErrorCode::InvalidFilter)
-        );
-        assert_eq!(
-            code(s.apply(&req("a.b", &[], ControlOp::List))),
-            Some(ErrorCode::Unauthorized)
-        );
-        assert_eq!(
-            code(s.apply(&req("u1", &[], ControlOp::Unsubscribe { sub: Value::from("zz") }))),
-            None
-        );
-        assert_eq!(
-            code(s.apply(&req(
-                "u1",
-                &[],
-                ControlOp::Unsubscribe {
-                    sub: Value::from("a.b")
-                }
-            ))),
-            Some(ErrorCode::InvalidFilter)
-        );
+        assert_eq!(members("desk:fx"), vec!["u1"]);
+        assert_eq!(s.rooms.read().unwrap().len(), 1);
+        s.apply_change(&Change::Leave {
+            room: "desk:fx".into(),
+            user: "u1".into(),
+        });
+        assert!(members("desk:fx").is_empty());
     }
 }

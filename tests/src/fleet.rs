@@ -122,35 +122,40 @@ impl Fleet {
         Ok(())
     }
 
-    /// Waits until the router has handled everything published so far: it
-    /// publishes a fence event to a reserved user and waits until the
-    /// delivery log holds it (the router handles events in order).
+    /// Waits until the routers have handled everything published so far:
+    /// after a JetStream-acknowledged fence (stored after everything this
+    /// producer published before it), both event streams must be empty,
+    /// since routers acknowledge (and so remove) an event only once its
+    /// deliveries are out.
     pub async fn settle(&self) -> Result<()> {
-        static FENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let n = FENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.publish(
-            "fence",
-            &serde_json::json!({"data": n, "target": {"users": ["zz-fence"]}}),
-        )
-        .await?;
         let js = async_nats::jetstream::new(self.producer.clone());
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut fence = Vec::new();
+        json_to_msgpack(
+            &serde_json::json!({"data": 0, "target": {"users": ["zz-fence"]}, "durable": false}),
+            &mut fence,
+        );
+        js.publish("sy.events.fence", fence.into()).await?.await?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         while tokio::time::Instant::now() < deadline {
-            if let Ok(stream) = js.get_stream("SY_DELIVERIES").await {
-                if let Ok(msg) = stream.get_last_raw_message_by_subject("sy.deliver.zz-fence").await {
-                    let body: rmpv::Value = rmpv::decode::read_value(&mut &msg.payload[..])?;
-                    let data = body
-                        .as_map()
-                        .and_then(|m| switchyard_common::value::get(m, "data"))
-                        .and_then(|d| d.as_u64());
-                    if data.is_some_and(|d| d >= n) {
-                        return Ok(());
-                    }
-                }
+            let mut left = 0;
+            for name in ["SY_EVENTS_KEYED", "SY_EVENTS_TYPED"] {
+                left += js.get_stream(name).await?.cached_info().state.messages;
+            }
+            if left == 0 {
+                return Ok(());
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        anyhow::bail!("the router did not store the fence event within 10 s")
+        anyhow::bail!("the routers did not handle every event within 20 s")
+    }
+
+    /// Starts one more router on the same NATS server (an in-process one
+    /// shares the test's metrics recorder).
+    pub async fn start_router(&self, tweak: impl FnOnce(&mut RouterConfig)) -> Result<RunningRouter> {
+        let mut rc = RouterConfig::embedded(&self.nats.url());
+        rc.metrics = Some(metrics_handle());
+        tweak(&mut rc);
+        Ok(switchyard_router::start(rc).await?)
     }
 
     /// Stops router and edge (the NATS server stops on drop).

@@ -1,0 +1,270 @@
+//! Partition ownership: which router processes which event partition.
+//!
+//! Each partition has a lease, a key `p.<partition>` in the key-value bucket
+//! `<BASE>_LEASES`, whose `max_age` is the lease TTL. A router takes a free
+//! partition with a create (which fails while another router's lease is
+//! alive), renews its leases with compare-and-set updates every TTL/5, and
+//! stops a partition's worker as soon as a renewal fails or its last good
+//! renewal is older than TTL/2, well before another router could take the
+//! key (after a full TTL without renewal). A router that dies simply stops
+//! renewing; its partitions are taken over about one TTL later.
+//!
+//! Routers announce themselves on `<prefix>.routers.heartbeat` every tick;
+//! each counts the routers heard from recently and holds at most its fair
+//! share (`ceil(partitions / routers)`), releasing the excess after
+//! draining it, so partitions spread when routers join and gather when they
+//! leave. Each router tries free partitions in an order of its own (a hash
+//! of its id), so routers that start together do not all race for the same
+//! keys.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use switchyard_common::subject::Subjects;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::Partition;
+use crate::ingest::{Shared, Worker};
+
+/// Why leasing could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// The lease bucket could not be created or opened.
+    #[error("cannot open the lease bucket: {0}")]
+    Open(String),
+    /// The heartbeat subscription failed.
+    #[error("cannot subscribe to router heartbeats: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}
+
+/// Opens the lease bucket (TTL = `ttl`), creating it when missing.
+pub async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    subjects: &Subjects,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<kv::Store, LeaseError> {
+    let bucket = subjects.lease_bucket();
+    let config = kv::Config {
+        bucket: bucket.clone(),
+        description: "Switchyard router partition leases".into(),
+        history: 1,
+        max_age: ttl,
+        num_replicas: replicas,
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    };
+    let mut last = String::new();
+    for _ in 0..5 {
+        if let Ok(kv) = js.get_key_value(bucket.as_str()).await {
+            return Ok(kv);
+        }
+        match js.create_key_value(config.clone()).await {
+            Ok(kv) => return Ok(kv),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(LeaseError::Open(last))
+}
+
+struct Owned {
+    revision: u64,
+    renewed: Instant,
+    cancel: CancellationToken,
+    worker: JoinHandle<()>,
+}
+
+/// Holds this router's leases and runs a worker per leased partition.
+pub struct Supervisor {
+    id: String,
+    kv: kv::Store,
+    client: async_nats::Client,
+    subjects: Subjects,
+    shared: Arc<Shared>,
+    partitions: Vec<Partition>,
+    ttl: Duration,
+    owned: HashMap<Partition, Owned>,
+    peers: HashMap<String, Instant>,
+}
+
+fn lease_key(p: Partition) -> String {
+    format!("p.{}", p.name())
+}
+
+impl Supervisor {
+    /// A supervisor for router `id` over `partitions`.
+    pub fn new(
+        id: String,
+        kv: kv::Store,
+        shared: Arc<Shared>,
+        partitions: Vec<Partition>,
+        ttl: Duration,
+    ) -> Supervisor {
+        // Each router walks the partitions from its own starting point.
+        let start = id
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+            % partitions.len().max(1);
+        let mut partitions = partitions;
+        partitions.rotate_left(start);
+        Supervisor {
+            id,
+            kv,
+            client: shared.client.clone(),
+            subjects: shared.subjects.clone(),
+            shared,
+            partitions,
+            ttl,
+            owned: HashMap::new(),
+            peers: HashMap::new(),
+        }
+    }
+
+    /// Subscribes to heartbeats (before returning, so none is missed at start).
+    pub async fn heartbeats(&self) -> Result<async_nats::Subscriber, LeaseError> {
+        Ok(self.client.subscribe(self.subjects.router_heartbeat()).await?)
+    }
+
+    /// Runs until cancelled, then stops every worker and releases every lease.
+    pub async fn run(mut self, mut heartbeats: async_nats::Subscriber, cancel: CancellationToken) {
+        let tick = self.ttl / 5;
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                hb = heartbeats.next() => {
+                    if let Some(msg) = hb {
+                        if let Ok(peer) = std::str::from_utf8(&msg.payload) {
+                            if peer != self.id {
+                                self.peers.insert(peer.to_string(), Instant::now());
+                            }
+                        }
+                    }
+                }
+                _ = ticker.tick() => self.tick().await,
+            }
+        }
+        let owned: Vec<Partition> = self.owned.keys().copied().collect();
+        for p in owned {
+            self.release(p).await;
+        }
+    }
+
+    async fn tick(&mut self) {
+        if let Err(e) = self
+            .client
+            .publish(self.subjects.router_heartbeat(), self.id.clone().into())
+            .await
+        {
+            tracing::debug!(error = %e, "router heartbeat failed");
+        }
+        let now = Instant::now();
+        self.peers.retain(|_, seen| now.duration_since(*seen) < self.ttl);
+        self.renew().await;
+        let routers = self.peers.len() + 1;
+        let fair = self.partitions.len().div_ceil(routers);
+        // Release the excess (drained first), then take free partitions up to the share.
+        while self.owned.len() > fair {
+            let Some(&p) = self.owned.keys().max_by_key(|p| p.name()) else {
+                break;
+            };
+            tracing::info!(partition = %p.name(), routers, "releasing partition to rebalance");
+            self.release(p).await;
+        }
+        if self.owned.len() < fair {
+            for p in self.partitions.clone() {
+                if self.owned.len() >= fair {
+                    break;
+                }
+                if self.owned.contains_key(&p) {
+                    continue;
+                }
+                if let Ok(revision) = self.kv.create(lease_key(p), self.id.clone().into()).await {
+                    self.start(p, revision);
+                }
+            }
+        }
+        metrics::gauge!("switchyard_router_partitions_owned").set(self.owned.len() as f64);
+        metrics::gauge!("switchyard_router_peers").set(routers as f64);
+    }
+
+    fn start(&mut self, p: Partition, revision: u64) {
+        let cancel = CancellationToken::new();
+        let worker = Worker::new(self.shared.clone(), p);
+        let stop = cancel.clone();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = worker.run(stop).await {
+                metrics::counter!("switchyard_router_worker_errors_total").increment(1);
+                tracing::warn!(partition = %p.name(), error = %e, "partition worker stopped; it restarts from the oldest unacknowledged event");
+            }
+        });
+        tracing::info!(partition = %p.name(), "partition leased");
+        self.owned.insert(
+            p,
+            Owned {
+                revision,
+                renewed: Instant::now(),
+                cancel,
+                worker: handle,
+            },
+        );
+    }
+
+    /// Renews every lease; stops the workers whose lease is no longer safe,
+    /// and restarts workers that stopped on an error while the lease holds.
+    async fn renew(&mut self) {
+        let now = Instant::now();
+        let mut lost = Vec::new();
+        let mut restart = Vec::new();
+        for (&p, owned) in self.owned.iter_mut() {
+            match self
+                .kv
+                .update(lease_key(p), self.id.clone().into(), owned.revision)
+                .await
+            {
+                Ok(rev) => {
+                    owned.revision = rev;
+                    owned.renewed = now;
+                }
+                Err(e) => {
+                    tracing::warn!(partition = %p.name(), error = %e, "lease renewal failed");
+                }
+            }
+            if now.duration_since(owned.renewed) > self.ttl / 2 {
+                lost.push(p);
+            } else if owned.worker.is_finished() {
+                restart.push(p);
+            }
+        }
+        for p in lost {
+            if let Some(owned) = self.owned.remove(&p) {
+                metrics::counter!("switchyard_router_leases_lost_total").increment(1);
+                tracing::warn!(partition = %p.name(), "lease lost; worker stopped");
+                owned.cancel.cancel();
+            }
+        }
+        for p in restart {
+            if let Some(owned) = self.owned.remove(&p) {
+                self.start(p, owned.revision);
+            }
+        }
+    }
+
+    /// Stops the worker (letting it settle what is in flight) and frees the lease.
+    async fn release(&mut self, p: Partition) {
+        let Some(owned) = self.owned.remove(&p) else {
+            return;
+        };
+        owned.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), owned.worker).await;
+        if let Err(e) = self.kv.delete_expect_revision(lease_key(p), Some(owned.revision)).await {
+            tracing::debug!(partition = %p.name(), error = %e, "lease not released (it will expire)");
+        }
+    }
+}

@@ -96,6 +96,10 @@ pub struct Shared {
     pub store: Store,
     /// Producer ids seen recently.
     pub dedup: DedupCache,
+    /// Fault injection (tests): abort after this many stored durable deliveries.
+    pub crash_after: Option<u64>,
+    /// Durable deliveries published so far (for `crash_after`).
+    pub published: std::sync::atomic::AtomicU64,
 }
 
 /// An event whose durable deliveries are on their way to the log.
@@ -330,6 +334,7 @@ impl Worker {
                         .record(now_ms().saturating_sub(ts) as f64 / 1000.0);
                     let delivered = self.deliver(&event, ts, seq, &mut f.acks).await;
                     f.durable = f.acks.len();
+                    self.maybe_crash(&mut f).await;
                     match delivered {
                         Ok(n) => metrics::counter!("switchyard_router_deliveries_total").increment(n as u64),
                         Err(e) => {
@@ -342,6 +347,23 @@ impl Worker {
             out.push(f);
         }
         Ok(out)
+    }
+
+    /// Fault injection: once `crash_after` durable deliveries are out, wait
+    /// until this event's are stored, then die without acknowledging it.
+    async fn maybe_crash(&self, f: &mut InFlight) {
+        let Some(limit) = self.shared.crash_after else {
+            return;
+        };
+        let n = f.durable as u64;
+        let before = self.shared.published.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if before + n >= limit {
+            for ack in std::mem::take(&mut f.acks) {
+                let _ = ack.await;
+            }
+            tracing::error!("SWITCHYARD_TEST_CRASH_AFTER_DELIVERIES reached: aborting");
+            std::process::abort();
+        }
     }
 
     /// Decodes one message; `None` (counted) when malformed.

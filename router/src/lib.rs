@@ -156,6 +156,8 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         state: state.clone(),
         store: store.clone(),
         dedup: ingest::dedup_cache(Duration::from_secs(config.dedup_window_s)),
+        crash_after: config.crash_after_deliveries,
+        published: std::sync::atomic::AtomicU64::new(0),
     });
     let supervisor = lease::Supervisor::new(
         config.router_id(),

@@ -29,6 +29,7 @@
 //!
 //! It must not hold a state lock while publishing or awaiting.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -62,10 +63,17 @@ pub fn dedup_cache(window: Duration) -> DedupCache {
 
 /// Most events fetched ahead of the stream's acknowledgement.
 const MAX_EVENTS_IN_FLIGHT: usize = 1024;
-/// Most durable deliveries awaiting the log's acknowledgement.
-const MAX_ACKS_IN_FLIGHT: usize = 20_000;
+/// Most durable deliveries awaiting the log's acknowledgement, per worker.
+const MAX_ACKS_IN_FLIGHT: usize = 10_000;
 /// Most messages taken from the consumer before one consistency check.
 const BATCH: usize = 256;
+/// A single event's durable deliveries awaited inline once this many are outstanding.
+const ACKS_PER_EVENT_INLINE: usize = 4096;
+/// Publish acknowledgements the JetStream context may have in flight; above
+/// what a worker ever holds (`MAX_ACKS_IN_FLIGHT + ACKS_PER_EVENT_INLINE`
+/// per worker), so a publish never waits for a permit that only a later
+/// poll of the same worker could free.
+pub const JS_MAX_ACK_INFLIGHT: usize = 1 << 20;
 /// How long an unacknowledged event waits before the server offers it again.
 const ACK_WAIT: Duration = Duration::from_secs(30);
 /// How long a stopping worker waits for outstanding acknowledgements.
@@ -142,6 +150,33 @@ async fn stored(mut f: InFlight) -> (InFlight, Result<(), String>) {
     (f, Ok(()))
 }
 
+/// Events whose durable deliveries are on their way, in stream order.
+struct Pipeline<F: Future> {
+    pending: FuturesOrdered<F>,
+    /// The producer ids of the events in `pending`, in the same order.
+    ids: std::collections::VecDeque<Option<String>>,
+    /// Durable deliveries in `pending` not yet known stored.
+    outstanding: usize,
+    make: fn(InFlight) -> F,
+}
+
+impl<F: Future<Output = (InFlight, Result<(), String>)>> Pipeline<F> {
+    fn new(make: fn(InFlight) -> F) -> Pipeline<F> {
+        Pipeline {
+            pending: FuturesOrdered::new(),
+            ids: std::collections::VecDeque::new(),
+            outstanding: 0,
+            make,
+        }
+    }
+
+    fn push(&mut self, f: InFlight) {
+        self.ids.push_back(f.id.clone());
+        self.outstanding += f.durable;
+        self.pending.push_back((self.make)(f));
+    }
+}
+
 /// The consumer name of a partition (one per partition, shared by routers over time).
 pub fn consumer_name(partition: Partition) -> String {
     format!("router-{}", partition.name())
@@ -205,25 +240,17 @@ impl Worker {
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), IngestError> {
         let mut messages = self.consumer().await?;
         tracing::info!(partition = %self.partition.name(), "processing partition");
-        let mut pending = FuturesOrdered::new();
-        // The producer ids of the events in `pending`, in the same order.
-        let mut pending_ids: std::collections::VecDeque<Option<String>> = std::collections::VecDeque::new();
-        let mut acks_in_flight = 0usize;
+        let mut pipeline = Pipeline::new(stored);
         let mut batch: Vec<async_nats::jetstream::Message> = Vec::with_capacity(BATCH);
         let result = loop {
-            let room = pending.len() < MAX_EVENTS_IN_FLIGHT && acks_in_flight < MAX_ACKS_IN_FLIGHT;
+            let room = pipeline.pending.len() < MAX_EVENTS_IN_FLIGHT && pipeline.outstanding < MAX_ACKS_IN_FLIGHT;
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break Ok(()),
-                Some((done, stored_result)) = pending.next(), if !pending.is_empty() => {
-                    let done: InFlight = done;
-                    pending_ids.pop_front();
-                    if let Err(e) = stored_result {
-                        self.forget(done.id.as_deref());
-                        break Err(IngestError::Publish(e));
+                Some((done, stored_result)) = pipeline.pending.next(), if !pipeline.pending.is_empty() => {
+                    if let Err(e) = self.complete(&mut pipeline, done, stored_result).await {
+                        break Err(e);
                     }
-                    self.acknowledge(&done.msg).await;
-                    acks_in_flight = acks_in_flight.saturating_sub(done.durable);
                 }
                 m = messages.next(), if room => {
                     let first = match m {
@@ -242,15 +269,8 @@ impl Worker {
                             _ => break,
                         }
                     }
-                    match self.process(&mut batch).await {
-                        Ok(done) => {
-                            for f in done {
-                                acks_in_flight += f.durable;
-                                pending_ids.push_back(f.id.clone());
-                                pending.push_back(stored(f));
-                            }
-                        }
-                        Err(e) => break Err(e),
+                    if let Err(e) = self.process(&mut batch, &mut pipeline).await {
+                        break Err(e);
                     }
                 }
             }
@@ -258,14 +278,10 @@ impl Worker {
         if result.is_ok() {
             // Stopping (lease released): settle what is in flight, in order.
             let drained = tokio::time::timeout(DRAIN_WAIT, async {
-                while let Some((done, r)) = pending.next().await {
-                    let done: InFlight = done;
-                    pending_ids.pop_front();
-                    if r.is_err() {
-                        self.forget(done.id.as_deref());
+                while let Some((done, r)) = pipeline.pending.next().await {
+                    if self.complete(&mut pipeline, done, r).await.is_err() {
                         return;
                     }
-                    self.acknowledge(&done.msg).await;
                 }
             })
             .await;
@@ -274,10 +290,28 @@ impl Worker {
             }
         }
         // Whatever is still unacknowledged will be redone by the next owner.
-        for id in pending_ids {
+        for id in std::mem::take(&mut pipeline.ids) {
             self.forget(id.as_deref());
         }
         result
+    }
+
+    /// Acknowledges an event whose deliveries are stored (the pipeline's
+    /// front); on a failed delivery, forgets its id and fails the worker.
+    async fn complete<F: Future>(
+        &self,
+        pipeline: &mut Pipeline<F>,
+        done: InFlight,
+        stored_result: Result<(), String>,
+    ) -> Result<(), IngestError> {
+        pipeline.ids.pop_front();
+        pipeline.outstanding = pipeline.outstanding.saturating_sub(done.durable);
+        if let Err(e) = stored_result {
+            self.forget(done.id.as_deref());
+            return Err(IngestError::Publish(e));
+        }
+        self.acknowledge(&done.msg).await;
+        Ok(())
     }
 
     fn forget(&self, id: Option<&str>) {
@@ -294,8 +328,16 @@ impl Worker {
         }
     }
 
-    /// Handles a batch of messages; returns them with their pending acknowledgements.
-    async fn process(&mut self, batch: &mut Vec<async_nats::jetstream::Message>) -> Result<Vec<InFlight>, IngestError> {
+    /// Handles a batch of messages, adding each to the pipeline; waits for
+    /// the pipeline's front when too many acknowledgements are outstanding.
+    async fn process<F>(
+        &mut self,
+        batch: &mut Vec<async_nats::jetstream::Message>,
+        pipeline: &mut Pipeline<F>,
+    ) -> Result<(), IngestError>
+    where
+        F: Future<Output = (InFlight, Result<(), String>)>,
+    {
         let mut events = Vec::with_capacity(batch.len());
         let mut needs_index = false;
         for msg in batch.drain(..) {
@@ -312,8 +354,13 @@ impl Worker {
                 tracing::warn!(error = %e, "matching with an index that may lag the subscription bucket");
             }
         }
-        let mut out = Vec::with_capacity(events.len());
         for (msg, event) in events {
+            while pipeline.outstanding >= MAX_ACKS_IN_FLIGHT {
+                let Some((done, r)) = pipeline.pending.next().await else {
+                    break;
+                };
+                self.complete(pipeline, done, r).await?;
+            }
             let mut f = InFlight {
                 msg,
                 acks: Vec::new(),
@@ -344,9 +391,9 @@ impl Worker {
                     }
                 }
             }
-            out.push(f);
+            pipeline.push(f);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Fault injection: once `crash_after` durable deliveries are out, wait
@@ -525,6 +572,13 @@ impl Worker {
         match self.shared.js.send_publish(subject, publish).await {
             Ok(ack) => {
                 acks.push(ack);
+                if acks.len() >= ACKS_PER_EVENT_INLINE {
+                    // A very wide event: settle its own stored deliveries
+                    // now so that what is outstanding stays bounded.
+                    for ack in acks.drain(..) {
+                        ack.await.map_err(|e| IngestError::Publish(e.to_string()))?;
+                    }
+                }
                 Ok(())
             }
             Err(e) => {

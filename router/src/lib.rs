@@ -149,9 +149,13 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
 
     let ttl = Duration::from_millis(config.lease_ttl_ms);
     let leases = lease::open_bucket(&js, &subjects, ttl, config.log_replicas).await?;
+    // Ingest keeps its own bound on outstanding publish acknowledgements.
+    let ingest_js = async_nats::jetstream::ContextBuilder::new()
+        .max_ack_inflight(ingest::JS_MAX_ACK_INFLIGHT)
+        .build(client.clone());
     let shared = Arc::new(ingest::Shared {
         client: client.clone(),
-        js: js.clone(),
+        js: ingest_js,
         subjects: subjects.clone(),
         state: state.clone(),
         store: store.clone(),

@@ -468,3 +468,46 @@ async fn an_application_that_answers_too_late_is_a_denial() -> R {
     fleet.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn thousands_of_durable_deliveries_in_one_batch_are_all_stored() -> R {
+    // More durable deliveries per batch than the JetStream context's default
+    // window of unacknowledged publishes (5000): the router must keep its
+    // own bound instead of waiting on itself.
+    const USERS: usize = 60;
+    const EVENTS: usize = 150;
+    let fleet = Fleet::start().await?;
+    for u in 0..USERS {
+        let req = switchyard_common::control::ControlRequest {
+            user: format!("u{u}"),
+            rooms: vec![],
+            roles: vec![],
+            op: switchyard_common::control::ControlOp::Subscribe(switchyard_common::subscription::RawSubscription {
+                sub: "all".into(),
+                sub_type: "wide".into(),
+                filters: None,
+                min: None,
+                max: None,
+                fields: None,
+            }),
+        };
+        let reply = fleet
+            .producer
+            .request("sy.control", switchyard_common::control::encode(&req).into())
+            .await?;
+        let reply: switchyard_common::control::ControlReply = switchyard_common::control::decode(&reply.payload)?;
+        assert_eq!(reply, switchyard_common::control::ControlReply::Ok);
+    }
+    for i in 0..EVENTS {
+        let mut payload = Vec::new();
+        switchyard_common::transcode::json_to_msgpack(&json!({"data": i, "target": {"match": {}}}), &mut payload);
+        fleet.producer.publish("sy.events.wide", payload.into()).await?;
+    }
+    fleet.producer.flush().await?;
+    fleet.settle().await?;
+    let js = async_nats::jetstream::new(fleet.producer.clone());
+    let stored = js.get_stream("SY_DELIVERIES").await?.cached_info().state.messages;
+    assert_eq!(stored, (USERS * EVENTS) as u64);
+    fleet.shutdown().await;
+    Ok(())
+}

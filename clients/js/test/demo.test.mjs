@@ -84,7 +84,7 @@ const demoState = (page) =>
     };
   });
 
-test("the demo page shows ticks, filters alerts, and resumes without loss across an edge restart", async () => {
+test("the demo page shows ticks, filters alerts, and resumes without loss across an edge restart", async (t) => {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   const pageErrors = [];
   page.on("pageerror", (e) => pageErrors.push(String(e)));
@@ -179,7 +179,7 @@ test("the demo page shows ticks, filters alerts, and resumes without loss across
     const ticksBefore = s.ticks;
     await page.waitForFunction((n) => window.switchyardDemo.ticks > n + 5, ticksBefore, { timeout: 15_000 });
     assert.deepEqual(pageErrors, []);
-    console.log(`# screenshots: ${join(shotDir, "demo-before-restart.png")} ${shot}`);
+    t.diagnostic(`screenshots: ${join(shotDir, "demo-before-restart.png")} ${shot}`);
   } finally {
     ticking = false;
     await ticker;

@@ -2,7 +2,8 @@
 # The project's single test command (CI runs it through .ci/run).
 #   scripts/test.sh [extra args for `cargo test`]
 # Installs nats-server (integration tests run against a real one), then runs
-# rustfmt check, clippy with warnings denied, and the whole workspace's tests.
+# rustfmt check, clippy with warnings denied, the whole workspace's tests, then
+# the JS client's build and tests (scripts/test-js.sh; SWITCHYARD_SKIP_JS=1 skips them).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,3 +37,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test --workspace${*:+ $*}"
 cargo test --workspace "$@"
+
+[[ "${SWITCHYARD_SKIP_JS:-}" == 1 ]] || bash scripts/test-js.sh  # JS client, demo page in Chromium, examples

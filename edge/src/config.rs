@@ -130,6 +130,10 @@ pub struct EdgeConfig {
     /// On SIGTERM, the process exits when its connections are gone or after this long, in milliseconds.
     #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
+    /// Directory served as the demo page at `/demo/` on the WebSocket port (unset: off, 404).
+    /// With `--dev-insecure` and no key, `/demo/token` also mints short-lived dev tokens.
+    #[arg(long, env = "SWITCHYARD_DEMO_DIR")]
+    pub demo_dir: Option<std::path::PathBuf>,
     /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
     #[arg(skip)]
     pub metrics: Option<PrometheusHandle>,
@@ -170,6 +174,7 @@ impl std::fmt::Debug for EdgeConfig {
             .field("allowed_origins", &self.allowed_origins)
             .field("drain_spread_ms", &self.drain_spread_ms)
             .field("drain_timeout_ms", &self.drain_timeout_ms)
+            .field("demo_dir", &self.demo_dir)
             .finish()
     }
 }
@@ -230,6 +235,12 @@ impl EdgeConfig {
             _ if self.dev_insecure && !self.has_key() => Some(DEV_JWT_SECRET),
             _ => None,
         }
+    }
+
+    /// Whether `/demo/token` mints dev tokens: only with the demo enabled on a
+    /// dev-mode edge that has no key, i.e. one that verifies with the dev secret.
+    pub fn dev_tokens_enabled(&self) -> bool {
+        self.demo_dir.is_some() && self.dev_insecure && !self.has_key()
     }
 
     /// Token verification settings.
@@ -312,6 +323,19 @@ mod tests {
         c.jwt_secret = Some("k".into());
         assert_eq!(c.hmac_secret(), Some("k"));
         assert!(!format!("{c:?}").contains("\"k\""), "secret leaked into Debug output");
+    }
+
+    #[test]
+    fn dev_tokens_only_with_the_demo_in_dev_mode_without_a_key() {
+        let mut c = EdgeConfig::parse_from(["switchyard-edge", "--dev-insecure"]);
+        assert!(!c.dev_tokens_enabled(), "demo off");
+        c.demo_dir = Some("/srv/demo".into());
+        assert!(c.dev_tokens_enabled());
+        c.jwt_secret = Some("real".into());
+        assert!(!c.dev_tokens_enabled(), "a configured key turns dev tokens off");
+        c.jwt_secret = None;
+        c.dev_insecure = false;
+        assert!(!c.dev_tokens_enabled());
     }
 
     #[test]

@@ -17,12 +17,14 @@
 //! - [`node`]: what all connections share (limits, drain flag).
 //! - [`tls`]: rustls for `wss://`.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`demo`]: the optional demo page under `/demo/` and its dev-token endpoint.
 
 pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod conn;
+pub mod demo;
 pub mod hub;
 pub mod log;
 pub mod node;

@@ -4,6 +4,7 @@
 //! before a WebSocket exists: unknown path (404), not an upgrade (426),
 //! only unknown subprotocols (400), a bad resume point (400), a bad header
 //! token (401). Accepted upgrades become a [`crate::session`] task.
+//! Paths under `/demo` go to [`crate::demo`] first (when enabled).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -33,6 +34,13 @@ fn respond(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 /// Accepts connections until the node's cancel token fires; with an
 /// acceptor, each connection speaks TLS first.
 pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<TlsAcceptor>) {
+    if let Some(dir) = &node.config.demo_dir {
+        tracing::info!(
+            dir = %dir.display(),
+            dev_tokens = node.config.dev_tokens_enabled(),
+            "demo page enabled at /demo/"
+        );
+    }
     loop {
         let (stream, _) = tokio::select! {
             _ = node.cancel.cancelled() => break,
@@ -78,12 +86,28 @@ where
     let svc_node = node.clone();
     let service = hyper::service::service_fn(move |req| {
         let node = svc_node.clone();
-        async move { Ok::<_, Infallible>(handle(node, req)) }
+        async move {
+            if let Some(r) = crate::demo::route(&node.config, req.method(), req.uri()).await {
+                return Ok::<_, Infallible>(r);
+            }
+            Ok::<_, Infallible>(handle(node, req))
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    let mut conn = std::pin::pin!(conn);
+    // An upgraded connection has left hyper by then; what is still here is
+    // plain HTTP (the demo page's keep-alive connections), which must not
+    // hold the node's shutdown up.
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = node.cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "http connection ended with an error");
     }
 }
@@ -114,7 +138,7 @@ fn negotiate(req: &Request<hyper::body::Incoming>) -> Result<(Encoding, bool), (
 }
 
 /// Decodes `%XX` escapes and `+` in a query component.
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -150,9 +150,19 @@ impl Supervisor {
                 _ = ticker.tick() => self.tick().await,
             }
         }
+        // Stop every worker at once, then free the leases (bounded: with NATS
+        // gone they simply expire).
+        for owned in self.owned.values() {
+            owned.cancel.cancel();
+        }
         let owned: Vec<Partition> = self.owned.keys().copied().collect();
-        for p in owned {
-            self.release(p).await;
+        let releasing = async {
+            for p in owned {
+                self.release(p).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(4), releasing).await.is_err() {
+            tracing::warn!("partition leases not released at shutdown; they expire after one TTL");
         }
     }
 

@@ -93,8 +93,11 @@ impl RunningRouter {
         {
             tracing::warn!("router tasks did not stop within 5 s");
         }
-        if let Err(e) = self.client.flush().await {
-            tracing::warn!(error = %e, "flush at shutdown failed");
+        // Bounded: with NATS gone a flush would wait for a reconnect forever.
+        match tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "flush at shutdown failed"),
+            Err(_) => tracing::warn!("flush at shutdown timed out"),
+            Ok(Ok(())) => {}
         }
     }
 

@@ -93,7 +93,7 @@ async fn main() -> Result<()> {
             buf.clear();
             json_to_msgpack(&alert, &mut buf);
             client
-                .publish(format!("{}.events.pattern.{sym}", a.prefix), buf.clone().into())
+                .publish(format!("{}.events.pattern", a.prefix), buf.clone().into())
                 .await?;
         }
     }

@@ -227,8 +227,8 @@ impl Worker {
         consumer
             .stream()
             .max_messages_per_batch(BATCH)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
+            .heartbeat(Duration::from_secs(1))
+            .expires(Duration::from_secs(10))
             .messages()
             .await
             .map_err(|e| err(&e))
@@ -255,10 +255,9 @@ impl Worker {
                 m = messages.next(), if room => {
                     let first = match m {
                         Some(Ok(m)) => m,
-                        Some(Err(e)) => {
-                            tracing::debug!(error = %e, "event consumer hiccup");
-                            continue;
-                        }
+                        // Missed heartbeats (a NATS restart, a lost pull):
+                        // start over from the oldest unacknowledged event.
+                        Some(Err(e)) => break Err(IngestError::Consumer(e.to_string())),
                         None => break Err(IngestError::Consumer("the consumer stream ended".into())),
                     };
                     batch.clear();

@@ -41,23 +41,29 @@ pub enum LeaseError {
     Subscribe(#[from] async_nats::SubscribeError),
 }
 
-/// Opens the lease bucket (TTL = `ttl`), creating it when missing.
-pub async fn open_bucket(
-    js: &async_nats::jetstream::Context,
-    subjects: &Subjects,
-    ttl: Duration,
-    replicas: usize,
-) -> Result<kv::Store, LeaseError> {
-    let bucket = subjects.lease_bucket();
-    let config = kv::Config {
-        bucket: bucket.clone(),
+/// The lease bucket's configuration (TTL = `ttl`).
+pub fn bucket_config(subjects: &Subjects, ttl: Duration, replicas: usize, memory: bool) -> kv::Config {
+    kv::Config {
+        bucket: subjects.lease_bucket(),
         description: "Switchyard router partition leases".into(),
         history: 1,
         max_age: ttl,
         num_replicas: replicas,
-        storage: async_nats::jetstream::stream::StorageType::Memory,
+        // File by default so that leases, like everything else, survive a
+        // NATS restart; a bucket that vanished anyway is created again.
+        storage: if memory {
+            async_nats::jetstream::stream::StorageType::Memory
+        } else {
+            async_nats::jetstream::stream::StorageType::File
+        },
         ..Default::default()
-    };
+    }
+}
+
+/// Opens the lease bucket, creating it when missing.
+pub async fn open_bucket(js: &async_nats::jetstream::Context, config: &kv::Config) -> Result<kv::Store, LeaseError> {
+    let bucket = config.bucket.clone();
+    let config = config.clone();
     let mut last = String::new();
     for _ in 0..5 {
         if let Ok(kv) = js.get_key_value(bucket.as_str()).await {
@@ -83,6 +89,10 @@ struct Owned {
 pub struct Supervisor {
     id: String,
     kv: kv::Store,
+    js: async_nats::jetstream::Context,
+    bucket: kv::Config,
+    /// A lease operation failed this tick: make sure the bucket exists.
+    trouble: bool,
     client: async_nats::Client,
     subjects: Subjects,
     shared: Arc<Shared>,
@@ -101,6 +111,7 @@ impl Supervisor {
     pub fn new(
         id: String,
         kv: kv::Store,
+        bucket: kv::Config,
         shared: Arc<Shared>,
         partitions: Vec<Partition>,
         ttl: Duration,
@@ -115,6 +126,9 @@ impl Supervisor {
         Supervisor {
             id,
             kv,
+            js: shared.js.clone(),
+            bucket,
+            trouble: false,
             client: shared.client.clone(),
             subjects: shared.subjects.clone(),
             shared,
@@ -176,6 +190,13 @@ impl Supervisor {
         }
         let now = Instant::now();
         self.peers.retain(|_, seen| now.duration_since(*seen) < self.ttl);
+        if std::mem::take(&mut self.trouble) {
+            // e.g. a NATS restart lost a memory-stored bucket: create it again.
+            match open_bucket(&self.js, &self.bucket).await {
+                Ok(kv) => self.kv = kv,
+                Err(e) => tracing::warn!(error = %e, "lease bucket unavailable"),
+            }
+        }
         self.renew().await;
         let routers = self.peers.len() + 1;
         let fair = self.partitions.len().div_ceil(routers);
@@ -195,8 +216,13 @@ impl Supervisor {
                 if self.owned.contains_key(&p) {
                     continue;
                 }
-                if let Ok(revision) = self.kv.create(lease_key(p), self.id.clone().into()).await {
-                    self.start(p, revision);
+                match self.kv.create(lease_key(p), self.id.clone().into()).await {
+                    Ok(revision) => self.start(p, revision),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        tracing::debug!(partition = %p.name(), error = %e, "lease create failed");
+                        self.trouble = true;
+                    }
                 }
             }
         }
@@ -244,6 +270,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     tracing::warn!(partition = %p.name(), error = %e, "lease renewal failed");
+                    self.trouble = true;
                 }
             }
             if now.duration_since(owned.renewed) > self.ttl / 2 {

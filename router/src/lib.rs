@@ -151,7 +151,8 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
     tasks.spawn(control.serve(control_sub, cancel.clone()));
 
     let ttl = Duration::from_millis(config.lease_ttl_ms);
-    let leases = lease::open_bucket(&js, &subjects, ttl, config.log_replicas).await?;
+    let lease_bucket = lease::bucket_config(&subjects, ttl, config.log_replicas, memory);
+    let leases = lease::open_bucket(&js, &lease_bucket).await?;
     // Ingest keeps its own bound on outstanding publish acknowledgements.
     let ingest_js = async_nats::jetstream::ContextBuilder::new()
         .max_ack_inflight(ingest::JS_MAX_ACK_INFLIGHT)
@@ -169,6 +170,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
     let supervisor = lease::Supervisor::new(
         config.router_id(),
         leases,
+        lease_bucket,
         shared,
         events::Partition::all(config.partitions),
         ttl,

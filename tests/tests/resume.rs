@@ -379,6 +379,9 @@ async fn resume_stays_correct_across_a_nats_server_restart() -> R {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Past half a lease TTL (5 s by default): the router must still own its
+    // partitions after the restart, not just be finishing what it had.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     for i in 3..6 {
         fleet.publish("direct", &direct("alice", i)).await?;
     }

@@ -145,13 +145,37 @@ impl Supervisor {
     }
 
     /// Runs until cancelled, then stops every worker and releases every lease.
-    pub async fn run(mut self, mut heartbeats: async_nats::Subscriber, cancel: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut heartbeats: async_nats::Subscriber,
+        mut reconnects: tokio::sync::watch::Receiver<u64>,
+        cancel: CancellationToken,
+    ) {
         let tick = self.ttl / 5;
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        reconnects.mark_unchanged();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                changed = reconnects.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    // After a reconnect, rebuild every consumer from the
+                    // oldest unacknowledged event rather than trust a pull
+                    // that the server may have forgotten.
+                    let owned: Vec<(Partition, u64)> =
+                        self.owned.iter().map(|(p, o)| (*p, o.revision)).collect();
+                    tracing::info!(partitions = owned.len(), "reconnected: restarting partition workers");
+                    for (p, revision) in owned {
+                        if let Some(o) = self.owned.remove(&p) {
+                            o.cancel.cancel();
+                            let _ = tokio::time::timeout(Duration::from_secs(2), o.worker).await;
+                        }
+                        self.start(p, revision);
+                    }
+                }
                 hb = heartbeats.next() => {
                     if let Some(msg) = hb {
                         if let Ok(peer) = std::str::from_utf8(&msg.payload) {

@@ -114,8 +114,24 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         Some(h) => h,
         None => admin::install_recorder()?,
     };
+    // Counts (re)connections: consumers and the bucket watch are rebuilt after
+    // a reconnect rather than trusted to resume by themselves.
+    let (reconnects_tx, reconnects) = tokio::sync::watch::channel(0u64);
     let client = async_nats::ConnectOptions::new()
         .name("switchyard-router")
+        .event_callback(move |event| {
+            let tx = reconnects_tx.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tx.send_modify(|n| *n += 1);
+                        tracing::info!("connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            }
+        })
         .retry_on_initial_connect()
         .connect(config.nats_url.as_str())
         .await?;
@@ -131,7 +147,9 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
     let tasks = TaskTracker::new();
 
     // The index is rebuilt from the bucket before anything is served.
-    let watcher = store.start_watcher(state.clone(), cancel.clone()).await?;
+    let watcher = store
+        .start_watcher(state.clone(), reconnects.clone(), cancel.clone())
+        .await?;
     tasks.spawn(async move {
         let _ = watcher.await;
     });
@@ -176,7 +194,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         ttl,
     );
     let heartbeats = supervisor.heartbeats().await?;
-    tasks.spawn(supervisor.run(heartbeats, cancel.clone()));
+    tasks.spawn(supervisor.run(heartbeats, reconnects.clone(), cancel.clone()));
     tasks.spawn(count_malformed_subjects(
         client.clone(),
         subjects.clone(),

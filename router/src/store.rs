@@ -205,20 +205,30 @@ impl Store {
     pub async fn start_watcher(
         &self,
         state: Arc<RouterState>,
+        reconnects: watch::Receiver<u64>,
         cancel: CancellationToken,
     ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
         let target = self.last_revision().await?;
         let watch = self.kv.watch_with_history(">").await?;
         let store = self.clone();
-        let handle = tokio::spawn(async move { store.follow(watch, state, cancel).await });
+        let handle = tokio::spawn(async move { store.follow(watch, state, reconnects, cancel).await });
         self.wait_applied(target).await?;
         Ok(handle)
     }
 
-    async fn follow(&self, mut watch: kv::Watch, state: Arc<RouterState>, cancel: CancellationToken) {
+    async fn follow(
+        &self,
+        mut watch: kv::Watch,
+        state: Arc<RouterState>,
+        mut reconnects: watch::Receiver<u64>,
+        cancel: CancellationToken,
+    ) {
+        reconnects.mark_unchanged();
         loop {
             let entry = tokio::select! {
                 _ = cancel.cancelled() => return,
+                // After a reconnect, follow from what was applied with a new watch.
+                Ok(()) = reconnects.changed() => None,
                 e = watch.next() => e,
             };
             match entry {
@@ -242,7 +252,7 @@ impl Store {
                     tracing::warn!(error = %e, "subscription bucket watch error");
                 }
                 None => {
-                    // The watch ended (connection trouble): resume after what was applied.
+                    // The watch ended, or NATS reconnected: resume after what was applied.
                     let from = self.applied() + 1;
                     tracing::warn!(from, "subscription bucket watch ended; restarting");
                     loop {

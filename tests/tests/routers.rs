@@ -511,3 +511,36 @@ async fn thousands_of_durable_deliveries_in_one_batch_are_all_stored() -> R {
     fleet.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn jetstream_publishes_are_acknowledged_stored_once_per_msg_id_and_delivered() -> R {
+    let fleet = Fleet::start().await?;
+    let (mut c, _) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), &[]).await?;
+    let js = async_nats::jetstream::new(fleet.producer.clone());
+    let mut payload = Vec::new();
+    switchyard_common::transcode::json_to_msgpack(&json!({"data":"acked","target":{"users":["alice"]}}), &mut payload);
+    // The same JetStream message id twice: the stream stores it once.
+    for _ in 0..2 {
+        let publish = async_nats::jetstream::context::Publish::build()
+            .payload(payload.clone().into())
+            .message_id("producer-msg-1");
+        let ack = js.send_publish("sy.events.orders.o1", publish).await?.await?;
+        assert_eq!(ack.stream, "SY_EVENTS_KEYED");
+    }
+    // A deeper subject than any valid shape is not taken in: no responders.
+    let deep = js.publish("sy.events.orders.o1.extra", payload.clone().into()).await;
+    let refused = match deep {
+        Err(_) => true,
+        Ok(ack) => ack.await.is_err(),
+    };
+    assert!(refused, "a subject outside the event shapes was acknowledged");
+    fleet.settle().await?;
+    fleet
+        .publish("direct", &json!({"data":"end","target":{"users":["alice"]}}))
+        .await?;
+    let evs = c.events_until(|e| e["data"] == "end").await?;
+    let data: Vec<&str> = evs.iter().map(|e| e["data"].as_str().unwrap_or_default()).collect();
+    assert_eq!(data, ["acked", "end"]);
+    fleet.shutdown().await;
+    Ok(())
+}

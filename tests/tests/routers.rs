@@ -521,7 +521,7 @@ async fn jetstream_publishes_are_acknowledged_stored_once_per_msg_id_and_deliver
     switchyard_common::transcode::json_to_msgpack(&json!({"data":"acked","target":{"users":["alice"]}}), &mut payload);
     // The same JetStream message id twice: the stream stores it once.
     for _ in 0..2 {
-        let publish = async_nats::jetstream::context::Publish::build()
+        let publish = async_nats::jetstream::message::PublishMessage::build()
             .payload(payload.clone().into())
             .message_id("producer-msg-1");
         let ack = js.send_publish("sy.events.orders.o1", publish).await?.await?;

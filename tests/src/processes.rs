@@ -4,10 +4,11 @@
 //! `main.rs`) or killed with SIGKILL (a crash), and started again.
 //!
 //! The binaries are the ones cargo built next to the test executable
-//! (`target/<profile>/switchyard-router`, `switchyard-edge`):
-//! `cargo test --workspace` builds every workspace binary before it runs
-//! tests. Nothing here builds them; a missing binary is an error that says
-//! how to build it.
+//! (`target/<profile>/switchyard-router`, `switchyard-edge`). Cargo builds
+//! a package's binaries for `cargo test` only when that package has
+//! integration tests: `router/tests/` and `edge/tests/binary.rs` make sure
+//! `cargo test --workspace` builds both. Nothing here builds them; a
+//! missing binary is an error that says how to build it.
 //!
 //! Every process gets a clean environment (only the `SWITCHYARD_*` settings
 //! given here, plus `SWITCHYARD_LOG`), its output goes to a log file whose

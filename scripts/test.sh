@@ -21,6 +21,8 @@ nats_bin="$(bash scripts/install-nats.sh | tail -n 1)"
 export SWITCHYARD_NATS_SERVER="$nats_bin"
 echo "SWITCHYARD_NATS_SERVER=$SWITCHYARD_NATS_SERVER"
 
+step "k8s manifests: schemas, fleet rules, alerts (scripts/validate-k8s.sh)"; bash scripts/validate-k8s.sh
+
 for tool in fmt clippy; do
     if ! cargo "$tool" --version >/dev/null 2>&1; then
         echo "test.sh: 'cargo $tool' is not available; install it (rustup component add ${tool/fmt/rustfmt})" >&2

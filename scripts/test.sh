@@ -2,7 +2,8 @@
 # The project's single test command (CI runs it through .ci/run).
 #   scripts/test.sh [extra args for `cargo test`]
 # Installs nats-server (integration tests run against a real one), then runs
-# rustfmt check, clippy with warnings denied, the whole workspace's tests, then
+# the k8s manifest checks (scripts/validate-k8s.sh), rustfmt check, clippy with
+# warnings denied, the whole workspace's tests, then
 # the JS client's build and tests (scripts/test-js.sh; SWITCHYARD_SKIP_JS=1 skips them).
 set -euo pipefail
 
@@ -21,6 +22,8 @@ nats_bin="$(bash scripts/install-nats.sh | tail -n 1)"
 [[ -x "$nats_bin" ]] || { echo "test.sh: install-nats.sh did not print a usable binary path (got '$nats_bin')" >&2; exit 1; }
 export SWITCHYARD_NATS_SERVER="$nats_bin"
 echo "SWITCHYARD_NATS_SERVER=$SWITCHYARD_NATS_SERVER"
+
+step "k8s manifests: schemas, fleet rules, alerts (scripts/validate-k8s.sh)"; bash scripts/validate-k8s.sh
 
 for tool in fmt clippy; do
     if ! cargo "$tool" --version >/dev/null 2>&1; then

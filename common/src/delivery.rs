@@ -102,6 +102,23 @@ pub fn peek_meta(body: &[u8]) -> Result<DeliveryMeta, TranscodeError> {
     Ok(meta)
 }
 
+/// Reads the `ts` field (unix ms at publish) from a delivery body, without
+/// decoding `data`. The edge uses it for its delivery-latency histogram.
+pub fn peek_ts(body: &[u8]) -> Option<u64> {
+    let Body { entries, mut rest } = split_body(body).ok()?;
+    for _ in 0..entries {
+        let klen = transcode::value_len(rest).ok()?;
+        let (k, after_key) = rest.split_at(klen);
+        let vlen = transcode::value_len(after_key).ok()?;
+        let (mut v, after_value) = after_key.split_at(vlen);
+        if str_payload(k) == Some(b"ts") {
+            return rmp::decode::read_int(&mut v).ok();
+        }
+        rest = after_value;
+    }
+    None
+}
+
 /// The bytes of a MessagePack string value, if it is one.
 fn str_payload(v: &[u8]) -> Option<&[u8]> {
     let (&first, rest) = v.split_first()?;
@@ -305,6 +322,18 @@ mod tests {
         encode_delivery(&ev, 2, &[], &ev.data, &mut c);
         assert_ne!(ma.conflation_key, peek_meta(&c).unwrap().conflation_key);
         assert!(peek_meta(&[0x01]).is_err());
+    }
+
+    #[test]
+    fn ts_is_read_without_decoding_data() {
+        let ev = event();
+        for ts in [0, 1, 1_700_000_000_123, u64::MAX] {
+            let mut body = Vec::new();
+            encode_delivery(&ev, ts, &["s"], &ev.data, &mut body);
+            assert_eq!(peek_ts(&body), Some(ts));
+        }
+        assert_eq!(peek_ts(&[0x80]), None, "an empty map has no ts");
+        assert_eq!(peek_ts(&[0x01]), None, "not a map");
     }
 
     #[test]

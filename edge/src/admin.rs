@@ -19,9 +19,21 @@ use tokio_util::sync::CancellationToken;
 pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Installs the process-wide Prometheus recorder and returns its handle.
+/// `switchyard_edge_delivery_latency_seconds` gets histogram buckets (not the
+/// default summary) so dashboards and alerts can aggregate it across pods.
 pub fn install_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("switchyard_edge_delivery_latency_seconds".into()),
+            LATENCY_BUCKETS,
+        )?
+        .install_recorder()
 }
+
+/// Delivery latency buckets, in seconds: 1 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));

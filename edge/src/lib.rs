@@ -127,7 +127,9 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     let client = async_nats::ConnectOptions::new()
         .name("switchyard-edge")
         .retry_on_initial_connect()
-        .connect(config.nats_url.as_str())
+        .event_callback(|event| async move { nats_event(event) })
+        // SWITCHYARD_NATS_URL may list several servers, comma separated.
+        .connect(config.nats_url.split(',').map(str::trim).collect::<Vec<_>>())
         .await?;
     for _ in 0..500 {
         if client.connection_state() == async_nats::connection::State::Connected {
@@ -135,6 +137,8 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let connected = client.connection_state() == async_nats::connection::State::Connected;
+    metrics::gauge!("switchyard_edge_nats_connected").set(if connected { 1.0 } else { 0.0 });
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let verifier = auth::Verifier::new(&config.auth_settings())?;
@@ -185,4 +189,28 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         cancel,
         tasks,
     })
+}
+
+/// Counts what the NATS client reports, for the operators' alerts: lost
+/// connections (`switchyard_edge_nats_disconnects_total`, and the
+/// `switchyard_edge_nats_connected` gauge) and messages the client dropped
+/// because a subscription's channel was full
+/// (`switchyard_edge_nats_slow_consumers_total`).
+fn nats_event(event: async_nats::Event) {
+    match event {
+        async_nats::Event::Connected => {
+            tracing::info!("NATS connected");
+            metrics::gauge!("switchyard_edge_nats_connected").set(1.0);
+        }
+        async_nats::Event::Disconnected => {
+            tracing::warn!("NATS disconnected");
+            metrics::counter!("switchyard_edge_nats_disconnects_total").increment(1);
+            metrics::gauge!("switchyard_edge_nats_connected").set(0.0);
+        }
+        async_nats::Event::SlowConsumer(sid) => {
+            tracing::warn!(sid, "NATS client dropped messages: a subscription was too slow");
+            metrics::counter!("switchyard_edge_nats_slow_consumers_total").increment(1);
+        }
+        other => tracing::info!(event = %other, "NATS event"),
+    }
 }

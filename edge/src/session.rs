@@ -691,6 +691,7 @@ impl Writer {
             return Ok(());
         }
         metrics::counter!("switchyard_edge_deliveries_total").increment(self.batch.len() as u64);
+        record_latency(&self.batch);
         let frame = data_frame(self.encoding, &self.buf);
         self.ws.write_frame(frame).await
     }
@@ -765,4 +766,20 @@ fn data_frame(encoding: Encoding, buf: &[u8]) -> Frame<'_> {
         Encoding::MsgPack => Frame::binary(payload),
         Encoding::Json => Frame::text(payload),
     }
+}
+
+/// Records `switchyard_edge_delivery_latency_seconds`: from the event's `ts`
+/// (stamped by the router when it took the event in) to this frame's write,
+/// once per frame, for the oldest live event in it. Replayed events are left
+/// out: their age says how long the client was away, not how slow we are.
+fn record_latency(batch: &[Delivery]) {
+    let Some(ts) = batch
+        .iter()
+        .find(|d| !d.replayed)
+        .and_then(|d| switchyard_common::delivery::peek_ts(&d.body))
+    else {
+        return;
+    };
+    let ms = now_ms().saturating_sub(ts);
+    metrics::histogram!("switchyard_edge_delivery_latency_seconds").record(ms as f64 / 1000.0);
 }

@@ -133,7 +133,8 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
             }
         })
         .retry_on_initial_connect()
-        .connect(config.nats_url.as_str())
+        // SWITCHYARD_NATS_URL may list several servers, comma separated.
+        .connect(config.nats_url.split(',').map(str::trim).collect::<Vec<_>>())
         .await?;
     // retry_on_initial_connect returns at once; wait (bounded) for the first connection.
     wait_connected(&client).await;

@@ -12,8 +12,12 @@
 //! - [`fleet`]: nats-server + router + edge, wired together, plus a producer helper.
 //! - [`ws_client`]: a small protocol-level WebSocket client (MessagePack or JSON).
 //! - [`tokens`]: HS256 test and dev tokens.
+//! - [`processes`]: the router and edge binaries as child processes (SIGTERM, SIGKILL, restart).
+//! - [`nats_cluster`]: a 3-node nats-server cluster with JetStream on loopback.
 
 pub mod fleet;
+pub mod nats_cluster;
 pub mod nats_server;
+pub mod processes;
 pub mod tokens;
 pub mod ws_client;

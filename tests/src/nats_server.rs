@@ -325,7 +325,7 @@ fn read_from(path: &Path, offset: u64) -> String {
 }
 
 /// Finds the nats-server binary and checks its version, once per process.
-fn nats_server_binary() -> Result<PathBuf> {
+pub fn nats_server_binary() -> Result<PathBuf> {
     static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     FOUND
         .get_or_init(|| {

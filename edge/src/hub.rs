@@ -58,6 +58,7 @@ enum Command {
     },
     Drain {
         spread: Duration,
+        reason: &'static str,
     },
 }
 
@@ -193,7 +194,13 @@ impl Hub {
     /// Tells every connection to reconnect elsewhere, with delays spread over
     /// `spread`, and closes it with 1001.
     pub async fn drain(&self, spread: Duration) {
-        if self.tx.send(Command::Drain { spread }).await.is_err() {
+        self.reconnect_all(spread, "draining").await;
+    }
+
+    /// Tells every connection to reconnect (and resume), with delays spread
+    /// over `spread`, giving `reason`, and closes it with 1001.
+    pub async fn reconnect_all(&self, spread: Duration, reason: &'static str) {
+        if self.tx.send(Command::Drain { spread, reason }).await.is_err() {
             tracing::debug!("hub already stopped at drain");
         }
     }
@@ -249,7 +256,7 @@ impl HubTask {
                 }
             }
             Command::Unregister { conn } => self.remove(&conn),
-            Command::Drain { spread } => self.drain(spread),
+            Command::Drain { spread, reason } => self.drain(spread, reason),
         }
         self.connections.send_replace(self.conns.len());
         metrics::gauge!("switchyard_edge_connections").set(self.conns.len() as f64);
@@ -307,25 +314,19 @@ impl HubTask {
         }
     }
 
-    fn drain(&self, spread: Duration) {
+    fn drain(&self, spread: Duration, reason: &'static str) {
         let n = self.conns.len().max(1) as u64;
         for (i, (conn, encoding)) in self.conns.values().enumerate() {
             let after_ms = spread.as_millis() as u64 * i as u64 / n;
             let mut frame = Vec::new();
-            encode_server_frame(
-                *encoding,
-                &ServerFrame::Reconnect {
-                    after_ms,
-                    reason: "draining",
-                },
-                &mut frame,
-            );
+            encode_server_frame(*encoding, &ServerFrame::Reconnect { after_ms, reason }, &mut frame);
             conn.try_control(Control::Frame(frame));
-            conn.try_control(Control::Close(CloseCode::GoingAway.code(), "draining"));
+            conn.try_control(Control::Close(CloseCode::GoingAway.code(), reason));
         }
         tracing::info!(
             connections = self.conns.len(),
-            "drain: reconnect sent to every connection"
+            reason,
+            "reconnect sent to every connection"
         );
     }
 

@@ -124,10 +124,32 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         Some(h) => h,
         None => admin::install_recorder()?,
     };
+    // Counts moments when live deliveries may have been missed (a reconnect
+    // after a disconnect, messages dropped by the client); see `resync`.
+    let (gaps_tx, gaps) = tokio::sync::watch::channel(0u64);
+    let disconnected = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = async_nats::ConnectOptions::new()
         .name("switchyard-edge")
         .retry_on_initial_connect()
-        .event_callback(|event| async move { nats_event(event) })
+        .event_callback(move |event| {
+            let gaps_tx = gaps_tx.clone();
+            let disconnected = disconnected.clone();
+            async move {
+                let gap = match &event {
+                    async_nats::Event::Disconnected => {
+                        disconnected.store(true, std::sync::atomic::Ordering::Relaxed);
+                        false
+                    }
+                    async_nats::Event::Connected => disconnected.swap(false, std::sync::atomic::Ordering::Relaxed),
+                    async_nats::Event::SlowConsumer(_) => true,
+                    _ => false,
+                };
+                if gap {
+                    gaps_tx.send_modify(|n| *n += 1);
+                }
+                nats_event(event)
+            }
+        })
         // SWITCHYARD_NATS_URL may list several servers, comma separated.
         .connect(config.nats_url.split(',').map(str::trim).collect::<Vec<_>>())
         .await?;
@@ -179,6 +201,7 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }
+    tasks.spawn(resync(gaps, node.hub.clone(), cancel.clone()));
     let wss = tls.is_some();
     tasks.spawn(server::serve(listener, node.clone(), tls));
     tracing::info!(%ws_addr, %admin_addr, wss, prefix = %subjects.prefix(), "edge started");
@@ -189,6 +212,31 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         cancel,
         tasks,
     })
+}
+
+/// How widely the reconnects after a NATS gap are spread.
+const RESYNC_SPREAD: Duration = Duration::from_secs(2);
+
+/// After a gap in the live deliveries (NATS reconnected, or the client
+/// dropped messages), every connection may have missed durable events that
+/// the log holds; the edge cannot tell which. It tells every client to
+/// reconnect (`reconnect`, reason `resync`, delays spread over 2 s) and
+/// resume: the log fills the gap, exactly once.
+async fn resync(mut gaps: tokio::sync::watch::Receiver<u64>, hub: hub::Hub, cancel: CancellationToken) {
+    gaps.mark_unchanged();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = gaps.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                tracing::warn!("live deliveries may have a gap: clients are asked to reconnect and resume");
+                metrics::counter!("switchyard_edge_resyncs_total").increment(1);
+                hub.reconnect_all(RESYNC_SPREAD, "resync").await;
+            }
+        }
+    }
 }
 
 /// Counts what the NATS client reports, for the operators' alerts: lost

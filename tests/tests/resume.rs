@@ -401,3 +401,39 @@ async fn resume_stays_correct_across_a_nats_server_restart() -> R {
     fleet.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn after_a_nats_reconnect_clients_are_told_to_resume_and_lose_nothing() -> R {
+    let mut fleet = Fleet::start().await?;
+    let url = fleet.ws_url();
+    let (mut c, ready) = WsClient::connect_ready(&url, &fleet.token("alice", json!({})), &[]).await?;
+    let epoch = ready["epoch"].as_str().unwrap().to_string();
+    fleet.publish("direct", &direct("alice", 0)).await?;
+    let seen = pos(&take_events(&mut c, 1).await?[0]);
+
+    // While the edge's NATS connection is down, its live subscriptions miss
+    // whatever is published: the edge cannot know what, so it asks every
+    // client to come back and resume from the log.
+    fleet.nats.restart()?;
+    let f = c.expect_op("reconnect").await?;
+    assert_eq!(f["reason"], "resync", "{f}");
+    assert!(f["after_ms"].as_u64().is_some_and(|ms| ms <= 2000), "{f}");
+    assert_eq!(c.expect_close().await?, 1001);
+    drop(c);
+
+    wait_ready(fleet.edge_admin()).await?;
+    for _ in 0..200 {
+        if fleet.producer.connection_state() == async_nats::connection::State::Connected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fleet.publish("direct", &direct("alice", 1)).await?;
+    fleet.settle().await?;
+    let (mut c, _) = resume_url(&fleet, &url, "alice", &epoch, seen).await?;
+    let (evs, resumed) = replay(&mut c).await?;
+    assert_eq!(is(&evs), [1]);
+    assert_eq!(resumed["recovered"], true);
+    fleet.shutdown().await;
+    Ok(())
+}

@@ -29,9 +29,19 @@ die() { echo "validate-k8s: ERROR: $*" >&2; exit 1; }
 nats_bin="$(bash scripts/install-nats.sh | tail -n 1)"
 [[ -x "$nats_bin" ]] || die "install-nats.sh did not print a usable nats-server path (got '$nats_bin')"
 
-if ! "$VENV/bin/python" -c "import kubernetes_validate, sys; sys.exit(kubernetes_validate.__version__ != '$KV_VERSION')" 2>/dev/null; then
+# Installed, at the pinned version, and every file of the package present
+# (an install cut short, e.g. by a full disk, leaves schemas missing).
+kv_installed() {
+    "$VENV/bin/python" - "$KV_VERSION" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import distribution
+d = distribution("kubernetes-validate")
+sys.exit(d.version != sys.argv[1] or not all(f.locate().exists() for f in d.files or []))
+PY
+}
+if ! kv_installed; then
     log "installing kubernetes-validate $KV_VERSION into $VENV (hash-pinned: scripts/requirements-k8s.txt)"
-    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet \
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet --force-reinstall \
         --require-hashes --only-binary :all: -r scripts/requirements-k8s.txt >&2 \
         || die "pip install of scripts/requirements-k8s.txt failed"
 fi

@@ -52,8 +52,15 @@ if [[ ! -x "$SWITCHYARD_CHROMIUM" ]]; then
 fi
 echo "browser: $SWITCHYARD_CHROMIUM ($(dpkg-query -W -f='${Version}' chromium 2>/dev/null || echo 'not a Debian package'))"
 
-step "cargo build -p switchyard-router -p switchyard-edge --bins"
-cargo build -p switchyard-router -p switchyard-edge --bins
+if [[ "${SWITCHYARD_BINS_BUILT:-}" == 1 ]]; then
+    # scripts/test.sh just ran `cargo test --workspace`, which built both
+    # binaries; building them alone would recompile dependencies with other
+    # features for nothing.
+    step "using the binaries cargo test --workspace built"
+else
+    step "cargo build -p switchyard-router -p switchyard-edge --bins"
+    cargo build -p switchyard-router -p switchyard-edge --bins
+fi
 target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
 [[ "$target_dir" = /* ]] || target_dir="$ROOT/$target_dir"
 export SWITCHYARD_BIN_DIR="$target_dir/debug"

@@ -41,4 +41,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace${*:+ $*}"
 cargo test --workspace "$@"
 
-[[ "${SWITCHYARD_SKIP_JS:-}" == 1 ]] || bash scripts/test-js.sh  # JS client, demo page in Chromium, examples
+# A plain `cargo test --workspace` (no extra arguments) has built both binaries.
+bins_built=$([[ $# -eq 0 ]] && echo 1 || echo 0)
+[[ "${SWITCHYARD_SKIP_JS:-}" == 1 ]] || SWITCHYARD_BINS_BUILT=$bins_built bash scripts/test-js.sh  # JS client, demo page in Chromium, examples

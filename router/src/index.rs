@@ -377,7 +377,7 @@ mod tests {
     #[test]
     fn sub_ref_round_trips_name_fields_and_tail() {
         let long = "n".repeat(300);
-        let fields = vec!["a".to_string(), "b".repeat(200), String::new()];
+        let fields = ["a".to_string(), "b".repeat(200), String::new()];
         for (name, fields, tail) in [
             ("s", None, &[][..]),
             ("s", Some(&fields[..]), &[1, 2, 3][..]),

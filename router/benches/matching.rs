@@ -102,7 +102,7 @@ fn build_index(n: usize, rng: &mut XorShift) -> ScanIndex {
     for i in 0..n {
         let user = format!("user-{:05}", i / SUBS_PER_USER);
         let sub = subscription(rng, format!("s{}", i % SUBS_PER_USER));
-        idx.upsert(&user, sub, SUBS_PER_USER)
+        idx.upsert(&user, &sub, SUBS_PER_USER)
             .expect("within the per-user limit");
     }
     assert_eq!(idx.len(), n);

@@ -3,8 +3,8 @@
 //! [`Subscription::matches`] (the reference rule) selects.
 //!
 //! It owns, for every subscription it holds, a dense slot id, the user's
-//! interned name, the `Arc<Subscription>` it hands to callers and the numeric
-//! bounds in a compact form; and, per subscription type, the sets that turn an
+//! interned name, the numeric bounds in a compact form and a [`SubRef`] that
+//! packs everything else; and, per subscription type, the sets that turn an
 //! event into its matching slots. It must not do I/O or lock anything: the
 //! caller owns synchronisation (today a `std::sync::RwLock` in `state`).
 //!
@@ -12,9 +12,18 @@
 //! - Slots: subscriptions get dense `u32` ids; a removed subscription's slot
 //!   goes on a free list and is reused by the next new one, so sets stay
 //!   dense. A replaced subscription (same user, same name) keeps its slot.
-//!   A slot is 32 bytes: the `Arc<Subscription>`, the user's id, and the
-//!   first bound inline (field id, low, high); the rare further bounds live
-//!   in a side map keyed by slot.
+//!   A slot is 32 bytes: the `SubRef` (a thin pointer), the user's id, and
+//!   the first bound inline (field id, low, high); the rare further bounds
+//!   live in a side map keyed by slot.
+//! - The subscription itself is not kept as a `Subscription` (about 1.2 KB
+//!   at 1M: a `String` per name and value, a `BTreeMap` node per map): the
+//!   slot's `SubRef` holds the name and `fields`, which delivery needs, and a
+//!   tail of ids (type, then per dimension its id and its values' ids, LEB128)
+//!   that is all `remove` needs to find the sets to leave. The bounds are the
+//!   slot's, flagged with which of `min`/`max` each came from, so `list` can
+//!   rebuild the exact `Subscription` from the ids' strings. One allocation
+//!   of a few dozen bytes per subscription, read only by updates, `list` and
+//!   the matcher's caller, never while computing candidates.
 //! - Per type: `all`, the set of its slots.
 //! - Per (type, dimension): `constrained`, the slots that name the dimension in
 //!   their `filters`, and per value the posting set of slots that list it.
@@ -25,16 +34,17 @@
 //!   dimension names could make each one cost |type|/8 bytes) and an update of
 //!   every such set on each upsert; the difference costs the same bitmap pass
 //!   at match time as intersecting with a stored set would.
-//! - Interning: each type, dimension and value string is stored once, as the
-//!   key of the map at its level (type → dimension → value → posting), and
-//!   freed with its last subscription. Keying postings by the value string
-//!   rather than by a value id saves the hot path a second hash lookup per
-//!   event dimension and needs no refcounted value table. Bound field names
-//!   are interned to dense `u32` ids (refcounted). A user's name is one
-//!   `Arc<str>`, shared by the per-user map's key and the user-id table the
-//!   callback's `&Arc<str>` points into; user ids are reused like slots.
+//! - Interning: each type, value and bound field string is stored once, as
+//!   the key of the map at its level (type → dimension → value → posting),
+//!   with a dense id for the `SubRef` tails (freed ids are reused, so they stay
+//!   small in LEB128) and freed with its last subscription. The hot path still
+//!   looks postings up by the event's string, one hash lookup per event
+//!   dimension; the ids are for the other direction. Dimensions get ids
+//!   within their type. A user's name is one `Arc<str>`, shared by the
+//!   per-user map's key and the user-id table the callback's `&Arc<str>`
+//!   points into; user ids are reused like slots.
 //! - Per user: the slots ordered by subscription name (the name lives in the
-//!   `Subscription`, not duplicated), for replace-by-name, limits and `list`.
+//!   `SubRef`, not duplicated), for replace-by-name, limits and `list`.
 //!
 //! # Matching
 //! For an event of type T: for each dimension d that some subscription of T
@@ -60,10 +70,8 @@
 //! O(dimensions × values) bitmap inserts or removes, plus the user's slot list.
 //! There is no rebuild, and a new dimension costs nothing beyond its own sets.
 //! The router holds the index in a `RwLock<Box<dyn SubscriptionIndex>>`, so
-//! one update holds the write lock for one subscription's worth of work.
-//! Measured at 1M subscriptions (docs/BENCHMARKS.md, "Subscription index"):
-//! a replace takes 8 µs at the median and 36 µs at p99, a remove plus a new
-//! insert 4 µs and 13 µs; at 10k, 3.4 µs and 2.3 µs at the median.
+//! one update holds the write lock for one subscription's worth of work
+//! (a few µs; docs/BENCHMARKS.md, "Subscription index", has the numbers).
 //!
 //! The other direction matters more at scale: a match holds the read lock
 //! for as long as it runs, callbacks included, and a popular event at 1M
@@ -75,19 +83,21 @@
 //! left-right pair) so matching never waits for a writer at all.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use roaring::RoaringBitmap;
 use switchyard_common::subscription::{MatchQuery, Subscription};
 
-use crate::index::{IndexError, SubscriptionIndex};
+use crate::index::{put_uint, IndexError, Reader, SubRef, SubscriptionIndex};
 
 /// One numeric bound of a subscription: `lo ≤ value of field ≤ hi`.
 ///
 /// A field with only `min` gets `hi = +∞`, only `max` gets `lo = −∞`: both
 /// comparisons still fail for NaN, exactly as the single one in the
-/// reference rule does.
+/// reference rule does. `field` carries [`HAS_MIN`] and [`HAS_MAX`] beside
+/// the id, so `list` gives back exactly the maps it was given (a `min` of
+/// −∞ is not the same subscription as no `min`).
 #[derive(Debug, Clone, Copy)]
 struct Bound {
     field: u32,
@@ -102,20 +112,28 @@ const EMIT_BATCH: usize = 32;
 const NO_FIELD: u32 = u32::MAX;
 /// Set in `Slot::field` when `FastIndex::more_bounds` holds further bounds.
 const MORE_BOUNDS: u32 = 1 << 31;
+/// Set in a bound's field when it came from `min`.
+const HAS_MIN: u32 = 1 << 30;
+/// Set in a bound's field when it came from `max`.
+const HAS_MAX: u32 = 1 << 29;
+/// The field id bits of a bound's field. The all-ones id is never given
+/// out, so no bound's field equals [`NO_FIELD`].
+const FIELD_ID: u32 = HAS_MAX - 1;
 
 /// One held subscription: 32 bytes, two to a cache line, the first bound inline.
 ///
 /// Matching reads the slot of every candidate, and at 1M subscriptions that
 /// read is most of the cost of a match: the bound inline saves a second
 /// cache miss (it was two thirds of the per-match time), and the user as an
-/// id into `FastIndex::names` rather than an `Arc<str>` keeps the slot at 32
-/// bytes, so no slot straddles two cache lines.
+/// id into `FastIndex::names` rather than an `Arc<str>`, with the `SubRef` a
+/// thin pointer, keeps the slot at 32 bytes, so no slot straddles two cache
+/// lines.
 struct Slot {
-    sub: Arc<Subscription>,
+    sub: SubRef,
     /// Index into `FastIndex::names`.
     user: u32,
-    /// Field id of the first bound, [`NO_FIELD`] when there is none; with
-    /// [`MORE_BOUNDS`] set when there are others.
+    /// Field id and flags of the first bound, [`NO_FIELD`] when there is
+    /// none; with [`MORE_BOUNDS`] set when there are others.
     field: u32,
     lo: f64,
     hi: f64,
@@ -129,6 +147,84 @@ struct User {
     slots: Vec<u32>,
 }
 
+/// Strings with a dense id and a value each: the map at one level of the
+/// index (types, a dimension's values, bound fields).
+///
+/// Looking up by string is the map's; by id, `keys` gives the string back
+/// (the same `Arc` as the map's key). Freed ids are reused first.
+struct Interned<V> {
+    map: HashMap<Arc<str>, (u32, V)>,
+    /// Id → string; `None` for a freed id.
+    keys: Vec<Option<Arc<str>>>,
+    free: Vec<u32>,
+}
+
+impl<V> Default for Interned<V> {
+    fn default() -> Self {
+        Interned {
+            map: HashMap::new(),
+            keys: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<V> Interned<V> {
+    fn get(&self, key: &str) -> Option<&(u32, V)> {
+        self.map.get(key)
+    }
+
+    /// The string of a live id.
+    fn key(&self, id: u32) -> &str {
+        self.keys[id as usize].as_deref().expect("a live id")
+    }
+
+    fn by_id(&self, id: u32) -> Option<&V> {
+        let key = self.keys.get(id as usize)?.as_deref()?;
+        self.map.get(key).map(|(_, v)| v)
+    }
+
+    fn by_id_mut(&mut self, id: u32) -> Option<&mut V> {
+        let key = self.keys.get(id as usize)?.as_deref()?;
+        self.map.get_mut(key).map(|(_, v)| v)
+    }
+
+    /// The id and value of `key`, made with `make` if it is new.
+    fn entry(&mut self, key: &str, make: impl FnOnce() -> V) -> (u32, &mut V) {
+        if !self.map.contains_key(key) {
+            let id = self.free.pop().unwrap_or_else(|| {
+                self.keys.push(None);
+                u32::try_from(self.keys.len() - 1).expect("at most 2^32 names")
+            });
+            let key: Arc<str> = Arc::from(key);
+            self.keys[id as usize] = Some(key.clone());
+            self.map.insert(key, (id, make()));
+        }
+        let (id, value) = self.map.get_mut(key).expect("just made");
+        (*id, value)
+    }
+
+    /// Frees `id` and its string.
+    fn remove(&mut self, id: u32) {
+        if let Some(key) = self.keys.get_mut(id as usize).and_then(Option::take) {
+            self.map.remove(&*key);
+            self.free.push(id);
+        }
+    }
+
+    /// Heap bytes of the map, the id table, the free list and the strings,
+    /// plus `value` for each value's own heap.
+    fn heap_bytes(&self, value: impl Fn(&V) -> usize) -> usize {
+        let mut n = map_bytes(&self.map)
+            + block(self.keys.capacity() * std::mem::size_of::<Option<Arc<str>>>())
+            + block(self.free.capacity() * 4);
+        for (key, (_, v)) in &self.map {
+            n += block(16 + key.len()) + value(v);
+        }
+        n
+    }
+}
+
 /// The sets of one subscription type.
 #[derive(Default)]
 struct TypeIndex {
@@ -136,58 +232,25 @@ struct TypeIndex {
     all: RoaringBitmap,
     /// The dimensions some subscription of the type constrains (few; scanned).
     dims: Vec<DimIndex>,
+    /// Dimension ids freed with their dimension, reused first.
+    free_dims: Vec<u32>,
+    /// The next dimension id never given out.
+    next_dim: u32,
 }
 
 /// The sets of one (type, dimension).
 struct DimIndex {
+    /// Id within the type, as `SubRef` tails name it.
+    id: u32,
     name: Box<str>,
     /// Slots that name this dimension in `filters`.
     constrained: RoaringBitmap,
     /// Value → slots that list it.
-    postings: HashMap<Box<str>, RoaringBitmap>,
+    postings: Interned<RoaringBitmap>,
 }
 
-/// Bound field names → dense ids, refcounted by the bounds that use them.
-#[derive(Default)]
-struct FieldIds {
-    ids: HashMap<Box<str>, (u32, u32)>,
-    free: Vec<u32>,
-    next: u32,
-}
-
-impl FieldIds {
-    fn get(&self, name: &str) -> Option<u32> {
-        self.ids.get(name).map(|(id, _)| *id)
-    }
-
-    fn acquire(&mut self, name: &str) -> u32 {
-        if let Some((id, refs)) = self.ids.get_mut(name) {
-            *refs += 1;
-            return *id;
-        }
-        let id = self.free.pop().unwrap_or_else(|| {
-            self.next += 1;
-            self.next - 1
-        });
-        assert!(id < MORE_BOUNDS, "at most 2^31 bound field names");
-        self.ids.insert(name.into(), (id, 1));
-        id
-    }
-
-    fn release(&mut self, name: &str) {
-        if let Some((id, refs)) = self.ids.get_mut(name) {
-            *refs -= 1;
-            if *refs == 0 {
-                self.free.push(*id);
-                self.ids.remove(name);
-            }
-        }
-    }
-}
-
-/// Estimated heap bytes held by a [`FastIndex`], by part, excluding the
-/// `Subscription` values themselves (which every index must keep whole to
-/// hand them out) but including the `Arc` pointers to them.
+/// Estimated heap bytes held by a [`FastIndex`], by part: everything it
+/// holds, the subscriptions included.
 ///
 /// Method: vector and hash-map capacities times element sizes (hash maps as
 /// hashbrown lays them out: buckets × (entry + 1 control byte)), roaring
@@ -197,8 +260,11 @@ impl FieldIds {
 /// steps, 8-byte header, 32 bytes at least).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HeapBytes {
-    /// The slot table: user and subscription pointers, first bound inline.
+    /// The slot table: `SubRef` pointers, user ids, first bound inline.
     pub slots: usize,
+    /// The `SubRef` allocations: names, `fields` and the ids of each
+    /// subscription's type, dimensions and values.
+    pub subs: usize,
     /// Bounds beyond each subscription's first.
     pub bounds: usize,
     /// The per-user map, its interned names and slot lists.
@@ -212,7 +278,7 @@ pub struct HeapBytes {
 impl HeapBytes {
     /// The sum of all parts.
     pub fn total(&self) -> usize {
-        self.slots + self.bounds + self.users + self.sets + self.other
+        self.slots + self.subs + self.bounds + self.users + self.sets + self.other
     }
 }
 
@@ -249,7 +315,7 @@ fn bitmap_bytes(b: &RoaringBitmap) -> usize {
 /// The inverted subscription index; see the module documentation.
 #[derive(Default)]
 pub struct FastIndex {
-    types: HashMap<Box<str>, TypeIndex>,
+    types: Interned<TypeIndex>,
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
     /// User → id and slots.
@@ -258,7 +324,8 @@ pub struct FastIndex {
     /// empty name until it is reused.
     names: Vec<Arc<str>>,
     free_users: Vec<u32>,
-    fields: FieldIds,
+    /// Bound field names, refcounted by the bounds that use them.
+    fields: Interned<u32>,
     /// Bounds beyond the first, by slot (rare: most subscriptions have at most one).
     more_bounds: HashMap<u32, Box<[Bound]>>,
     count: usize,
@@ -267,15 +334,16 @@ pub struct FastIndex {
 /// Where the subscription `name` is (or would go) in a user's slot list.
 fn find(list: &[u32], slots: &[Option<Slot>], name: &str) -> Result<usize, usize> {
     list.binary_search_by(|&s| match &slots[s as usize] {
-        Some(slot) => slot.sub.name.as_str().cmp(name),
+        Some(slot) => slot.sub.name().cmp(name),
         None => unreachable!("a user's slot list names a free slot"),
     })
 }
 
 fn bound_holds(b: Bound, values: &[(u32, f64)]) -> bool {
+    let field = b.field & FIELD_ID;
     values
         .iter()
-        .find(|(f, _)| *f == b.field)
+        .find(|(f, _)| *f == field)
         .is_some_and(|&(_, v)| v >= b.lo && v <= b.hi)
 }
 
@@ -285,12 +353,15 @@ impl FastIndex {
         FastIndex::default()
     }
 
-    /// Estimated heap bytes of the index structures, by part.
+    /// Estimated heap bytes of everything the index holds, by part.
     pub fn heap_bytes(&self) -> HeapBytes {
         let mut h = HeapBytes {
             slots: block(self.slots.capacity() * std::mem::size_of::<Option<Slot>>()),
             ..HeapBytes::default()
         };
+        for slot in self.slots.iter().flatten() {
+            h.subs += block(slot.sub.heap_len());
+        }
         h.bounds = map_bytes(&self.more_bounds);
         for more in self.more_bounds.values() {
             h.bounds += block(std::mem::size_of_val::<[Bound]>(more));
@@ -302,22 +373,16 @@ impl FastIndex {
             // An Arc<str> block holds two counters and the bytes.
             h.users += block(16 + name.len()) + block(user.slots.capacity() * 4);
         }
-        h.sets = map_bytes(&self.types);
-        for (name, t) in &self.types {
-            h.sets += block(name.len()) + bitmap_bytes(&t.all);
-            h.sets += block(t.dims.capacity() * std::mem::size_of::<DimIndex>());
+        h.sets = self.types.heap_bytes(|t| {
+            let mut n = bitmap_bytes(&t.all)
+                + block(t.dims.capacity() * std::mem::size_of::<DimIndex>())
+                + block(t.free_dims.capacity() * 4);
             for d in &t.dims {
-                h.sets += block(d.name.len()) + bitmap_bytes(&d.constrained) + map_bytes(&d.postings);
-                for (value, posting) in &d.postings {
-                    h.sets += block(value.len()) + bitmap_bytes(posting);
-                }
+                n += block(d.name.len()) + bitmap_bytes(&d.constrained) + d.postings.heap_bytes(bitmap_bytes);
             }
-        }
-        h.other =
-            block(self.free.capacity() * 4) + map_bytes(&self.fields.ids) + block(self.fields.free.capacity() * 4);
-        for name in self.fields.ids.keys() {
-            h.other += block(name.len());
-        }
+            n
+        });
+        h.other = block(self.free.capacity() * 4) + self.fields.heap_bytes(|_| 0);
         h
     }
 
@@ -351,58 +416,79 @@ impl FastIndex {
         slot
     }
 
-    /// Adds `slot` (holding `sub`) to the sets `sub` names and makes its
-    /// slot entry (bounds beyond the first go to `more_bounds`).
-    fn attach(&mut self, slot: u32, user: u32, sub: Arc<Subscription>) -> Slot {
-        let t = match self.types.get_mut(sub.sub_type.as_str()) {
-            Some(t) => t,
-            None => self.types.entry(sub.sub_type.as_str().into()).or_default(),
-        };
+    /// A reference to bound field `name`'s id, registering it if it is new.
+    fn acquire_field(&mut self, name: &str) -> u32 {
+        let (id, refs) = self.fields.entry(name, || 0);
+        *refs += 1;
+        assert!(id < FIELD_ID, "at most 2^29 - 1 bound field names");
+        id
+    }
+
+    fn release_field(&mut self, id: u32) {
+        if let Some(refs) = self.fields.by_id_mut(id) {
+            *refs -= 1;
+            if *refs == 0 {
+                self.fields.remove(id);
+            }
+        }
+    }
+
+    /// Adds `slot` to the sets `sub` names and makes its slot entry (bounds
+    /// beyond the first go to `more_bounds`).
+    fn attach(&mut self, slot: u32, user: u32, sub: &Subscription) -> Slot {
+        // The ids `detach` and `list` will need: type, then per dimension
+        // its id, its value count and its values' ids.
+        let mut tail = Vec::with_capacity(8 + 4 * sub.filters.len());
+        let (type_id, t) = self.types.entry(&sub.sub_type, TypeIndex::default);
+        put_uint(&mut tail, type_id as usize);
+        put_uint(&mut tail, sub.filters.len());
         t.all.insert(slot);
         for (dim, values) in &sub.filters {
-            let d = match t.dims.iter().position(|d| *d.name == **dim) {
-                Some(i) => &mut t.dims[i],
+            let i = match t.dims.iter().position(|d| *d.name == **dim) {
+                Some(i) => i,
                 None => {
+                    let id = t.free_dims.pop().unwrap_or_else(|| {
+                        t.next_dim += 1;
+                        t.next_dim - 1
+                    });
                     t.dims.push(DimIndex {
+                        id,
                         name: dim.as_str().into(),
                         constrained: RoaringBitmap::new(),
-                        postings: HashMap::new(),
+                        postings: Interned::default(),
                     });
-                    t.dims.last_mut().expect("just pushed")
+                    t.dims.len() - 1
                 }
             };
+            let d = &mut t.dims[i];
+            put_uint(&mut tail, d.id as usize);
+            put_uint(&mut tail, values.len());
             d.constrained.insert(slot);
             for v in values {
-                match d.postings.get_mut(v.as_str()) {
-                    Some(p) => {
-                        p.insert(slot);
-                    }
-                    None => {
-                        let mut p = RoaringBitmap::new();
-                        p.insert(slot);
-                        d.postings.insert(v.as_str().into(), p);
-                    }
-                }
+                let (id, posting) = d.postings.entry(v, RoaringBitmap::new);
+                posting.insert(slot);
+                put_uint(&mut tail, id as usize);
             }
         }
         let mut bounds: Vec<Bound> = Vec::with_capacity(sub.min.len() + sub.max.len());
         for (field, lo) in &sub.min {
             bounds.push(Bound {
-                field: self.fields.acquire(field),
+                field: self.acquire_field(field) | HAS_MIN,
                 lo: *lo,
                 hi: f64::INFINITY,
             });
         }
         for (field, hi) in &sub.max {
-            let id = self.fields.acquire(field);
-            match bounds.iter_mut().find(|b| b.field == id) {
+            let id = self.acquire_field(field);
+            match bounds.iter_mut().find(|b| b.field & FIELD_ID == id) {
                 Some(b) => {
                     b.hi = *hi;
-                    // One entry per field: the second reference is not kept.
-                    self.fields.release(field);
+                    b.field |= HAS_MAX;
+                    // One reference per field: the second is not kept.
+                    self.release_field(id);
                 }
                 None => bounds.push(Bound {
-                    field: id,
+                    field: id | HAS_MAX,
                     lo: f64::NEG_INFINITY,
                     hi: *hi,
                 }),
@@ -419,7 +505,7 @@ impl FastIndex {
             field |= MORE_BOUNDS;
         }
         Slot {
-            sub,
+            sub: SubRef::with_tail(&sub.name, sub.fields.as_deref(), &tail),
             user,
             field,
             lo: first.lo,
@@ -427,39 +513,84 @@ impl FastIndex {
         }
     }
 
-    /// Removes `slot` (holding `sub`) from the sets `sub` names.
-    fn detach(&mut self, slot: u32, sub: &Subscription) {
-        self.more_bounds.remove(&slot);
-        if let Some(t) = self.types.get_mut(sub.sub_type.as_str()) {
-            t.all.remove(slot);
-            for (dim, values) in &sub.filters {
-                let Some(i) = t.dims.iter().position(|d| *d.name == **dim) else {
-                    continue;
-                };
+    /// Removes slot `s` (holding `slot`) from the sets its `SubRef` names and
+    /// releases its bound fields.
+    fn detach(&mut self, s: u32, slot: &Slot) {
+        let more = self.more_bounds.remove(&s);
+        let mut r = Reader(slot.sub.tail());
+        let type_id = r.uint() as u32;
+        if let Some(t) = self.types.by_id_mut(type_id) {
+            t.all.remove(s);
+            for _ in 0..r.uint() {
+                let dim = r.uint() as u32;
+                let values = r.uint();
+                let i = t.dims.iter().position(|d| d.id == dim).expect("a held dimension");
                 let d = &mut t.dims[i];
-                d.constrained.remove(slot);
-                for v in values {
-                    if let Some(p) = d.postings.get_mut(v.as_str()) {
-                        p.remove(slot);
+                d.constrained.remove(s);
+                for _ in 0..values {
+                    let id = r.uint() as u32;
+                    if let Some(p) = d.postings.by_id_mut(id) {
+                        p.remove(s);
                         if p.is_empty() {
-                            d.postings.remove(v.as_str());
+                            d.postings.remove(id);
                         }
                     }
                 }
                 if d.constrained.is_empty() {
+                    t.free_dims.push(dim);
                     t.dims.swap_remove(i);
                 }
             }
             if t.all.is_empty() {
-                self.types.remove(sub.sub_type.as_str());
+                self.types.remove(type_id);
             }
         }
         // One reference per distinct bound field, as `attach` took them.
-        for field in sub.min.keys() {
-            self.fields.release(field);
+        if slot.field != NO_FIELD {
+            self.release_field(slot.field & FIELD_ID);
         }
-        for field in sub.max.keys().filter(|f| !sub.min.contains_key(*f)) {
-            self.fields.release(field);
+        for b in more.iter().flat_map(|m| m.iter()) {
+            self.release_field(b.field & FIELD_ID);
+        }
+    }
+
+    /// The `Subscription` slot `s` (holding `slot`) was made from.
+    fn subscription(&self, s: u32, slot: &Slot) -> Subscription {
+        let mut r = Reader(slot.sub.tail());
+        let type_id = r.uint() as u32;
+        let t = self.types.by_id(type_id).expect("a held type");
+        let mut filters = BTreeMap::new();
+        for _ in 0..r.uint() {
+            let dim = r.uint() as u32;
+            let d = t.dims.iter().find(|d| d.id == dim).expect("a held dimension");
+            let values = (0..r.uint())
+                .map(|_| d.postings.key(r.uint() as u32).to_string())
+                .collect();
+            filters.insert(d.name.to_string(), values);
+        }
+        let (mut min, mut max) = (BTreeMap::new(), BTreeMap::new());
+        let first = (slot.field != NO_FIELD).then_some(Bound {
+            field: slot.field,
+            lo: slot.lo,
+            hi: slot.hi,
+        });
+        let more = self.more_bounds.get(&s).map_or(&[][..], |m| &m[..]);
+        for b in first.iter().chain(more) {
+            let name = self.fields.key(b.field & FIELD_ID);
+            if b.field & HAS_MIN != 0 {
+                min.insert(name.to_string(), b.lo);
+            }
+            if b.field & HAS_MAX != 0 {
+                max.insert(name.to_string(), b.hi);
+            }
+        }
+        Subscription {
+            name: slot.sub.name().to_string(),
+            sub_type: self.types.key(type_id).to_string(),
+            filters,
+            min,
+            max,
+            fields: slot.sub.fields().map(|f| f.map(str::to_string).collect()),
         }
     }
 
@@ -472,7 +603,7 @@ impl FastIndex {
             return true;
         }
         let first = Bound {
-            field: slot.field & !MORE_BOUNDS,
+            field: slot.field,
             lo: slot.lo,
             hi: slot.hi,
         };
@@ -494,7 +625,7 @@ impl FastIndex {
         &self,
         candidates: impl Iterator<Item = u32>,
         values: &[(u32, f64)],
-        f: &mut dyn FnMut(&Arc<str>, &Arc<Subscription>),
+        f: &mut dyn FnMut(&Arc<str>, &SubRef),
     ) {
         let mut batch = [0u32; EMIT_BATCH];
         let mut n = 0;
@@ -532,16 +663,15 @@ struct DimCandidates<'a> {
 }
 
 impl SubscriptionIndex for FastIndex {
-    fn upsert(&mut self, user: &str, sub: Subscription, max_per_user: usize) -> Result<(), IndexError> {
+    fn upsert(&mut self, user: &str, sub: &Subscription, max_per_user: usize) -> Result<(), IndexError> {
         let existing = self
             .users
             .get(user)
             .and_then(|u| find(&u.slots, &self.slots, &sub.name).ok().map(|i| u.slots[i]));
-        let sub = Arc::new(sub);
         match existing {
             Some(slot) => {
                 let old = self.slots[slot as usize].take().expect("listed slot is held");
-                self.detach(slot, &old.sub);
+                self.detach(slot, &old);
                 self.slots[slot as usize] = Some(self.attach(slot, old.user, sub));
             }
             None => {
@@ -576,7 +706,7 @@ impl SubscriptionIndex for FastIndex {
             self.free_users.push(id);
         }
         let old = self.slots[slot as usize].take().expect("listed slot is held");
-        self.detach(slot, &old.sub);
+        self.detach(slot, &old);
         self.free.push(slot);
         self.count -= 1;
         true
@@ -588,15 +718,20 @@ impl SubscriptionIndex for FastIndex {
             .map(|u| {
                 u.slots
                     .iter()
-                    .filter_map(|&s| self.slots[s as usize].as_ref())
-                    .map(|slot| (*slot.sub).clone())
+                    .filter_map(|&s| Some(self.subscription(s, self.slots[s as usize].as_ref()?)))
                     .collect()
             })
             .unwrap_or_default()
     }
 
-    fn for_each_match(&self, event: &MatchQuery<'_>, f: &mut dyn FnMut(&Arc<str>, &Arc<Subscription>)) {
-        let Some(t) = self.types.get(event.sub_type) else {
+    fn holds(&self, user: &str, name: &str) -> (usize, bool) {
+        self.users.get(user).map_or((0, false), |u| {
+            (u.slots.len(), find(&u.slots, &self.slots, name).is_ok())
+        })
+    }
+
+    fn for_each_match(&self, event: &MatchQuery<'_>, f: &mut dyn FnMut(&Arc<str>, &SubRef)) {
+        let Some((_, t)) = self.types.get(event.sub_type) else {
             return;
         };
         // The event's values under field ids; unknown fields bound nothing.
@@ -604,12 +739,12 @@ impl SubscriptionIndex for FastIndex {
         let values: Vec<(u32, f64)> = event
             .values
             .iter()
-            .filter_map(|(name, v)| self.fields.get(name).map(|id| (id, *v)))
+            .filter_map(|(name, v)| self.fields.get(name).map(|(id, _)| (*id, *v)))
             .collect();
         let all = t.all.len();
         let mut dims: Vec<DimCandidates<'_>> = Vec::with_capacity(t.dims.len());
         for d in &t.dims {
-            let posting = event.dimension(&d.name).and_then(|v| d.postings.get(v));
+            let posting = event.dimension(&d.name).and_then(|v| d.postings.get(v)).map(|(_, p)| p);
             let constrained = d.constrained.len();
             let size = posting.map_or(0, |p| p.len()) + (all - constrained);
             if size == 0 {
@@ -717,7 +852,7 @@ mod tests {
                 dimensions: &dims,
                 values: &values,
             },
-            &mut |u, s| out.push(format!("{u}/{}", s.name)),
+            &mut |u, s| out.push(format!("{u}/{}", s.name())),
         );
         out.sort();
         out
@@ -730,15 +865,17 @@ mod tests {
     #[test]
     fn wildcard_dimensions_match_anything() {
         let mut idx = FastIndex::new();
-        idx.upsert("u1", sub("sym", "t", &[("symbol", &["AAPL"])]), 10).unwrap();
-        idx.upsert("u1", sub("tier", "t", &[("tier", &["daily"])]), 10).unwrap();
+        idx.upsert("u1", &sub("sym", "t", &[("symbol", &["AAPL"])]), 10)
+            .unwrap();
+        idx.upsert("u1", &sub("tier", "t", &[("tier", &["daily"])]), 10)
+            .unwrap();
         idx.upsert(
             "u2",
-            sub("both", "t", &[("symbol", &["AAPL", "TSLA"]), ("tier", &["daily"])]),
+            &sub("both", "t", &[("symbol", &["AAPL", "TSLA"]), ("tier", &["daily"])]),
             10,
         )
         .unwrap();
-        idx.upsert("u2", sub("any", "t", &[]), 10).unwrap();
+        idx.upsert("u2", &sub("any", "t", &[]), 10).unwrap();
         assert_eq!(
             matches(&idx, "t", &[("symbol", "AAPL"), ("tier", "daily"), ("extra", "x")]),
             vec!["u1/sym", "u1/tier", "u2/any", "u2/both"]
@@ -758,11 +895,11 @@ mod tests {
     fn dimensions_every_subscription_names() {
         // No wildcard part on either dimension: plain posting intersections.
         let mut idx = FastIndex::new();
-        idx.upsert("u1", sub("a", "t", &[("s", &["x", "y"]), ("k", &["1"])]), 10)
+        idx.upsert("u1", &sub("a", "t", &[("s", &["x", "y"]), ("k", &["1"])]), 10)
             .unwrap();
-        idx.upsert("u1", sub("b", "t", &[("s", &["x"]), ("k", &["1", "2"])]), 10)
+        idx.upsert("u1", &sub("b", "t", &[("s", &["x"]), ("k", &["1", "2"])]), 10)
             .unwrap();
-        idx.upsert("u2", sub("c", "t", &[("s", &["y"]), ("k", &["2"]), ("m", &["z"])]), 10)
+        idx.upsert("u2", &sub("c", "t", &[("s", &["y"]), ("k", &["2"]), ("m", &["z"])]), 10)
             .unwrap();
         assert_eq!(matches(&idx, "t", &[("s", "x"), ("k", "1")]), vec!["u1/a", "u1/b"]);
         assert_eq!(matches(&idx, "t", &[("s", "x"), ("k", "2")]), vec!["u1/b"]);
@@ -775,9 +912,9 @@ mod tests {
     #[test]
     fn event_lacking_a_constrained_dimension() {
         let mut idx = FastIndex::new();
-        idx.upsert("u1", sub("a", "t", &[("symbol", &["AAPL"]), ("tier", &["daily"])]), 10)
+        idx.upsert("u1", &sub("a", "t", &[("symbol", &["AAPL"]), ("tier", &["daily"])]), 10)
             .unwrap();
-        idx.upsert("u1", sub("b", "t", &[("symbol", &["AAPL"])]), 10).unwrap();
+        idx.upsert("u1", &sub("b", "t", &[("symbol", &["AAPL"])]), 10).unwrap();
         assert_eq!(matches(&idx, "t", &[("symbol", "AAPL")]), vec!["u1/b"]);
         assert!(matches(&idx, "t", &[("tier", "daily")]).is_empty());
         assert!(matches(&idx, "t", &[]).is_empty());
@@ -792,15 +929,15 @@ mod tests {
     #[test]
     fn bounds_on_missing_fields_and_nan() {
         let mut idx = FastIndex::new();
-        idx.upsert("u", bounded(sub("min", "t", &[]), &[("c", 0.6)], &[]), 10)
+        idx.upsert("u", &bounded(sub("min", "t", &[]), &[("c", 0.6)], &[]), 10)
             .unwrap();
-        idx.upsert("u", bounded(sub("max", "t", &[]), &[], &[("c", 0.6)]), 10)
+        idx.upsert("u", &bounded(sub("max", "t", &[]), &[], &[("c", 0.6)]), 10)
             .unwrap();
-        idx.upsert("u", bounded(sub("range", "t", &[]), &[("c", 0.2)], &[("c", 0.8)]), 10)
+        idx.upsert("u", &bounded(sub("range", "t", &[]), &[("c", 0.2)], &[("c", 0.8)]), 10)
             .unwrap();
-        idx.upsert("u", bounded(sub("two", "t", &[]), &[("c", 0.5), ("p", 1.0)], &[]), 10)
+        idx.upsert("u", &bounded(sub("two", "t", &[]), &[("c", 0.5), ("p", 1.0)], &[]), 10)
             .unwrap();
-        idx.upsert("u", sub("none", "t", &[]), 10).unwrap();
+        idx.upsert("u", &sub("none", "t", &[]), 10).unwrap();
         assert_eq!(query(&idx, "t", &[], &[]), vec!["u/none"]);
         assert_eq!(query(&idx, "t", &[], &[("other", 1.0)]), vec!["u/none"]);
         assert_eq!(
@@ -823,7 +960,7 @@ mod tests {
         // Bounds beyond the first live outside the slot.
         idx.upsert(
             "u",
-            bounded(sub("three", "t", &[]), &[("a", 1.0), ("b", 1.0)], &[("c", 1.0)]),
+            &bounded(sub("three", "t", &[]), &[("a", 1.0), ("b", 1.0)], &[("c", 1.0)]),
             10,
         )
         .unwrap();
@@ -848,26 +985,27 @@ mod tests {
     #[test]
     fn upsert_changes_type_and_dimensions() {
         let mut idx = FastIndex::new();
-        idx.upsert("u1", sub("a", "tick", &[("symbol", &["AAPL"])]), 10)
+        idx.upsert("u1", &sub("a", "tick", &[("symbol", &["AAPL"])]), 10)
             .unwrap();
-        idx.upsert("u1", sub("a", "tick", &[("tier", &["daily"])]), 10).unwrap();
+        idx.upsert("u1", &sub("a", "tick", &[("tier", &["daily"])]), 10)
+            .unwrap();
         assert_eq!(idx.len(), 1);
         assert!(matches(&idx, "tick", &[("symbol", "AAPL")]).is_empty());
         assert_eq!(
             matches(&idx, "tick", &[("symbol", "AAPL"), ("tier", "daily")]),
             vec!["u1/a"]
         );
-        idx.upsert("u1", bounded(sub("a", "alert", &[]), &[("c", 1.0)], &[]), 10)
+        idx.upsert("u1", &bounded(sub("a", "alert", &[]), &[("c", 1.0)], &[]), 10)
             .unwrap();
         assert!(matches(&idx, "tick", &[("tier", "daily")]).is_empty());
         assert!(query(&idx, "alert", &[], &[("c", 0.5)]).is_empty());
         assert_eq!(query(&idx, "alert", &[], &[("c", 1.5)]), vec!["u1/a"]);
-        idx.upsert("u1", sub("a", "alert", &[]), 10).unwrap();
+        idx.upsert("u1", &sub("a", "alert", &[]), 10).unwrap();
         assert_eq!(query(&idx, "alert", &[], &[]), vec!["u1/a"]);
         // Nothing of the old type, dimensions or bound fields is left behind.
-        assert_eq!(idx.types.len(), 1);
-        assert!(idx.types["alert"].dims.is_empty());
-        assert!(idx.fields.ids.is_empty());
+        assert_eq!(idx.types.map.len(), 1);
+        assert!(idx.types.get("alert").unwrap().1.dims.is_empty());
+        assert!(idx.fields.map.is_empty());
         assert_eq!(idx.slots.len(), 1);
     }
 
@@ -876,11 +1014,11 @@ mod tests {
         let mut idx = FastIndex::new();
         idx.upsert(
             "u1",
-            bounded(sub("a", "t", &[("s", &["x", "y"])]), &[("c", 0.0)], &[("c", 1.0)]),
+            &bounded(sub("a", "t", &[("s", &["x", "y"])]), &[("c", 0.0)], &[("c", 1.0)]),
             10,
         )
         .unwrap();
-        idx.upsert("u2", sub("a", "t", &[("s", &["x"])]), 10).unwrap();
+        idx.upsert("u2", &sub("a", "t", &[("s", &["x"])]), 10).unwrap();
         assert!(idx.remove("u1", "a"));
         assert!(!idx.remove("u1", "a"));
         assert!(!idx.remove("u2", "b"));
@@ -889,14 +1027,14 @@ mod tests {
         assert_eq!(idx.len(), 1);
         assert!(idx.list("u1").is_empty());
         assert!(!idx.users.contains_key("u1"));
-        assert!(idx.fields.ids.is_empty());
+        assert!(idx.fields.map.is_empty());
         assert!(idx.remove("u2", "a"));
         assert!(idx.is_empty());
-        assert!(idx.types.is_empty());
+        assert!(idx.types.map.is_empty());
         assert!(idx.users.is_empty());
         assert!(idx.names.iter().all(|n| n.is_empty()));
         // Freed user ids are reused.
-        idx.upsert("u3", sub("a", "t", &[]), 10).unwrap();
+        idx.upsert("u3", &sub("a", "t", &[]), 10).unwrap();
         assert_eq!(idx.names.len(), 2);
         assert_eq!(matches(&idx, "t", &[]), vec!["u3/a"]);
     }
@@ -905,15 +1043,18 @@ mod tests {
     fn freed_slots_are_reused() {
         let mut idx = FastIndex::new();
         for n in ["a", "b", "c"] {
-            idx.upsert("u", sub(n, "t", &[]), 10).unwrap();
+            idx.upsert("u", &sub(n, "t", &[]), 10).unwrap();
         }
         assert!(idx.remove("u", "b"));
-        idx.upsert("v", sub("d", "t", &[("s", &["x"])]), 10).unwrap();
+        idx.upsert("v", &sub("d", "t", &[("s", &["x"])]), 10).unwrap();
         assert_eq!(idx.slots.len(), 3);
-        assert_eq!(idx.types["t"].all.iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            idx.types.get("t").unwrap().1.all.iter().collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
         assert_eq!(matches(&idx, "t", &[("s", "x")]), vec!["u/a", "u/c", "v/d"]);
         // A replacement keeps its slot.
-        idx.upsert("v", sub("d", "t", &[("s", &["y"])]), 10).unwrap();
+        idx.upsert("v", &sub("d", "t", &[("s", &["y"])]), 10).unwrap();
         assert_eq!(idx.slots.len(), 3);
         assert_eq!(idx.free.len(), 0);
     }
@@ -921,16 +1062,16 @@ mod tests {
     #[test]
     fn max_per_user_limits_new_names_only() {
         let mut idx = FastIndex::new();
-        idx.upsert("u1", sub("a", "t", &[]), 2).unwrap();
-        idx.upsert("u1", sub("b", "t", &[]), 2).unwrap();
+        idx.upsert("u1", &sub("a", "t", &[]), 2).unwrap();
+        idx.upsert("u1", &sub("b", "t", &[]), 2).unwrap();
         assert_eq!(
-            idx.upsert("u1", sub("c", "t", &[]), 2),
+            idx.upsert("u1", &sub("c", "t", &[]), 2),
             Err(IndexError::TooManySubscriptions(2))
         );
-        idx.upsert("u1", sub("b", "t", &[("x", &["1"])]), 2).unwrap();
-        idx.upsert("u2", sub("c", "t", &[]), 2).unwrap();
+        idx.upsert("u1", &sub("b", "t", &[("x", &["1"])]), 2).unwrap();
+        idx.upsert("u2", &sub("c", "t", &[]), 2).unwrap();
         assert_eq!(
-            idx.upsert("u3", sub("a", "t", &[]), 0),
+            idx.upsert("u3", &sub("a", "t", &[]), 0),
             Err(IndexError::TooManySubscriptions(0))
         );
         assert!(!idx.users.contains_key("u3"));
@@ -942,9 +1083,9 @@ mod tests {
     fn list_is_ordered_by_name() {
         let mut idx = FastIndex::new();
         for n in ["m", "b", "z", "a", "B"] {
-            idx.upsert("u", sub(n, "t", &[]), 10).unwrap();
+            idx.upsert("u", &sub(n, "t", &[]), 10).unwrap();
         }
-        idx.upsert("u", sub("m", "other", &[]), 10).unwrap();
+        idx.upsert("u", &sub("m", "other", &[]), 10).unwrap();
         idx.remove("u", "z");
         let names: Vec<String> = idx.list("u").into_iter().map(|s| s.name).collect();
         assert_eq!(names, vec!["B", "a", "b", "m"]);
@@ -953,10 +1094,49 @@ mod tests {
     }
 
     #[test]
+    fn list_gives_back_exactly_what_was_upserted() {
+        let mut idx = FastIndex::new();
+        let mut odd = bounded(
+            sub("odd", "t", &[("s", &["x", "y"]), ("k", &["1"])]),
+            &[("a", f64::NEG_INFINITY), ("b", 0.5)],
+            &[("b", 0.75), ("c", f64::INFINITY)],
+        );
+        // Not what validation lets through, but what a bucket entry may hold.
+        odd.filters.insert("d".into(), vec!["z".into(), "a".into(), "z".into()]);
+        odd.fields = Some(vec!["price".into(), "qty".into()]);
+        let plain = bounded(sub("plain", "t", &[("s", &["y"])]), &[], &[("b", 1.0)]);
+        let mut none = sub("none", "u", &[]);
+        none.fields = Some(Vec::new());
+        for s in [&odd, &plain, &none] {
+            idx.upsert("u", s, 10).unwrap();
+        }
+        assert_eq!(idx.list("u"), vec![none.clone(), odd.clone(), plain.clone()]);
+        let mut fields = Vec::new();
+        idx.for_each_match(
+            &MatchQuery {
+                sub_type: "u",
+                dimensions: &[],
+                values: &[],
+            },
+            &mut |_, s| fields.push(s.fields().map(|f| f.count())),
+        );
+        assert_eq!(fields, vec![Some(0)]);
+        assert_eq!(idx.holds("u", "odd"), (3, true));
+        assert_eq!(idx.holds("u", "other"), (3, false));
+        assert_eq!(idx.holds("v", "odd"), (0, false));
+        // Replacing and removing leave the others' ids intact.
+        idx.remove("u", "plain");
+        let mut odd2 = odd.clone();
+        odd2.filters.remove("k");
+        idx.upsert("u", &odd2, 10).unwrap();
+        assert_eq!(idx.list("u"), vec![none, odd2]);
+    }
+
+    #[test]
     fn users_share_one_name() {
         let mut idx = FastIndex::new();
-        idx.upsert("u", sub("a", "t", &[]), 10).unwrap();
-        idx.upsert("u", sub("b", "t", &[]), 10).unwrap();
+        idx.upsert("u", &sub("a", "t", &[]), 10).unwrap();
+        idx.upsert("u", &sub("b", "t", &[]), 10).unwrap();
         let mut users: Vec<Arc<str>> = Vec::new();
         idx.for_each_match(
             &MatchQuery {
@@ -977,7 +1157,7 @@ mod tests {
         for i in 0..100 {
             idx.upsert(
                 &format!("u{}", i % 7),
-                sub(&format!("s{i}"), "t", &[("s", &["x"])]),
+                &sub(&format!("s{i}"), "t", &[("s", &["x"])]),
                 100,
             )
             .unwrap();

@@ -6,11 +6,20 @@
 //! [`Subscription::matches`], the reference rule. It is O(subscriptions of
 //! the type) per event; the fast inverted index replaces it behind the same
 //! trait. Pure code: no I/O, no locks (the caller owns synchronisation).
+//!
+//! Matching hands out a [`SubRef`], not the `Subscription`: what delivery
+//! needs after the lock is let go is the name and `fields`, and a handle that
+//! holds only those (plus whatever private bytes an index packs behind them)
+//! lets an index keep each subscription in a few dozen bytes instead of the
+//! kilobyte a parsed `Subscription` costs. The whole subscription is only
+//! needed again by `list`, a rare control op, and an index rebuilds it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::sync::Arc;
 
 use switchyard_common::subscription::{MatchQuery, Subscription};
+use triomphe::ThinArc;
 
 /// Why an upsert was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,13 +33,16 @@ pub enum IndexError {
 pub trait SubscriptionIndex: Send + Sync {
     /// Adds `sub` for `user`, replacing the user's subscription of the same name.
     /// A new name beyond `max_per_user` is refused.
-    fn upsert(&mut self, user: &str, sub: Subscription, max_per_user: usize) -> Result<(), IndexError>;
+    fn upsert(&mut self, user: &str, sub: &Subscription, max_per_user: usize) -> Result<(), IndexError>;
     /// Removes the user's subscription `name`; whether it existed.
     fn remove(&mut self, user: &str, name: &str) -> bool;
-    /// The user's subscriptions, ordered by name.
+    /// The user's subscriptions, ordered by name, equal to what was upserted.
     fn list(&self, user: &str) -> Vec<Subscription>;
+    /// How many subscriptions `user` holds, and whether one of them is `name`
+    /// (the per-user cap counts new names only).
+    fn holds(&self, user: &str, name: &str) -> (usize, bool);
     /// Calls `f` once per matching (user, subscription).
-    fn for_each_match(&self, event: &MatchQuery<'_>, f: &mut dyn FnMut(&Arc<str>, &Arc<Subscription>));
+    fn for_each_match(&self, event: &MatchQuery<'_>, f: &mut dyn FnMut(&Arc<str>, &SubRef));
     /// Number of subscriptions held.
     fn len(&self) -> usize;
     /// Whether the index holds no subscription.
@@ -39,8 +51,166 @@ pub trait SubscriptionIndex: Send + Sync {
     }
 }
 
-/// One user's subscription, as listed under its type.
-type Entry = (Arc<str>, Arc<Subscription>);
+/// A matched subscription as delivery sees it: its name and `fields`.
+///
+/// One thin reference-counted allocation (an 8-byte pointer; cloning it is one
+/// atomic increment, no allocation), so a matcher can collect handles under
+/// the index's read lock and use them after releasing it. The bytes are the
+/// name, then `fields`, then an opaque tail that the index that made the
+/// handle may use for its own bookkeeping; each part is length-prefixed
+/// (LEB128), so `name()` reads one byte of header for names under 128 bytes.
+#[derive(Clone)]
+pub struct SubRef(ThinArc<(), u8>);
+
+impl SubRef {
+    /// A handle holding `name` and `fields` only.
+    pub fn new(name: &str, fields: Option<&[String]>) -> SubRef {
+        SubRef::with_tail(name, fields, &[])
+    }
+
+    /// A handle holding `name`, `fields` and `tail` (bytes private to the index).
+    pub(crate) fn with_tail(name: &str, fields: Option<&[String]>, tail: &[u8]) -> SubRef {
+        let fields_len: usize = fields.map_or(0, |f| f.iter().map(|s| 5 + s.len()).sum());
+        let mut bytes = Vec::with_capacity(10 + name.len() + fields_len + tail.len());
+        put_uint(&mut bytes, name.len());
+        bytes.extend_from_slice(name.as_bytes());
+        match fields {
+            None => put_uint(&mut bytes, 0),
+            Some(fields) => {
+                put_uint(&mut bytes, fields.len() + 1);
+                for f in fields {
+                    put_uint(&mut bytes, f.len());
+                    bytes.extend_from_slice(f.as_bytes());
+                }
+            }
+        }
+        bytes.extend_from_slice(tail);
+        SubRef(ThinArc::from_header_and_slice((), &bytes))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.0.slice
+    }
+
+    /// The name and the reader positioned after it.
+    fn split_name(&self) -> (&str, Reader<'_>) {
+        let mut r = Reader(self.bytes());
+        let name = r.str();
+        (name, r)
+    }
+
+    /// The subscription's name.
+    pub fn name(&self) -> &str {
+        self.split_name().0
+    }
+
+    /// The top-level payload keys to deliver; `None` delivers the whole payload.
+    pub fn fields(&self) -> Option<Fields<'_>> {
+        let (_, mut r) = self.split_name();
+        match r.uint() {
+            0 => None,
+            n => Some(Fields { left: n - 1, r }),
+        }
+    }
+
+    /// The index's private bytes after the name and fields.
+    pub(crate) fn tail(&self) -> &[u8] {
+        let (_, mut r) = self.split_name();
+        match r.uint() {
+            0 => r.0,
+            n => Fields { left: n - 1, r }.rest(),
+        }
+    }
+
+    /// Heap bytes of the allocation: the reference count, the length and the bytes.
+    pub(crate) fn heap_len(&self) -> usize {
+        16 + self.bytes().len()
+    }
+}
+
+impl fmt::Debug for SubRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubRef")
+            .field("name", &self.name())
+            .field("fields", &self.fields().map(|f| f.collect::<Vec<_>>()))
+            .finish()
+    }
+}
+
+/// The names in a [`SubRef`]'s `fields`, in the order they were given.
+#[derive(Clone)]
+pub struct Fields<'a> {
+    left: usize,
+    r: Reader<'a>,
+}
+
+impl<'a> Fields<'a> {
+    /// The bytes after the last field.
+    fn rest(mut self) -> &'a [u8] {
+        for _ in self.by_ref() {}
+        self.r.0
+    }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        Some(self.r.str())
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for Fields<'_> {}
+
+/// Appends `n` as LEB128 (7 bits a byte, low first).
+pub(crate) fn put_uint(out: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Reads what [`put_uint`] and [`SubRef`] wrote. The bytes are always the
+/// index's own, so running out of them is a bug and panics.
+#[derive(Clone)]
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
+
+impl<'a> Reader<'a> {
+    /// The next LEB128 number.
+    pub(crate) fn uint(&mut self) -> usize {
+        let mut n = 0usize;
+        let mut shift = 0;
+        loop {
+            let (&b, rest) = self.0.split_first().expect("packed bytes end early");
+            self.0 = rest;
+            n |= usize::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return n;
+            }
+            shift += 7;
+        }
+    }
+
+    /// The next length-prefixed string.
+    fn str(&mut self) -> &'a str {
+        let len = self.uint();
+        let (s, rest) = self.0.split_at(len);
+        self.0 = rest;
+        std::str::from_utf8(s).expect("packed from a str")
+    }
+}
+
+/// One user's subscription, as listed under its type, with the handle matching hands out.
+type Entry = (Arc<str>, Arc<Subscription>, SubRef);
 
 /// A linear-scan index grouped by subscription type.
 #[derive(Default)]
@@ -58,7 +228,7 @@ impl ScanIndex {
 
     fn detach(&mut self, user: &str, old: &Subscription) {
         if let Some(list) = self.by_type.get_mut(&old.sub_type) {
-            list.retain(|(u, s)| !(&**u == user && s.name == old.name));
+            list.retain(|(u, s, _)| !(&**u == user && s.name == old.name));
             if list.is_empty() {
                 self.by_type.remove(&old.sub_type);
             }
@@ -67,7 +237,7 @@ impl ScanIndex {
 }
 
 impl SubscriptionIndex for ScanIndex {
-    fn upsert(&mut self, user: &str, sub: Subscription, max_per_user: usize) -> Result<(), IndexError> {
+    fn upsert(&mut self, user: &str, sub: &Subscription, max_per_user: usize) -> Result<(), IndexError> {
         let key: Arc<str> = match self.by_user.get_key_value(user) {
             Some((k, _)) => k.clone(),
             None => Arc::from(user),
@@ -80,13 +250,17 @@ impl SubscriptionIndex for ScanIndex {
             }
             return Err(IndexError::TooManySubscriptions(max_per_user));
         }
-        let sub = Arc::new(sub);
+        let sub = Arc::new(sub.clone());
         subs.insert(sub.name.clone(), sub.clone());
         match previous {
             Some(old) => self.detach(user, &old),
             None => self.count += 1,
         }
-        self.by_type.entry(sub.sub_type.clone()).or_default().push((key, sub));
+        let handle = SubRef::new(&sub.name, sub.fields.as_deref());
+        self.by_type
+            .entry(sub.sub_type.clone())
+            .or_default()
+            .push((key, sub, handle));
         Ok(())
     }
 
@@ -110,11 +284,17 @@ impl SubscriptionIndex for ScanIndex {
             .unwrap_or_default()
     }
 
-    fn for_each_match(&self, event: &MatchQuery<'_>, f: &mut dyn FnMut(&Arc<str>, &Arc<Subscription>)) {
+    fn holds(&self, user: &str, name: &str) -> (usize, bool) {
+        self.by_user
+            .get(user)
+            .map_or((0, false), |subs| (subs.len(), subs.contains_key(name)))
+    }
+
+    fn for_each_match(&self, event: &MatchQuery<'_>, f: &mut dyn FnMut(&Arc<str>, &SubRef)) {
         if let Some(list) = self.by_type.get(event.sub_type) {
-            for (user, sub) in list {
+            for (user, sub, handle) in list {
                 if sub.matches(event) {
-                    f(user, sub);
+                    f(user, handle);
                 }
             }
         }
@@ -153,7 +333,7 @@ mod tests {
                 dimensions: &dims,
                 values: &[],
             },
-            &mut |u, s| out.push(format!("{u}/{}", s.name)),
+            &mut |u, s| out.push(format!("{u}/{}", s.name())),
         );
         out.sort();
         out
@@ -162,15 +342,15 @@ mod tests {
     #[test]
     fn upsert_replaces_by_name() {
         let mut idx = ScanIndex::new();
-        idx.upsert("u1", sub("a", "tick", &[("symbol", &["AAPL"])]), 10)
+        idx.upsert("u1", &sub("a", "tick", &[("symbol", &["AAPL"])]), 10)
             .unwrap();
         assert_eq!(matches(&idx, "tick", &[("symbol", "AAPL")]), vec!["u1/a"]);
-        idx.upsert("u1", sub("a", "tick", &[("symbol", &["TSLA"])]), 10)
+        idx.upsert("u1", &sub("a", "tick", &[("symbol", &["TSLA"])]), 10)
             .unwrap();
         assert_eq!(idx.len(), 1);
         assert!(matches(&idx, "tick", &[("symbol", "AAPL")]).is_empty());
         assert_eq!(matches(&idx, "tick", &[("symbol", "TSLA")]), vec!["u1/a"]);
-        idx.upsert("u1", sub("a", "alert", &[]), 10).unwrap();
+        idx.upsert("u1", &sub("a", "alert", &[]), 10).unwrap();
         assert!(matches(&idx, "tick", &[("symbol", "TSLA")]).is_empty());
         assert_eq!(matches(&idx, "alert", &[]), vec!["u1/a"]);
     }
@@ -178,19 +358,46 @@ mod tests {
     #[test]
     fn remove_and_limits() {
         let mut idx = ScanIndex::new();
-        idx.upsert("u1", sub("a", "tick", &[]), 2).unwrap();
-        idx.upsert("u2", sub("a", "tick", &[]), 2).unwrap();
-        idx.upsert("u1", sub("b", "tick", &[]), 2).unwrap();
+        idx.upsert("u1", &sub("a", "tick", &[]), 2).unwrap();
+        idx.upsert("u2", &sub("a", "tick", &[]), 2).unwrap();
+        idx.upsert("u1", &sub("b", "tick", &[]), 2).unwrap();
         assert_eq!(
-            idx.upsert("u1", sub("c", "tick", &[]), 2),
+            idx.upsert("u1", &sub("c", "tick", &[]), 2),
             Err(IndexError::TooManySubscriptions(2))
         );
-        idx.upsert("u1", sub("b", "tick", &[("x", &["1"])]), 2).unwrap();
+        idx.upsert("u1", &sub("b", "tick", &[("x", &["1"])]), 2).unwrap();
         assert_eq!(matches(&idx, "tick", &[]), vec!["u1/a", "u2/a"]);
         assert!(idx.remove("u1", "a"));
         assert!(!idx.remove("u1", "a"));
         assert_eq!(matches(&idx, "tick", &[]), vec!["u2/a"]);
         assert_eq!(idx.list("u1").len(), 1);
         assert_eq!(idx.len(), 2);
+    }
+
+    #[test]
+    fn sub_ref_round_trips_name_fields_and_tail() {
+        let long = "n".repeat(300);
+        let fields = ["a".to_string(), "b".repeat(200), String::new()];
+        for (name, fields, tail) in [
+            ("s", None, &[][..]),
+            ("s", Some(&fields[..]), &[1, 2, 3][..]),
+            (long.as_str(), Some(&fields[..0]), &[0x80, 0][..]),
+            ("", None, &[7][..]),
+        ] {
+            let r = SubRef::with_tail(name, fields, tail);
+            assert_eq!(r.name(), name);
+            assert_eq!(
+                r.fields().map(|f| f.collect::<Vec<_>>()),
+                fields.map(|f| f.iter().map(String::as_str).collect())
+            );
+            assert_eq!(r.tail(), tail);
+            assert_eq!(r.clone().name(), name);
+        }
+        let mut out = Vec::new();
+        for n in [0, 1, 127, 128, 16_383, 16_384, usize::MAX] {
+            out.clear();
+            put_uint(&mut out, n);
+            assert_eq!(Reader(&out).uint(), n);
+        }
     }
 }

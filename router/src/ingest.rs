@@ -42,11 +42,12 @@ use futures::{FutureExt, StreamExt};
 use switchyard_common::delivery::encode_delivery;
 use switchyard_common::event::{is_json_content_type, parse_event, ProducerEvent, Target};
 use switchyard_common::subject::Subjects;
-use switchyard_common::subscription::{MatchQuery, Subscription};
+use switchyard_common::subscription::MatchQuery;
 use switchyard_common::transcode;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Partition;
+use crate::index::SubRef;
 use crate::state::RouterState;
 use crate::store::Store;
 
@@ -125,7 +126,7 @@ pub struct Worker {
     shared: Arc<Shared>,
     partition: Partition,
     /// Reused across events so targeting allocates nothing per candidate.
-    matches: Vec<(Arc<str>, Arc<Subscription>)>,
+    matches: Vec<(Arc<str>, SubRef)>,
     /// Delivery bodies are carved out of this buffer.
     out: BytesMut,
     scratch: Vec<u8>,
@@ -514,14 +515,14 @@ impl Worker {
                     index.for_each_match(&query, &mut |u, s| matches.push((u.clone(), s.clone())));
                 }
                 metrics::histogram!("switchyard_router_match_seconds").record(started.elapsed().as_secs_f64());
-                matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
+                matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name().cmp(b.1.name())));
                 let mut delivered = 0;
                 let mut names: Vec<&str> = Vec::new();
                 let mut result = Ok(());
                 for group in matches.chunk_by(|a, b| a.0 == b.0) {
                     names.clear();
-                    names.extend(group.iter().map(|(_, s)| s.name.as_str()));
-                    let fields = fields_union(group.iter().map(|(_, s)| s.as_ref()));
+                    names.extend(group.iter().map(|(_, s)| s.name()));
+                    let fields = fields_union(group.iter().map(|(_, s)| s));
                     let body = self.body(event, ts, &names, fields.as_deref());
                     if let Err(e) = self.publish(event, &event_ref, &group[0].0, body, acks).await {
                         result = Err(e);
@@ -661,10 +662,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// The union of `fields` over a user's matching subscriptions; `None` when
 /// any of them wants the whole payload.
-fn fields_union<'a>(subs: impl Iterator<Item = &'a Subscription>) -> Option<Vec<&'a str>> {
+fn fields_union<'a>(subs: impl Iterator<Item = &'a SubRef>) -> Option<Vec<&'a str>> {
     let mut out: Vec<&str> = Vec::new();
     for s in subs {
-        out.extend(s.fields.as_ref()?.iter().map(String::as_str));
+        out.extend(s.fields()?);
     }
     out.sort_unstable();
     out.dedup();

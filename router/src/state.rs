@@ -98,8 +98,8 @@ impl RouterState {
     /// Whether `user` may add (or replace) subscription `name` without
     /// going past the per-user limit.
     pub fn check_room_for(&self, user: &str, name: &str) -> Result<(), ControlReply> {
-        let held = self.index.read().expect("index lock").list(user);
-        if held.len() >= self.limits.max_subscriptions && !held.iter().any(|s| s.name == name) {
+        let (held, has_name) = self.index.read().expect("index lock").holds(user, name);
+        if held >= self.limits.max_subscriptions && !has_name {
             return Err(error(
                 ErrorCode::TooManySubscriptions,
                 format!("at most {} subscriptions per user", self.limits.max_subscriptions),
@@ -116,11 +116,7 @@ impl RouterState {
                     return;
                 }
                 // Already accepted by the router that stored it: no cap here.
-                let _ = self
-                    .index
-                    .write()
-                    .expect("index lock")
-                    .upsert(user, sub.clone(), usize::MAX);
+                let _ = self.index.write().expect("index lock").upsert(user, sub, usize::MAX);
             }
             Change::Unsubscribe { user, name } => {
                 self.index.write().expect("index lock").remove(user, name);

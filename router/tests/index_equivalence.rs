@@ -8,7 +8,9 @@
 //! every subscription of one type names two given dimensions, so dimensions
 //! without a wildcard part are common too;
 //! bounds and event values include NaN and infinities, and events may repeat a
-//! dimension or a field (the first entry counts).
+//! dimension or a field (the first entry counts). Matches are compared with
+//! their `fields`, `list` with the subscriptions as upserted, and `holds`
+//! with the model's count and names.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use proptest::prelude::*;
 use proptest::sample::{select, subsequence};
 use switchyard_common::subscription::{MatchQuery, Subscription};
 use switchyard_router::fast_index::FastIndex;
-use switchyard_router::index::{ScanIndex, SubscriptionIndex};
+use switchyard_router::index::{ScanIndex, SubRef, SubscriptionIndex};
 
 const MAX_PER_USER: usize = 3;
 const USERS: [&str; 4] = ["u0", "u1", "u2", "u3"];
@@ -62,8 +64,9 @@ fn subscription() -> impl Strategy<Value = Subscription> {
         (values.clone(), values),
         bounds(),
         bounds(),
+        prop::option::of(subsequence(vec!["p", "q", "r"], 0..=2)),
     )
-        .prop_map(|(name, ty, mut filters, (x, y), min, max)| {
+        .prop_map(|(name, ty, mut filters, (x, y), min, max, fields)| {
             // Every subscription of t0 names x and y (as every one names
             // `symbol` in practice), so some dimensions have no wildcard part.
             if ty == "t0" {
@@ -76,7 +79,7 @@ fn subscription() -> impl Strategy<Value = Subscription> {
                 filters,
                 min,
                 max,
-                fields: None,
+                fields: fields.map(|f| f.into_iter().map(String::from).collect()),
             }
         })
 }
@@ -105,11 +108,18 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Every (user, subscription name) pair an index reports, sorted, duplicates kept.
-fn matched(idx: &dyn SubscriptionIndex, q: &MatchQuery<'_>) -> Vec<(String, String)> {
+/// A match as delivery sees it: user, subscription name and `fields`.
+type Match = (String, String, Option<Vec<String>>);
+
+/// Every match an index reports, sorted, duplicates kept.
+fn matched(idx: &dyn SubscriptionIndex, q: &MatchQuery<'_>) -> Vec<Match> {
     let mut out = Vec::new();
-    idx.for_each_match(q, &mut |u: &Arc<str>, s: &Arc<Subscription>| {
-        out.push((u.to_string(), s.name.clone()))
+    idx.for_each_match(q, &mut |u: &Arc<str>, s: &SubRef| {
+        out.push((
+            u.to_string(),
+            s.name().to_string(),
+            s.fields().map(|f| f.map(String::from).collect()),
+        ))
     });
     out.sort();
     out
@@ -130,8 +140,8 @@ proptest! {
                     let key = (user.to_string(), sub.name.clone());
                     let held = model.keys().filter(|(u, _)| u == user).count();
                     let accepted = model.contains_key(&key) || held < MAX_PER_USER;
-                    let f = fast.upsert(user, sub.clone(), MAX_PER_USER);
-                    let s = scan.upsert(user, sub.clone(), MAX_PER_USER);
+                    let f = fast.upsert(user, &sub, MAX_PER_USER);
+                    let s = scan.upsert(user, &sub, MAX_PER_USER);
                     prop_assert_eq!(&f, &s);
                     prop_assert_eq!(f.is_ok(), accepted);
                     if accepted {
@@ -145,10 +155,10 @@ proptest! {
                 }
                 Op::Match(ev) => {
                     let q = MatchQuery { sub_type: &ev.sub_type, dimensions: &ev.dims, values: &ev.values };
-                    let want: Vec<(String, String)> = model
+                    let want: Vec<Match> = model
                         .iter()
                         .filter(|(_, s)| s.matches(&q))
-                        .map(|(k, _)| k.clone())
+                        .map(|((u, n), s)| (u.clone(), n.clone(), s.fields.clone()))
                         .collect();
                     prop_assert_eq!(&matched(&scan, &q), &want);
                     prop_assert_eq!(&matched(&fast, &q), &want, "event {:?}", ev);
@@ -163,6 +173,11 @@ proptest! {
             // Compared by Debug text: NaN bounds are not equal to themselves.
             prop_assert_eq!(format!("{got:?}"), format!("{want:?}"));
             prop_assert_eq!(format!("{:?}", scan.list(user)), format!("{want:?}"));
+            for name in NAMES {
+                let held = (want.len(), want.iter().any(|s| s.name == name));
+                prop_assert_eq!(fast.holds(user, name), held);
+                prop_assert_eq!(scan.holds(user, name), held);
+            }
         }
     }
 }

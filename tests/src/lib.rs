@@ -12,8 +12,10 @@
 //! - [`fleet`]: nats-server + router + edge, wired together, plus a producer helper.
 //! - [`ws_client`]: a small protocol-level WebSocket client (MessagePack or JSON).
 //! - [`tokens`]: HS256 test and dev tokens.
+//! - [`loadgen`]: the load generator behind `switchyard-loadgen` (scenarios W1–W4).
 
 pub mod fleet;
+pub mod loadgen;
 pub mod nats_server;
 pub mod tokens;
 pub mod ws_client;

@@ -320,7 +320,7 @@ impl HubTask {
                 },
                 &mut frame,
             );
-            conn.try_control(Control::Frame(frame));
+            conn.try_control(Control::Frame(frame.into_boxed_slice()));
             conn.try_control(Control::Close(CloseCode::GoingAway.code(), "draining"));
         }
         tracing::info!(

@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketWrite};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use switchyard_common::client::{
@@ -31,9 +31,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
-use crate::conn::{channels, now_ms, ConnHandle, ConnQueues, ConnSenders, Control, Delivery};
+use crate::conn::{channels, now_ms, Barrier, ConnHandle, ConnQueues, ConnSenders, Control, Delivery};
 use crate::log::LogError;
 use crate::node::{Node, UserSlot};
+use crate::wsread::{FrameReader, Obligation};
 
 type Io = TokioIo<Upgraded>;
 
@@ -70,16 +71,20 @@ pub async fn run(
             return;
         }
     };
-    let (mut rd, wr) = ws.split(tokio::io::split);
-    rd.set_max_message_size(node.config.max_frame_bytes + 1);
+    // Our own reader (no buffer while idle); fastwebsockets writes. The
+    // reader it builds beside the writer is dropped at once.
+    let (rd, wr) = tokio::io::split(ws.into_inner());
+    let rd = FrameReader::new(rd, node.config.max_frame_bytes + 1);
+    let (_, wr) = fastwebsockets::after_handshake_split(tokio::io::empty(), wr, Role::Server);
     let (senders, queues) = channels(node.config.outbound());
     let conn_done = node.cancel.child_token();
     let writer = Writer {
         ws: wr,
         encoding,
         batch_max_events: node.config.batch_max_events,
-        buf: Vec::with_capacity(1024),
-        batch: Vec::with_capacity(node.config.batch_max_events),
+        // Allocated on first use: most connections are idle most of the time.
+        buf: Vec::new(),
+        batch: Vec::new(),
         stall_limit: std::time::Duration::from_millis(node.config.write_stall_ms.max(node.config.slow_consumer_ms)),
         linger: (node.config.linger_ms > 0).then(|| std::time::Duration::from_millis(node.config.linger_ms)),
         sent_close: false,
@@ -100,7 +105,9 @@ pub async fn run(
     };
     let auth = match pre_auth {
         Some(p) => Some((p.claims, p.resume, None, p.slot)),
-        None => match reader.frame_auth().await {
+        // One-shot steps are boxed: the connection's task keeps, for its
+        // whole life, room for the largest future it ever awaits inline.
+        None => match Box::pin(reader.frame_auth()).await {
             None => None,
             Some((claims, resume, id)) => match node.user_slots.try_acquire(&claims.sub) {
                 Some(slot) => Some((claims, resume, id, slot)),
@@ -129,7 +136,7 @@ pub async fn run(
         claims.exp,
         node.config.queue_events,
     );
-    if let Err(e) = node.hub.register(conn.clone(), encoding).await {
+    if let Err(e) = Box::pin(node.hub.register(conn.clone(), encoding)).await {
         tracing::error!(error = %e, "cannot register connection");
         reader
             .reply_error(None, ErrorCode::Internal, "cannot subscribe to deliveries")
@@ -139,7 +146,17 @@ pub async fn run(
         return;
     }
     let conn_name = format!("{}-{}", node.node_id, conn.id);
-    if let Err(e) = start_delivery(&node, &mut reader, &conn, &conn_name, &claims, resume, auth_id).await {
+    if let Err(e) = Box::pin(start_delivery(
+        &node,
+        &mut reader,
+        &conn,
+        &conn_name,
+        &claims,
+        resume,
+        auth_id,
+    ))
+    .await
+    {
         tracing::warn!(error = %e, conn = %conn_name, "cannot start delivery");
         reader
             .reply_error(
@@ -240,7 +257,7 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 const MAX_CATCH_UP_ROUNDS: usize = 5;
 
 struct Reader {
-    rd: WebSocketRead<ReadHalf<Io>>,
+    rd: FrameReader<ReadHalf<Io>>,
     node: Arc<Node>,
     encoding: Encoding,
     senders: ConnSenders,
@@ -254,22 +271,28 @@ struct Reader {
 impl Reader {
     /// Reads the next complete data message; `None` when the connection ended.
     async fn next_message(&mut self) -> Option<(OpCode, Bytes)> {
-        let control = self.senders.control_sender();
-        let mut obligated = move |frame: Frame<'_>| {
-            let control = control.clone();
-            let c = match frame.opcode {
-                OpCode::Pong => Control::Pong(Bytes::copy_from_slice(&frame.payload)),
-                _ => Control::CloseEcho(Bytes::copy_from_slice(&frame.payload)),
-            };
-            async move { control.send(c).await.map_err(|_| WebSocketError::ConnectionClosed) }
-        };
         loop {
-            let frame = tokio::select! {
+            let read = tokio::select! {
                 _ = self.conn_done.cancelled() => return None,
-                f = self.rd.read_frame(&mut obligated) => f,
+                f = self.rd.read_frame() => f,
             };
-            let frame = match frame {
-                Ok(f) => f,
+            let frame = match read {
+                Ok((frame, obligation)) => {
+                    if let Some(o) = obligation {
+                        let c = match o {
+                            Obligation::Pong(p) => Control::Pong(p.into_boxed_slice()),
+                            Obligation::CloseEcho(p) => Control::CloseEcho(p.into_boxed_slice()),
+                        };
+                        if !self.senders.control(c).await {
+                            tracing::debug!("read ended: writer gone");
+                            return None;
+                        }
+                    }
+                    match frame {
+                        Some(f) => f,
+                        None => continue,
+                    }
+                }
                 Err(WebSocketError::FrameTooLarge) => {
                     metrics::counter!("switchyard_edge_closed_total", "reason" => "frame_too_large").increment(1);
                     self.senders
@@ -294,9 +317,9 @@ impl Reader {
                             .await;
                         return None;
                     }
-                    return Some((frame.opcode, Bytes::from(frame.payload.to_vec())));
+                    return Some((frame.opcode, Bytes::from(frame.payload)));
                 }
-                OpCode::Text | OpCode::Binary => self.frag = Some((frame.opcode, frame.payload.to_vec())),
+                OpCode::Text | OpCode::Binary => self.frag = Some((frame.opcode, frame.payload)),
                 OpCode::Continuation => {
                     let Some((op, mut buf)) = self.frag.take() else {
                         self.senders
@@ -328,7 +351,7 @@ impl Reader {
     async fn send(&mut self, frame: &ServerFrame<'_>) {
         let mut buf = Vec::with_capacity(64);
         encode_server_frame(self.encoding, frame, &mut buf);
-        self.senders.control(Control::Frame(buf)).await;
+        self.senders.control(Control::Frame(buf.into_boxed_slice())).await;
     }
 
     /// Sends a frame after everything queued, waiting until it is written.
@@ -508,11 +531,11 @@ impl Reader {
                     continue;
                 }
                 ClientOp::Rpc { method, data } => {
-                    match self.node.backend.rpc(&claims.sub, &claims.roles, &method, &data).await {
+                    match Box::pin(self.node.backend.rpc(&claims.sub, &claims.roles, &method, &data)).await {
                         Ok(reply) => {
                             let mut buf = Vec::with_capacity(reply.len() + 32);
                             encode_rpc_result(self.encoding, id, &reply, &mut buf);
-                            self.senders.control(Control::Frame(buf)).await;
+                            self.senders.control(Control::Frame(buf.into_boxed_slice())).await;
                         }
                         Err(e) => {
                             self.send(&ServerFrame::Error {
@@ -531,7 +554,7 @@ impl Reader {
                 ClientOp::Join { room } => ControlOp::Join { room },
                 ClientOp::Leave { room } => ControlOp::Leave { room },
             };
-            match self.node.backend.control(&claims.sub, &claims.rooms, control_op).await {
+            match Box::pin(self.node.backend.control(&claims.sub, &claims.rooms, control_op)).await {
                 Ok(ControlReply::Ok) => self.send(&ServerFrame::Ok { id }).await,
                 Ok(ControlReply::Subs(subs)) => self.send(&ServerFrame::Subs { id, subs: &subs }).await,
                 Ok(ControlReply::Error { code, message }) => self.reply_error(id, code, &message).await,
@@ -706,7 +729,8 @@ impl Writer {
                 self.ws.write_frame(data_frame(self.encoding, &bytes)).await?;
                 false
             }
-            Control::Barrier { frame, floor, done } => {
+            Control::Barrier(b) => {
+                let Barrier { frame, floor, done } = *b;
                 while !q.out.lock().is_empty() {
                     self.write_batch(q).await?;
                 }

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
@@ -91,7 +92,9 @@ async fn connect(spec: &ClientSpec, resume: Option<(&str, u64)>) -> Result<Ws> {
         "Authorization",
         HeaderValue::from_str(&format!("Bearer {}", spec.token))?,
     );
-    let (ws, _) = tokio_tungstenite::client_async(req, stream)
+    // tungstenite's default read buffer is 128 KiB per connection; frames here are small.
+    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
         .await
         .context("websocket handshake")?;
     Ok(ws)

@@ -192,8 +192,12 @@ pub fn channels(config: OutboundConfig) -> (ConnSenders, ConnQueues) {
 
 impl ConnSenders {
     /// Queues a control frame, waiting for room (used by the connection's own reader).
+    ///
+    /// The send is boxed: callers await this in many places, and each of
+    /// them would otherwise keep room for the channel's send future in the
+    /// connection's task for the connection's whole life.
     pub async fn control(&self, c: Control) -> bool {
-        self.control.send(c).await.is_ok()
+        Box::pin(self.control.send(c)).await.is_ok()
     }
 
     /// Queues a replayed delivery once the queue is at most half full: a
@@ -229,10 +233,12 @@ impl ConnSenders {
     /// Writes `frame` after everything queued so far and waits until it is written.
     pub async fn barrier(&self, frame: Vec<u8>, floor: Option<u64>) -> bool {
         let (done, written) = oneshot::channel();
-        self.control
-            .send(Control::Barrier(Box::new(Barrier { frame, floor, done })))
-            .await
-            .is_ok()
+        Box::pin(
+            self.control
+                .send(Control::Barrier(Box::new(Barrier { frame, floor, done }))),
+        )
+        .await
+        .is_ok()
             && written.await.is_ok()
     }
 

@@ -169,13 +169,13 @@ pub async fn run(
             .senders
             .control(Control::Close(1011, "delivery log unavailable"))
             .await;
-        node.hub.unregister(conn).await;
+        Box::pin(node.hub.unregister(conn)).await;
         conn_done.cancel();
         return;
     }
     tracing::debug!(conn = %conn_name, user = %claims.sub, "connection ready");
-    reader.serve(conn.clone(), claims).await;
-    node.hub.unregister(conn).await;
+    Box::pin(reader.serve(conn.clone(), claims)).await;
+    Box::pin(node.hub.unregister(conn)).await;
     conn_done.cancel();
 }
 
@@ -495,79 +495,94 @@ impl Reader {
                     continue;
                 }
             };
-            let id = frame.id;
-            let control_op = match frame.op {
-                ClientOp::Ping => {
-                    self.send(&ServerFrame::Pong {
-                        id,
-                        server_time: now_ms(),
-                    })
-                    .await;
-                    continue;
-                }
-                ClientOp::Auth { token, .. } => {
-                    match self.node.verifier.verify(&token) {
-                        Ok(fresh) if fresh.sub == claims.sub => {
-                            conn.exp_s.store(fresh.exp, Ordering::Relaxed);
-                            claims = fresh;
-                            self.send(&ServerFrame::Ok { id }).await;
-                        }
-                        Ok(_) => {
-                            self.refuse(
-                                id,
-                                ErrorCode::Unauthorized,
-                                "token for another user",
-                                CloseCode::Unauthorized,
-                            )
-                            .await;
-                            return End::Closed;
-                        }
-                        Err(e) => {
-                            tracing::debug!(reason = e.reason(), "refresh refused");
-                            self.reply_error(id, ErrorCode::Unauthorized, "invalid token; keeping the current one")
-                                .await;
-                        }
-                    }
-                    continue;
-                }
-                ClientOp::Rpc { method, data } => {
-                    match Box::pin(self.node.backend.rpc(&claims.sub, &claims.roles, &method, &data)).await {
-                        Ok(reply) => {
-                            let mut buf = Vec::with_capacity(reply.len() + 32);
-                            encode_rpc_result(self.encoding, id, &reply, &mut buf);
-                            self.senders.control(Control::Frame(buf.into_boxed_slice())).await;
-                        }
-                        Err(e) => {
-                            self.send(&ServerFrame::Error {
-                                id,
-                                code: e.code(),
-                                message: &e.to_string(),
-                            })
-                            .await
-                        }
-                    }
-                    continue;
-                }
-                ClientOp::Subscribe(raw) => ControlOp::Subscribe(raw),
-                ClientOp::Unsubscribe { sub } => ControlOp::Unsubscribe { sub },
-                ClientOp::List => ControlOp::List,
-                ClientOp::Join { room } => ControlOp::Join { room },
-                ClientOp::Leave { room } => ControlOp::Leave { room },
-            };
-            match Box::pin(self.node.backend.control(&claims.sub, &claims.rooms, control_op)).await {
-                Ok(ControlReply::Ok) => self.send(&ServerFrame::Ok { id }).await,
-                Ok(ControlReply::Subs(subs)) => self.send(&ServerFrame::Subs { id, subs: &subs }).await,
-                Ok(ControlReply::Error { code, message }) => self.reply_error(id, code, &message).await,
-                Err(e) => {
-                    self.send(&ServerFrame::Error {
-                        id,
-                        code: e.code(),
-                        message: &e.to_string(),
-                    })
-                    .await
-                }
+            // Boxed: handling a frame awaits requests with large futures, and
+            // the connection's task would otherwise keep room for them forever.
+            if let Some(end) = Box::pin(self.handle_op(frame, &conn, &mut claims)).await {
+                return end;
             }
         }
+    }
+
+    /// Answers one decoded frame; `Some` when the connection must end.
+    async fn handle_op(
+        &mut self,
+        frame: switchyard_common::client::ClientFrame,
+        conn: &ConnHandle,
+        claims: &mut Claims,
+    ) -> Option<End> {
+        let id = frame.id;
+        let control_op = match frame.op {
+            ClientOp::Ping => {
+                self.send(&ServerFrame::Pong {
+                    id,
+                    server_time: now_ms(),
+                })
+                .await;
+                return None;
+            }
+            ClientOp::Auth { token, .. } => {
+                match self.node.verifier.verify(&token) {
+                    Ok(fresh) if fresh.sub == claims.sub => {
+                        conn.exp_s.store(fresh.exp, Ordering::Relaxed);
+                        *claims = fresh;
+                        self.send(&ServerFrame::Ok { id }).await;
+                    }
+                    Ok(_) => {
+                        self.refuse(
+                            id,
+                            ErrorCode::Unauthorized,
+                            "token for another user",
+                            CloseCode::Unauthorized,
+                        )
+                        .await;
+                        return Some(End::Closed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(reason = e.reason(), "refresh refused");
+                        self.reply_error(id, ErrorCode::Unauthorized, "invalid token; keeping the current one")
+                            .await;
+                    }
+                }
+                return None;
+            }
+            ClientOp::Rpc { method, data } => {
+                match Box::pin(self.node.backend.rpc(&claims.sub, &claims.roles, &method, &data)).await {
+                    Ok(reply) => {
+                        let mut buf = Vec::with_capacity(reply.len() + 32);
+                        encode_rpc_result(self.encoding, id, &reply, &mut buf);
+                        self.senders.control(Control::Frame(buf.into_boxed_slice())).await;
+                    }
+                    Err(e) => {
+                        self.send(&ServerFrame::Error {
+                            id,
+                            code: e.code(),
+                            message: &e.to_string(),
+                        })
+                        .await
+                    }
+                }
+                return None;
+            }
+            ClientOp::Subscribe(raw) => ControlOp::Subscribe(raw),
+            ClientOp::Unsubscribe { sub } => ControlOp::Unsubscribe { sub },
+            ClientOp::List => ControlOp::List,
+            ClientOp::Join { room } => ControlOp::Join { room },
+            ClientOp::Leave { room } => ControlOp::Leave { room },
+        };
+        match Box::pin(self.node.backend.control(&claims.sub, &claims.rooms, control_op)).await {
+            Ok(ControlReply::Ok) => self.send(&ServerFrame::Ok { id }).await,
+            Ok(ControlReply::Subs(subs)) => self.send(&ServerFrame::Subs { id, subs: &subs }).await,
+            Ok(ControlReply::Error { code, message }) => self.reply_error(id, code, &message).await,
+            Err(e) => {
+                self.send(&ServerFrame::Error {
+                    id,
+                    code: e.code(),
+                    message: &e.to_string(),
+                })
+                .await
+            }
+        }
+        None
     }
 }
 
@@ -595,7 +610,9 @@ impl Writer {
         let result: Result<(), WebSocketError> = async {
             loop {
                 if let Ok(c) = q.control.try_recv() {
-                    if self.control(c, &mut q).await? {
+                    // Boxed, like the write below: the writer of an idle connection
+                    // then keeps no room for them while it waits.
+                    if Box::pin(self.control(c, &mut q)).await? {
                         return Ok(());
                     }
                     continue;
@@ -605,7 +622,7 @@ impl Writer {
                         biased;
                         c = q.control.recv() => match c {
                             Some(c) => {
-                                if self.control(c, &mut q).await? {
+                                if Box::pin(self.control(c, &mut q)).await? {
                                     return Ok(());
                                 }
                                 continue;
@@ -635,10 +652,10 @@ impl Writer {
                 // dropped after the write-stall limit (no close frame can get
                 // through a full socket). Either way the client resumes.
                 let stall_limit = self.stall_limit;
-                let write = async {
+                let write = Box::pin(async {
                     self.write_batch(&mut q).await?;
                     self.ws.flush().await
-                };
+                });
                 match tokio::time::timeout(stall_limit, write).await {
                     Ok(r) => r?,
                     Err(_) => {

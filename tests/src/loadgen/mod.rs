@@ -87,6 +87,10 @@ pub struct LoadConfig {
     /// Users, one connection each.
     #[arg(long, default_value_t = 1000)]
     pub users: usize,
+    /// Connections that share one user id (w3 only): separates what an edge
+    /// holds per connection from what it holds per user.
+    #[arg(long, default_value_t = 1)]
+    pub conns_per_user: usize,
     /// Loopback source addresses to spread connections over (127.0.0.1 ..= 127.0.0.N).
     #[arg(long, default_value_t = 16)]
     pub sources: u8,
@@ -471,12 +475,16 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
 
     let mut tasks = tokio::task::JoinSet::new();
     let ttl = 24 * 3600;
+    if cfg.conns_per_user > 1 && cfg.scenario != Scenario::W3 {
+        bail!("--conns-per-user is for w3 only");
+    }
+    let per_user = cfg.conns_per_user.max(1);
     for (u, subscribe) in frames.into_iter().enumerate() {
         let spec = ClientSpec {
             user: u,
             edge: cfg.edge[u % cfg.edge.len()],
             source: Ipv4Addr::new(127, 0, 0, 1 + (u % cfg.sources.max(1) as usize) as u8),
-            token: crate::tokens::token(&cfg.secret, &format!("lg{u}"), ttl, json!({})),
+            token: crate::tokens::token(&cfg.secret, &format!("lg{}", u / per_user), ttl, json!({})),
             subscribe,
         };
         let shared = shared.clone();

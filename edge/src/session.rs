@@ -195,6 +195,8 @@ async fn start_delivery(
     if let Err(e) = node.client.flush().await {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }
+    // Never closed, so this waits its turn and always gets a permit.
+    let log_slot = node.log_slots.acquire().await.ok();
     let point = node.log.point().await?;
     let ready = ServerFrame::Ready {
         id: auth_id,
@@ -207,6 +209,7 @@ async fn start_delivery(
         limits: node.config.limits(),
     };
     let Some(resume) = resume else {
+        drop(log_slot);
         // No resume: live events after `ready.pos`.
         reader.barrier(&ready, Some(point.last_seq)).await;
         conn.release();
@@ -235,6 +238,7 @@ async fn start_delivery(
         replayed.count += more.count;
         replayed.last_pos = more.last_pos;
     }
+    drop(log_slot);
     let floor = upto.max(replayed.last_pos);
     reader
         .barrier(

@@ -10,6 +10,11 @@
 #   scripts/bench-load.sh w3 --users 10000           # idle connections
 #   scripts/bench-load.sh w4 --users 10000           # reconnect storm
 #
+#   LOADGENS=6 EDGES=6 USERS=100000 scripts/bench-load.sh w3
+#       idle connections beyond one process's file-descriptor limit: LOADGENS
+#       load generators side by side (USERS split between them); the script
+#       itself waits for the edges' connection gauges and reads their RSS.
+#
 # Environment: EDGES (edges to start, default 1), BENCH_NO_BUILD=1 (skip the
 # cargo build), BENCH_OUT (file for the summary), EDGE_ENV (extra
 # "NAME=value ..." for the edges), PERF_EDGE / PERF_ROUTER (a command prefix
@@ -33,7 +38,13 @@ BIN="$TARGET/release"
 DIR="$(mktemp -d)"
 pids=()
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    # Newest first (edges, router, then NATS), each given 5 s before SIGKILL.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        p="${pids[$i]}"
+        kill "$p" 2>/dev/null || continue
+        for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null || true
+    done
     wait 2>/dev/null || true
     rm -rf "$DIR"
 }
@@ -77,6 +88,34 @@ if [[ -n "${PERF_EDGE:-}" ]]; then
     sleep 0.5
     watch="nats=$NATS_PID,router=$ROUTER_PID"
     for p in "${edge_pids[@]}"; do watch="$watch,edge=$(pgrep -P "$p" -x switchyard-edge || echo "$p")"; done
+fi
+if [[ "${LOADGENS:-1}" -gt 1 ]]; then
+    [[ "$SCENARIO" == w3 ]] || { echo "bench-load: LOADGENS is for w3 only" >&2; exit 2; }
+    USERS="${USERS:?set USERS (total connections) with LOADGENS}"
+    rss_sum() { local t=0; for p in "${edge_pids[@]}"; do t=$((t + $(awk '/VmRSS/{print $2}' "/proc/$p/status"))); done; echo "$t"; }
+    conns() { local t=0; for i in $(seq 0 $((EDGES - 1))); do
+        t=$((t + $(exec 3<>"/dev/tcp/127.0.0.1/$((19100 + i))"; printf 'GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&3; awk '/^switchyard_edge_connections /{print int($2)}' <&3 | head -n1; exec 3<&-) + 0)); done; echo "$t"; }
+    before=$(rss_sum)
+    per=$((USERS / LOADGENS))
+    lg=()
+    start=$(date +%s.%N)
+    for i in $(seq 0 $((LOADGENS - 1))); do
+        "$BIN/switchyard-loadgen" --scenario w3 --edge "$(IFS=,; echo "${edges[*]}")" --users "$per" \
+            --user-offset $((i * per)) --duration-s 600 --progress false "$@" >"$DIR/lg$i.json" 2>"$DIR/lg$i.log" &
+        lg+=($!)
+    done
+    for _ in $(seq 1 1200); do
+        n=$(conns)
+        [[ "$n" -ge $((per * LOADGENS)) ]] && break
+        sleep 0.5
+    done
+    connect_s=$(awk "BEGIN{print $(date +%s.%N) - $start}")
+    sleep 3
+    after=$(rss_sum)
+    n=$(conns)
+    for p in "${lg[@]}"; do kill "$p" 2>/dev/null || true; done
+    echo "{\"scenario\":\"w3\",\"loadgens\":$LOADGENS,\"edges\":$EDGES,\"connections\":$n,\"connect_seconds\":$connect_s,\"edge_rss_kib_before\":$before,\"edge_rss_kib_after\":$after,\"edge_bytes_per_connection\":$(( (after - before) * 1024 / (n > 0 ? n : 1) )),\"load_average\":\"$(cut -d' ' -f1-3 /proc/loadavg)\"}"
+    exit 0
 fi
 echo "bench-load: $SCENARIO on $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), edges ${edges[*]}" >&2
 status=0

@@ -148,6 +148,7 @@ impl State {
                     }
                 }
                 shared.counters.received.fetch_add(n, Ordering::Relaxed);
+                shared.counters.event_frames.fetch_add(1, Ordering::Relaxed);
                 shared.counters.unique.fetch_add(new, Ordering::Relaxed);
                 let window = shared.latency.window();
                 shared.latency.record(
@@ -168,6 +169,29 @@ impl State {
         }
         Ok(kind)
     }
+}
+
+/// Failed connects or resumes a client retries before it gives up.
+const MAX_RETRIES: u32 = 30;
+
+/// Sends the client's subscriptions, one `ok` at a time.
+async fn subscribe(ws: &mut Ws, spec: &ClientSpec, shared: &Shared, state: &mut State) -> Result<()> {
+    for (i, sub) in spec.subscribe.iter().enumerate() {
+        let mut frame = sub.clone();
+        frame["id"] = Value::from(i as u64 + 1);
+        let mut buf = Vec::new();
+        json_to_msgpack(&frame, &mut buf);
+        ws.send(Message::binary(buf)).await?;
+        until_op(ws, "ok", shared, state, Duration::from_secs(60)).await?;
+    }
+    Ok(())
+}
+
+/// Exponential backoff from 100 ms to 5 s, jittered by user so a storm spreads out.
+fn backoff(user: usize, attempt: u32) -> Duration {
+    let base = (100u64 << attempt.min(6)).min(5_000);
+    let jitter = super::plan::Rng::new(user as u64 ^ u64::from(attempt) << 32).unit();
+    Duration::from_millis((base as f64 * (0.5 + jitter)) as u64)
 }
 
 /// Runs one client until `shared.stop`; never panics on server behaviour.
@@ -192,6 +216,7 @@ async fn session(spec: &ClientSpec, shared: &Shared, state: &mut State, report: 
     let mut storm = shared.storm.clone();
     let mut epoch = String::new();
     let mut resume = false;
+    let mut retries = 0;
     loop {
         let mut ws = {
             let _slot = shared.connect_slots.acquire().await?;
@@ -214,27 +239,54 @@ async fn session(spec: &ClientSpec, shared: &Shared, state: &mut State, report: 
             }
         };
         report.connects += 1;
-        let ready = until_op(&mut ws, "ready", shared, state, Duration::from_secs(60)).await?;
-        if let Some(e) = ready.as_map().and_then(|m| switchyard_common::value::get(m, "epoch")) {
-            epoch = e.as_str().unwrap_or_default().to_string();
-        }
-        if resume {
-            let r = until_op(&mut ws, "resumed", shared, state, Duration::from_secs(120)).await?;
-            report.recovered = r
-                .as_map()
-                .and_then(|m| switchyard_common::value::get(m, "recovered"))
-                .and_then(|v| v.as_bool());
-            shared.resumed.fetch_add(1, Ordering::Relaxed);
-        } else {
-            for (i, sub) in spec.subscribe.iter().enumerate() {
-                let mut frame = sub.clone();
-                frame["id"] = Value::from(i as u64 + 1);
-                let mut buf = Vec::new();
-                json_to_msgpack(&frame, &mut buf);
-                ws.send(Message::binary(buf)).await?;
-                until_op(&mut ws, "ok", shared, state, Duration::from_secs(60)).await?;
+        let ready = until_op(&mut ws, "ready", shared, state, Duration::from_secs(60)).await;
+        let resumed = match ready {
+            Ok(ready) => {
+                if let Some(e) = ready.as_map().and_then(|m| switchyard_common::value::get(m, "epoch")) {
+                    epoch = e.as_str().unwrap_or_default().to_string();
+                }
+                if resume {
+                    until_op(&mut ws, "resumed", shared, state, Duration::from_secs(120))
+                        .await
+                        .map(Some)
+                } else {
+                    Ok(None)
+                }
             }
-            shared.counters.connected.fetch_add(1, Ordering::Relaxed);
+            Err(e) => Err(e),
+        };
+        let established = match resumed {
+            Ok(r) if resume => {
+                report.recovered = r
+                    .as_ref()
+                    .and_then(|r| r.as_map())
+                    .and_then(|m| switchyard_common::value::get(m, "recovered"))
+                    .and_then(|v| v.as_bool());
+                shared.resumed.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(_) => subscribe(&mut ws, spec, shared, state).await,
+            Err(e) => Err(e),
+        };
+        match established {
+            Ok(()) => {
+                retries = 0;
+                if !resume {
+                    shared.counters.connected.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // As a real client does when the server says `unavailable` or
+            // the connection fails: back off (jittered) and try again, with
+            // resume once it has been connected.
+            Err(e) if retries < MAX_RETRIES => {
+                retries += 1;
+                shared.counters.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, retries, "connect or resume failed; retrying");
+                drop(ws);
+                tokio::time::sleep(backoff(spec.user, retries)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
         }
         storm.borrow_and_update();
         loop {

@@ -87,6 +87,9 @@ pub struct LoadConfig {
     /// Users, one connection each.
     #[arg(long, default_value_t = 1000)]
     pub users: usize,
+    /// First user index (several load generators side by side use disjoint ranges).
+    #[arg(long, default_value_t = 0)]
+    pub user_offset: usize,
     /// Connections that share one user id (w3 only): separates what an edge
     /// holds per connection from what it holds per user.
     #[arg(long, default_value_t = 1)]
@@ -482,9 +485,19 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
     for (u, subscribe) in frames.into_iter().enumerate() {
         let spec = ClientSpec {
             user: u,
-            edge: cfg.edge[u % cfg.edge.len()],
-            source: Ipv4Addr::new(127, 0, 0, 1 + (u % cfg.sources.max(1) as usize) as u8),
-            token: crate::tokens::token(&cfg.secret, &format!("lg{}", u / per_user), ttl, json!({})),
+            edge: cfg.edge[(cfg.user_offset + u) % cfg.edge.len()],
+            source: Ipv4Addr::new(
+                127,
+                0,
+                0,
+                1 + ((cfg.user_offset + u) % cfg.sources.max(1) as usize) as u8,
+            ),
+            token: crate::tokens::token(
+                &cfg.secret,
+                &format!("lg{}", cfg.user_offset + u / per_user),
+                ttl,
+                json!({}),
+            ),
             subscribe,
         };
         let shared = shared.clone();
@@ -573,9 +586,19 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
             let producer = producer.take().context("producer")?;
             let ptask = tokio::spawn(producer.run(stop_producer.clone()));
             tokio::time::sleep(Duration::from_secs_f64(cfg.warmup_s)).await;
-            let (r0, t0, s0) = (Counters::get(&c.received), Instant::now(), sample_all(&procs, ticks));
+            let (r0, f0, t0, s0) = (
+                Counters::get(&c.received),
+                Counters::get(&c.event_frames),
+                Instant::now(),
+                sample_all(&procs, ticks),
+            );
             tokio::time::sleep(Duration::from_secs_f64(cfg.duration_s)).await;
-            let (r1, t1, s1) = (Counters::get(&c.received), Instant::now(), sample_all(&procs, ticks));
+            let (r1, f1, t1, s1) = (
+                Counters::get(&c.received),
+                Counters::get(&c.event_frames),
+                Instant::now(),
+                sample_all(&procs, ticks),
+            );
             stop_producer.cancel();
             ptask.await??;
             let secs = (t1 - t0).as_secs_f64();
@@ -591,6 +614,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
                 "seconds": round(secs, 3),
                 "deliveries": deliveries,
                 "deliveries_per_s": (deliveries as f64 / secs).round(),
+                "deliveries_per_frame": round(deliveries as f64 / (f1 - f0).max(1) as f64, 2),
                 "events_per_s": cfg.rate,
                 "cpu_seconds": cpu,
                 "server_cpu_seconds": round(server_total, 3),
@@ -600,6 +624,8 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
             });
         }
         Scenario::W4 => {
+            // Latency over the whole run: replayed events show how late a storm makes them.
+            shared.latency.set_window(now_us(), u64::MAX);
             let producer = producer.take().context("producer")?;
             let ptask = tokio::spawn(producer.run(stop_producer.clone()));
             tokio::time::sleep(Duration::from_secs_f64(cfg.storm_after_s)).await;
@@ -683,6 +709,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
     summary["clients_failed"] = json!(Counters::get(&c.failed));
     summary["clients_reported"] = json!(reports.len());
     summary["connect_errors"] = json!(Counters::get(&c.connect_errors));
+    summary["retries"] = json!(Counters::get(&c.retries));
     summary["dropped_rate_limited"] = json!(Counters::get(&c.dropped_rate_limited));
     summary["dropped_slow_consumer"] = json!(Counters::get(&c.dropped_slow_consumer));
     if cfg.scenario == Scenario::W4 {
@@ -741,11 +768,12 @@ async fn progress(shared: Arc<Shared>, procs: Vec<Proc>, ticks: f64, print: bool
                 )
             };
             eprintln!(
-                "[{:>5.1}s] conns={}/{} failed={} resumed={} pub={} ({:.0}/s) recv={} ({:.0}/s) exp={} dropped={} {lat} {} load={:.2}",
+                "[{:>5.1}s] conns={}/{} failed={} retries={} resumed={} pub={} ({:.0}/s) recv={} ({:.0}/s) exp={} dropped={} {lat} {} load={:.2}",
                 started.elapsed().as_secs_f64(),
                 Counters::get(&c.connected),
                 users,
                 Counters::get(&c.failed),
+                Counters::get(&c.retries),
                 shared.resumed.load(Ordering::Relaxed),
                 p,
                 (p - last.0) as f64 / dt,

@@ -101,10 +101,16 @@ pub struct Counters {
     pub received: AtomicU64,
     /// Distinct deliveries received.
     pub unique: AtomicU64,
+    /// WebSocket frames that carried events (`event` or `batch`): deliveries
+    /// per frame shows how much the edge batched.
+    pub event_frames: AtomicU64,
     /// Connections open (authenticated, subscribed).
     pub connected: AtomicU64,
     /// Clients that ended with an error.
     pub failed: AtomicU64,
+    /// Connects or resumes that failed (`unavailable`, or a dropped
+    /// connection) and were tried again.
+    pub retries: AtomicU64,
     /// Connect attempts that failed.
     pub connect_errors: AtomicU64,
     /// Events reported in `dropped` notices as rate limited.

@@ -62,31 +62,38 @@ impl Delivery {
 }
 
 /// Something for the connection's writer to send that is not a delivery.
+///
+/// Kept to 24 bytes (payloads boxed): every connection's control queue
+/// allocates a block of 32 of these up front.
 #[derive(Debug)]
 pub enum Control {
     /// An encoded control frame (reply, error...).
-    Frame(Vec<u8>),
+    Frame(Box<[u8]>),
     /// Write everything already in the data queue, then this frame; then
     /// skip durable events at or below `floor`, and acknowledge. Orders
     /// `ready` and `resumed` against the events around them.
-    Barrier {
-        /// The frame to write after the queued data.
-        frame: Vec<u8>,
-        /// Durable events at or below this position are no longer sent.
-        floor: Option<u64>,
-        /// Acknowledged once the frame is written.
-        done: oneshot::Sender<()>,
-    },
+    Barrier(Box<Barrier>),
     /// A WebSocket pong answering the client's ping.
-    Pong(Bytes),
+    Pong(Box<[u8]>),
     /// A WebSocket ping (heartbeat).
     Ping,
     /// Echo of the client's close frame; the writer then stops.
-    CloseEcho(Bytes),
+    CloseEcho(Box<[u8]>),
     /// Close the connection with this code and reason; the writer then stops.
     Close(u16, &'static str),
     /// Drop counters changed: send a `dropped` notice now.
     DroppedNotice,
+}
+
+/// See [`Control::Barrier`].
+#[derive(Debug)]
+pub struct Barrier {
+    /// The frame to write after the queued data.
+    pub frame: Vec<u8>,
+    /// Durable events at or below this position are no longer sent.
+    pub floor: Option<u64>,
+    /// Acknowledged once the frame is written.
+    pub done: oneshot::Sender<()>,
 }
 
 /// A connection's outbound queue (flow-control policy in
@@ -185,8 +192,12 @@ pub fn channels(config: OutboundConfig) -> (ConnSenders, ConnQueues) {
 
 impl ConnSenders {
     /// Queues a control frame, waiting for room (used by the connection's own reader).
+    ///
+    /// The send is boxed: callers await this in many places, and each of
+    /// them would otherwise keep room for the channel's send future in the
+    /// connection's task for the connection's whole life.
     pub async fn control(&self, c: Control) -> bool {
-        self.control.send(c).await.is_ok()
+        Box::pin(self.control.send(c)).await.is_ok()
     }
 
     /// Queues a replayed delivery once the queue is at most half full: a
@@ -222,7 +233,13 @@ impl ConnSenders {
     /// Writes `frame` after everything queued so far and waits until it is written.
     pub async fn barrier(&self, frame: Vec<u8>, floor: Option<u64>) -> bool {
         let (done, written) = oneshot::channel();
-        self.control.send(Control::Barrier { frame, floor, done }).await.is_ok() && written.await.is_ok()
+        Box::pin(
+            self.control
+                .send(Control::Barrier(Box::new(Barrier { frame, floor, done }))),
+        )
+        .await
+        .is_ok()
+            && written.await.is_ok()
     }
 
     /// A sender for the control queue, for fastwebsockets' obligated replies.
@@ -392,7 +409,7 @@ impl ConnHandle {
         };
         metrics::counter!("switchyard_edge_closed_total", "reason" => reason).increment(1);
         for control in frame
-            .map(Control::Frame)
+            .map(|f| Control::Frame(f.into_boxed_slice()))
             .into_iter()
             .chain([Control::Close(code.code(), reason)])
         {
@@ -426,10 +443,20 @@ mod tests {
     }
 
     #[test]
+    fn control_items_stay_small() {
+        // The control queue allocates room for 32 of them per connection.
+        assert!(
+            std::mem::size_of::<Control>() <= 24,
+            "{}",
+            std::mem::size_of::<Control>()
+        );
+    }
+
+    #[test]
     fn a_close_that_finds_the_control_queue_full_is_retried_not_lost() {
         let (conn, mut queues) = handle();
         for _ in 0..CONTROL_QUEUE {
-            assert!(conn.try_control(Control::Pong(Bytes::new())));
+            assert!(conn.try_control(Control::Pong(Box::default())));
         }
         conn.close_once(CloseCode::SlowConsumer, "slow consumer", Some(vec![1]));
         // Room for one of the two frames is not enough: nothing goes in.
@@ -443,7 +470,7 @@ mod tests {
         }
         assert_eq!(tail.len(), CONTROL_QUEUE - 2 + 2, "{tail:?}");
         assert!(
-            matches!(&tail[tail.len() - 2], Control::Frame(f) if f == &[2]),
+            matches!(&tail[tail.len() - 2], Control::Frame(f) if f[..] == [2]),
             "{tail:?}"
         );
         assert!(

@@ -320,7 +320,7 @@ impl HubTask {
             let after_ms = spread.as_millis() as u64 * i as u64 / n;
             let mut frame = Vec::new();
             encode_server_frame(*encoding, &ServerFrame::Reconnect { after_ms, reason }, &mut frame);
-            conn.try_control(Control::Frame(frame));
+            conn.try_control(Control::Frame(frame.into_boxed_slice()));
             conn.try_control(Control::Close(CloseCode::GoingAway.code(), reason));
         }
         tracing::info!(

@@ -9,6 +9,7 @@
 //! - [`auth`]: JWT verification; the user id is the token's `sub`.
 //! - [`server`]: HTTP up to the WebSocket upgrade (status-code refusals).
 //! - [`session`]: one connection's reader and writer.
+//! - [`wsread`]: WebSocket frame reading with no buffer between frames.
 //! - [`outbound`]: the per-connection queue policy: rate limit, conflation, slow-consumer drops (pure).
 //! - [`conn`]: the handle and bounded queues of one connection.
 //! - [`hub`]: user → connections, per-user NATS subscriptions, broadcasts, the sweeper.
@@ -32,6 +33,7 @@ pub mod outbound;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod wsread;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -4,15 +4,14 @@
 //!
 //! The router tier owns the stream (see `switchyard_router::log`); the edge
 //! only reads it. A user's durable history is the merge, by stream sequence,
-//! of the user's subject and the shared broadcast subject; one ordered
-//! consumer with both filter subjects reads it in that order. Requires
-//! nats-server ≥ 2.10 (multiple filter subjects).
+//! of the user's subject and the shared broadcast subject; replay reads
+//! each with direct gets (`next_by_subj`, stateless on the server) and
+//! merges them in that order. Requires the stream's `allow_direct`.
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
-use async_nats::jetstream::stream::Stream;
-use futures::{StreamExt, TryStreamExt};
+use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
+use futures::TryStreamExt;
 use switchyard_common::subject::Subjects;
 
 use crate::conn::{ConnSenders, Delivery};
@@ -141,6 +140,26 @@ impl DeliveryLog {
         Ok(true)
     }
 
+    /// The first message on `subject` with a sequence in `from..=upto`.
+    async fn next_on(
+        stream: &Stream,
+        subject: &str,
+        from: u64,
+        upto: u64,
+    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, LogError> {
+        if from > upto {
+            return Ok(None);
+        }
+        let get = stream.direct_get_next_for_subject(subject, Some(from));
+        match tokio::time::timeout(REPLAY_STALL, get).await {
+            Err(_) => Err(LogError::Timeout),
+            Ok(Ok(m)) if m.sequence <= upto => Ok(Some(m)),
+            Ok(Ok(_)) => Ok(None),
+            Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Ok(Err(e)) => Err(request_error(e)),
+        }
+    }
+
     /// Sends `user`'s durable events with `after < pos <= upto`, in order,
     /// into the connection's data queue (waiting for room: the writer paces it).
     pub async fn replay(&self, user: &str, after: u64, upto: u64, out: &ConnSenders) -> Result<Replayed, LogError> {
@@ -151,40 +170,33 @@ impl DeliveryLog {
         if upto <= after {
             return Ok(done);
         }
+        // Direct gets (next message on a subject from a sequence), merged by
+        // sequence, rather than an ordered consumer per resume: a consumer
+        // is state on the server that every stored message is then checked
+        // against, and a reconnect storm of 10,000 resumes created 10,000
+        // of them at once (nats-server pegged, resumes timing out). A direct
+        // get is stateless and served by any replica.
         let stream = self.stream().await?;
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subjects: vec![self.subjects.deliver(user), self.subjects.deliver_all()],
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: after + 1,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(request_error)?;
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(done);
+        let subjects = [self.subjects.deliver(user), self.subjects.deliver_all()];
+        let mut heads = [None, None];
+        for (i, subject) in subjects.iter().enumerate() {
+            heads[i] = Self::next_on(&stream, subject, after + 1, upto).await?;
         }
-        let mut messages = consumer.messages().await.map_err(request_error)?;
         loop {
-            let msg = match tokio::time::timeout(REPLAY_STALL, messages.next()).await {
-                Err(_) => return Err(LogError::Timeout),
-                Ok(None) => break,
-                Ok(Some(m)) => m.map_err(request_error)?,
+            let i = match (&heads[0], &heads[1]) {
+                (Some(a), Some(b)) => usize::from(b.sequence < a.sequence),
+                (Some(_), None) => 0,
+                (None, Some(_)) => 1,
+                (None, None) => break,
             };
-            let info = msg.info().map_err(request_error)?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            if seq > upto {
-                break;
-            }
-            if !out.replayed(Delivery::new(msg.payload.clone(), Some(seq), true)).await {
+            let Some(msg) = heads[i].take() else { break };
+            let seq = msg.sequence;
+            if !out.replayed(Delivery::new(msg.payload, Some(seq), true)).await {
                 break;
             }
             done.count += 1;
             done.last_pos = seq;
-            if pending == 0 || seq == upto {
-                break;
-            }
+            heads[i] = Self::next_on(&stream, &subjects[i], seq + 1, upto).await?;
         }
         metrics::counter!("switchyard_edge_replayed_total").increment(done.count);
         Ok(done)

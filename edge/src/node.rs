@@ -16,6 +16,9 @@ use crate::config::EdgeConfig;
 use crate::hub::Hub;
 use crate::log::DeliveryLog;
 
+/// Connections that may read the delivery log at once (see [`Node::log_slots`]).
+pub const LOG_READERS: usize = 64;
+
 /// Node-wide shared state, behind an `Arc`.
 pub struct Node {
     /// Effective configuration.
@@ -34,6 +37,11 @@ pub struct Node {
     pub conn_slots: Arc<Semaphore>,
     /// Connections per user on this node.
     pub user_slots: Arc<UserSlots>,
+    /// Connections reading the delivery log at once (positions, resume
+    /// checks, replay). In a reconnect storm every client resumes at once;
+    /// past this many, connections wait their turn here instead of piling
+    /// JetStream API requests onto NATS until they time out.
+    pub log_slots: Semaphore,
     /// Set on SIGTERM: readiness fails and new upgrades are refused.
     pub draining: AtomicBool,
     /// Prefix of this node's connection ids.
@@ -81,6 +89,7 @@ impl Node {
                 counts: Mutex::new(HashMap::new()),
             }),
             draining: AtomicBool::new(false),
+            log_slots: Semaphore::new(LOG_READERS),
         }
     }
 

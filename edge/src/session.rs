@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketWrite};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use switchyard_common::client::{
@@ -31,9 +31,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
-use crate::conn::{channels, now_ms, ConnHandle, ConnQueues, ConnSenders, Control, Delivery};
+use crate::conn::{channels, now_ms, Barrier, ConnHandle, ConnQueues, ConnSenders, Control, Delivery};
 use crate::log::LogError;
 use crate::node::{Node, UserSlot};
+use crate::wsread::{FrameReader, Obligation};
 
 type Io = TokioIo<Upgraded>;
 
@@ -70,16 +71,20 @@ pub async fn run(
             return;
         }
     };
-    let (mut rd, wr) = ws.split(tokio::io::split);
-    rd.set_max_message_size(node.config.max_frame_bytes + 1);
+    // Our own reader (no buffer while idle); fastwebsockets writes. The
+    // reader it builds beside the writer is dropped at once.
+    let (rd, wr) = tokio::io::split(ws.into_inner());
+    let rd = FrameReader::new(rd, node.config.max_frame_bytes + 1);
+    let (_, wr) = fastwebsockets::after_handshake_split(tokio::io::empty(), wr, Role::Server);
     let (senders, queues) = channels(node.config.outbound());
     let conn_done = node.cancel.child_token();
     let writer = Writer {
         ws: wr,
         encoding,
         batch_max_events: node.config.batch_max_events,
-        buf: Vec::with_capacity(1024),
-        batch: Vec::with_capacity(node.config.batch_max_events),
+        // Allocated on first use: most connections are idle most of the time.
+        buf: Vec::new(),
+        batch: Vec::new(),
         stall_limit: std::time::Duration::from_millis(node.config.write_stall_ms.max(node.config.slow_consumer_ms)),
         linger: (node.config.linger_ms > 0).then(|| std::time::Duration::from_millis(node.config.linger_ms)),
         sent_close: false,
@@ -100,7 +105,9 @@ pub async fn run(
     };
     let auth = match pre_auth {
         Some(p) => Some((p.claims, p.resume, None, p.slot)),
-        None => match reader.frame_auth().await {
+        // One-shot steps are boxed: the connection's task keeps, for its
+        // whole life, room for the largest future it ever awaits inline.
+        None => match Box::pin(reader.frame_auth()).await {
             None => None,
             Some((claims, resume, id)) => match node.user_slots.try_acquire(&claims.sub) {
                 Some(slot) => Some((claims, resume, id, slot)),
@@ -129,7 +136,7 @@ pub async fn run(
         claims.exp,
         node.config.queue_events,
     );
-    if let Err(e) = node.hub.register(conn.clone(), encoding).await {
+    if let Err(e) = Box::pin(node.hub.register(conn.clone(), encoding)).await {
         tracing::error!(error = %e, "cannot register connection");
         reader
             .reply_error(None, ErrorCode::Internal, "cannot subscribe to deliveries")
@@ -139,7 +146,17 @@ pub async fn run(
         return;
     }
     let conn_name = format!("{}-{}", node.node_id, conn.id);
-    if let Err(e) = start_delivery(&node, &mut reader, &conn, &conn_name, &claims, resume, auth_id).await {
+    if let Err(e) = Box::pin(start_delivery(
+        &node,
+        &mut reader,
+        &conn,
+        &conn_name,
+        &claims,
+        resume,
+        auth_id,
+    ))
+    .await
+    {
         tracing::warn!(error = %e, conn = %conn_name, "cannot start delivery");
         reader
             .reply_error(
@@ -152,13 +169,13 @@ pub async fn run(
             .senders
             .control(Control::Close(1011, "delivery log unavailable"))
             .await;
-        node.hub.unregister(conn).await;
+        Box::pin(node.hub.unregister(conn)).await;
         conn_done.cancel();
         return;
     }
     tracing::debug!(conn = %conn_name, user = %claims.sub, "connection ready");
-    reader.serve(conn.clone(), claims).await;
-    node.hub.unregister(conn).await;
+    Box::pin(reader.serve(conn.clone(), claims)).await;
+    Box::pin(node.hub.unregister(conn)).await;
     conn_done.cancel();
 }
 
@@ -178,6 +195,8 @@ async fn start_delivery(
     if let Err(e) = node.client.flush().await {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }
+    // Never closed, so this waits its turn and always gets a permit.
+    let log_slot = node.log_slots.acquire().await.ok();
     let point = node.log.point().await?;
     let ready = ServerFrame::Ready {
         id: auth_id,
@@ -190,6 +209,7 @@ async fn start_delivery(
         limits: node.config.limits(),
     };
     let Some(resume) = resume else {
+        drop(log_slot);
         // No resume: live events after `ready.pos`.
         reader.barrier(&ready, Some(point.last_seq)).await;
         conn.release();
@@ -218,6 +238,7 @@ async fn start_delivery(
         replayed.count += more.count;
         replayed.last_pos = more.last_pos;
     }
+    drop(log_slot);
     let floor = upto.max(replayed.last_pos);
     reader
         .barrier(
@@ -240,7 +261,7 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 const MAX_CATCH_UP_ROUNDS: usize = 5;
 
 struct Reader {
-    rd: WebSocketRead<ReadHalf<Io>>,
+    rd: FrameReader<ReadHalf<Io>>,
     node: Arc<Node>,
     encoding: Encoding,
     senders: ConnSenders,
@@ -254,22 +275,28 @@ struct Reader {
 impl Reader {
     /// Reads the next complete data message; `None` when the connection ended.
     async fn next_message(&mut self) -> Option<(OpCode, Bytes)> {
-        let control = self.senders.control_sender();
-        let mut obligated = move |frame: Frame<'_>| {
-            let control = control.clone();
-            let c = match frame.opcode {
-                OpCode::Pong => Control::Pong(Bytes::copy_from_slice(&frame.payload)),
-                _ => Control::CloseEcho(Bytes::copy_from_slice(&frame.payload)),
-            };
-            async move { control.send(c).await.map_err(|_| WebSocketError::ConnectionClosed) }
-        };
         loop {
-            let frame = tokio::select! {
+            let read = tokio::select! {
                 _ = self.conn_done.cancelled() => return None,
-                f = self.rd.read_frame(&mut obligated) => f,
+                f = self.rd.read_frame() => f,
             };
-            let frame = match frame {
-                Ok(f) => f,
+            let frame = match read {
+                Ok((frame, obligation)) => {
+                    if let Some(o) = obligation {
+                        let c = match o {
+                            Obligation::Pong(p) => Control::Pong(p.into_boxed_slice()),
+                            Obligation::CloseEcho(p) => Control::CloseEcho(p.into_boxed_slice()),
+                        };
+                        if !self.senders.control(c).await {
+                            tracing::debug!("read ended: writer gone");
+                            return None;
+                        }
+                    }
+                    match frame {
+                        Some(f) => f,
+                        None => continue,
+                    }
+                }
                 Err(WebSocketError::FrameTooLarge) => {
                     metrics::counter!("switchyard_edge_closed_total", "reason" => "frame_too_large").increment(1);
                     self.senders
@@ -294,9 +321,9 @@ impl Reader {
                             .await;
                         return None;
                     }
-                    return Some((frame.opcode, Bytes::from(frame.payload.to_vec())));
+                    return Some((frame.opcode, Bytes::from(frame.payload)));
                 }
-                OpCode::Text | OpCode::Binary => self.frag = Some((frame.opcode, frame.payload.to_vec())),
+                OpCode::Text | OpCode::Binary => self.frag = Some((frame.opcode, frame.payload)),
                 OpCode::Continuation => {
                     let Some((op, mut buf)) = self.frag.take() else {
                         self.senders
@@ -328,7 +355,7 @@ impl Reader {
     async fn send(&mut self, frame: &ServerFrame<'_>) {
         let mut buf = Vec::with_capacity(64);
         encode_server_frame(self.encoding, frame, &mut buf);
-        self.senders.control(Control::Frame(buf)).await;
+        self.senders.control(Control::Frame(buf.into_boxed_slice())).await;
     }
 
     /// Sends a frame after everything queued, waiting until it is written.
@@ -472,84 +499,100 @@ impl Reader {
                     continue;
                 }
             };
-            let id = frame.id;
-            let control_op = match frame.op {
-                ClientOp::Ping => {
-                    self.send(&ServerFrame::Pong {
-                        id,
-                        server_time: now_ms(),
-                    })
-                    .await;
-                    continue;
-                }
-                ClientOp::Auth { token, .. } => {
-                    match self.node.verifier.verify(&token) {
-                        Ok(fresh) if fresh.sub == claims.sub => {
-                            conn.exp_s.store(fresh.exp, Ordering::Relaxed);
-                            claims = fresh;
-                            self.send(&ServerFrame::Ok { id }).await;
-                        }
-                        Ok(_) => {
-                            self.refuse(
-                                id,
-                                ErrorCode::Unauthorized,
-                                "token for another user",
-                                CloseCode::Unauthorized,
-                            )
-                            .await;
-                            return End::Closed;
-                        }
-                        Err(e) => {
-                            tracing::debug!(reason = e.reason(), "refresh refused");
-                            self.reply_error(id, ErrorCode::Unauthorized, "invalid token; keeping the current one")
-                                .await;
-                        }
-                    }
-                    continue;
-                }
-                ClientOp::Rpc { method, data } => {
-                    match self.node.backend.rpc(&claims.sub, &claims.roles, &method, &data).await {
-                        Ok(reply) => {
-                            let mut buf = Vec::with_capacity(reply.len() + 32);
-                            encode_rpc_result(self.encoding, id, &reply, &mut buf);
-                            self.senders.control(Control::Frame(buf)).await;
-                        }
-                        Err(e) => {
-                            self.send(&ServerFrame::Error {
-                                id,
-                                code: e.code(),
-                                message: &e.to_string(),
-                            })
-                            .await
-                        }
-                    }
-                    continue;
-                }
-                ClientOp::Subscribe(raw) => ControlOp::Subscribe(raw),
-                ClientOp::Unsubscribe { sub } => ControlOp::Unsubscribe { sub },
-                ClientOp::List => ControlOp::List,
-                ClientOp::Join { room } => ControlOp::Join { room },
-                ClientOp::Leave { room } => ControlOp::Leave { room },
-            };
-            match self
-                .node
-                .backend
-                .control(&claims.sub, &claims.rooms, &claims.roles, control_op)
-                .await
-            {
-                Ok(ControlReply::Ok) => self.send(&ServerFrame::Ok { id }).await,
-                Ok(ControlReply::Subs(subs)) => self.send(&ServerFrame::Subs { id, subs: &subs }).await,
-                Ok(ControlReply::Error { code, message }) => self.reply_error(id, code, &message).await,
-                Err(e) => {
-                    self.send(&ServerFrame::Error {
-                        id,
-                        code: e.code(),
-                        message: &e.to_string(),
-                    })
-                    .await
-                }
+            // Boxed: handling a frame awaits requests with large futures, and
+            // the connection's task would otherwise keep room for them forever.
+            if let Some(end) = Box::pin(self.handle_op(frame, &conn, &mut claims)).await {
+                return end;
             }
         }
+    }
+
+    /// Answers one decoded frame; `Some` when the connection must end.
+    async fn handle_op(
+        &mut self,
+        frame: switchyard_common::client::ClientFrame,
+        conn: &ConnHandle,
+        claims: &mut Claims,
+    ) -> Option<End> {
+        let id = frame.id;
+        let control_op = match frame.op {
+            ClientOp::Ping => {
+                self.send(&ServerFrame::Pong {
+                    id,
+                    server_time: now_ms(),
+                })
+                .await;
+                return None;
+            }
+            ClientOp::Auth { token, .. } => {
+                match self.node.verifier.verify(&token) {
+                    Ok(fresh) if fresh.sub == claims.sub => {
+                        conn.exp_s.store(fresh.exp, Ordering::Relaxed);
+                        *claims = fresh;
+                        self.send(&ServerFrame::Ok { id }).await;
+                    }
+                    Ok(_) => {
+                        self.refuse(
+                            id,
+                            ErrorCode::Unauthorized,
+                            "token for another user",
+                            CloseCode::Unauthorized,
+                        )
+                        .await;
+                        return Some(End::Closed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(reason = e.reason(), "refresh refused");
+                        self.reply_error(id, ErrorCode::Unauthorized, "invalid token; keeping the current one")
+                            .await;
+                    }
+                }
+                return None;
+            }
+            ClientOp::Rpc { method, data } => {
+                match Box::pin(self.node.backend.rpc(&claims.sub, &claims.roles, &method, &data)).await {
+                    Ok(reply) => {
+                        let mut buf = Vec::with_capacity(reply.len() + 32);
+                        encode_rpc_result(self.encoding, id, &reply, &mut buf);
+                        self.senders.control(Control::Frame(buf.into_boxed_slice())).await;
+                    }
+                    Err(e) => {
+                        self.send(&ServerFrame::Error {
+                            id,
+                            code: e.code(),
+                            message: &e.to_string(),
+                        })
+                        .await
+                    }
+                }
+                return None;
+            }
+            ClientOp::Subscribe(raw) => ControlOp::Subscribe(raw),
+            ClientOp::Unsubscribe { sub } => ControlOp::Unsubscribe { sub },
+            ClientOp::List => ControlOp::List,
+            ClientOp::Join { room } => ControlOp::Join { room },
+            ClientOp::Leave { room } => ControlOp::Leave { room },
+        };
+        match Box::pin(
+            self.node
+                .backend
+                .control(&claims.sub, &claims.rooms, &claims.roles, control_op),
+        )
+        .await
+        {
+            Ok(ControlReply::Ok) => self.send(&ServerFrame::Ok { id }).await,
+            Ok(ControlReply::Subs(subs)) => self.send(&ServerFrame::Subs { id, subs: &subs }).await,
+            Ok(ControlReply::Error { code, message }) => self.reply_error(id, code, &message).await,
+            Err(e) => {
+                self.send(&ServerFrame::Error {
+                    id,
+                    code: e.code(),
+                    message: &e.to_string(),
+                })
+                .await
+            }
+        }
+        None
     }
 }
 
@@ -577,7 +620,9 @@ impl Writer {
         let result: Result<(), WebSocketError> = async {
             loop {
                 if let Ok(c) = q.control.try_recv() {
-                    if self.control(c, &mut q).await? {
+                    // Boxed, like the write below: the writer of an idle connection
+                    // then keeps no room for them while it waits.
+                    if Box::pin(self.control(c, &mut q)).await? {
                         return Ok(());
                     }
                     continue;
@@ -587,7 +632,7 @@ impl Writer {
                         biased;
                         c = q.control.recv() => match c {
                             Some(c) => {
-                                if self.control(c, &mut q).await? {
+                                if Box::pin(self.control(c, &mut q)).await? {
                                     return Ok(());
                                 }
                                 continue;
@@ -617,10 +662,10 @@ impl Writer {
                 // dropped after the write-stall limit (no close frame can get
                 // through a full socket). Either way the client resumes.
                 let stall_limit = self.stall_limit;
-                let write = async {
+                let write = Box::pin(async {
                     self.write_batch(&mut q).await?;
                     self.ws.flush().await
-                };
+                });
                 match tokio::time::timeout(stall_limit, write).await {
                     Ok(r) => r?,
                     Err(_) => {
@@ -712,7 +757,8 @@ impl Writer {
                 self.ws.write_frame(data_frame(self.encoding, &bytes)).await?;
                 false
             }
-            Control::Barrier { frame, floor, done } => {
+            Control::Barrier(b) => {
+                let Barrier { frame, floor, done } = *b;
                 while !q.out.lock().is_empty() {
                     self.write_batch(q).await?;
                 }

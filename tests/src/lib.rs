@@ -14,8 +14,10 @@
 //! - [`tokens`]: HS256 test and dev tokens.
 //! - [`processes`]: the router and edge binaries as child processes (SIGTERM, SIGKILL, restart).
 //! - [`nats_cluster`]: a 3-node nats-server cluster with JetStream on loopback.
+//! - [`loadgen`]: the load generator behind `switchyard-loadgen` (scenarios W1–W4).
 
 pub mod fleet;
+pub mod loadgen;
 pub mod nats_cluster;
 pub mod nats_server;
 pub mod processes;

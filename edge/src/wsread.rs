@@ -313,7 +313,8 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_what_the_protocol_forbids() {
-        let cases: Vec<(Vec<u8>, fn(&WebSocketError) -> bool)> = vec![
+        type Check = fn(&WebSocketError) -> bool;
+        let cases: Vec<(Vec<u8>, Check)> = vec![
             (frame(0xc2, b"x"), |e| matches!(e, WebSocketError::ReservedBitsNotZero)),
             (frame(0x83, b"x"), |e| matches!(e, WebSocketError::InvalidValue)),
             (frame(0x09, b"x"), |e| {

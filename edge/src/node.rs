@@ -37,8 +37,8 @@ pub struct Node {
     pub conn_slots: Arc<Semaphore>,
     /// Connections per user on this node.
     pub user_slots: Arc<UserSlots>,
-    /// Connections reading the delivery log at once (positions, resume
-    /// checks, replay). In a reconnect storm every client resumes at once;
+    /// Connections resuming from the delivery log at once (the `recovered`
+    /// check and replay). In a reconnect storm every client resumes at once;
     /// past this many, connections wait their turn here instead of piling
     /// JetStream API requests onto NATS until they time out.
     pub log_slots: Semaphore,

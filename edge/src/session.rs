@@ -195,8 +195,6 @@ async fn start_delivery(
     if let Err(e) = node.client.flush().await {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }
-    // Never closed, so this waits its turn and always gets a permit.
-    let log_slot = node.log_slots.acquire().await.ok();
     let point = node.log.point().await?;
     let ready = ServerFrame::Ready {
         id: auth_id,
@@ -209,13 +207,15 @@ async fn start_delivery(
         limits: node.config.limits(),
     };
     let Some(resume) = resume else {
-        drop(log_slot);
         // No resume: live events after `ready.pos`.
         reader.barrier(&ready, Some(point.last_seq)).await;
         conn.release();
         return Ok(());
     };
     reader.barrier(&ready, None).await;
+    // Never closed, so this waits its turn and always gets a permit. Taken
+    // after `ready`, so a waiting client knows it is connected.
+    let log_slot = node.log_slots.acquire().await.ok();
     let same_epoch = resume.epoch == point.epoch;
     let after = if same_epoch { resume.since } else { 0 };
     let recovered = same_epoch && node.log.recovered(&claims.sub, resume.since, &point).await?;

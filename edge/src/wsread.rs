@@ -311,12 +311,10 @@ mod tests {
         assert!(matches!(r.read_frame().await, Err(WebSocketError::InvalidCloseCode)));
     }
 
-    /// A frame's bytes and the error it must produce.
-    type Case = (Vec<u8>, fn(&WebSocketError) -> bool);
-
     #[tokio::test]
     async fn refuses_what_the_protocol_forbids() {
-        let cases: Vec<Case> = vec![
+        type Check = fn(&WebSocketError) -> bool;
+        let cases: Vec<(Vec<u8>, Check)> = vec![
             (frame(0xc2, b"x"), |e| matches!(e, WebSocketError::ReservedBitsNotZero)),
             (frame(0x83, b"x"), |e| matches!(e, WebSocketError::InvalidValue)),
             (frame(0x09, b"x"), |e| {

@@ -104,8 +104,11 @@ async fn connect(spec: &ClientSpec, resume: Option<(&str, u64)>) -> Result<Ws> {
 async fn until_op(ws: &mut Ws, op: &str, shared: &Shared, state: &mut State, timeout: Duration) -> Result<rmpv::Value> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
+        let next = tokio::select! {
+            _ = shared.stop.cancelled() => bail!("stopped while waiting for {op}"),
+            n = tokio::time::timeout_at(deadline, ws.next()) => n,
+        };
+        let msg = next
             .map_err(|_| anyhow!("no {op} within {timeout:?}"))?
             .ok_or_else(|| anyhow!("closed before {op}"))??;
         let Message::Binary(b) = msg else {
@@ -283,8 +286,10 @@ async fn session(spec: &ClientSpec, shared: &Shared, state: &mut State, report: 
                 shared.counters.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, retries, "connect or resume failed; retrying");
                 drop(ws);
-                tokio::time::sleep(backoff(spec.user, retries)).await;
-                continue;
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return Err(e.context("stopped while retrying")),
+                    _ = tokio::time::sleep(backoff(spec.user, retries)) => continue,
+                }
             }
             Err(e) => return Err(e),
         }

@@ -676,6 +676,17 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
     let (mut lost, mut extra, mut dup, mut ooo, mut unique, mut with_loss) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut errors: Vec<String> = Vec::new();
     let mut not_recovered = 0;
+    // A client that did not report in time received nothing we can count.
+    let mut reported = vec![false; cfg.users];
+    for r in &reports {
+        reported[r.user] = true;
+    }
+    for (u, done) in reported.iter().enumerate() {
+        if !done {
+            lost += expected[u].load(Ordering::Relaxed);
+            with_loss += 1;
+        }
+    }
     for r in &reports {
         let exp = expected[r.user].load(Ordering::Relaxed);
         unique += r.seen.unique;

@@ -117,8 +117,6 @@ struct InFlight {
     acks: Vec<PublishAckFuture>,
     /// How many durable deliveries it awaited (for the in-flight bound).
     durable: usize,
-    /// The producer id, forgotten again if the event has to be redone.
-    id: Option<String>,
 }
 
 /// Processes one partition.
@@ -171,8 +169,9 @@ impl<F: Future<Output = (InFlight, Result<(), String>)>> Pipeline<F> {
         }
     }
 
-    fn push(&mut self, f: InFlight) {
-        self.ids.push_back(f.id.clone());
+    /// Adds an event and its producer id (forgotten again if it has to be redone).
+    fn push(&mut self, f: InFlight, id: Option<String>) {
+        self.ids.push_back(id);
         self.outstanding += f.durable;
         self.pending.push_back((self.make)(f));
     }
@@ -304,10 +303,10 @@ impl Worker {
         done: InFlight,
         stored_result: Result<(), String>,
     ) -> Result<(), IngestError> {
-        pipeline.ids.pop_front();
+        let id = pipeline.ids.pop_front().flatten();
         pipeline.outstanding = pipeline.outstanding.saturating_sub(done.durable);
         if let Err(e) = stored_result {
-            self.forget(done.id.as_deref());
+            self.forget(id.as_deref());
             return Err(IngestError::Publish(e));
         }
         self.acknowledge(&done.msg).await;
@@ -365,11 +364,10 @@ impl Worker {
                 msg,
                 acks: Vec::new(),
                 durable: 0,
-                id: None,
             };
-            if let Some(event) = event {
+            let mut id = None;
+            if let Some(mut event) = event {
                 if self.fresh(&event) {
-                    f.id = event.id.clone();
                     let (seq, ts) = match f.msg.info() {
                         Ok(info) => (
                             info.stream_sequence,
@@ -382,16 +380,17 @@ impl Worker {
                     let delivered = self.deliver(&event, ts, seq, &mut f.acks).await;
                     f.durable = f.acks.len();
                     self.maybe_crash(&mut f).await;
+                    id = event.id.take();
                     match delivered {
                         Ok(n) => metrics::counter!("switchyard_router_deliveries_total").increment(n as u64),
                         Err(e) => {
-                            self.forget(f.id.as_deref());
+                            self.forget(id.as_deref());
                             return Err(e);
                         }
                     }
                 }
             }
-            pipeline.push(f);
+            pipeline.push(f, id);
         }
         Ok(())
     }

@@ -89,12 +89,9 @@ struct Owned {
 pub struct Supervisor {
     id: String,
     kv: kv::Store,
-    js: async_nats::jetstream::Context,
     bucket: kv::Config,
     /// A lease operation failed this tick: make sure the bucket exists.
     trouble: bool,
-    client: async_nats::Client,
-    subjects: Subjects,
     shared: Arc<Shared>,
     partitions: Vec<Partition>,
     ttl: Duration,
@@ -126,11 +123,8 @@ impl Supervisor {
         Supervisor {
             id,
             kv,
-            js: shared.js.clone(),
             bucket,
             trouble: false,
-            client: shared.client.clone(),
-            subjects: shared.subjects.clone(),
             shared,
             partitions,
             ttl,
@@ -141,7 +135,11 @@ impl Supervisor {
 
     /// Subscribes to heartbeats (before returning, so none is missed at start).
     pub async fn heartbeats(&self) -> Result<async_nats::Subscriber, LeaseError> {
-        Ok(self.client.subscribe(self.subjects.router_heartbeat()).await?)
+        Ok(self
+            .shared
+            .client
+            .subscribe(self.shared.subjects.router_heartbeat())
+            .await?)
     }
 
     /// Runs until cancelled, then stops every worker and releases every lease.
@@ -206,8 +204,9 @@ impl Supervisor {
 
     async fn tick(&mut self) {
         if let Err(e) = self
+            .shared
             .client
-            .publish(self.subjects.router_heartbeat(), self.id.clone().into())
+            .publish(self.shared.subjects.router_heartbeat(), self.id.clone().into())
             .await
         {
             tracing::debug!(error = %e, "router heartbeat failed");
@@ -216,7 +215,7 @@ impl Supervisor {
         self.peers.retain(|_, seen| now.duration_since(*seen) < self.ttl);
         if std::mem::take(&mut self.trouble) {
             // e.g. a NATS restart lost a memory-stored bucket: create it again.
-            match open_bucket(&self.js, &self.bucket).await {
+            match open_bucket(&self.shared.js, &self.bucket).await {
                 Ok(kv) => self.kv = kv,
                 Err(e) => tracing::warn!(error = %e, "lease bucket unavailable"),
             }

@@ -138,8 +138,14 @@ impl Fleet {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         while tokio::time::Instant::now() < deadline {
             let mut left = 0;
-            for name in ["SY_EVENTS_KEYED", "SY_EVENTS_TYPED"] {
-                left += js.get_stream(name).await?.cached_info().state.messages;
+            let subjects = switchyard_common::subject::Subjects::default();
+            for shape in switchyard_common::subject::EventShape::ALL {
+                left += js
+                    .get_stream(subjects.events_stream(shape))
+                    .await?
+                    .cached_info()
+                    .state
+                    .messages;
             }
             if left == 0 {
                 return Ok(());

@@ -265,6 +265,27 @@ impl WsClient {
         }
     }
 
+    /// Collects exactly `n` events (flattening batches); any other frame, or
+    /// a batch that goes past `n`, is an error.
+    pub async fn take_events(&mut self, n: usize) -> Result<Vec<Value>> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let f = self
+                .frame()
+                .await
+                .with_context(|| format!("after {} of {n} events", out.len()))?;
+            match f["op"].as_str() {
+                Some("event") => out.push(f),
+                Some("batch") => out.extend(f["events"].as_array().cloned().unwrap_or_default()),
+                _ => bail!("unexpected frame while collecting events: {f}"),
+            }
+        }
+        if out.len() != n {
+            bail!("expected {n} events, got {}", out.len());
+        }
+        Ok(out)
+    }
+
     /// Waits for the server to close; returns the close code.
     pub async fn expect_close(&mut self) -> Result<u16> {
         loop {

@@ -14,26 +14,6 @@ fn direct(user: &str, i: u64) -> Value {
     json!({"data": {"i": i}, "target": {"users": [user]}})
 }
 
-/// Collects exactly `n` events (flattening batches).
-async fn take_events(c: &mut WsClient, n: usize) -> anyhow::Result<Vec<Value>> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let f = c
-            .frame()
-            .await
-            .with_context(|| format!("after {} of {n} events", out.len()))?;
-        match f["op"].as_str() {
-            Some("event") => out.push(f),
-            Some("batch") => out.extend(f["events"].as_array().cloned().unwrap_or_default()),
-            _ => bail!("unexpected frame while collecting events: {f}"),
-        }
-    }
-    if out.len() != n {
-        bail!("expected {n} events, got {}", out.len());
-    }
-    Ok(out)
-}
-
 fn is(evs: &[Value]) -> Vec<u64> {
     evs.iter().map(|e| e["data"]["i"].as_u64().expect("data.i")).collect()
 }
@@ -94,7 +74,7 @@ async fn resume_on_the_same_and_another_edge_gets_exactly_the_missed_events() ->
     for i in 0..5 {
         fleet.publish("direct", &direct("alice", i)).await?;
     }
-    let first = take_events(&mut c, 5).await?;
+    let first = c.take_events(5).await?;
     assert_eq!(is(&first), [0, 1, 2, 3, 4]);
     assert_increasing(&first);
     assert!(pos(&first[0]) > ready["pos"].as_u64().unwrap());
@@ -114,7 +94,7 @@ async fn resume_on_the_same_and_another_edge_gets_exactly_the_missed_events() ->
     assert!(pos(&evs[0]) > seen);
     assert_eq!(resumed, json!({"op":"resumed","recovered":true,"replayed":5}));
     fleet.publish("direct", &direct("alice", 10)).await?;
-    let live = take_events(&mut c, 1).await?;
+    let live = c.take_events(1).await?;
     assert_eq!(is(&live), [10]);
     let seen = pos(&live[0]);
     assert!(seen > pos(&evs[4]));
@@ -142,10 +122,10 @@ async fn resume_on_the_same_and_another_edge_gets_exactly_the_missed_events() ->
     assert_eq!(resumed["recovered"], true);
     assert_eq!(resumed["replayed"], 2);
     fleet.publish("direct", &direct("alice", 13)).await?;
-    assert_eq!(is(&take_events(&mut c, 1).await?), [13]);
+    assert_eq!(is(&c.take_events(1).await?), [13]);
     // And nothing else in between: the next event is the next one published.
     fleet.publish("direct", &direct("alice", 14)).await?;
-    assert_eq!(is(&take_events(&mut c, 1).await?), [14]);
+    assert_eq!(is(&c.take_events(1).await?), [14]);
     edge_b.shutdown().await;
     fleet.shutdown().await;
     Ok(())
@@ -191,11 +171,7 @@ async fn ten_thousand_events_arrive_in_strictly_increasing_pos_order_on_every_co
         fleet.producer.flush().await?;
         anyhow::Ok(())
     };
-    let (p, ea, eb) = tokio::join!(
-        producer,
-        take_events(&mut a, N as usize),
-        take_events(&mut b, N as usize)
-    );
+    let (p, ea, eb) = tokio::join!(producer, a.take_events(N as usize), b.take_events(N as usize));
     p?;
     for evs in [ea?, eb?] {
         assert_increasing(&evs);
@@ -222,7 +198,7 @@ async fn wrong_epoch_trimmed_history_and_a_future_since_are_not_recovered() -> R
     for i in 0..3 {
         fleet.publish("direct", &direct("alice", i)).await?;
     }
-    let seen = pos(&take_events(&mut c, 3).await?[2]);
+    let seen = pos(&c.take_events(3).await?[2]);
     drop(c);
     for i in 3..13 {
         fleet.publish("direct", &direct("alice", i)).await?;
@@ -329,7 +305,7 @@ async fn non_durable_events_are_live_only() -> R {
     fleet.publish("direct", &direct("alice", 1)).await?;
     fleet.publish("tick", &tick(2)).await?;
     fleet.publish("direct", &direct("alice", 3)).await?;
-    let mut evs = take_events(&mut c, 3).await?;
+    let mut evs = c.take_events(3).await?;
     evs.sort_by_key(|e| e["data"]["i"].as_u64());
     assert!(evs[1].get("pos").is_none(), "non-durable event has a pos: {}", evs[1]);
     assert!(evs[0]["pos"].is_u64() && evs[2]["pos"].is_u64());
@@ -366,7 +342,7 @@ async fn resume_stays_correct_across_a_nats_server_restart() -> R {
     for i in 0..3 {
         fleet.publish("direct", &direct("alice", i)).await?;
     }
-    let seen = pos(&take_events(&mut c, 3).await?[2]);
+    let seen = pos(&c.take_events(3).await?[2]);
     drop(c);
 
     fleet.nats.restart()?;
@@ -409,7 +385,7 @@ async fn after_a_nats_reconnect_clients_are_told_to_resume_and_lose_nothing() ->
     let (mut c, ready) = WsClient::connect_ready(&url, &fleet.token("alice", json!({})), &[]).await?;
     let epoch = ready["epoch"].as_str().unwrap().to_string();
     fleet.publish("direct", &direct("alice", 0)).await?;
-    let seen = pos(&take_events(&mut c, 1).await?[0]);
+    let seen = pos(&c.take_events(1).await?[0]);
 
     // While the edge's NATS connection is down, its live subscriptions miss
     // whatever is published: the edge cannot know what, so it asks every

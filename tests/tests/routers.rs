@@ -9,28 +9,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 use switchyard_tests::fleet::Fleet;
 use switchyard_tests::ws_client::WsClient;
 
 type R = anyhow::Result<()>;
-
-/// Events of the next frames until `n` are collected (batches flattened).
-async fn take_events(c: &mut WsClient, n: usize) -> anyhow::Result<Vec<Value>> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let f = c
-            .frame()
-            .await
-            .with_context(|| format!("after {} of {n} events", out.len()))?;
-        match f["op"].as_str() {
-            Some("event") => out.push(f),
-            Some("batch") => out.extend(f["events"].as_array().cloned().unwrap_or_default()),
-            _ => bail!("unexpected frame while collecting events: {f}"),
-        }
-    }
-    Ok(out)
-}
 
 /// A router running as its own process, killed (SIGKILL) on drop.
 struct RouterProcess {
@@ -130,7 +113,7 @@ async fn a_change_through_one_router_holds_at_the_other_for_the_very_next_event(
                 &json!({"data":{"round":round},"target":{"match":{"symbol":sym}}}),
             )
             .await?;
-        let ev = take_events(&mut c, 1).await?.remove(0);
+        let ev = c.take_events(1).await?.remove(0);
         assert_eq!(ev["data"]["round"], round, "round {round}: {ev}");
         assert_eq!(ev["sub"], json!([format!("s{round}")]));
         // Room membership likewise.
@@ -142,7 +125,7 @@ async fn a_change_through_one_router_holds_at_the_other_for_the_very_next_event(
                 &json!({"data":{"room":room},"target":{"room":room}}),
             )
             .await?;
-        let ev = take_events(&mut c, 1).await?.remove(0);
+        let ev = c.take_events(1).await?.remove(0);
         assert_eq!(ev["data"]["room"], room.as_str());
     }
     // Unsubscribe through either router stops matches everywhere.
@@ -163,7 +146,7 @@ async fn a_change_through_one_router_holds_at_the_other_for_the_very_next_event(
     fleet
         .publish("direct", &json!({"data":"end","target":{"users":["alice"]}}))
         .await?;
-    let ev = take_events(&mut c, 1).await?.remove(0);
+    let ev = c.take_events(1).await?.remove(0);
     assert_eq!(ev["data"], "end", "a match after unsubscribe: {ev}");
     second.shutdown().await;
     fleet.shutdown().await;
@@ -198,7 +181,7 @@ async fn a_router_restart_keeps_every_subscription_and_membership() -> R {
     fleet
         .publish("chat", &json!({"data":{"n":2},"target":{"room":"desk:fx.eu"}}))
         .await?;
-    let mut evs = take_events(&mut c, 2).await?;
+    let mut evs = c.take_events(2).await?;
     evs.sort_by_key(|e| e["data"]["n"].as_u64());
     assert_eq!(evs[0]["data"], json!({"n":1}), "fields trimming survives the restart");
     assert_eq!(evs[1]["data"], json!({"n":2}));
@@ -249,7 +232,7 @@ async fn killing_a_router_mid_stream_loses_nothing_and_delivers_nothing_twice() 
         anyhow::Ok(())
     };
     let (p, evs) = tokio::join!(producer, async {
-        tokio::time::timeout(Duration::from_secs(60), take_events(&mut c, N as usize)).await
+        tokio::time::timeout(Duration::from_secs(60), c.take_events(N as usize)).await
     });
     p?;
     let evs = evs.context("not every event arrived within 60 s")??;
@@ -272,7 +255,7 @@ async fn killing_a_router_mid_stream_loses_nothing_and_delivers_nothing_twice() 
     fleet
         .publish("direct", &json!({"data":"end","target":{"users":["alice"]}}))
         .await?;
-    let last = take_events(&mut c, 1).await?.remove(0);
+    let last = c.take_events(1).await?.remove(0);
     assert_eq!(last["data"], "end", "a late extra event: {last}");
     fleet.shutdown().await;
     Ok(())
@@ -426,7 +409,7 @@ async fn authorization_by_claims_public_lists_and_the_application() -> R {
     fleet
         .publish("alerts", &json!({"data":"for premium","target":{"match":{}}}))
         .await?;
-    let ev = take_events(&mut premium, 1).await?.remove(0);
+    let ev = premium.take_events(1).await?.remove(0);
     assert_eq!(ev["data"], "for premium");
     fleet.shutdown().await;
     Ok(())

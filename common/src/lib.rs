@@ -12,6 +12,7 @@
 //! - [`subscription`]: a validated subscription and its matching semantics.
 //! - [`event`]: producer events (MessagePack or JSON) and their targets.
 //! - [`delivery`]: the pre-targeted delivery body routers publish and edges turn into `event`/`batch` frames.
+//! - [`fanout`]: the router tier's own messages: hand-off to delivery partitions, live batches per edge, presence.
 //! - [`control`]: edge ↔ router request/reply messages for subscription changes.
 //! - [`transcode`]: byte-level MessagePack helpers (skip, trim, to JSON).
 
@@ -20,6 +21,7 @@ pub mod control;
 pub mod delivery;
 pub mod error;
 pub mod event;
+pub mod fanout;
 pub mod ids;
 pub mod subject;
 pub mod subscription;

@@ -65,44 +65,74 @@ impl Subjects {
         Some((ty, key))
     }
 
-    /// The durable delivery subject of one user: `<prefix>.deliver.<user>`,
-    /// captured by the delivery log.
-    pub fn deliver(&self, user: &str) -> String {
+    /// The durable delivery subject of one user in user partition
+    /// `partition`: `<prefix>.deliver.<partition>.<user>`, captured by the
+    /// log stream of the partition's group. The partition is in the subject
+    /// because a stream can capture subjects only by pattern, not by hash.
+    pub fn deliver(&self, partition: u32, user: &str) -> String {
         debug_assert!(ids::is_valid_user_id(user));
-        format!("{}.deliver.{user}", self.prefix)
+        format!("{}.deliver.{partition}.{user}", self.prefix)
     }
 
-    /// Durable broadcasts (`target: all`), stored once: `<prefix>.deliver._all`.
-    pub fn deliver_all(&self) -> String {
-        format!("{}.deliver.{BROADCAST_TOKEN}", self.prefix)
+    /// The durable broadcasts of one user partition, written by that
+    /// partition's owner: `<prefix>.deliver.<partition>._all`.
+    pub fn deliver_all(&self, partition: u32) -> String {
+        format!("{}.deliver.{partition}.{BROADCAST_TOKEN}", self.prefix)
     }
 
-    /// Every durable delivery subject, for the delivery log stream: `<prefix>.deliver.>`.
-    pub fn deliver_wildcard(&self) -> String {
-        format!("{}.deliver.>", self.prefix)
+    /// What the log stream of one user partition captures: `<prefix>.deliver.<partition>.*`.
+    pub fn deliver_partition(&self, partition: u32) -> String {
+        format!("{}.deliver.{partition}.*", self.prefix)
     }
 
-    /// The live subject edges subscribe to for one user: `<prefix>.live.<user>`.
-    /// Durable deliveries reach it through the log's republish (with their
-    /// sequence); non-durable ones are published to it directly.
-    pub fn live(&self, user: &str) -> String {
-        debug_assert!(ids::is_valid_user_id(user));
-        format!("{}.live.{user}", self.prefix)
+    /// Name of log stream `group`: `<BASE>_LOG_<group>`. User partition `p`
+    /// is stored in group `p % groups`.
+    pub fn log_stream(&self, group: u32) -> String {
+        format!("{}_LOG_{group}", self.asset_base())
     }
 
-    /// The live subject of broadcasts, which every edge subscribes to once.
-    pub fn live_all(&self) -> String {
-        format!("{}.live.{BROADCAST_TOKEN}", self.prefix)
+    /// The match stage's durable hand-off to user partition `partition`:
+    /// `<prefix>.targets.<partition>`, captured by the hand-off stream.
+    pub fn targets(&self, partition: u32) -> String {
+        format!("{}.targets.{partition}", self.prefix)
     }
 
-    /// Where the log republishes: `<prefix>.live.>`.
-    pub fn live_wildcard(&self) -> String {
-        format!("{}.live.>", self.prefix)
+    /// What the hand-off stream captures: `<prefix>.targets.*`.
+    pub fn targets_wildcard(&self) -> String {
+        format!("{}.targets.*", self.prefix)
     }
 
-    /// Name of the delivery log stream: the prefix, upper-cased, `.` → `_`, plus `_DELIVERIES`.
-    pub fn log_stream(&self) -> String {
-        format!("{}_DELIVERIES", self.prefix.replace('.', "_").to_ascii_uppercase())
+    /// The hand-off stream: `<BASE>_TARGETS`.
+    pub fn targets_stream(&self) -> String {
+        format!("{}_TARGETS", self.asset_base())
+    }
+
+    /// The match stage's live-only hand-off (core NATS) to user partition
+    /// `partition`: `<prefix>.tlive.<partition>`.
+    pub fn targets_live(&self, partition: u32) -> String {
+        format!("{}.tlive.{partition}", self.prefix)
+    }
+
+    /// The one subject an edge takes its live deliveries on: `<prefix>.edge.<edge id>`.
+    pub fn edge(&self, edge_id: &str) -> String {
+        format!("{}.edge.{edge_id}", self.prefix)
+    }
+
+    /// Where edges announce their users to user partition `partition`
+    /// (request/reply): `<prefix>.reg.<partition>`.
+    pub fn presence_register(&self, partition: u32) -> String {
+        format!("{}.reg.{partition}", self.prefix)
+    }
+
+    /// Edges say they are alive here (payload: the edge id); routers forget
+    /// the users of an edge that stops.
+    pub fn edges_heartbeat(&self) -> String {
+        format!("{}.edges.heartbeat", self.prefix)
+    }
+
+    /// An edge that stops cleanly says so here (payload: the edge id).
+    pub fn edges_bye(&self) -> String {
+        format!("{}.edges.bye", self.prefix)
     }
 
     /// Base of the JetStream asset names: the prefix upper-cased, `.` → `_`.
@@ -244,11 +274,13 @@ mod tests {
     fn names_under_prefix() {
         let s = Subjects::new("acme.sy").unwrap();
         assert_eq!(s.events_wildcard(), "acme.sy.events.>");
-        assert_eq!(s.deliver("u1"), "acme.sy.deliver.u1");
-        assert_eq!(s.deliver_all(), "acme.sy.deliver._all");
-        assert_eq!(s.live("u1"), "acme.sy.live.u1");
-        assert_eq!(s.live_all(), "acme.sy.live._all");
-        assert_eq!(s.log_stream(), "ACME_SY_DELIVERIES");
+        assert_eq!(s.deliver(3, "u1"), "acme.sy.deliver.3.u1");
+        assert_eq!(s.deliver_all(3), "acme.sy.deliver.3._all");
+        assert_eq!(s.deliver_partition(3), "acme.sy.deliver.3.*");
+        assert_eq!(s.log_stream(1), "ACME_SY_LOG_1");
+        assert_eq!(s.targets(2), "acme.sy.targets.2");
+        assert_eq!(s.targets_stream(), "ACME_SY_TARGETS");
+        assert_eq!(s.edge("e1f"), "acme.sy.edge.e1f");
         assert!(!ids::is_valid_user_id(BROADCAST_TOKEN));
         assert_eq!(s.event("tick", Some("AAPL")), "acme.sy.events.tick.AAPL");
         assert_eq!(s.parse_event("acme.sy.events.tick.AAPL"), Some(("tick", Some("AAPL"))));

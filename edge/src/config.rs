@@ -106,6 +106,13 @@ pub struct EdgeConfig {
     /// Time the router tier (and rpc applications) have to answer, in milliseconds.
     #[arg(long, env = "SWITCHYARD_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
     pub request_timeout_ms: u64,
+    /// How long a new connection waits for its user's delivery partition to
+    /// acknowledge it (covers a router failover: lease TTL plus presence sync), in milliseconds.
+    #[arg(long, env = "SWITCHYARD_REGISTER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub register_timeout_ms: u64,
+    /// User partitions of the router tier's delivery stage; must equal the routers' setting.
+    #[arg(long, env = "SWITCHYARD_USER_PARTITIONS", default_value_t = 8)]
+    pub user_partitions: u32,
     /// How long to wait at start for the delivery log stream (created by routers), in milliseconds.
     #[arg(long, env = "SWITCHYARD_LOG_WAIT_MS", default_value_t = 30_000)]
     pub log_wait_ms: u64,
@@ -212,6 +219,9 @@ impl EdgeConfig {
             return Err(ConfigError::Range(
                 "SWITCHYARD_TLS_CERT and SWITCHYARD_TLS_KEY go together",
             ));
+        }
+        if !(1..=1024).contains(&self.user_partitions) {
+            return Err(ConfigError::Range("SWITCHYARD_USER_PARTITIONS must be 1 to 1024"));
         }
         if self.max_connections == 0 || self.max_connections_per_user == 0 {
             return Err(ConfigError::Range("connection limits must be at least 1"));

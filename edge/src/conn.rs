@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use switchyard_common::event::Prio;
-use switchyard_common::CloseCode;
+use switchyard_common::{CloseCode, Encoding};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::outbound::{Fate, OutboundConfig, OutboundQueue};
@@ -37,17 +37,6 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// A live delivery from a NATS message: the body, and the log position
-    /// from the republish header when the event is durable.
-    pub fn from_message(msg: &async_nats::Message) -> Delivery {
-        let pos = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
-            .and_then(|v| v.as_str().parse::<u64>().ok());
-        Delivery::new(msg.payload.clone(), pos, false)
-    }
-
     /// A delivery for `body` at `pos`.
     pub fn new(body: Bytes, pos: Option<u64>, replayed: bool) -> Delivery {
         let meta = switchyard_common::delivery::peek_meta(&body).unwrap_or_default();
@@ -286,13 +275,15 @@ struct Hold {
     overflowed: bool,
 }
 
-/// Shared reference to an authenticated connection, held by the hub and pumps.
+/// Shared reference to an authenticated connection, held by the hub and the user table.
 #[derive(Debug)]
 pub struct ConnHandle {
     /// Node-unique connection id.
     pub id: u64,
     /// The authenticated user.
     pub user: Arc<str>,
+    /// The connection's encoding (for frames others queue for it).
+    pub encoding: Encoding,
     senders: ConnSenders,
     holding: AtomicBool,
     hold: Mutex<Hold>,
@@ -307,10 +298,18 @@ pub struct ConnHandle {
 impl ConnHandle {
     /// A handle for an authenticated connection, holding live deliveries
     /// (at most `hold_cap`) until [`ConnHandle::release`].
-    pub fn new(id: u64, user: Arc<str>, senders: ConnSenders, exp_s: u64, hold_cap: usize) -> Arc<ConnHandle> {
+    pub fn new(
+        id: u64,
+        user: Arc<str>,
+        encoding: Encoding,
+        senders: ConnSenders,
+        exp_s: u64,
+        hold_cap: usize,
+    ) -> Arc<ConnHandle> {
         Arc::new(ConnHandle {
             id,
             user,
+            encoding,
             senders,
             holding: AtomicBool::new(true),
             hold: Mutex::new(Hold {
@@ -344,9 +343,9 @@ impl ConnHandle {
         self.senders.try_deliver(d);
     }
 
-    /// Counts deliveries this connection missed (a lagging broadcast receiver).
-    pub fn missed(&self, n: u64) {
-        self.senders.count_dropped(n);
+    /// Whether live deliveries are still held (the connection has not finished `ready` and its replay).
+    pub fn is_holding(&self) -> bool {
+        self.holding.load(Ordering::Acquire)
     }
 
     /// Whether durable deliveries were lost from the hold since the last call.
@@ -439,7 +438,10 @@ mod tests {
 
     fn handle() -> (Arc<ConnHandle>, ConnQueues) {
         let (senders, queues) = channels(OutboundConfig::default());
-        (ConnHandle::new(1, Arc::from("alice"), senders, u64::MAX, 16), queues)
+        (
+            ConnHandle::new(1, Arc::from("alice"), Encoding::MsgPack, senders, u64::MAX, 16),
+            queues,
+        )
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! users and delivers each user's events to every one of their connections.
 //!
 //! The edge is stateless beyond its connections: subscriptions live in the
-//! router tier, deliveries arrive pre-targeted on per-user NATS subjects.
+//! router tier; deliveries arrive pre-targeted, grouped for this node, on
+//! one NATS subject per node, and are dispatched to the named users'
+//! connections.
 //!
 //! # Layout
 //! - [`config`]: flags and `SWITCHYARD_*` variables.
@@ -12,8 +14,10 @@
 //! - [`wsread`]: WebSocket frame reading with no buffer between frames.
 //! - [`outbound`]: the per-connection queue policy: rate limit, conflation, slow-consumer drops (pure).
 //! - [`conn`]: the handle and bounded queues of one connection.
-//! - [`hub`]: user → connections, per-user NATS subscriptions, broadcasts, the sweeper.
-//! - [`log`]: the delivery log: positions, replay on resume, `recovered`.
+//! - [`hub`]: the node's connections, registration, draining, the sweeper.
+//! - [`intake`]: the node's one live subscription and the user → connections table it dispatches to.
+//! - [`presence`]: announcing this node's users to their delivery partitions (batched), heartbeats.
+//! - [`log`]: the delivery log: replay on resume, `recovered`.
 //! - [`backend`]: requests to the router tier and rpc applications.
 //! - [`node`]: what all connections share (limits, drain flag).
 //! - [`tls`]: rustls for `wss://`.
@@ -27,9 +31,11 @@ pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod hub;
+pub mod intake;
 pub mod log;
 pub mod node;
 pub mod outbound;
+pub mod presence;
 pub mod server;
 pub mod session;
 pub mod tls;
@@ -91,7 +97,7 @@ impl RunningEdge {
     pub async fn drain(&self) -> bool {
         self.node.draining.store(true, std::sync::atomic::Ordering::Relaxed);
         let spread = Duration::from_millis(self.node.config.drain_spread_ms);
-        self.node.hub.drain(spread).await;
+        self.node.hub.drain(spread);
         let gone = self
             .node
             .hub
@@ -170,9 +176,16 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         heartbeat: Duration::from_millis(config.heartbeat_ms),
         slow_consumer: Duration::from_millis(config.slow_consumer_ms),
     };
-    let hub = hub::Hub::start(client.clone(), subjects.clone(), sweep, tasks.clone(), cancel.clone()).await?;
+    let table = Arc::new(intake::UserTable::new(config.user_partitions));
+    let hub = hub::Hub::start(table.clone(), sweep, &tasks, cancel.clone());
     let log_wait = Duration::from_millis(config.log_wait_ms);
-    let log = log::DeliveryLog::open(async_nats::jetstream::new(client.clone()), subjects.clone(), log_wait).await?;
+    let log = log::DeliveryLog::open(
+        async_nats::jetstream::new(client.clone()),
+        subjects.clone(),
+        config.user_partitions,
+        log_wait,
+    )
+    .await?;
     let backend = backend::Backend::new(client.clone(), subjects.clone(), config.request_timeout());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let ws_addr = listener.local_addr()?;
@@ -200,9 +213,20 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
             && ready_client.connection_state() == async_nats::connection::State::Connected
     });
     tasks.spawn(admin::serve(admin_listener, ready, metrics, cancel.clone()));
+    // The node's one live subscription, then presence: routers learn of
+    // this node (heartbeat) only once it can take deliveries.
+    let intake_sub = client.subscribe(subjects.edge(&node.node_id)).await?;
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }
+    tasks.spawn(intake::dispatch(intake_sub, table.clone(), cancel.clone()));
+    tasks.spawn(presence::run(
+        client.clone(),
+        subjects.clone(),
+        node.node_id.clone(),
+        table,
+        cancel.clone(),
+    ));
     tasks.spawn(resync(gaps, node.hub.clone(), cancel.clone()));
     let wss = tls.is_some();
     tasks.spawn(server::serve(listener, node.clone(), tls));
@@ -235,7 +259,9 @@ async fn resync(mut gaps: tokio::sync::watch::Receiver<u64>, hub: hub::Hub, canc
                 }
                 tracing::warn!("live deliveries may have a gap: clients are asked to reconnect and resume");
                 metrics::counter!("switchyard_edge_resyncs_total").increment(1);
-                hub.reconnect_all(RESYNC_SPREAD, "resync").await;
+                // Delivery partitions may have forgotten this node meanwhile.
+                hub.table().resync_all();
+                hub.reconnect_all(RESYNC_SPREAD, "resync");
             }
         }
     }

@@ -1,12 +1,14 @@
-//! The edge's view of the delivery log: where it stands (`epoch`, last
-//! position), replaying a user's durable events after a position, and
-//! deciding whether a resume is `recovered`.
+//! The edge's view of the delivery log: replaying a user's durable events
+//! after a position, and deciding whether a resume is `recovered`.
 //!
-//! The router tier owns the stream (see `switchyard_router::log`); the edge
-//! only reads it. A user's durable history is the merge, by stream sequence,
-//! of the user's subject and the shared broadcast subject; replay reads
-//! each with direct gets (`next_by_subj`, stateless on the server) and
-//! merges them in that order. Requires the stream's `allow_direct`.
+//! The router tier owns the log streams (see `switchyard_router::log`); the
+//! edge only reads them. A user's durable history is the merge, by stream
+//! sequence, of the user's subject and the broadcast subject of the user's
+//! partition, both in one stream and written by one router at a time;
+//! replay reads each with direct gets (`next_by_subj`, stateless on the
+//! server) and merges them in that order. Where the user's log is and its
+//! `epoch` come with the user's registration ([`crate::intake::Registration`]).
+//! Requires the streams' `allow_direct`.
 
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use futures::TryStreamExt;
 use switchyard_common::subject::Subjects;
 
 use crate::conn::{ConnSenders, Delivery};
+use crate::intake::Registration;
 
 /// Why the log could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -34,17 +37,24 @@ fn request_error(e: impl std::fmt::Display) -> LogError {
     LogError::Request(e.to_string())
 }
 
-/// Where the log stands now.
+/// What the `recovered` check needs of a log stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogPoint {
-    /// The stream's incarnation: name and creation time.
-    pub epoch: String,
+pub struct LogState {
     /// The last sequence stored (0 when empty).
     pub last_seq: u64,
     /// The first sequence still stored.
     pub first_seq: u64,
     /// Messages kept per subject.
     pub max_per_subject: i64,
+}
+
+/// The two subjects of one user's history.
+#[derive(Debug, Clone)]
+pub struct UserLog {
+    /// The stream holding them.
+    pub stream: String,
+    /// The user's own subject and the partition's broadcast subject.
+    pub subjects: [String; 2],
 }
 
 /// What a replay sent.
@@ -56,28 +66,35 @@ pub struct Replayed {
     pub last_pos: u64,
 }
 
-/// Read access to the delivery log stream.
+/// Read access to the delivery log streams.
 pub struct DeliveryLog {
     js: async_nats::jetstream::Context,
-    name: String,
     subjects: Subjects,
+    partitions: u32,
 }
 
 /// How long one replayed message may take to arrive before the replay fails.
 const REPLAY_STALL: Duration = Duration::from_secs(10);
 
 impl DeliveryLog {
-    /// Finds the stream, waiting up to `wait` for a router to create it.
+    /// Finds the first log stream, waiting up to `wait` for a router to create it.
     pub async fn open(
         js: async_nats::jetstream::Context,
         subjects: Subjects,
+        partitions: u32,
         wait: Duration,
     ) -> Result<DeliveryLog, LogError> {
-        let name = subjects.log_stream();
+        let name = subjects.log_stream(0);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             match js.get_stream(&name).await {
-                Ok(_) => return Ok(DeliveryLog { js, name, subjects }),
+                Ok(_) => {
+                    return Ok(DeliveryLog {
+                        js,
+                        subjects,
+                        partitions,
+                    })
+                }
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     tracing::error!(error = %e, stream = %name, "delivery log not available");
                     return Err(LogError::Missing(name));
@@ -87,47 +104,57 @@ impl DeliveryLog {
         }
     }
 
-    async fn stream(&self) -> Result<Stream, LogError> {
-        self.js.get_stream(&self.name).await.map_err(|e| match e.kind() {
-            async_nats::jetstream::context::GetStreamErrorKind::JetStream(_) => LogError::Missing(self.name.clone()),
+    /// Where `user`'s history is, given their registration.
+    pub fn user_log(&self, user: &str, reg: &Registration) -> UserLog {
+        let p = switchyard_common::fanout::user_partition(user, self.partitions);
+        UserLog {
+            stream: reg.stream.clone(),
+            subjects: [self.subjects.deliver(p, user), self.subjects.deliver_all(p)],
+        }
+    }
+
+    async fn stream(&self, name: &str) -> Result<Stream, LogError> {
+        self.js.get_stream(name).await.map_err(|e| match e.kind() {
+            async_nats::jetstream::context::GetStreamErrorKind::JetStream(_) => LogError::Missing(name.to_string()),
             _ => request_error(e),
         })
     }
 
-    /// Reads the stream's current state.
-    pub async fn point(&self) -> Result<LogPoint, LogError> {
-        let stream = self.stream().await?;
+    /// Reads a log stream's current state.
+    pub async fn state(&self, log: &UserLog) -> Result<LogState, LogError> {
+        let stream = self.stream(&log.stream).await?;
         let info = stream.cached_info();
-        Ok(LogPoint {
-            epoch: format!("{}-{:x}", info.config.name, info.created.unix_timestamp_nanos()),
+        Ok(LogState {
             last_seq: info.state.last_sequence,
             first_seq: info.state.first_sequence,
             max_per_subject: info.config.max_messages_per_subject,
         })
     }
 
-    /// Whether nothing durable for `user` after `since` has been evicted
-    /// (the caller has checked the epoch). Conservative: may say false when
-    /// nothing was lost, never true when something was.
-    pub async fn recovered(&self, user: &str, since: u64, point: &LogPoint) -> Result<bool, LogError> {
-        if since > point.last_seq {
+    /// Whether nothing durable for the user after `since` has been evicted
+    /// (the caller has checked the epoch; `upto` is the registration's
+    /// `pos`). Conservative: may say false when nothing was lost, never true
+    /// when something was.
+    pub async fn recovered(&self, log: &UserLog, since: u64, upto: u64) -> Result<bool, LogError> {
+        if since > upto {
             return Ok(false);
         }
+        let state = self.state(log).await?;
         // Age limits evict from the front of the whole stream.
-        if point.first_seq > since.saturating_add(1) {
+        if state.first_seq > since.saturating_add(1) {
             return Ok(false);
         }
         // A per-subject limit evicts a subject's oldest first: if the subject
         // is full and its oldest kept message is after `since`, something
         // after `since` may have been evicted.
-        let stream = self.stream().await?;
-        for subject in [self.subjects.deliver(user), self.subjects.deliver_all()] {
-            let mut counts = stream.info_with_subjects(&subject).await.map_err(request_error)?;
+        let stream = self.stream(&log.stream).await?;
+        for subject in &log.subjects {
+            let mut counts = stream.info_with_subjects(subject).await.map_err(request_error)?;
             let mut count = 0u64;
             while let Some((_, n)) = counts.try_next().await.map_err(request_error)? {
                 count += n as u64;
             }
-            if point.max_per_subject > 0 && count >= point.max_per_subject as u64 {
+            if state.max_per_subject > 0 && count >= state.max_per_subject as u64 {
                 let first = stream
                     .direct_get_first_for_subject(subject.as_str())
                     .await
@@ -162,7 +189,7 @@ impl DeliveryLog {
 
     /// Sends `user`'s durable events with `after < pos <= upto`, in order,
     /// into the connection's data queue (waiting for room: the writer paces it).
-    pub async fn replay(&self, user: &str, after: u64, upto: u64, out: &ConnSenders) -> Result<Replayed, LogError> {
+    pub async fn replay(&self, log: &UserLog, after: u64, upto: u64, out: &ConnSenders) -> Result<Replayed, LogError> {
         let mut done = Replayed {
             count: 0,
             last_pos: after,
@@ -176,8 +203,8 @@ impl DeliveryLog {
         // against, and a reconnect storm of 10,000 resumes created 10,000
         // of them at once (nats-server pegged, resumes timing out). A direct
         // get is stateless and served by any replica.
-        let stream = self.stream().await?;
-        let subjects = [self.subjects.deliver(user), self.subjects.deliver_all()];
+        let stream = self.stream(&log.stream).await?;
+        let subjects = &log.subjects;
         let mut heads = [None, None];
         for (i, subject) in subjects.iter().enumerate() {
             heads[i] = Self::next_on(&stream, subject, after + 1, upto).await?;

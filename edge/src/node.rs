@@ -44,7 +44,8 @@ pub struct Node {
     pub log_slots: Semaphore,
     /// Set on SIGTERM: readiness fails and new upgrades are refused.
     pub draining: AtomicBool,
-    /// Prefix of this node's connection ids.
+    /// This node's id: its live subject is `<prefix>.edge.<node_id>`, and
+    /// it prefixes connection ids.
     pub node_id: String,
     /// Fires when the node shuts down.
     pub cancel: CancellationToken,
@@ -67,11 +68,14 @@ impl Node {
         tasks: TaskTracker,
     ) -> Node {
         let (config_max_connections, config_max_per_user) = (config.max_connections, config.max_connections_per_user);
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros())
-            .unwrap_or(0);
-        let node_id = format!("{:x}{:x}", std::process::id(), started & 0xff_ffff);
+        // Random per process (std's hasher keys are seeded from the OS), so
+        // pods that all run as pid 1 still get distinct ids.
+        let node_id = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            format!("{:016x}", h.finish())
+        };
         Node {
             config,
             verifier,

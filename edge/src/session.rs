@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
 use crate::conn::{channels, now_ms, Barrier, ConnHandle, ConnQueues, ConnSenders, Control, Delivery};
+use crate::intake::Registration;
 use crate::log::LogError;
 use crate::node::{Node, UserSlot};
 use crate::wsread::{FrameReader, Obligation};
@@ -132,19 +133,27 @@ pub async fn run(
     let conn = ConnHandle::new(
         node.next_conn_id(),
         Arc::from(claims.sub.as_str()),
+        encoding,
         reader.senders.clone(),
         claims.exp,
         node.config.queue_events,
     );
-    if let Err(e) = Box::pin(node.hub.register(conn.clone(), encoding)).await {
-        tracing::error!(error = %e, "cannot register connection");
-        reader
-            .reply_error(None, ErrorCode::Internal, "cannot subscribe to deliveries")
-            .await;
-        reader.senders.control(Control::Close(1011, "internal error")).await;
-        conn_done.cancel();
-        return;
-    }
+    let registration = match Box::pin(node.hub.register(
+        conn.clone(),
+        std::time::Duration::from_millis(node.config.register_timeout_ms),
+    )).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, user = %claims.sub, "cannot register connection with its delivery partition");
+            reader
+                .reply_error(None, ErrorCode::Unavailable, "delivery unavailable; reconnect later")
+                .await;
+            reader.senders.control(Control::Close(1011, "delivery unavailable")).await;
+            node.hub.unregister(&conn);
+            conn_done.cancel();
+            return;
+        }
+    };
     let conn_name = format!("{}-{}", node.node_id, conn.id);
     if let Err(e) = Box::pin(start_delivery(
         &node,
@@ -152,6 +161,7 @@ pub async fn run(
         &conn,
         &conn_name,
         &claims,
+        &registration,
         resume,
         auth_id,
     ))
@@ -169,46 +179,47 @@ pub async fn run(
             .senders
             .control(Control::Close(1011, "delivery log unavailable"))
             .await;
-        Box::pin(node.hub.unregister(conn)).await;
+        node.hub.unregister(&conn);
         conn_done.cancel();
         return;
     }
     tracing::debug!(conn = %conn_name, user = %claims.sub, "connection ready");
     Box::pin(reader.serve(conn.clone(), claims)).await;
-    Box::pin(node.hub.unregister(conn)).await;
+    node.hub.unregister(&conn);
     conn_done.cancel();
 }
 
 /// Sends `ready`, replays the log when a resume was asked, sends `resumed`,
 /// and then lets live deliveries through: the order PROTOCOL.md promises.
+///
+/// The registration's `pos` is the floor: everything of the user's up to it
+/// is in the log, everything after reaches this connection live (held
+/// until the end of this function). A `since` ahead of it replays nothing,
+/// is not `recovered`, and does not hold back live events.
+#[allow(clippy::too_many_arguments)]
 async fn start_delivery(
     node: &Node,
     reader: &mut Reader,
     conn: &ConnHandle,
     conn_name: &str,
     claims: &Claims,
+    reg: &Registration,
     resume: Option<Resume>,
     auth_id: Option<u32>,
 ) -> Result<(), LogError> {
-    // One round trip makes sure the user's live subscription is in place
-    // before the log's position is read: everything after it arrives live.
-    if let Err(e) = node.client.flush().await {
-        tracing::warn!(error = %e, "flush after subscribing failed");
-    }
-    let point = node.log.point().await?;
     let ready = ServerFrame::Ready {
         id: auth_id,
         conn: conn_name,
         user: &claims.sub,
-        epoch: &point.epoch,
-        pos: point.last_seq,
+        epoch: &reg.epoch,
+        pos: reg.pos,
         server_time: now_ms(),
         heartbeat_ms: node.config.heartbeat_ms,
         limits: node.config.limits(),
     };
     let Some(resume) = resume else {
         // No resume: live events after `ready.pos`.
-        reader.barrier(&ready, Some(point.last_seq)).await;
+        reader.barrier(&ready, Some(reg.pos)).await;
         conn.release();
         return Ok(());
     };
@@ -216,24 +227,22 @@ async fn start_delivery(
     // Never closed, so this waits its turn and always gets a permit. Taken
     // after `ready`, so a waiting client knows it is connected.
     let log_slot = node.log_slots.acquire().await.ok();
-    let same_epoch = resume.epoch == point.epoch;
-    let after = if same_epoch { resume.since } else { 0 };
-    let recovered = same_epoch && node.log.recovered(&claims.sub, resume.since, &point).await?;
-    let mut replayed = node
-        .log
-        .replay(&claims.sub, after, point.last_seq, &reader.senders)
-        .await?;
-    let mut upto = point.last_seq;
+    let log = node.log.user_log(&claims.sub, reg);
+    let same_epoch = resume.epoch == reg.epoch;
+    let after = if same_epoch { resume.since.min(reg.pos) } else { 0 };
+    let recovered = same_epoch && node.log.recovered(&log, resume.since, reg.pos).await?;
+    let mut replayed = node.log.replay(&log, after, reg.pos, &reader.senders).await?;
+    let mut upto = reg.pos;
     // Live events that did not fit the hold while replaying are still in
     // the log: catch up from there (bounded), then switch to live.
     for _ in 0..MAX_CATCH_UP_ROUNDS {
         if !conn.take_hold_overflow() {
             break;
         }
-        upto = node.log.point().await?.last_seq;
+        upto = node.log.state(&log).await?.last_seq;
         let more = node
             .log
-            .replay(&claims.sub, replayed.last_pos.max(after), upto, &reader.senders)
+            .replay(&log, replayed.last_pos.max(after), upto, &reader.senders)
             .await?;
         replayed.count += more.count;
         replayed.last_pos = more.last_pos;

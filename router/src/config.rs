@@ -51,6 +51,20 @@ pub struct RouterConfig {
     /// Partitions per event stream (events on one subject stay in one partition).
     #[arg(long, env = "SWITCHYARD_PARTITIONS", default_value_t = 8)]
     pub partitions: u32,
+    /// User partitions of the delivery stage (each user's deliveries have one
+    /// writer: the router holding the user's partition). Edges must use the same number.
+    #[arg(long, env = "SWITCHYARD_USER_PARTITIONS", default_value_t = 8)]
+    pub user_partitions: u32,
+    /// Log streams the user partitions are spread over (`<BASE>_LOG_<n>`).
+    #[arg(long, env = "SWITCHYARD_LOG_STREAMS", default_value_t = 4)]
+    pub log_streams: u32,
+    /// An edge not heard from for this long is forgotten (its users' presence cleared), in ms.
+    #[arg(long, env = "SWITCHYARD_EDGE_TIMEOUT_MS", default_value_t = 3000)]
+    pub edge_timeout_ms: u64,
+    /// How long a router that takes over a user partition waits for the
+    /// edges to re-announce their users before it delivers, in ms.
+    #[arg(long, env = "SWITCHYARD_PRESENCE_SYNC_MS", default_value_t = 2000)]
+    pub presence_sync_ms: u64,
     /// How long a dead router's partitions wait before another router takes them, in ms.
     #[arg(long, env = "SWITCHYARD_LEASE_TTL_MS", default_value_t = 5000)]
     pub lease_ttl_ms: u64,
@@ -121,6 +135,14 @@ impl RouterConfig {
         }
         if !(1..=1024).contains(&self.partitions) {
             return Err(ConfigError::Range("SWITCHYARD_PARTITIONS must be 1 to 1024"));
+        }
+        if !(1..=1024).contains(&self.user_partitions) || !(1..=self.user_partitions).contains(&self.log_streams) {
+            return Err(ConfigError::Range(
+                "SWITCHYARD_USER_PARTITIONS must be 1 to 1024 and SWITCHYARD_LOG_STREAMS 1 to SWITCHYARD_USER_PARTITIONS",
+            ));
+        }
+        if self.edge_timeout_ms < 500 {
+            return Err(ConfigError::Range("SWITCHYARD_EDGE_TIMEOUT_MS must be at least 500"));
         }
         if self.lease_ttl_ms < 500 {
             return Err(ConfigError::Range("SWITCHYARD_LEASE_TTL_MS must be at least 500"));
@@ -209,6 +231,8 @@ impl RouterConfig {
             memory: self.log_storage == "memory",
             replicas: self.log_replicas,
             duplicate_window: std::time::Duration::from_secs(self.log_duplicate_window_s),
+            user_partitions: self.user_partitions,
+            groups: self.log_streams,
         }
     }
 

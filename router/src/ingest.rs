@@ -1,31 +1,32 @@
-//! Ingest: producer events in, one pre-targeted delivery per user out.
+//! The match stage: producer events in, their targets handed off to the
+//! delivery stage, one message per user partition.
 //!
 //! A [`Worker`] processes one partition of an event stream (see
 //! [`crate::events`]) while its router holds that partition's lease (see
-//! [`crate::lease`]). It owns decoding, deduplication by producer `id`,
-//! targeting and publishing; a malformed event is counted and acknowledged
+//! [`crate::lease`]). It decodes, deduplicates by producer `id`, matches
+//! (index, rooms, direct targets), encodes each user's body (subscription
+//! names, `fields`) and groups the (user, body) pairs by user partition
+//! ([`crate::handoff`]); a malformed event is counted and acknowledged
 //! (dropped), never fatal.
 //!
 //! # Order, acknowledgement and failover
-//! The worker takes messages in stream order and publishes their deliveries
-//! in that order. Durable deliveries are JetStream publishes into the
-//! delivery log; their acknowledgements are awaited in a pipeline (a
-//! [`FuturesOrdered`] of events, bounded), not one round trip at a time, and
-//! an event is acknowledged only when all its durable deliveries are stored,
-//! in event order. Every event before the first unacknowledged one is thus
-//! fully delivered, and the stream (work-queue retention) holds only what is
-//! still owed. A worker that starts (after a failover, or a restart after an
-//! error) recreates the partition's consumer from the oldest message left,
-//! so nothing is skipped and the order is kept.
+//! Durable events go to the hand-off stream (JetStream, one message per
+//! event and user partition, message id `<event>:<partition>`), whose
+//! acknowledgements are awaited in a pipeline (a [`FuturesOrdered`] of
+//! events, bounded); an event is acknowledged only when all its hand-offs
+//! are stored, in event order. Every event before the first unacknowledged
+//! one is thus handed off, and the event stream (work-queue retention)
+//! holds only what is still owed. A worker that starts (after a failover,
+//! or a restart after an error) recreates the partition's consumer from the
+//! oldest message left, so nothing is skipped and the order is kept; the
+//! hand-off stream stores a redone hand-off once (same message id), and the
+//! delivery stage's own message ids (`<event>:<user>`) keep a redo that gets
+//! through from being logged twice. `<event>` is the producer's `id`, or
+//! the event's stream sequence.
 //!
-//! Redoing an event must not deliver twice: each durable delivery carries
-//! `Nats-Msg-Id: <event>:<user>`, where `<event>` is the producer's `id` or
-//! the event's stream sequence, and the delivery log stores one message per
-//! id within its duplicate window. A producer's own retry (the same `id`
-//! again) is dropped by a bounded moka cache on the router that owns the
-//! subject, and by the same message ids when it lands on another router.
-//! Non-durable deliveries (ticks) are not logged, so an event redone after a
-//! router died can repeat them; they carry no `pos` and no promise.
+//! Live-only events (ticks) go to the delivery stage over core NATS, every
+//! event of a fetched batch in one message per user partition: they carry
+//! no `pos` and no promise (a redo after a router died can repeat them).
 //!
 //! It must not hold a state lock while publishing or awaiting.
 
@@ -47,6 +48,7 @@ use switchyard_common::transcode;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Partition;
+use crate::handoff::Fanout;
 use crate::index::SubRef;
 use crate::state::RouterState;
 use crate::store::Store;
@@ -68,11 +70,13 @@ const MAX_EVENTS_IN_FLIGHT: usize = 1024;
 const MAX_ACKS_IN_FLIGHT: usize = 10_000;
 /// Most messages taken from the consumer before one consistency check.
 const BATCH: usize = 256;
-/// A single event's durable deliveries awaited inline once this many are outstanding.
-const ACKS_PER_EVENT_INLINE: usize = 4096;
+/// Live-only hand-offs are sent once one partition's message reaches this size.
+const LIVE_FLUSH_BYTES: usize = 256 * 1024;
+/// Distinct bodies of one event compared before a user's body is encoded anew.
+const MAX_VARIANTS: usize = 32;
 /// Publish acknowledgements the JetStream context may have in flight; above
-/// what a worker ever holds (`MAX_ACKS_IN_FLIGHT + ACKS_PER_EVENT_INLINE`
-/// per worker), so a publish never waits for a permit that only a later
+/// what a worker ever holds (`MAX_ACKS_IN_FLIGHT` plus one event's
+/// hand-offs per worker), so a publish never waits for a permit that only a later
 /// poll of the same worker could free.
 pub const JS_MAX_ACK_INFLIGHT: usize = 1 << 20;
 /// How long an unacknowledged event waits before the server offers it again.
@@ -86,8 +90,8 @@ pub enum IngestError {
     /// The partition's consumer could not be set up or read.
     #[error("event consumer: {0}")]
     Consumer(String),
-    /// A delivery could not be stored in the log.
-    #[error("delivery log publish failed: {0}")]
+    /// A hand-off could not be stored.
+    #[error("hand-off publish failed: {0}")]
     Publish(String),
 }
 
@@ -105,10 +109,8 @@ pub struct Shared {
     pub store: Store,
     /// Producer ids seen recently.
     pub dedup: DedupCache,
-    /// Fault injection (tests): abort after this many stored durable deliveries.
-    pub crash_after: Option<u64>,
-    /// Durable deliveries published so far (for `crash_after`).
-    pub published: std::sync::atomic::AtomicU64,
+    /// User partitions of the delivery stage.
+    pub user_partitions: u32,
 }
 
 /// An event whose durable deliveries are on their way to the log.
@@ -130,6 +132,11 @@ pub struct Worker {
     scratch: Vec<u8>,
     body_buf: Vec<u8>,
     msg_id: String,
+    event_ref: String,
+    /// Durable events' hand-offs (sent per event).
+    durable_out: Fanout,
+    /// Live-only events' hand-offs (sent per fetched batch).
+    live_out: Fanout,
 }
 
 fn now_ms() -> u64 {
@@ -186,13 +193,16 @@ impl Worker {
     /// A worker for `partition`.
     pub fn new(shared: Arc<Shared>, partition: Partition) -> Worker {
         Worker {
-            shared,
             partition,
             matches: Vec::new(),
             out: BytesMut::with_capacity(64 * 1024),
             scratch: Vec::new(),
             body_buf: Vec::new(),
             msg_id: String::new(),
+            event_ref: String::new(),
+            durable_out: Fanout::new(shared.user_partitions),
+            live_out: Fanout::new(shared.user_partitions),
+            shared,
         }
     }
 
@@ -379,7 +389,6 @@ impl Worker {
                         .record(now_ms().saturating_sub(ts) as f64 / 1000.0);
                     let delivered = self.deliver(&event, ts, seq, &mut f.acks).await;
                     f.durable = f.acks.len();
-                    self.maybe_crash(&mut f).await;
                     id = event.id.take();
                     match delivered {
                         Ok(n) => metrics::counter!("switchyard_router_deliveries_total").increment(n as u64),
@@ -391,24 +400,23 @@ impl Worker {
                 }
             }
             pipeline.push(f, id);
+            if self.live_out.largest() >= LIVE_FLUSH_BYTES {
+                self.flush_live().await;
+            }
         }
+        self.flush_live().await;
         Ok(())
     }
 
-    /// Fault injection: once `crash_after` durable deliveries are out, wait
-    /// until this event's are stored, then die without acknowledging it.
-    async fn maybe_crash(&self, f: &mut InFlight) {
-        let Some(limit) = self.shared.crash_after else {
-            return;
-        };
-        let n = f.durable as u64;
-        let before = self.shared.published.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        if before + n >= limit {
-            for ack in std::mem::take(&mut f.acks) {
-                let _ = ack.await;
+    /// Sends the live-only hand-offs gathered so far, one message per user partition.
+    async fn flush_live(&mut self) {
+        let mut msgs = Vec::new();
+        self.live_out.drain(|p, msg| msgs.push((p, msg)));
+        for (p, msg) in msgs {
+            if let Err(e) = self.shared.client.publish(self.shared.subjects.targets_live(p), msg).await {
+                metrics::counter!("switchyard_router_publish_errors_total").increment(1);
+                tracing::error!(error = %e, "publishing a live hand-off failed");
             }
-            tracing::error!("SWITCHYARD_TEST_CRASH_AFTER_DELIVERIES reached: aborting");
-            std::process::abort();
         }
     }
 
@@ -448,8 +456,9 @@ impl Worker {
         fresh
     }
 
-    /// Publishes the event's deliveries; durable ones add their pending
-    /// acknowledgement to `acks`. Returns the number of deliveries.
+    /// Hands the event's targets to their user partitions; durable
+    /// hand-offs add their pending acknowledgement to `acks`. Returns the
+    /// number of deliveries (users, or 1 for a broadcast).
     async fn deliver(
         &mut self,
         event: &ProducerEvent,
@@ -457,135 +466,137 @@ impl Worker {
         seq: u64,
         acks: &mut Vec<PublishAckFuture>,
     ) -> Result<usize, IngestError> {
-        let event_ref = EventRef {
+        EventRef {
             id: event.id.as_deref(),
             shape: self.partition.shape.tag(),
             seq,
+        }
+        .write(&mut self.event_ref);
+        let mut fanout = if event.durable {
+            std::mem::replace(&mut self.durable_out, Fanout::new(0))
+        } else {
+            std::mem::replace(&mut self.live_out, Fanout::new(0))
         };
-        match &event.target {
+        fanout.begin(&self.event_ref, event.durable);
+        let delivered = match &event.target {
             Target::Users(users) => {
                 let body = self.body(event, ts, &[], None);
                 for u in users {
-                    self.publish(event, &event_ref, u, body.clone(), acks).await?;
+                    fanout.to_user(u, 0, &body);
                 }
-                Ok(users.len())
+                users.len()
             }
             Target::Room(room) => {
-                let mut members: Vec<Arc<str>> = Vec::new();
-                self.shared
-                    .state
-                    .rooms
-                    .read()
-                    .expect("rooms lock")
-                    .for_each_member(room, |u| members.push(u.clone()));
                 let body = self.body(event, ts, &[], None);
-                for u in &members {
-                    self.publish(event, &event_ref, u, body.clone(), acks).await?;
-                }
-                Ok(members.len())
+                let rooms = self.shared.state.rooms.read().expect("rooms lock");
+                let mut n = 0;
+                rooms.for_each_member(room, |u| {
+                    fanout.to_user(u, 0, &body);
+                    n += 1;
+                });
+                n
             }
             Target::All => {
                 let body = self.body(event, ts, &[], None);
-                self.publish(
-                    event,
-                    &event_ref,
-                    switchyard_common::subject::BROADCAST_TOKEN,
-                    body,
-                    acks,
-                )
-                .await?;
-                Ok(1)
+                fanout.to_all(&body);
+                1
             }
             Target::Match {
                 sub_type,
                 dimensions,
                 values,
-            } => {
-                let started = Instant::now();
-                let mut matches = std::mem::take(&mut self.matches);
-                matches.clear();
-                {
-                    let index = self.shared.state.index.read().expect("index lock");
-                    let query = MatchQuery {
-                        sub_type,
-                        dimensions,
-                        values,
-                    };
-                    index.for_each_match(&query, &mut |u, s| matches.push((u.clone(), s.clone())));
-                }
-                metrics::histogram!("switchyard_router_match_seconds").record(started.elapsed().as_secs_f64());
-                matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name().cmp(b.1.name())));
-                let mut delivered = 0;
-                let mut names: Vec<&str> = Vec::new();
-                let mut result = Ok(());
-                for group in matches.chunk_by(|a, b| a.0 == b.0) {
-                    names.clear();
-                    names.extend(group.iter().map(|(_, s)| s.name()));
-                    let fields = fields_union(group.iter().map(|(_, s)| s));
-                    let body = self.body(event, ts, &names, fields.as_deref());
-                    if let Err(e) = self.publish(event, &event_ref, &group[0].0, body, acks).await {
-                        result = Err(e);
-                        break;
-                    }
-                    delivered += 1;
-                }
-                drop(names);
-                self.matches = matches;
-                result.map(|()| delivered)
+            } => self.target_matches(event, ts, sub_type, dimensions, values, &mut fanout),
+        };
+        fanout.end();
+        if event.durable {
+            let mut msgs = Vec::new();
+            fanout.drain(|p, msg| msgs.push((p, msg)));
+            self.durable_out = fanout;
+            for (p, msg) in msgs {
+                self.hand_off(p, msg, acks).await?;
             }
+        } else {
+            self.live_out = fanout;
         }
+        Ok(delivered)
     }
 
-    /// Publishes one delivery to `user` (or [`BROADCAST_TOKEN`] for `all`):
-    /// durable ones to the log with a message id, live ones directly.
-    ///
-    /// [`BROADCAST_TOKEN`]: switchyard_common::subject::BROADCAST_TOKEN
-    async fn publish(
+    /// Matches the event against the index and names each matching user
+    /// with their body (their matching subscription names and `fields`);
+    /// users whose names and fields agree share one body.
+    fn target_matches(
         &mut self,
         event: &ProducerEvent,
-        event_ref: &EventRef<'_>,
-        user: &str,
-        body: Bytes,
-        acks: &mut Vec<PublishAckFuture>,
-    ) -> Result<(), IngestError> {
-        let broadcast = user == switchyard_common::subject::BROADCAST_TOKEN;
-        if !event.durable {
-            let subject = if broadcast {
-                self.shared.subjects.live_all()
-            } else {
-                self.shared.subjects.live(user)
+        ts: u64,
+        sub_type: &str,
+        dimensions: &[(String, String)],
+        values: &[(String, f64)],
+        fanout: &mut Fanout,
+    ) -> usize {
+        let started = Instant::now();
+        let mut matches = std::mem::take(&mut self.matches);
+        matches.clear();
+        {
+            let index = self.shared.state.index.read().expect("index lock");
+            let query = MatchQuery {
+                sub_type,
+                dimensions,
+                values,
             };
-            if let Err(e) = self.shared.client.publish(subject, body).await {
-                metrics::counter!("switchyard_router_publish_errors_total").increment(1);
-                tracing::error!(error = %e, "publishing a live delivery failed");
-            }
-            return Ok(());
+            index.for_each_match(&query, &mut |u, s| matches.push((u.clone(), s.clone())));
         }
-        let subject = if broadcast {
-            self.shared.subjects.deliver_all()
-        } else {
-            self.shared.subjects.deliver(user)
-        };
-        event_ref.write_msg_id(user, &mut self.msg_id);
-        let publish = PublishMessage::build().payload(body).message_id(self.msg_id.as_str());
-        match self.shared.js.send_publish(subject, publish).await {
+        metrics::histogram!("switchyard_router_match_seconds").record(started.elapsed().as_secs_f64());
+        matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name().cmp(b.1.name())));
+        let mut delivered = 0;
+        let mut names: Vec<&str> = Vec::new();
+        // Bodies of this event so far: (names, fields, bytes).
+        let mut variants: Vec<(Vec<&str>, Option<Vec<&str>>, Bytes)> = Vec::new();
+        for group in matches.chunk_by(|a, b| a.0 == b.0) {
+            names.clear();
+            names.extend(group.iter().map(|(_, s)| s.name()));
+            let fields = fields_union(group.iter().map(|(_, s)| s));
+            let found = variants
+                .iter()
+                .take(MAX_VARIANTS)
+                .position(|(n, f, _)| *n == names && *f == fields);
+            let v = match found {
+                Some(v) => v,
+                None => {
+                    let body = self.body(event, ts, &names, fields.as_deref());
+                    variants.push((names.clone(), fields, body));
+                    variants.len() - 1
+                }
+            };
+            fanout.to_user(&group[0].0, v as u32, &variants[v].2);
+            delivered += 1;
+        }
+        drop(variants);
+        drop(names);
+        self.matches = matches;
+        delivered
+    }
+
+    /// Stores one hand-off in the hand-off stream, its acknowledgement into `acks`.
+    async fn hand_off(&mut self, partition: u32, msg: Bytes, acks: &mut Vec<PublishAckFuture>) -> Result<(), IngestError> {
+        use std::fmt::Write;
+        self.msg_id.clear();
+        let _ = write!(self.msg_id, "{}:{partition}", self.event_ref);
+        let publish = PublishMessage::build().payload(msg).message_id(self.msg_id.as_str());
+        match self
+            .shared
+            .js
+            .send_publish(self.shared.subjects.targets(partition), publish)
+            .await
+        {
             Ok(ack) => {
                 acks.push(ack);
-                if acks.len() >= ACKS_PER_EVENT_INLINE {
-                    // A very wide event: settle its own stored deliveries
-                    // now so that what is outstanding stays bounded.
-                    for ack in acks.drain(..) {
-                        ack.await.map_err(|e| IngestError::Publish(e.to_string()))?;
-                    }
-                }
                 Ok(())
             }
             Err(e) => {
                 metrics::counter!("switchyard_router_publish_errors_total").increment(1);
-                let kind = e.kind();
-                if kind == PublishErrorKind::MaxPayloadExceeded {
-                    // This delivery can never be stored; redoing the event would not help.
-                    tracing::error!(error = %e, "delivery larger than the server's max payload dropped");
+                if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+                    // This hand-off can never be stored; redoing the event would not help.
+                    tracing::error!(error = %e, partition, "hand-off larger than the server's max payload dropped");
                     return Ok(());
                 }
                 Err(IngestError::Publish(e.to_string()))
@@ -634,20 +645,21 @@ struct EventRef<'a> {
 }
 
 impl EventRef<'_> {
-    /// `i:<producer id>:<user>` (the id hashed when it is not plain
-    /// printable ASCII of at most 128 bytes), or `s<shape>:<seq>:<user>`.
-    fn write_msg_id(&self, user: &str, out: &mut String) {
+    /// `i:<producer id>` (the id hashed when it is not plain printable ASCII
+    /// of at most 128 bytes), or `s<shape>:<seq>`. The delivery stage adds
+    /// `:<user>` (or `:_all.<partition>`) for the log's message ids.
+    fn write(&self, out: &mut String) {
         use std::fmt::Write;
         out.clear();
         match self.id {
             Some(id) if id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) => {
-                let _ = write!(out, "i:{id}:{user}");
+                let _ = write!(out, "i:{id}");
             }
             Some(id) => {
-                let _ = write!(out, "h:{:016x}{:04x}:{user}", fnv1a(id.as_bytes()), id.len() & 0xffff);
+                let _ = write!(out, "h:{:016x}{:04x}", fnv1a(id.as_bytes()), id.len() & 0xffff);
             }
             None => {
-                let _ = write!(out, "s{}:{}:{user}", self.shape, self.seq);
+                let _ = write!(out, "s{}:{}", self.shape, self.seq);
             }
         }
     }
@@ -676,28 +688,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn message_ids_name_the_event_and_the_user() {
+    fn event_refs_name_the_event() {
         let mut out = String::new();
         let r = EventRef {
             id: Some("ord-1"),
             shape: "k",
             seq: 9,
         };
-        r.write_msg_id("alice", &mut out);
-        assert_eq!(out, "i:ord-1:alice");
+        r.write(&mut out);
+        assert_eq!(out, "i:ord-1");
         let r = EventRef {
             id: None,
             shape: "t",
             seq: 9,
         };
-        r.write_msg_id("_all", &mut out);
-        assert_eq!(out, "st:9:_all");
+        r.write(&mut out);
+        assert_eq!(out, "st:9");
         let r = EventRef {
             id: Some("with space\r\n"),
             shape: "t",
             seq: 9,
         };
-        r.write_msg_id("bob", &mut out);
-        assert!(out.starts_with("h:") && out.ends_with(":bob") && out.bytes().all(|b| b.is_ascii_graphic()));
+        r.write(&mut out);
+        assert!(out.starts_with("h:") && out.bytes().all(|b| b.is_ascii_graphic()));
     }
 }

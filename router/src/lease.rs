@@ -1,4 +1,5 @@
-//! Partition ownership: which router processes which event partition.
+//! Partition ownership: which router processes which event partition (the
+//! match stage) and which user partition (the delivery stage).
 //!
 //! Each partition has a lease, a key `p.<partition>` in the key-value bucket
 //! `<BASE>_LEASES`, whose `max_age` is the lease TTL. A router takes a free
@@ -29,6 +30,25 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::Partition;
 use crate::ingest::{Shared, Worker};
+
+/// One unit of work a router leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unit {
+    /// An event-stream partition: the match stage.
+    Events(Partition),
+    /// A user partition: the delivery stage.
+    Users(u32),
+}
+
+impl Unit {
+    /// A short name for the lease key and logs: `k3`, `t0`, `u5`.
+    pub fn name(&self) -> String {
+        match self {
+            Unit::Events(p) => p.name(),
+            Unit::Users(n) => format!("u{n}"),
+        }
+    }
+}
 
 /// Why leasing could not start.
 #[derive(Debug, thiserror::Error)]
@@ -93,13 +113,14 @@ pub struct Supervisor {
     /// A lease operation failed this tick: make sure the bucket exists.
     trouble: bool,
     shared: Arc<Shared>,
-    partitions: Vec<Partition>,
+    delivery: Arc<crate::delivery::Shared>,
+    partitions: Vec<Unit>,
     ttl: Duration,
-    owned: HashMap<Partition, Owned>,
+    owned: HashMap<Unit, Owned>,
     peers: HashMap<String, Instant>,
 }
 
-fn lease_key(p: Partition) -> String {
+fn lease_key(p: Unit) -> String {
     format!("p.{}", p.name())
 }
 
@@ -110,7 +131,8 @@ impl Supervisor {
         kv: kv::Store,
         bucket: kv::Config,
         shared: Arc<Shared>,
-        partitions: Vec<Partition>,
+        delivery: Arc<crate::delivery::Shared>,
+        partitions: Vec<Unit>,
         ttl: Duration,
     ) -> Supervisor {
         // Each router walks the partitions from its own starting point.
@@ -126,6 +148,7 @@ impl Supervisor {
             bucket,
             trouble: false,
             shared,
+            delivery,
             partitions,
             ttl,
             owned: HashMap::new(),
@@ -163,7 +186,7 @@ impl Supervisor {
                     // After a reconnect, rebuild every consumer from the
                     // oldest unacknowledged event rather than trust a pull
                     // that the server may have forgotten.
-                    let owned: Vec<(Partition, u64)> =
+                    let owned: Vec<(Unit, u64)> =
                         self.owned.iter().map(|(p, o)| (*p, o.revision)).collect();
                     tracing::info!(partitions = owned.len(), "reconnected: restarting partition workers");
                     for (p, revision) in owned {
@@ -191,7 +214,7 @@ impl Supervisor {
         for owned in self.owned.values() {
             owned.cancel.cancel();
         }
-        let owned: Vec<Partition> = self.owned.keys().copied().collect();
+        let owned: Vec<Unit> = self.owned.keys().copied().collect();
         let releasing = async {
             for p in owned {
                 self.release(p).await;
@@ -253,16 +276,29 @@ impl Supervisor {
         metrics::gauge!("switchyard_router_peers").set(routers as f64);
     }
 
-    fn start(&mut self, p: Partition, revision: u64) {
+    fn start(&mut self, p: Unit, revision: u64) {
         let cancel = CancellationToken::new();
-        let worker = Worker::new(self.shared.clone(), p);
         let stop = cancel.clone();
-        let handle = tokio::spawn(async move {
-            if let Err(e) = worker.run(stop).await {
-                metrics::counter!("switchyard_router_worker_errors_total").increment(1);
-                tracing::warn!(partition = %p.name(), error = %e, "partition worker stopped; it restarts from the oldest unacknowledged event");
+        let handle = match p {
+            Unit::Events(partition) => {
+                let worker = Worker::new(self.shared.clone(), partition);
+                tokio::spawn(async move {
+                    if let Err(e) = worker.run(stop).await {
+                        metrics::counter!("switchyard_router_worker_errors_total").increment(1);
+                        tracing::warn!(partition = %p.name(), error = %e, "partition worker stopped; it restarts from the oldest unacknowledged event");
+                    }
+                })
             }
-        });
+            Unit::Users(partition) => {
+                let worker = crate::delivery::Worker::new(self.delivery.clone(), partition);
+                tokio::spawn(async move {
+                    if let Err(e) = worker.run(stop).await {
+                        metrics::counter!("switchyard_router_worker_errors_total").increment(1);
+                        tracing::warn!(partition = %p.name(), error = %e, "delivery worker stopped; it restarts from the oldest unacknowledged hand-off");
+                    }
+                })
+            }
+        };
         tracing::info!(partition = %p.name(), "partition leased");
         self.owned.insert(
             p,
@@ -317,7 +353,7 @@ impl Supervisor {
     }
 
     /// Stops the worker (letting it settle what is in flight) and frees the lease.
-    async fn release(&mut self, p: Partition) {
+    async fn release(&mut self, p: Unit) {
         let Some(owned) = self.owned.remove(&p) else {
             return;
         };

@@ -1,5 +1,6 @@
-//! The Switchyard router tier: keeps the subscription index and turns each
-//! producer event into one pre-targeted delivery per user.
+//! The Switchyard router tier: keeps the subscription index, matches each
+//! producer event (match stage) and stores and sends each user's deliveries,
+//! grouped per edge (delivery stage).
 //!
 //! # Layout
 //! - [`config`]: flags and `SWITCHYARD_*` variables.
@@ -12,8 +13,12 @@
 //! - [`control`]: the NATS service answering edges' subscription requests.
 //! - [`events`]: the partitioned event streams producers publish into.
 //! - [`lease`]: which router processes which partition, with failover.
-//! - [`ingest`]: producer events → deliveries, one worker per owned partition.
-//! - [`log`]: the delivery log stream (JetStream) that stores durable deliveries.
+//! - [`ingest`]: the match stage: producer events → targets per user partition, one worker per owned event partition.
+//! - [`handoff`]: grouping one event's (user, body) pairs by user partition (pure).
+//! - [`delivery`]: the delivery stage: stores each user's deliveries and sends live copies per edge, one worker per owned user partition.
+//! - [`presence`]: which edges hold which users of a partition (pure).
+//! - [`edges`]: which edges are alive (their heartbeats).
+//! - [`log`]: the delivery log streams and the hand-off stream (JetStream).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //!
 //! [`start`] runs all of it in the current tokio runtime, so tests can embed
@@ -23,12 +28,16 @@ pub mod admin;
 pub mod authz;
 pub mod config;
 pub mod control;
+pub mod delivery;
+pub mod edges;
 pub mod events;
 pub mod fast_index;
+pub mod handoff;
 pub mod index;
 pub mod ingest;
 pub mod lease;
 pub mod log;
+pub mod presence;
 pub mod rooms;
 pub mod state;
 pub mod store;
@@ -139,7 +148,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
     // retry_on_initial_connect returns at once; wait (bounded) for the first connection.
     wait_connected(&client).await;
     let js = async_nats::jetstream::new(client.clone());
-    log::ensure_stream(&js, &subjects, &config.log_settings()).await?;
+    log::ensure_streams(&js, &subjects, &config.log_settings()).await?;
     events::ensure_streams(&js, &subjects, &config.event_settings()).await?;
     let memory = config.log_storage == "memory";
     let store = store::Store::open(&js, &subjects, config.log_replicas, memory).await?;
@@ -183,17 +192,34 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         state: state.clone(),
         store: store.clone(),
         dedup: ingest::dedup_cache(Duration::from_secs(config.dedup_window_s)),
-        crash_after: config.crash_after_deliveries,
-        published: std::sync::atomic::AtomicU64::new(0),
+        user_partitions: config.user_partitions,
     });
-    let supervisor = lease::Supervisor::new(
-        config.router_id(),
-        leases,
-        lease_bucket,
-        shared,
-        events::Partition::all(config.partitions),
-        ttl,
-    );
+    let (edge_set, edge_tracker) = edges::track(
+        client.clone(),
+        &subjects,
+        Duration::from_millis(config.edge_timeout_ms),
+        cancel.clone(),
+    )
+    .await?;
+    tasks.spawn(edge_tracker);
+    let delivery = Arc::new(delivery::Shared {
+        client: client.clone(),
+        js: shared.js.clone(),
+        subjects: subjects.clone(),
+        user_partitions: config.user_partitions,
+        log_groups: config.log_streams,
+        log: config.log_settings(),
+        edges: edge_set,
+        sync_wait: Duration::from_millis(config.presence_sync_ms),
+        crash_after: config.crash_after_deliveries,
+        stored: std::sync::atomic::AtomicU64::new(0),
+    });
+    let units = events::Partition::all(config.partitions)
+        .into_iter()
+        .map(lease::Unit::Events)
+        .chain((0..config.user_partitions).map(lease::Unit::Users))
+        .collect();
+    let supervisor = lease::Supervisor::new(config.router_id(), leases, lease_bucket, shared, delivery, units, ttl);
     let heartbeats = supervisor.heartbeats().await?;
     tasks.spawn(supervisor.run(heartbeats, reconnects.clone(), cancel.clone()));
     tasks.spawn(count_malformed_subjects(

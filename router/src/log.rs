@@ -1,26 +1,24 @@
-//! The delivery log: the JetStream stream that keeps every durable delivery.
+//! The delivery log: the JetStream streams that keep every durable delivery,
+//! and the hand-off stream between the match and delivery stages.
 //!
-//! The stream captures `<prefix>.deliver.>` (one subject per user, plus the
-//! shared `<prefix>.deliver._all` for broadcasts), keeps at most
-//! `max_per_subject` messages per subject for at most `max_age`, and
-//! republishes each stored message to `<prefix>.live.>`, where edges listen;
-//! the republished message carries the stream sequence (`Nats-Sequence`),
-//! which clients see as `pos`. Requires nats-server ≥ 2.10 (republish: 2.9;
-//! multi-filter consumers used by the edge's replay: 2.10); the project pins
-//! 2.15.1.
+//! User partition `p` writes its users' deliveries on
+//! `<prefix>.deliver.<p>.<user>` and its broadcasts on
+//! `<prefix>.deliver.<p>._all`, in log stream `p % groups`
+//! (`<BASE>_LOG_<group>`); several streams spread the writes over a NATS
+//! cluster's stream leaders. Each keeps at most `max_per_subject` messages
+//! per subject (the offline queue) for at most `max_age`. The stored
+//! sequence is the `pos` clients see; a stream's name and creation time,
+//! with the partition count, are the `epoch` of its users. Nothing is
+//! republished: the delivery stage that stored a delivery sends its live
+//! copy itself.
 //!
-//! Broadcasts are stored once on the shared subject rather than once per
-//! user: at 100k users a durable broadcast costs one stored message (about
-//! 100 bytes) instead of 100k (about 10 MB and 100k stream writes), at the
-//! price of a merge on the edge (a resume reads the user's subject and the
-//! shared one through one consumer, in sequence order; live, the edge merges
-//! the two subscriptions by sequence). Room events are expanded per member
-//! by the router, since rooms are usually small and a member's resume must
-//! not depend on room membership history.
+//! The hand-off stream `<BASE>_TARGETS` (work queue) carries durable
+//! events' targets from the match stage to the delivery stage, one subject
+//! per user partition.
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream::{Config, DiscardPolicy, Republish, StorageType};
+use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
 use switchyard_common::subject::Subjects;
 
 /// Delivery log settings.
@@ -37,46 +35,102 @@ pub struct LogSettings {
     /// Window in which a delivery with the same message id is stored once
     /// (a redone event after a router failover; see [`crate::ingest`]).
     pub duplicate_window: Duration,
+    /// User partitions.
+    pub user_partitions: u32,
+    /// Log streams the user partitions are spread over.
+    pub groups: u32,
 }
 
-/// The stream configuration for `subjects`.
-pub fn stream_config(subjects: &Subjects, s: &LogSettings) -> Config {
+fn storage(memory: bool) -> StorageType {
+    if memory {
+        StorageType::Memory
+    } else {
+        StorageType::File
+    }
+}
+
+/// The configuration of log stream `group`.
+pub fn stream_config(subjects: &Subjects, s: &LogSettings, group: u32) -> Config {
     Config {
-        name: subjects.log_stream(),
-        description: Some("Switchyard delivery log: per-user durable deliveries, republished live".into()),
-        subjects: vec![subjects.deliver_wildcard()],
+        name: subjects.log_stream(group),
+        description: Some("Switchyard delivery log: per-user durable deliveries of some user partitions".into()),
+        subjects: (0..s.user_partitions)
+            .filter(|p| p % s.groups == group)
+            .map(|p| subjects.deliver_partition(p))
+            .collect(),
         max_messages_per_subject: s.max_per_subject,
         max_age: s.max_age,
-        storage: if s.memory {
-            StorageType::Memory
-        } else {
-            StorageType::File
-        },
+        storage: storage(s.memory),
         num_replicas: s.replicas,
         discard: DiscardPolicy::Old,
         duplicate_window: s.duplicate_window,
         allow_direct: true,
-        republish: Some(Republish {
-            source: subjects.deliver_wildcard(),
-            destination: subjects.live_wildcard(),
-            headers_only: false,
-        }),
         ..Default::default()
     }
 }
 
-/// Creates the stream, or brings an existing one to this configuration.
-pub async fn ensure_stream(
+/// The hand-off stream's configuration.
+pub fn targets_config(subjects: &Subjects, s: &LogSettings) -> Config {
+    Config {
+        name: subjects.targets_stream(),
+        description: Some("Switchyard hand-off: durable events' targets awaiting their delivery partition".into()),
+        subjects: vec![subjects.targets_wildcard()],
+        retention: RetentionPolicy::WorkQueue,
+        storage: storage(s.memory),
+        num_replicas: s.replicas,
+        discard: DiscardPolicy::Old,
+        duplicate_window: s.duplicate_window,
+        max_age: s.max_age,
+        ..Default::default()
+    }
+}
+
+/// Creates the log streams and the hand-off stream, or brings existing ones
+/// to this configuration.
+pub async fn ensure_streams(
     js: &async_nats::jetstream::Context,
     subjects: &Subjects,
     settings: &LogSettings,
 ) -> Result<(), async_nats::jetstream::context::CreateStreamError> {
-    let info = js.create_or_update_stream(stream_config(subjects, settings)).await?;
-    tracing::info!(
-        stream = %info.config.name,
-        messages = info.state.messages,
-        last_seq = info.state.last_sequence,
-        "delivery log ready"
-    );
+    for group in 0..settings.groups {
+        let info = js
+            .create_or_update_stream(stream_config(subjects, settings, group))
+            .await?;
+        tracing::info!(
+            stream = %info.config.name,
+            messages = info.state.messages,
+            last_seq = info.state.last_sequence,
+            "delivery log ready"
+        );
+    }
+    js.create_or_update_stream(targets_config(subjects, settings)).await?;
     Ok(())
+}
+
+/// The `epoch` clients see: one for the whole log, a hash of every log
+/// stream's name and creation time and the partition count (a recreated
+/// stream, or a different count, which moves users to other subjects, is a
+/// new epoch). Every router computes the same.
+pub async fn epoch(
+    js: &async_nats::jetstream::Context,
+    subjects: &Subjects,
+    settings: &LogSettings,
+) -> Result<String, async_nats::jetstream::context::GetStreamError> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for group in 0..settings.groups {
+        let stream = js.get_stream(subjects.log_stream(group)).await?;
+        let info = stream.cached_info();
+        mix(info.config.name.as_bytes());
+        mix(&info.created.unix_timestamp_nanos().to_be_bytes());
+    }
+    Ok(format!(
+        "{}-{h:016x}-u{}",
+        subjects.log_stream(0).trim_end_matches("_0"),
+        settings.user_partitions
+    ))
 }

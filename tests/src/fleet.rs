@@ -147,6 +147,13 @@ impl Fleet {
                     .state
                     .messages;
             }
+            // And the delivery stage has stored and sent every durable hand-off.
+            left += js
+                .get_stream(subjects.targets_stream())
+                .await?
+                .cached_info()
+                .state
+                .messages;
             if left == 0 {
                 return Ok(());
             }
@@ -173,6 +180,28 @@ impl Fleet {
             r.shutdown().await;
         }
     }
+}
+
+/// User partitions and log streams of a router with default settings.
+pub const USER_PARTITIONS: u32 = 8;
+/// See [`USER_PARTITIONS`].
+pub const LOG_STREAMS: u32 = 4;
+
+/// The log stream and subject holding `user`'s durable deliveries (default settings).
+pub fn user_log(user: &str) -> (String, String) {
+    let subjects = switchyard_common::subject::Subjects::default();
+    let p = switchyard_common::fanout::user_partition(user, USER_PARTITIONS);
+    (subjects.log_stream(p % LOG_STREAMS), subjects.deliver(p, user))
+}
+
+/// Durable deliveries stored in all log streams (default settings).
+pub async fn stored_deliveries(js: &async_nats::jetstream::Context) -> Result<u64> {
+    let subjects = switchyard_common::subject::Subjects::default();
+    let mut n = 0;
+    for g in 0..LOG_STREAMS {
+        n += js.get_stream(subjects.log_stream(g)).await?.cached_info().state.messages;
+    }
+    Ok(n)
 }
 
 /// `GET path` on an HTTP endpoint (the admin ports): status and body.

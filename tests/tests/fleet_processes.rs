@@ -216,11 +216,9 @@ async fn fence(producer: &async_nats::Client) -> Result<u32> {
         producer.flush().await?;
         let next = Instant::now() + Duration::from_millis(500);
         while Instant::now() < next {
-            let stored = match js.get_stream("SY_DELIVERIES").await {
-                Ok(stream) => stream
-                    .get_last_raw_message_by_subject("sy.deliver.zz-fence")
-                    .await
-                    .is_ok(),
+            let (stream, subject) = switchyard_tests::fleet::user_log("zz-fence");
+            let stored = match js.get_stream(stream).await {
+                Ok(stream) => stream.get_last_raw_message_by_subject(&subject).await.is_ok(),
                 Err(_) => false,
             };
             if stored {

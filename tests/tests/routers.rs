@@ -489,7 +489,7 @@ async fn thousands_of_durable_deliveries_in_one_batch_are_all_stored() -> R {
     fleet.producer.flush().await?;
     fleet.settle().await?;
     let js = async_nats::jetstream::new(fleet.producer.clone());
-    let stored = js.get_stream("SY_DELIVERIES").await?.cached_info().state.messages;
+    let stored = switchyard_tests::fleet::stored_deliveries(&js).await?;
     assert_eq!(stored, (USERS * EVENTS) as u64);
     fleet.shutdown().await;
     Ok(())

@@ -1,0 +1,260 @@
+//! The node's live intake: one NATS subscription (`<prefix>.edge.<edge id>`)
+//! and the user → connections table it dispatches to.
+//!
+//! Delivery partitions send this edge one message per batch, each body once
+//! and the users (with their `pos`) inside; the dispatcher hands each item
+//! to the named users' connections (or, for a broadcast, to every user of
+//! the batch's partition on this node) without waiting: a connection's
+//! queue applies flow control. There is no per-user subscription, channel
+//! or task. The table is sharded by user partition, and each shard also
+//! keeps what this node has not yet announced of its users to that
+//! partition ([`crate::presence`] sends it).
+//!
+//! It must not hold a shard lock across `.await` (it never awaits under one).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use switchyard_common::delivery::{peek_meta, DeliveryMeta};
+use switchyard_common::fanout::{decode_edge_message, user_partition, EdgeMessage, Recipient};
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::conn::{ConnHandle, Delivery};
+
+/// Where a registered user's log is and from where live deliveries flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// A valid `ready.pos`: everything of the user's up to here is in the
+    /// log, everything after reaches this node live.
+    pub pos: u64,
+    /// The log's identity for the user (`ready.epoch`).
+    pub epoch: String,
+    /// The log stream holding the user's deliveries.
+    pub stream: String,
+}
+
+/// Why a user could not be registered with its delivery partition.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegisterError {
+    /// No router answered for the user's partition in time.
+    #[error("the delivery partition did not answer")]
+    Unavailable,
+    /// The node is shutting down.
+    #[error("edge stopping")]
+    Stopped,
+}
+
+/// A waiting registration's answer.
+pub type RegisterReply = oneshot::Sender<Result<Registration, RegisterError>>;
+
+/// One user partition's part of the table.
+#[derive(Default)]
+pub struct Shard {
+    /// Users with connections on this node.
+    pub users: HashMap<Arc<str>, Vec<Arc<ConnHandle>>>,
+    /// Users whose presence changed since the last announcement.
+    pub dirty: HashSet<Arc<str>>,
+    /// The next announcement must carry the whole set (the partition does not know this node).
+    pub full: bool,
+    /// Registrations waiting for the next announcement's answer.
+    pub waiters: Vec<RegisterReply>,
+    /// An announcement is on its way (one at a time per partition, in order).
+    pub in_flight: bool,
+}
+
+/// User → connections, sharded by user partition.
+pub struct UserTable {
+    shards: Vec<Mutex<Shard>>,
+    /// Wakes the announcer: a shard has something to announce.
+    pub announce: Notify,
+}
+
+impl UserTable {
+    /// A table for `partitions` user partitions; every shard starts needing a full announcement.
+    pub fn new(partitions: u32) -> UserTable {
+        UserTable {
+            shards: (0..partitions.max(1))
+                .map(|_| {
+                    Mutex::new(Shard {
+                        full: true,
+                        ..Shard::default()
+                    })
+                })
+                .collect(),
+            announce: Notify::new(),
+        }
+    }
+
+    /// User partitions.
+    pub fn partitions(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    /// The partition of `user`.
+    pub fn partition_of(&self, user: &str) -> u32 {
+        user_partition(user, self.partitions())
+    }
+
+    /// Locks one shard (briefly; never across `.await`).
+    pub fn shard(&self, partition: u32) -> MutexGuard<'_, Shard> {
+        self.shards[partition as usize].lock().expect("user table lock")
+    }
+
+    /// Adds a connection; the answer comes once this node's presence of the
+    /// user is announced to (and acknowledged by) the user's partition.
+    pub fn add(&self, conn: Arc<ConnHandle>, reply: RegisterReply) {
+        let p = self.partition_of(&conn.user);
+        {
+            let mut shard = self.shard(p);
+            let user = conn.user.clone();
+            let conns = shard.users.entry(user.clone()).or_default();
+            let first = conns.is_empty();
+            conns.push(conn);
+            if first {
+                shard.dirty.insert(user);
+            }
+            shard.waiters.push(reply);
+        }
+        self.announce.notify_one();
+    }
+
+    /// Removes a connection (idempotent); the last one of a user makes the user absent.
+    pub fn remove(&self, conn: &ConnHandle) {
+        let p = self.partition_of(&conn.user);
+        let gone = {
+            let mut shard = self.shard(p);
+            let Some(conns) = shard.users.get_mut(&conn.user) else {
+                return;
+            };
+            conns.retain(|c| c.id != conn.id);
+            if conns.is_empty() {
+                shard.users.remove(&conn.user);
+                shard.dirty.insert(conn.user.clone());
+                true
+            } else {
+                false
+            }
+        };
+        if gone {
+            self.announce.notify_one();
+        }
+    }
+
+    /// Marks a partition as not knowing this node (its next announcement is full).
+    pub fn resync(&self, partition: u32) {
+        if let Some(s) = self.shards.get(partition as usize) {
+            s.lock().expect("user table lock").full = true;
+            self.announce.notify_one();
+        }
+    }
+
+    /// Marks every partition as not knowing this node.
+    pub fn resync_all(&self) {
+        for p in 0..self.partitions() {
+            self.resync(p);
+        }
+    }
+
+    /// Users on this node.
+    pub fn user_count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().expect("user table lock").users.len())
+            .sum()
+    }
+}
+
+/// Runs the dispatcher over the node's subscription until `cancel` or the subscription ends.
+pub async fn dispatch(mut sub: async_nats::Subscriber, table: Arc<UserTable>, cancel: CancellationToken) {
+    let mut bodies: Vec<Bytes> = Vec::new();
+    let mut metas: Vec<DeliveryMeta> = Vec::new();
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = sub.next() => match m {
+                Some(m) => m,
+                None => {
+                    tracing::error!("the edge's live subscription ended");
+                    return;
+                }
+            },
+        };
+        dispatch_one(&table, &msg.payload, &mut bodies, &mut metas);
+    }
+}
+
+/// Hands one message's deliveries to their connections.
+pub fn dispatch_one(table: &UserTable, payload: &Bytes, bodies: &mut Vec<Bytes>, metas: &mut Vec<DeliveryMeta>) {
+    let (partition, mut items) = match decode_edge_message(payload) {
+        Ok(EdgeMessage::Deliveries { partition, items }) => (partition, items),
+        Ok(EdgeMessage::Sync { partition }) => {
+            tracing::debug!(partition, "a delivery partition asked for this node's users");
+            table.resync(partition);
+            return;
+        }
+        Err(e) => {
+            metrics::counter!("switchyard_edge_bad_batches_total").increment(1);
+            tracing::warn!(error = %e, "undecodable live batch dropped");
+            return;
+        }
+    };
+    if partition >= table.partitions() {
+        tracing::error!(
+            partition,
+            partitions = table.partitions(),
+            "live batch from a partition this node does not have: SWITCHYARD_USER_PARTITIONS differs between routers and edges"
+        );
+        return;
+    }
+    bodies.clear();
+    metas.clear();
+    let shard = table.shard(partition);
+    let mut n = 0u64;
+    loop {
+        let item = match items.next_item(bodies) {
+            Ok(Some(item)) => item,
+            Ok(None) => break,
+            Err(e) => {
+                metrics::counter!("switchyard_edge_bad_batches_total").increment(1);
+                tracing::warn!(error = %e, "live batch cut short");
+                break;
+            }
+        };
+        while metas.len() < bodies.len() {
+            metas.push(peek_meta(&bodies[metas.len()]).unwrap_or_default());
+        }
+        let delivery = |conn: &ConnHandle| {
+            let meta = metas[item.body as usize];
+            conn.deliver(Delivery {
+                body: bodies[item.body as usize].clone(),
+                pos: item.pos,
+                prio: meta.prio,
+                conflation_key: meta.conflation_key,
+                replayed: false,
+            });
+        };
+        match item.to {
+            Recipient::User(user) => {
+                if let Some(conns) = shard.users.get(user) {
+                    for c in conns {
+                        delivery(c);
+                        n += 1;
+                    }
+                }
+            }
+            Recipient::Partition => {
+                for conns in shard.users.values() {
+                    for c in conns {
+                        delivery(c);
+                        n += 1;
+                    }
+                }
+            }
+        }
+    }
+    drop(shard);
+    metrics::counter!("switchyard_edge_deliveries_in_total").increment(n);
+}

@@ -1,0 +1,666 @@
+//! The delivery stage: one worker per user partition, the only writer of
+//! its users' log entries and live copies.
+//!
+//! A [`Worker`] runs while its router holds the partition's lease. It takes
+//! the match stage's hand-offs for the partition (durable ones from the
+//! hand-off stream, in order; live-only ones from `<prefix>.tlive.<p>`),
+//! stores each durable delivery on `<prefix>.deliver.<p>.<user>` (or the
+//! partition's broadcast subject) with message id `<event>:<user>`, learns
+//! its `pos` from the store acknowledgement, and sends the live copies to
+//! the edges holding the users ([`crate::presence`]): one message per edge
+//! per wave of work, each body once, users and positions inside, in `pos`
+//! order. A hand-off is acknowledged only after its live copies are sent,
+//! so a worker that dies redoes it: the log stores nothing twice (message
+//! ids; a duplicate's acknowledgement carries the first copy's `pos`) and
+//! edges skip positions a connection already has.
+//!
+//! Edges announce their users on `<prefix>.reg.<p>` (request/reply); the
+//! reply's `pos` is a valid `ready.pos` (everything of the partition's
+//! users up to it is stored, everything after reaches the edge live). A
+//! worker that starts asks every live edge to announce its full set and
+//! waits for them (bounded) before it delivers anything.
+//!
+//! It must not hold a lock across `.await`; it holds none at all: the
+//! partition's state is this task's own.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
+use switchyard_common::fanout::{
+    encode_sync_request, EdgeBatchWriter, HandoffReader, PresenceReply, PresenceUpdate,
+};
+use switchyard_common::subject::Subjects;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::edges::EdgeSet;
+use crate::presence::{EdgeSlot, Presence};
+
+/// Hand-offs fetched ahead of their acknowledgement.
+const MAX_HANDOFFS_IN_FLIGHT: usize = 512;
+/// Log stores awaiting acknowledgement, per worker.
+const MAX_STORES_IN_FLIGHT: usize = 10_000;
+/// One hand-off's stores are awaited inline past this many.
+const STORES_PER_HANDOFF_INLINE: usize = 4096;
+/// An edge's batch is closed before it grows past this size (NATS' default
+/// max payload is 1 MiB; a single larger body still goes alone).
+const EDGE_FLUSH_BYTES: usize = 512 * 1024;
+/// Messages taken from a subscription in one wave.
+const WAVE: usize = 256;
+/// How long an unacknowledged hand-off waits before the server offers it again.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a stopping worker waits for outstanding stores.
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// An edge that does not announce itself after a sync request is asked again after this long.
+const SYNC_RETRY: Duration = Duration::from_secs(1);
+
+/// Why a worker stopped before it was told to.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The hand-off consumer or the log stream could not be set up or read.
+    #[error("hand-off consumer: {0}")]
+    Consumer(String),
+    /// A delivery could not be stored in the log.
+    #[error("delivery log publish failed: {0}")]
+    Publish(String),
+    /// A subscription failed.
+    #[error("cannot subscribe: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}
+
+/// What every delivery worker of one router shares.
+pub struct Shared {
+    /// Core NATS: presence requests, live hand-offs, edge batches.
+    pub client: async_nats::Client,
+    /// JetStream: the hand-off consumer and the log stores.
+    pub js: async_nats::jetstream::Context,
+    /// Subject names.
+    pub subjects: Subjects,
+    /// User partitions.
+    pub user_partitions: u32,
+    /// Log streams the partitions are spread over.
+    pub log_groups: u32,
+    /// The log's settings (for the epoch).
+    pub log: crate::log::LogSettings,
+    /// The live edges.
+    pub edges: watch::Receiver<EdgeSet>,
+    /// How long a starting worker waits for the edges to announce their users.
+    pub sync_wait: Duration,
+    /// Fault injection (tests): abort after this many stored durable deliveries.
+    pub crash_after: Option<u64>,
+    /// Durable deliveries stored so far (for `crash_after`).
+    pub stored: AtomicU64,
+}
+
+/// One delivery whose live copy goes out once it is stored.
+struct Item {
+    /// The user id (a slice of the hand-off), or `None` for the partition's broadcast.
+    to: Option<Bytes>,
+    /// Which event and which of its bodies, for sharing bodies in edge batches.
+    event: u64,
+    body_no: u16,
+    body: Bytes,
+    pos: u64,
+}
+
+/// A hand-off whose stores are on their way.
+struct InFlight {
+    msg: async_nats::jetstream::Message,
+    items: Vec<Item>,
+    pending: Vec<(usize, PublishAckFuture)>,
+    /// Stores this hand-off added to the in-flight count.
+    stores: usize,
+}
+
+async fn stored(mut f: InFlight) -> (InFlight, Result<(), String>) {
+    for (i, ack) in std::mem::take(&mut f.pending) {
+        match ack.await {
+            Ok(a) => f.items[i].pos = a.sequence,
+            Err(e) => return (f, Err(e.to_string())),
+        }
+    }
+    (f, Ok(()))
+}
+
+/// An edge's batch being built, with the bodies it already carries.
+#[derive(Default)]
+struct EdgeOut {
+    writer: Option<EdgeBatchWriter>,
+    /// (event, body number) → index in the batch, for the last few bodies.
+    recent: Vec<(u64, u16, u16)>,
+}
+
+/// Processes one user partition.
+pub struct Worker {
+    shared: Arc<Shared>,
+    partition: u32,
+    presence: Presence,
+    /// A valid `ready.pos`: the last stored position of this worker, or the
+    /// log's last sequence when it started.
+    pos: u64,
+    start_pos: u64,
+    epoch: String,
+    stream: String,
+    outs: Vec<EdgeOut>,
+    /// Edge batches that filled up, waiting for the next flush (in order).
+    full: Vec<(usize, Bytes)>,
+    /// Deliveries routed to edges since the last flush (for the metric).
+    routed: u64,
+    /// Numbers events, so batches share bodies within one event only.
+    event_no: u64,
+    asked: std::collections::HashMap<String, Instant>,
+    msg_id: String,
+}
+
+/// The hand-off consumer name of a user partition.
+pub fn consumer_name(partition: u32) -> String {
+    format!("deliver-u{partition}")
+}
+
+impl Worker {
+    /// A worker for user partition `partition`.
+    pub fn new(shared: Arc<Shared>, partition: u32) -> Worker {
+        Worker {
+            stream: shared.subjects.log_stream(partition % shared.log_groups.max(1)),
+            shared,
+            partition,
+            presence: Presence::new(),
+            pos: 0,
+            start_pos: 0,
+            epoch: String::new(),
+            outs: Vec::new(),
+            full: Vec::new(),
+            routed: 0,
+            event_no: 0,
+            asked: Default::default(),
+            msg_id: String::new(),
+        }
+    }
+
+    async fn consumer(&self) -> Result<pull::Stream, DeliveryError> {
+        let err = |e: &dyn std::fmt::Display| DeliveryError::Consumer(e.to_string());
+        let subjects = &self.shared.subjects;
+        let stream = self
+            .shared
+            .js
+            .get_stream(subjects.targets_stream())
+            .await
+            .map_err(|e| err(&e))?;
+        let name = consumer_name(self.partition);
+        if let Err(e) = stream.delete_consumer(&name).await {
+            tracing::debug!(consumer = %name, error = %e, "no consumer to delete");
+        }
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name),
+                filter_subject: subjects.targets(self.partition),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                max_ack_pending: MAX_HANDOFFS_IN_FLIGHT as i64,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(&e))?;
+        consumer
+            .stream()
+            .max_messages_per_batch(WAVE)
+            .heartbeat(Duration::from_secs(1))
+            .expires(Duration::from_secs(10))
+            .messages()
+            .await
+            .map_err(|e| err(&e))
+    }
+
+    /// Delivers for the partition until `cancel` (then settles what is in
+    /// flight, bounded) or an error.
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), DeliveryError> {
+        let client = self.shared.client.clone();
+        let subjects = self.shared.subjects.clone();
+        let mut registrations = client.subscribe(subjects.presence_register(self.partition)).await?;
+        let mut live = client.subscribe(subjects.targets_live(self.partition)).await?;
+        let info = self
+            .shared
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| DeliveryError::Consumer(e.to_string()))?
+            .cached_info()
+            .clone();
+        self.epoch = crate::log::epoch(&self.shared.js, &subjects, &self.shared.log)
+            .await
+            .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
+        self.pos = info.state.last_sequence;
+        self.start_pos = self.pos;
+        // Rebuild presence before delivering anything: every live edge
+        // announces its users of this partition.
+        let mut edges = self.shared.edges.clone();
+        let known = edges.borrow_and_update().clone();
+        self.ask_to_sync(&known).await;
+        let deadline = tokio::time::Instant::now() + self.shared.sync_wait;
+        while !known.iter().all(|id| self.presence.knows(id)) {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(partition = self.partition, "not every edge announced its users in time; late ones will resync their clients");
+                    break;
+                }
+                m = registrations.next() => match m {
+                    Some(m) => self.register(m).await,
+                    None => return Err(DeliveryError::Consumer("presence subscription ended".into())),
+                },
+            }
+        }
+        let mut messages = self.consumer().await?;
+        tracing::info!(partition = self.partition, edges = known.len(), pos = self.pos, "delivering for user partition");
+        let mut pending: FuturesOrdered<_> = FuturesOrdered::new();
+        let mut stores = 0usize;
+        let result = loop {
+            let room = pending.len() < MAX_HANDOFFS_IN_FLIGHT && stores < MAX_STORES_IN_FLIGHT;
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break Ok(()),
+                Some(done) = pending.next(), if !pending.is_empty() => {
+                    let mut wave = vec![done];
+                    while wave.len() < WAVE {
+                        match pending.next().now_or_never() {
+                            Some(Some(d)) => wave.push(d),
+                            _ => break,
+                        }
+                    }
+                    if let Err(e) = self.complete(wave, &mut stores).await {
+                        break Err(e);
+                    }
+                }
+                m = registrations.next() => match m {
+                    Some(m) => self.register(m).await,
+                    None => break Err(DeliveryError::Consumer("presence subscription ended".into())),
+                },
+                changed = edges.changed() => {
+                    if changed.is_ok() {
+                        let now = edges.borrow_and_update().clone();
+                        self.edges_changed(&now).await;
+                    }
+                }
+                m = live.next() => match m {
+                    Some(m) => {
+                        self.live(&m.payload);
+                        for _ in 1..WAVE {
+                            match live.next().now_or_never() {
+                                Some(Some(m)) => self.live(&m.payload),
+                                _ => break,
+                            }
+                        }
+                        self.flush().await;
+                    }
+                    None => break Err(DeliveryError::Consumer("live hand-off subscription ended".into())),
+                },
+                m = messages.next(), if room => match m {
+                    Some(Ok(m)) => match self.store(m).await {
+                        Ok(Some(f)) => {
+                            stores += f.stores;
+                            pending.push_back(stored(f));
+                        }
+                        Ok(None) => {}
+                        Err(e) => break Err(e),
+                    },
+                    Some(Err(e)) => break Err(DeliveryError::Consumer(e.to_string())),
+                    None => break Err(DeliveryError::Consumer("the hand-off consumer ended".into())),
+                },
+            }
+        };
+        if result.is_ok() {
+            let settle = async {
+                while let Some(done) = pending.next().await {
+                    if self.complete(vec![done], &mut stores).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            if tokio::time::timeout(DRAIN_WAIT, settle).await.is_err() {
+                tracing::warn!(partition = self.partition, "in-flight hand-offs not settled before stopping");
+            }
+        }
+        result
+    }
+
+    /// Asks the edges in `ids` that this partition does not know to announce their users.
+    async fn ask_to_sync(&mut self, ids: &EdgeSet) {
+        let now = Instant::now();
+        for id in ids.iter() {
+            if self.presence.knows(id) || self.asked.get(id).is_some_and(|at| now.duration_since(*at) < SYNC_RETRY) {
+                continue;
+            }
+            self.asked.insert(id.clone(), now);
+            if let Err(e) = self
+                .shared
+                .client
+                .publish(self.shared.subjects.edge(id), encode_sync_request(self.partition))
+                .await
+            {
+                tracing::warn!(edge = %id, error = %e, "sync request failed");
+            }
+        }
+        self.asked.retain(|id, _| ids.contains(id));
+    }
+
+    /// Forgets edges that stopped; asks new ones for their users.
+    async fn edges_changed(&mut self, alive: &EdgeSet) {
+        let gone: Vec<String> = self
+            .presence
+            .edge_ids()
+            .filter(|id| !alive.contains(*id))
+            .map(str::to_string)
+            .collect();
+        for id in gone {
+            tracing::info!(partition = self.partition, edge = %id, "edge gone: its users' presence cleared");
+            self.presence.forget(&id);
+        }
+        self.ask_to_sync(alive).await;
+        metrics::gauge!("switchyard_router_present_users", "partition" => self.partition.to_string())
+            .set(self.presence.user_count() as f64);
+    }
+
+    /// Answers an edge's presence update.
+    async fn register(&mut self, msg: async_nats::Message) {
+        let Some(reply_to) = msg.reply.clone() else {
+            return;
+        };
+        let update: PresenceUpdate = match rmp_serde::from_slice(&msg.payload) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed presence update ignored");
+                return;
+            }
+        };
+        let subjects = &self.shared.subjects;
+        let applied = self
+            .presence
+            .apply(&update, |id| subjects.edge(id), self.pos > self.start_pos);
+        if applied.late {
+            metrics::counter!("switchyard_router_presence_late_total").increment(1);
+        }
+        let reply = PresenceReply {
+            pos: self.pos,
+            epoch: self.epoch.clone(),
+            stream: self.stream.clone(),
+            partitions: self.shared.user_partitions,
+            resync: applied.resync,
+            late: applied.late,
+        };
+        let payload = rmp_serde::to_vec_named(&reply).expect("a plain struct encodes");
+        if let Err(e) = self.shared.client.publish(reply_to, payload.into()).await {
+            tracing::warn!(error = %e, "presence reply failed");
+        }
+    }
+
+    /// Adds one delivery to the batch of every edge that should get it.
+    fn route(&mut self, to: Option<&str>, event: u64, body_no: u16, body: &Bytes, pos: Option<u64>) {
+        let Worker {
+            presence,
+            outs,
+            full,
+            partition,
+            routed,
+            ..
+        } = self;
+        let mut add = |slot: EdgeSlot| {
+            let slot = slot as usize;
+            if outs.len() <= slot {
+                outs.resize_with(slot + 1, EdgeOut::default);
+            }
+            let out = &mut outs[slot];
+            let writer = out.writer.get_or_insert_with(|| EdgeBatchWriter::new(*partition));
+            let known = out
+                .recent
+                .iter()
+                .find(|(e, b, _)| *e == event && *b == body_no)
+                .map(|&(_, _, idx)| idx);
+            let idx = match known {
+                Some(idx) => idx,
+                None => {
+                    if !writer.is_empty() && writer.len() + body.len() > EDGE_FLUSH_BYTES {
+                        // Full: this batch goes as it is, the delivery starts the next.
+                        full.push((slot, writer.take(*partition)));
+                        out.recent.clear();
+                    }
+                    let idx = writer.body(body);
+                    if out.recent.len() >= 8 {
+                        out.recent.remove(0);
+                    }
+                    out.recent.push((event, body_no, idx));
+                    idx
+                }
+            };
+            match to {
+                Some(user) => writer.user(user, idx, pos),
+                None => writer.broadcast(idx, pos),
+            }
+            *routed += 1;
+        };
+        match to {
+            Some(user) => {
+                for &slot in presence.edges_of(user) {
+                    add(slot);
+                }
+            }
+            None => {
+                for slot in presence.edges_with_users() {
+                    add(slot);
+                }
+            }
+        }
+    }
+
+    /// Sends every full edge batch, then every one that has something in it, in order.
+    async fn flush(&mut self) {
+        metrics::counter!("switchyard_router_deliveries_total").increment(std::mem::take(&mut self.routed));
+        for (slot, batch) in std::mem::take(&mut self.full) {
+            self.send(slot, batch).await;
+        }
+        for slot in 0..self.outs.len() {
+            let Some(writer) = self.outs[slot].writer.as_mut() else {
+                continue;
+            };
+            if writer.is_empty() {
+                continue;
+            }
+            let batch = writer.take(self.partition);
+            self.outs[slot].recent.clear();
+            self.send(slot, batch).await;
+        }
+    }
+
+    async fn send(&self, slot: usize, batch: Bytes) {
+        let Some(subject) = self.presence.subject(slot as EdgeSlot) else {
+            return;
+        };
+        if let Err(e) = self.shared.client.publish(subject.to_string(), batch).await {
+            metrics::counter!("switchyard_router_publish_errors_total").increment(1);
+            tracing::error!(error = %e, "publishing an edge batch failed");
+        }
+    }
+
+    /// Routes a live-only hand-off's deliveries.
+    fn live(&mut self, payload: &Bytes) {
+        let mut reader = match HandoffReader::new(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed live hand-off ignored");
+                return;
+            }
+        };
+        let (mut bodies, mut targets) = (Vec::new(), Vec::new());
+        loop {
+            match reader.next_event(&mut bodies, &mut targets) {
+                Ok(Some(event)) => {
+                    self.event_no += 1;
+                    let n = self.event_no;
+                    if event.broadcast {
+                        if let Some(body) = bodies.first() {
+                            self.route(None, n, 0, body, None);
+                        }
+                    }
+                    for (user, b) in &targets {
+                        self.route(Some(user), n, *b, &bodies[*b as usize], None);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed live hand-off cut short");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Stores a durable hand-off's deliveries; the returned in-flight entry
+    /// completes when they are all stored.
+    async fn store(&mut self, msg: async_nats::jetstream::Message) -> Result<Option<InFlight>, DeliveryError> {
+        let payload = msg.payload.clone();
+        let mut reader = match HandoffReader::new(&payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed hand-off dropped");
+                let _ = msg.ack().await;
+                return Ok(None);
+            }
+        };
+        let mut f = InFlight {
+            msg,
+            items: Vec::new(),
+            pending: Vec::new(),
+            stores: 0,
+        };
+        let (mut bodies, mut targets) = (Vec::new(), Vec::new());
+        loop {
+            let event = match reader.next_event(&mut bodies, &mut targets) {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed hand-off cut short");
+                    break;
+                }
+            };
+            self.event_no += 1;
+            if event.broadcast {
+                let Some(body) = bodies.first() else { continue };
+                use std::fmt::Write;
+                self.msg_id.clear();
+                let _ = write!(self.msg_id, "{}:_all.{}", event.event_ref, self.partition);
+                let subject = self.shared.subjects.deliver_all(self.partition);
+                self.store_one(&mut f, subject, None, 0, body.clone()).await?;
+            }
+            for (user, b) in &targets {
+                if !switchyard_common::ids::is_valid_user_id(user) {
+                    continue;
+                }
+                use std::fmt::Write;
+                self.msg_id.clear();
+                let _ = write!(self.msg_id, "{}:{user}", event.event_ref);
+                let subject = self.shared.subjects.deliver(self.partition, user);
+                let to = payload.slice_ref(user.as_bytes());
+                self.store_one(&mut f, subject, Some(to), *b, bodies[*b as usize].clone())
+                    .await?;
+            }
+        }
+        f.stores = f.items.len();
+        Ok(Some(f))
+    }
+
+    async fn store_one(
+        &mut self,
+        f: &mut InFlight,
+        subject: String,
+        to: Option<Bytes>,
+        body_no: u16,
+        body: Bytes,
+    ) -> Result<(), DeliveryError> {
+        let publish = PublishMessage::build().payload(body.clone()).message_id(self.msg_id.as_str());
+        match self.shared.js.send_publish(subject, publish).await {
+            Ok(ack) => {
+                f.items.push(Item {
+                    to,
+                    event: self.event_no,
+                    body_no,
+                    body,
+                    pos: 0,
+                });
+                f.pending.push((f.items.len() - 1, ack));
+                if f.pending.len() >= STORES_PER_HANDOFF_INLINE {
+                    // A very wide event: settle its stores now so that what
+                    // is outstanding stays bounded.
+                    for (i, ack) in std::mem::take(&mut f.pending) {
+                        let a = ack.await.map_err(|e| DeliveryError::Publish(e.to_string()))?;
+                        f.items[i].pos = a.sequence;
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!("switchyard_router_publish_errors_total").increment(1);
+                if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+                    tracing::error!(error = %e, "delivery larger than the server's max payload dropped");
+                    return Ok(());
+                }
+                Err(DeliveryError::Publish(e.to_string()))
+            }
+        }
+    }
+
+    /// Sends the live copies of stored hand-offs, in order, then acknowledges them.
+    async fn complete(
+        &mut self,
+        wave: Vec<(InFlight, Result<(), String>)>,
+        stores: &mut usize,
+    ) -> Result<(), DeliveryError> {
+        let mut done = Vec::with_capacity(wave.len());
+        let mut failed = None;
+        for (f, result) in wave {
+            *stores = stores.saturating_sub(f.stores);
+            if let Err(e) = result {
+                failed = Some(e);
+                break;
+            }
+            for item in &f.items {
+                self.pos = self.pos.max(item.pos);
+                let to = item.to.as_ref().and_then(|u| std::str::from_utf8(u).ok());
+                self.route(to, item.event, item.body_no, &item.body, Some(item.pos));
+            }
+            done.push(f);
+        }
+        let n: usize = done.iter().map(|f| f.items.len()).sum();
+        self.maybe_crash(n as u64);
+        self.flush().await;
+        for f in done {
+            if let Err(e) = f.msg.ack().await {
+                // Offered again after the ack wait; the log's message ids keep the redo from storing twice.
+                tracing::warn!(error = %e, "acknowledging a hand-off failed");
+            }
+        }
+        match failed {
+            Some(e) => Err(DeliveryError::Publish(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Fault injection: once `crash_after` durable deliveries are stored,
+    /// die before their live copies go out and before their hand-off is acknowledged.
+    fn maybe_crash(&self, n: u64) {
+        let Some(limit) = self.shared.crash_after else {
+            return;
+        };
+        let before = self.shared.stored.fetch_add(n, Ordering::Relaxed);
+        if before + n >= limit {
+            tracing::error!("SWITCHYARD_TEST_CRASH_AFTER_DELIVERIES reached: aborting");
+            std::process::abort();
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Presence in one user partition: which edges hold which of its users
+//! (pure: no NATS, no clock).
+//!
+//! The delivery stage sends each user's live copies to the edges listed
+//! here. Edges announce changes ([`PresenceUpdate`]); an edge this table
+//! does not know (new, forgotten, or met by a new owner of the partition)
+//! must first send its whole set of users (`full`). A full set that
+//! arrives after the partition has stored deliveries it could not send to
+//! that edge is answered `late`, so the edge makes those users resume.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use switchyard_common::fanout::PresenceUpdate;
+
+/// A known edge's slot (an index into the table's edges).
+pub type EdgeSlot = u16;
+
+/// What applying an update decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// The edge is unknown and sent changes: it must send its full set.
+    pub resync: bool,
+    /// Deliveries were stored since this table's owner started that the
+    /// edge's users may not have received live.
+    pub late: bool,
+}
+
+#[derive(Debug)]
+struct Edge {
+    id: String,
+    /// `<prefix>.edge.<id>`.
+    subject: String,
+    users: usize,
+}
+
+/// The edges holding one partition's users.
+#[derive(Debug, Default)]
+pub struct Presence {
+    edges: Vec<Option<Edge>>,
+    by_id: HashMap<String, EdgeSlot>,
+    users: HashMap<Arc<str>, Vec<EdgeSlot>>,
+}
+
+impl Presence {
+    /// An empty table.
+    pub fn new() -> Presence {
+        Presence::default()
+    }
+
+    /// Applies an edge's update. `subject` makes the edge's live subject
+    /// from its id; `moved` says whether this partition stored deliveries
+    /// since its owner started (an edge that was not synced all along may
+    /// have missed their live copies).
+    pub fn apply(&mut self, update: &PresenceUpdate, subject: impl FnOnce(&str) -> String, moved: bool) -> Applied {
+        let known = self.by_id.get(&update.edge).copied();
+        let slot = match (known, update.full) {
+            (None, false) => {
+                return Applied {
+                    resync: true,
+                    late: false,
+                }
+            }
+            (Some(slot), true) => {
+                self.clear_edge(slot);
+                slot
+            }
+            (Some(slot), false) => slot,
+            (None, true) => self.add_edge(&update.edge, subject(&update.edge)),
+        };
+        for (user, present) in &update.users {
+            if *present {
+                let slots = self.users.entry(Arc::from(user.as_str())).or_default();
+                if !slots.contains(&slot) {
+                    slots.push(slot);
+                    self.edge_mut(slot).users += 1;
+                }
+            } else if let Some(slots) = self.users.get_mut(user.as_str()) {
+                let removed = match slots.iter().position(|s| *s == slot) {
+                    Some(i) => {
+                        slots.swap_remove(i);
+                        true
+                    }
+                    None => false,
+                };
+                if slots.is_empty() {
+                    self.users.remove(user.as_str());
+                }
+                if removed {
+                    self.edge_mut(slot).users -= 1;
+                }
+            }
+        }
+        Applied {
+            resync: false,
+            late: update.full && known.is_none() && moved,
+        }
+    }
+
+    /// Forgets an edge and its users (it stopped, or stopped saying it is alive).
+    pub fn forget(&mut self, edge: &str) {
+        if let Some(slot) = self.by_id.remove(edge) {
+            self.clear_edge(slot);
+            self.edges[slot as usize] = None;
+        }
+    }
+
+    /// Whether the table knows `edge`.
+    pub fn knows(&self, edge: &str) -> bool {
+        self.by_id.contains_key(edge)
+    }
+
+    /// Ids of the known edges.
+    pub fn edge_ids(&self) -> impl Iterator<Item = &str> {
+        self.by_id.keys().map(String::as_str)
+    }
+
+    /// The edges holding `user`.
+    pub fn edges_of(&self, user: &str) -> &[EdgeSlot] {
+        self.users.get(user).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Edges holding at least one of the partition's users (for broadcasts).
+    pub fn edges_with_users(&self) -> impl Iterator<Item = EdgeSlot> + '_ {
+        self.edges
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.as_ref().is_some_and(|e| e.users > 0))
+            .map(|(i, _)| i as EdgeSlot)
+    }
+
+    /// Slots in use (and free ones) so far: the bound for per-slot buffers.
+    pub fn slot_count(&self) -> usize {
+        self.edges.len()
+    }
+
+    /// The live subject of the edge in `slot`.
+    pub fn subject(&self, slot: EdgeSlot) -> Option<&str> {
+        self.edges
+            .get(slot as usize)
+            .and_then(|e| e.as_ref())
+            .map(|e| e.subject.as_str())
+    }
+
+    /// Users with at least one edge.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    fn edge_mut(&mut self, slot: EdgeSlot) -> &mut Edge {
+        self.edges[slot as usize].as_mut().expect("slot in use")
+    }
+
+    fn add_edge(&mut self, id: &str, subject: String) -> EdgeSlot {
+        let edge = Edge {
+            id: id.to_string(),
+            subject,
+            users: 0,
+        };
+        let slot = match self.edges.iter().position(Option::is_none) {
+            Some(free) => {
+                self.edges[free] = Some(edge);
+                free
+            }
+            None => {
+                self.edges.push(Some(edge));
+                self.edges.len() - 1
+            }
+        } as EdgeSlot;
+        self.by_id.insert(id.to_string(), slot);
+        slot
+    }
+
+    fn clear_edge(&mut self, slot: EdgeSlot) {
+        if self.edges[slot as usize].as_ref().is_some_and(|e| e.users == 0) {
+            return;
+        }
+        self.users.retain(|_, slots| {
+            slots.retain(|s| *s != slot);
+            !slots.is_empty()
+        });
+        if let Some(e) = self.edges[slot as usize].as_mut() {
+            e.users = 0;
+        }
+    }
+
+    /// The id of the edge in `slot` (for logs).
+    pub fn edge_id(&self, slot: EdgeSlot) -> Option<&str> {
+        self.edges
+            .get(slot as usize)
+            .and_then(|e| e.as_ref())
+            .map(|e| e.id.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(edge: &str, full: bool, users: &[(&str, bool)]) -> PresenceUpdate {
+        PresenceUpdate {
+            edge: edge.into(),
+            full,
+            users: users.iter().map(|(u, p)| (u.to_string(), *p)).collect(),
+        }
+    }
+
+    fn subject(id: &str) -> String {
+        format!("sy.edge.{id}")
+    }
+
+    #[test]
+    fn an_unknown_edge_must_send_its_full_set_first() {
+        let mut p = Presence::new();
+        let a = p.apply(&update("e1", false, &[("alice", true)]), subject, false);
+        assert!(a.resync);
+        assert!(p.edges_of("alice").is_empty());
+        let a = p.apply(&update("e1", true, &[("alice", true)]), subject, false);
+        assert_eq!(
+            a,
+            Applied {
+                resync: false,
+                late: false
+            }
+        );
+        let slot = p.edges_of("alice")[0];
+        assert_eq!(p.subject(slot), Some("sy.edge.e1"));
+        let a = p.apply(&update("e1", false, &[("bob", true), ("alice", false)]), subject, true);
+        assert!(!a.resync && !a.late, "a known edge's changes are never late");
+        assert!(p.edges_of("alice").is_empty());
+        assert_eq!(p.edges_of("bob"), [slot]);
+    }
+
+    #[test]
+    fn users_on_several_edges_and_forgetting_an_edge() {
+        let mut p = Presence::new();
+        p.apply(&update("e1", true, &[("alice", true), ("bob", true)]), subject, false);
+        p.apply(&update("e2", true, &[("alice", true)]), subject, false);
+        assert_eq!(p.edges_of("alice").len(), 2);
+        assert_eq!(p.edges_with_users().count(), 2);
+        p.forget("e1");
+        assert!(!p.knows("e1"));
+        assert_eq!(p.edges_of("alice").len(), 1);
+        assert!(p.edges_of("bob").is_empty());
+        assert_eq!(p.user_count(), 1);
+        // A forgotten edge that comes back is late if deliveries were stored meanwhile.
+        let a = p.apply(&update("e1", true, &[("bob", true)]), subject, true);
+        assert!(a.late);
+        assert_eq!(p.edges_of("bob").len(), 1);
+        // Its slot was reused, not leaked.
+        assert_eq!(p.slot_count(), 2);
+    }
+
+    #[test]
+    fn a_full_set_replaces_what_the_edge_had() {
+        let mut p = Presence::new();
+        p.apply(&update("e1", true, &[("alice", true), ("bob", true)]), subject, false);
+        p.apply(&update("e1", true, &[("carol", true)]), subject, true);
+        assert!(p.edges_of("alice").is_empty() && p.edges_of("bob").is_empty());
+        assert_eq!(p.edges_of("carol").len(), 1);
+        assert_eq!(p.user_count(), 1);
+        // Repeated announcements do not double-count.
+        p.apply(&update("e1", false, &[("carol", true), ("carol", true)]), subject, false);
+        p.apply(&update("e1", false, &[("carol", false)]), subject, false);
+        assert_eq!(p.user_count(), 0);
+        assert_eq!(p.edges_with_users().count(), 0);
+    }
+}

@@ -93,6 +93,10 @@ pub struct Shared {
     pub edges: watch::Receiver<EdgeSet>,
     /// How long a starting worker waits for the edges to announce their users.
     pub sync_wait: Duration,
+    /// Before this, the router has not heard every live edge's heartbeat
+    /// yet (it started less than a heartbeat interval ago): workers wait for
+    /// it before they ask edges for their users.
+    pub edges_known_at: tokio::time::Instant,
     /// Fault injection (tests): abort after this many stored durable deliveries.
     pub crash_after: Option<u64>,
     /// Durable deliveries stored so far (for `crash_after`).
@@ -240,7 +244,19 @@ impl Worker {
         self.pos = info.state.last_sequence;
         self.start_pos = self.pos;
         // Rebuild presence before delivering anything: every live edge
-        // announces its users of this partition.
+        // announces its users of this partition. A router that has just
+        // started first hears every edge's heartbeat (answering
+        // registrations meanwhile).
+        while tokio::time::Instant::now() < self.shared.edges_known_at {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep_until(self.shared.edges_known_at) => {}
+                m = registrations.next() => match m {
+                    Some(m) => self.register(m).await,
+                    None => return Err(DeliveryError::Consumer("presence subscription ended".into())),
+                },
+            }
+        }
         let mut edges = self.shared.edges.clone();
         let known = edges.borrow_and_update().clone();
         self.ask_to_sync(&known).await;

@@ -211,6 +211,8 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         log: config.log_settings(),
         edges: edge_set,
         sync_wait: Duration::from_millis(config.presence_sync_ms),
+        // Edges beat every second: after this long every live one has been heard.
+        edges_known_at: tokio::time::Instant::now() + EDGE_HEARTBEAT + Duration::from_millis(300),
         crash_after: config.crash_after_deliveries,
         stored: std::sync::atomic::AtomicU64::new(0),
     });
@@ -246,6 +248,9 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         client,
     })
 }
+
+/// How often edges publish their heartbeat (`switchyard_edge::presence::HEARTBEAT`).
+const EDGE_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Counts producer events on subjects deeper than `<prefix>.events.<type>.<key>`,
 /// which no event stream captures (a JetStream publish there gets "no responders").

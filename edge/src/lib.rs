@@ -11,6 +11,7 @@
 //! - [`session`]: one connection's reader and writer.
 //! - [`wsread`]: WebSocket frame reading with no buffer between frames.
 //! - [`outbound`]: the per-connection queue policy: rate limit, conflation, slow-consumer drops (pure).
+//! - [`op_limit`]: the per-connection rate limit on client ops (pure).
 //! - [`conn`]: the handle and bounded queues of one connection.
 //! - [`hub`]: user → connections, per-user NATS subscriptions, broadcasts, the sweeper.
 //! - [`log`]: the delivery log: positions, replay on resume, `recovered`.
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod hub;
 pub mod log;
 pub mod node;
+pub mod op_limit;
 pub mod outbound;
 pub mod server;
 pub mod session;

@@ -273,7 +273,12 @@ impl Store {
         }
         config.max_bytes = settings.max_bytes;
         config.allow_message_ttl = true;
-        self.js.update_stream(config).await.map_err(|e| e.to_string())?;
+        let info = self.js.update_stream(config).await.map_err(|e| e.to_string())?;
+        if !info.config.allow_message_ttl {
+            return Err(
+                "the NATS server does not support per-message TTLs (nats-server 2.11 or later is needed)".into(),
+            );
+        }
         tracing::info!(max_bytes = settings.max_bytes, "subscription bucket limits updated");
         Ok(())
     }

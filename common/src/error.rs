@@ -18,6 +18,8 @@ pub enum ErrorCode {
     InvalidFilter,
     /// The user already has the maximum number of subscriptions.
     TooManySubscriptions,
+    /// The user is already in the maximum number of rooms (PROTOCOL.md 1.1).
+    TooManyRooms,
     /// The request was cut by a rate limit.
     RateLimited,
     /// The token's `exp` passed without a refresh.
@@ -37,6 +39,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::InvalidFilter => "invalid_filter",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::Unavailable => "unavailable",

@@ -100,6 +100,13 @@ pub struct EdgeConfig {
     /// Optional wait after an event arrives for more to batch with it, in milliseconds (0: none).
     #[arg(long, env = "SWITCHYARD_LINGER_MS", default_value_t = 0)]
     pub linger_ms: u64,
+    /// Sustained client ops per second per connection, `ping` and `auth` aside
+    /// (more get `error rate_limited`); 0 turns the limit off.
+    #[arg(long, env = "SWITCHYARD_OPS_PER_S", default_value_t = 20)]
+    pub ops_per_s: u32,
+    /// Client ops a rested connection may send at once (0 counts as 1).
+    #[arg(long, env = "SWITCHYARD_OPS_BURST", default_value_t = 50)]
+    pub ops_burst: u32,
     /// Bad frames allowed per 60 s before closing with 4008.
     #[arg(long, env = "SWITCHYARD_BAD_FRAME_BUDGET", default_value_t = 20)]
     pub bad_frame_budget: u32,
@@ -171,6 +178,8 @@ impl std::fmt::Debug for EdgeConfig {
             .field("slow_consumer_ms", &self.slow_consumer_ms)
             .field("write_stall_ms", &self.write_stall_ms)
             .field("linger_ms", &self.linger_ms)
+            .field("ops_per_s", &self.ops_per_s)
+            .field("ops_burst", &self.ops_burst)
             .field("bad_frame_budget", &self.bad_frame_budget)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("log_wait_ms", &self.log_wait_ms)
@@ -288,6 +297,11 @@ impl EdgeConfig {
             rate_per_s: u32::try_from(self.rate_per_s).unwrap_or(u32::MAX),
             burst: u32::try_from(self.burst).unwrap_or(u32::MAX),
         }
+    }
+
+    /// A fresh op rate limiter for one connection.
+    pub fn op_limiter(&self) -> crate::op_limit::OpLimiter {
+        crate::op_limit::OpLimiter::new(self.ops_per_s, self.ops_burst)
     }
 
     /// The auth timeout.

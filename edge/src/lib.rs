@@ -13,6 +13,7 @@
 //! - [`session`]: one connection's reader and writer.
 //! - [`wsread`]: WebSocket frame reading with no buffer between frames.
 //! - [`outbound`]: the per-connection queue policy: rate limit, conflation, slow-consumer drops (pure).
+//! - [`op_limit`]: the per-connection rate limit on client ops (pure).
 //! - [`conn`]: the handle and bounded queues of one connection.
 //! - [`hub`]: the node's connections, registration, draining, the sweeper.
 //! - [`intake`]: the node's one live subscription and the user → connections table it dispatches to.
@@ -34,6 +35,7 @@ pub mod hub;
 pub mod intake;
 pub mod log;
 pub mod node;
+pub mod op_limit;
 pub mod outbound;
 pub mod presence;
 pub mod server;

@@ -206,6 +206,47 @@ fn conflatable_key(d: &Delivery) -> Option<u64> {
     d.conflation_key
 }
 
+/// A token bucket refilled lazily from the `now` its caller passes in: the
+/// rate limit on deliveries here, and on client ops in [`crate::op_limit`].
+///
+/// Modelled GCRA-style by the time it will be full again, so it is one
+/// timestamp, allocates nothing and never needs a timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBucket {
+    /// Time between tokens; `None` without a limit.
+    interval: Option<Duration>,
+    /// How far ahead of `now` the bucket may be spent: `burst` tokens.
+    burst_span: Duration,
+    /// When the bucket is full again (GCRA's theoretical arrival time).
+    full_at: Option<Instant>,
+}
+
+impl TokenBucket {
+    /// A full bucket of `burst` tokens (0 counts as 1) refilled at
+    /// `rate_per_s`; a rate of 0 turns the limit off.
+    pub fn new(rate_per_s: u32, burst: u32) -> TokenBucket {
+        let interval = (rate_per_s > 0).then(|| Duration::from_secs(1) / rate_per_s);
+        TokenBucket {
+            interval,
+            burst_span: interval.unwrap_or_default() * burst.max(1),
+            full_at: None,
+        }
+    }
+
+    /// Takes a token at `now`; whether there was one (a refusal spends nothing).
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let Some(interval) = self.interval else {
+            return true;
+        };
+        let full_at = self.full_at.map_or(now, |t| t.max(now)) + interval;
+        if full_at.saturating_duration_since(now) > self.burst_span {
+            return false;
+        }
+        self.full_at = Some(full_at);
+        true
+    }
+}
+
 /// One connection's outbound queue; see the module documentation for the policy.
 #[derive(Debug)]
 pub struct OutboundQueue {
@@ -218,12 +259,8 @@ pub struct OutboundQueue {
     classes: [List; 2],
     /// Conflation key → slot of the queued delivery that has it.
     keys: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
-    /// Time between tokens; `None` without a rate limit.
-    token_interval: Option<Duration>,
-    /// How far ahead of `now` the bucket may be spent: `burst` tokens.
-    burst_span: Duration,
-    /// When the bucket is full again (GCRA's theoretical arrival time).
-    bucket_full_at: Option<Instant>,
+    /// The rate limit's token bucket.
+    bucket: TokenBucket,
     full_since: Option<Instant>,
     pending: Dropped,
     pending_since: Option<Instant>,
@@ -237,8 +274,6 @@ pub struct OutboundQueue {
 impl OutboundQueue {
     /// An empty queue with a full bucket; allocates nothing until used.
     pub fn new(config: OutboundConfig) -> OutboundQueue {
-        let token_interval = (config.rate_per_s > 0).then(|| Duration::from_secs(1) / config.rate_per_s);
-        let burst_span = token_interval.unwrap_or_default() * config.burst.max(1);
         OutboundQueue {
             config,
             slots: Vec::new(),
@@ -246,9 +281,7 @@ impl OutboundQueue {
             order: List::EMPTY,
             classes: [List::EMPTY; 2],
             keys: HashMap::default(),
-            token_interval,
-            burst_span,
-            bucket_full_at: None,
+            bucket: TokenBucket::new(config.rate_per_s, config.burst),
             full_since: None,
             pending: Dropped::default(),
             pending_since: None,
@@ -317,7 +350,7 @@ impl OutboundQueue {
                 d.prio = d.prio.max(self.entry(slot).d.prio);
                 self.admit(d, Some(slot), now)
             }
-            None if d.prio != Prio::Critical && !d.replayed && !self.take_token(now) => {
+            None if d.prio != Prio::Critical && !d.replayed && !self.bucket.try_take(now) => {
                 self.total_rate_limited += 1;
                 self.pending.rate_limited += 1;
                 self.pending_since.get_or_insert(now);
@@ -369,20 +402,6 @@ impl OutboundQueue {
         self.pending_since = None;
         self.notice_woken = false;
         (!taken.is_empty()).then_some(taken)
-    }
-
-    /// Takes a token from the bucket; whether there was one (GCRA: the
-    /// bucket is modelled by the time it will be full again).
-    fn take_token(&mut self, now: Instant) -> bool {
-        let Some(interval) = self.token_interval else {
-            return true;
-        };
-        let full_at = self.bucket_full_at.map_or(now, |t| t.max(now)) + interval;
-        if full_at.saturating_duration_since(now) > self.burst_span {
-            return false;
-        }
-        self.bucket_full_at = Some(full_at);
-        true
     }
 
     /// Queues `d` (superseding the delivery in slot `superseded`) if the

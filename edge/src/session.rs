@@ -103,6 +103,7 @@ pub async fn run(
         conn_done: conn_done.clone(),
         frag: None,
         bad_frames: VecDeque::new(),
+        ops: node.config.op_limiter(),
     };
     let auth = match pre_auth {
         Some(p) => Some((p.claims, p.resume, None, p.slot)),
@@ -279,6 +280,8 @@ struct Reader {
     frag: Option<(OpCode, Vec<u8>)>,
     /// Times (unix ms) of recent bad frames, for the budget.
     bad_frames: VecDeque<u64>,
+    /// The op rate limit (checked after decoding: bad frames spend nothing).
+    ops: crate::op_limit::OpLimiter,
 }
 
 impl Reader {
@@ -508,6 +511,12 @@ impl Reader {
                     continue;
                 }
             };
+            if !self.ops.admit(&frame.op, std::time::Instant::now()) {
+                metrics::counter!("switchyard_edge_ops_rate_limited_total").increment(1);
+                self.reply_error(frame.id, ErrorCode::RateLimited, "too many requests; slow down")
+                    .await;
+                continue;
+            }
             // Boxed: handling a frame awaits requests with large futures, and
             // the connection's task would otherwise keep room for them forever.
             if let Some(end) = Box::pin(self.handle_op(frame, &conn, &mut claims)).await {

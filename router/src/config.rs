@@ -28,6 +28,18 @@ pub struct RouterConfig {
     /// Most subscriptions one user may hold.
     #[arg(long, env = "SWITCHYARD_MAX_SUBSCRIPTIONS", default_value_t = 100)]
     pub max_subscriptions: usize,
+    /// Most rooms one user may be in (a join beyond it gets `too_many_rooms`).
+    #[arg(long, env = "SWITCHYARD_MAX_ROOMS_PER_USER", default_value_t = 100)]
+    pub max_rooms_per_user: usize,
+    /// Largest size of the subscription bucket (`<PREFIX>_SUBS`), in bytes; when
+    /// full, changes that add data get `unavailable` (removals still work).
+    #[arg(long, env = "SWITCHYARD_SUBS_MAX_BYTES", default_value_t = 1 << 30)]
+    pub subs_max_bytes: i64,
+    /// How long the record of a removed subscription or membership stays in
+    /// the bucket before the server deletes it, in seconds. A router whose
+    /// watcher was cut off for most of this long rebuilds its index in full.
+    #[arg(long, env = "SWITCHYARD_SUBS_TOMBSTONE_TTL_S", default_value_t = 3600)]
+    pub subs_tombstone_ttl_s: u64,
     /// Window in which events with the same producer `id` are delivered once, in seconds.
     #[arg(long, env = "SWITCHYARD_DEDUP_WINDOW_S", default_value_t = 120)]
     pub dedup_window_s: u64,
@@ -125,6 +137,17 @@ impl RouterConfig {
         if self.max_subscriptions == 0 {
             return Err(ConfigError::Range("SWITCHYARD_MAX_SUBSCRIPTIONS must be at least 1"));
         }
+        if self.max_rooms_per_user == 0 {
+            return Err(ConfigError::Range("SWITCHYARD_MAX_ROOMS_PER_USER must be at least 1"));
+        }
+        if self.subs_max_bytes < 1 << 20 {
+            return Err(ConfigError::Range(
+                "SWITCHYARD_SUBS_MAX_BYTES must be at least 1048576 (1 MiB)",
+            ));
+        }
+        if self.subs_tombstone_ttl_s == 0 {
+            return Err(ConfigError::Range("SWITCHYARD_SUBS_TOMBSTONE_TTL_S must be at least 1"));
+        }
         if self.dedup_window_s == 0 {
             return Err(ConfigError::Range("SWITCHYARD_DEDUP_WINDOW_S must be at least 1"));
         }
@@ -180,6 +203,17 @@ impl RouterConfig {
             max_subscriptions: self.max_subscriptions,
             max_dimensions: self.max_dimensions,
             max_values_per_dimension: self.max_values_per_dimension,
+            max_rooms: self.max_rooms_per_user,
+        }
+    }
+
+    /// The subscription bucket's settings.
+    pub fn store_settings(&self) -> crate::store::StoreSettings {
+        crate::store::StoreSettings {
+            replicas: self.log_replicas,
+            memory: self.log_storage == "memory",
+            max_bytes: self.subs_max_bytes,
+            tombstone_ttl: std::time::Duration::from_secs(self.subs_tombstone_ttl_s),
         }
     }
 

@@ -6,6 +6,11 @@
 //! their watchers and check that they have before matching (see
 //! [`crate::store`]). Requests are served concurrently (bounded), since an
 //! authorization request to the application may take a while.
+//!
+//! An addition (`subscribe`, `join`) is counted against the user's cap and
+//! written with a guard on the user's keys, retried when another router
+//! changed them meanwhile, so the caps hold exactly across routers. A
+//! removal of something absent writes nothing.
 
 use std::sync::Arc;
 
@@ -19,11 +24,23 @@ use switchyard_common::ErrorCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::authz::{Authz, Caller, Decision};
-use crate::state::{error, RouterState};
+use crate::state::{error, JoinCheck, RouterState};
 use crate::store::{Change, Store, StoreError};
 
 /// Most control requests in progress at once on one router.
 const CONCURRENCY: usize = 64;
+
+/// Most tries of a guarded addition that keeps losing to other changes of
+/// the same user's keys (each loss means another change of them landed).
+const GUARD_ATTEMPTS: u32 = 32;
+
+/// What an addition should do after counting.
+enum Admit {
+    /// Nothing to write (already there).
+    Done,
+    /// Write the change.
+    Write,
+}
 
 /// What the control service works with.
 pub struct ControlService {
@@ -99,25 +116,24 @@ impl ControlService {
                     if let Decision::Deny(m) = self.authz.subscribe(caller, &sub).await {
                         return Err(error(ErrorCode::Forbidden, m));
                     }
-                    // The per-user cap counts what every router accepted.
-                    self.store.catch_up().await.map_err(unavailable)?;
-                    self.state.check_room_for(user, &sub.name)?;
+                    let name = sub.name.clone();
                     let change = Change::Subscribe {
                         user: user.to_string(),
                         sub,
                     };
-                    self.store.put_and_apply(&change).await.map_err(unavailable)?;
-                    Ok(ControlReply::Ok)
+                    self.add(&change, || {
+                        self.state.check_room_for(user, &name).map(|()| Admit::Write)
+                    })
+                    .await
                 }
                 ControlOp::Unsubscribe { sub } => {
                     let name = name_field(sub, "subscription name", ids::is_valid_sub_name)
                         .map_err(|e| error(ErrorCode::InvalidFilter, e.0))?;
-                    let change = Change::Unsubscribe {
+                    self.remove(&Change::Unsubscribe {
                         user: user.to_string(),
                         name: name.to_string(),
-                    };
-                    self.store.put_and_apply(&change).await.map_err(unavailable)?;
-                    Ok(ControlReply::Ok)
+                    })
+                    .await
                 }
                 ControlOp::List => {
                     self.store.catch_up().await.map_err(unavailable)?;
@@ -133,18 +149,20 @@ impl ControlService {
                         room: room.to_string(),
                         user: user.to_string(),
                     };
-                    self.store.put_and_apply(&change).await.map_err(unavailable)?;
-                    Ok(ControlReply::Ok)
+                    self.add(&change, || match self.state.check_join(user, room)? {
+                        JoinCheck::AlreadyMember => Ok(Admit::Done),
+                        JoinCheck::Join => Ok(Admit::Write),
+                    })
+                    .await
                 }
                 ControlOp::Leave { room } => {
                     let room = name_field(room, "room name", ids::is_valid_room)
                         .map_err(|e| error(ErrorCode::InvalidFilter, e.0))?;
-                    let change = Change::Leave {
+                    self.remove(&Change::Leave {
                         room: room.to_string(),
                         user: user.to_string(),
-                    };
-                    self.store.put_and_apply(&change).await.map_err(unavailable)?;
-                    Ok(ControlReply::Ok)
+                    })
+                    .await
                 }
             }
         }
@@ -153,7 +171,55 @@ impl ControlService {
     }
 }
 
+impl ControlService {
+    /// Writes an addition once `check` (run against an index that has
+    /// applied every change of the user's keys) allows it, guarded so that
+    /// no change of those keys lands between the count and the write.
+    async fn add(
+        &self,
+        change: &Change,
+        check: impl Fn() -> Result<Admit, ControlReply>,
+    ) -> Result<ControlReply, ControlReply> {
+        for attempt in 0..GUARD_ATTEMPTS {
+            let seen = self.store.user_revision(change).await.map_err(unavailable)?;
+            self.store.wait_applied(seen).await.map_err(unavailable)?;
+            if let Admit::Done = check()? {
+                return Ok(ControlReply::Ok);
+            }
+            match self.store.write(change, Some(seen)).await {
+                Ok(revision) => {
+                    self.store.wait_applied(revision).await.map_err(unavailable)?;
+                    return Ok(ControlReply::Ok);
+                }
+                Err(StoreError::Conflict) => {
+                    metrics::counter!("switchyard_router_store_conflicts_total").increment(1);
+                    // Another change of this user's keys landed (or, on a
+                    // cluster, is landing): count again after it.
+                    tokio::time::sleep(std::time::Duration::from_millis(u64::from(attempt.min(20)))).await;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(unavailable(StoreError::Conflict))
+    }
+
+    /// Writes a removal, or nothing when there is nothing to remove.
+    async fn remove(&self, change: &Change) -> Result<ControlReply, ControlReply> {
+        if !self.store.is_present(change).await.map_err(unavailable)? {
+            metrics::counter!("switchyard_router_absent_removals_total").increment(1);
+            return Ok(ControlReply::Ok);
+        }
+        let revision = self.store.write(change, None).await.map_err(unavailable)?;
+        self.store.wait_applied(revision).await.map_err(unavailable)?;
+        Ok(ControlReply::Ok)
+    }
+}
+
 fn unavailable(e: StoreError) -> ControlReply {
+    if let StoreError::Full = e {
+        tracing::error!(error = %e, "subscription store full");
+        return error(ErrorCode::Unavailable, "subscription store full, try again later");
+    }
     tracing::warn!(error = %e, "subscription store unavailable");
     error(ErrorCode::Unavailable, "subscription store unavailable, try again")
 }

@@ -151,7 +151,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
     log::ensure_streams(&js, &subjects, &config.log_settings()).await?;
     events::ensure_streams(&js, &subjects, &config.event_settings()).await?;
     let memory = config.log_storage == "memory";
-    let store = store::Store::open(&js, &subjects, config.log_replicas, memory).await?;
+    let store = store::Store::open(&js, &subjects, &config.store_settings()).await?;
     let state = state::RouterState::new(config.limits());
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();

@@ -4,7 +4,8 @@
 //!
 //! Changes reach the index only through [`RouterState::apply_change`],
 //! called by the store's watcher ([`crate::store`]), so every router applies
-//! the same changes in the bucket's order. Locks are `std::sync::RwLock`s
+//! the same changes in the bucket's order; a rebuild replays the bucket into
+//! a [`Replica`] off to the side and swaps it in ([`RouterState::install`]). Locks are `std::sync::RwLock`s
 //! held only for in-memory work, never across an `.await`: matching takes a
 //! read lock, collects its targets and lets go before anything is published.
 
@@ -29,7 +30,12 @@ pub struct Limits {
     pub max_dimensions: usize,
     /// Values per filter dimension.
     pub max_values_per_dimension: usize,
+    /// Rooms per user (default 100).
+    pub max_rooms: usize,
 }
+
+/// The default cap on rooms per user (PROTOCOL.md 1.1).
+pub const DEFAULT_MAX_ROOMS: usize = 100;
 
 impl Limits {
     /// The given subscription cap and the protocol's own caps for the rest.
@@ -38,6 +44,7 @@ impl Limits {
             max_subscriptions,
             max_dimensions: switchyard_common::subscription::MAX_FILTER_DIMENSIONS,
             max_values_per_dimension: switchyard_common::subscription::MAX_VALUES_PER_DIMENSION,
+            max_rooms: DEFAULT_MAX_ROOMS,
         }
     }
 }
@@ -49,6 +56,76 @@ pub struct RouterState {
     /// Room memberships.
     pub rooms: RwLock<Rooms>,
     limits: Limits,
+}
+
+/// An index and room table built from a replay of the bucket, off to the
+/// side of the ones serving, then swapped in whole.
+pub struct Replica {
+    index: Box<dyn SubscriptionIndex>,
+    rooms: Rooms,
+}
+
+impl Default for Replica {
+    fn default() -> Self {
+        Replica::new()
+    }
+}
+
+impl Replica {
+    /// Empty, with the fast index.
+    pub fn new() -> Replica {
+        Replica {
+            index: Box::new(FastIndex::new()),
+            rooms: Rooms::new(),
+        }
+    }
+
+    /// Applies a stored change.
+    pub fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Subscribe { .. } | Change::Unsubscribe { .. } => apply_to_index(self.index.as_mut(), change),
+            Change::Join { .. } | Change::Leave { .. } => apply_to_rooms(&mut self.rooms, change),
+        }
+    }
+}
+
+/// What a join should do, once allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinCheck {
+    /// The user is already in the room: nothing to write, nothing counted.
+    AlreadyMember,
+    /// Write the membership.
+    Join,
+}
+
+fn apply_to_index(index: &mut dyn SubscriptionIndex, change: &Change) {
+    match change {
+        Change::Subscribe { user, sub } => {
+            if !ids::is_valid_user_id(user) {
+                return;
+            }
+            // Already accepted by the router that stored it: no cap here.
+            let _ = index.upsert(user, sub, usize::MAX);
+        }
+        Change::Unsubscribe { user, name } => {
+            index.remove(user, name);
+        }
+        Change::Join { .. } | Change::Leave { .. } => {}
+    }
+}
+
+fn apply_to_rooms(rooms: &mut Rooms, change: &Change) {
+    match change {
+        Change::Join { room, user } => {
+            if ids::is_valid_user_id(user) && ids::is_valid_room(room) {
+                rooms.join(room, user);
+            }
+        }
+        Change::Leave { room, user } => {
+            rooms.leave(room, user);
+        }
+        Change::Subscribe { .. } | Change::Unsubscribe { .. } => {}
+    }
 }
 
 /// An error reply.
@@ -108,28 +185,40 @@ impl RouterState {
         Ok(())
     }
 
+    /// Whether `user` may join `room` without going past the rooms cap
+    /// (a room the user is already in does not count).
+    pub fn check_join(&self, user: &str, room: &str) -> Result<JoinCheck, ControlReply> {
+        let rooms = self.rooms.read().expect("rooms lock");
+        if rooms.is_member(room, user) {
+            return Ok(JoinCheck::AlreadyMember);
+        }
+        if rooms.rooms_of(user) >= self.limits.max_rooms {
+            return Err(error(
+                ErrorCode::TooManyRooms,
+                format!("at most {} rooms per user", self.limits.max_rooms),
+            ));
+        }
+        Ok(JoinCheck::Join)
+    }
+
     /// Applies a stored change (from the store's watcher).
     pub fn apply_change(&self, change: &Change) {
         match change {
-            Change::Subscribe { user, sub } => {
-                if !ids::is_valid_user_id(user) {
-                    return;
-                }
-                // Already accepted by the router that stored it: no cap here.
-                let _ = self.index.write().expect("index lock").upsert(user, sub, usize::MAX);
+            Change::Subscribe { .. } | Change::Unsubscribe { .. } => {
+                apply_to_index(self.index.write().expect("index lock").as_mut(), change)
             }
-            Change::Unsubscribe { user, name } => {
-                self.index.write().expect("index lock").remove(user, name);
-            }
-            Change::Join { room, user } => {
-                if ids::is_valid_user_id(user) && ids::is_valid_room(room) {
-                    self.rooms.write().expect("rooms lock").join(room, user);
-                }
-            }
-            Change::Leave { room, user } => {
-                self.rooms.write().expect("rooms lock").leave(room, user);
+            Change::Join { .. } | Change::Leave { .. } => {
+                apply_to_rooms(&mut self.rooms.write().expect("rooms lock"), change)
             }
         }
+    }
+
+    /// Replaces the index and room table with a rebuilt `replica`; the old
+    /// ones are freed after the locks are let go.
+    pub fn install(&self, replica: Replica) {
+        let old_index = std::mem::replace(&mut *self.index.write().expect("index lock"), replica.index);
+        let old_rooms = std::mem::replace(&mut *self.rooms.write().expect("rooms lock"), replica.rooms);
+        drop((old_index, old_rooms));
     }
 
     /// The user's subscriptions.
@@ -180,6 +269,7 @@ mod tests {
             max_subscriptions: 2,
             max_dimensions: 2,
             max_values_per_dimension: 3,
+            max_rooms: 1,
         });
         assert_eq!(code(s.check_subscription(&raw("a", 2, 3))), None);
         assert_eq!(
@@ -239,5 +329,63 @@ mod tests {
             user: "u1".into(),
         });
         assert!(members("desk:fx").is_empty());
+    }
+
+    #[test]
+    fn the_rooms_cap_counts_new_rooms_only() {
+        let s = RouterState::new(Limits {
+            max_rooms: 2,
+            ..Limits::with_max_subscriptions(1)
+        });
+        let join = |room: &str| {
+            s.apply_change(&Change::Join {
+                room: room.into(),
+                user: "u1".into(),
+            })
+        };
+        assert_eq!(s.check_join("u1", "a"), Ok(JoinCheck::Join));
+        join("a");
+        assert_eq!(s.check_join("u1", "a"), Ok(JoinCheck::AlreadyMember));
+        join("b");
+        assert_eq!(
+            s.check_join("u1", "b"),
+            Ok(JoinCheck::AlreadyMember),
+            "rejoining is not adding"
+        );
+        assert_eq!(code(s.check_join("u1", "c")), Some(ErrorCode::TooManyRooms));
+        assert_eq!(s.check_join("u2", "c"), Ok(JoinCheck::Join), "the cap is per user");
+        s.apply_change(&Change::Leave {
+            room: "a".into(),
+            user: "u1".into(),
+        });
+        assert_eq!(s.check_join("u1", "c"), Ok(JoinCheck::Join));
+    }
+
+    #[test]
+    fn an_installed_replica_replaces_everything() {
+        let s = RouterState::new(Limits::with_max_subscriptions(10));
+        let sub = s.check_subscription(&raw("old", 1, 1)).unwrap();
+        s.apply_change(&Change::Subscribe { user: "u1".into(), sub });
+        s.apply_change(&Change::Join {
+            room: "gone".into(),
+            user: "u1".into(),
+        });
+        let mut r = Replica::new();
+        let sub = s.check_subscription(&raw("new", 1, 1)).unwrap();
+        r.apply(&Change::Subscribe { user: "u1".into(), sub });
+        r.apply(&Change::Join {
+            room: "kept".into(),
+            user: "u1".into(),
+        });
+        r.apply(&Change::Join {
+            room: "bad room".into(),
+            user: "u1".into(),
+        });
+        s.install(r);
+        let names: Vec<_> = s.list("u1").into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["new"]);
+        assert_eq!(s.check_join("u1", "kept"), Ok(JoinCheck::AlreadyMember));
+        assert_eq!(s.check_join("u1", "gone"), Ok(JoinCheck::Join));
+        assert_eq!(s.rooms.read().unwrap().len(), 1);
     }
 }

@@ -91,6 +91,8 @@ async fn a_change_through_one_router_holds_at_the_other_for_the_very_next_event(
     let fleet = Fleet::start_with(|c| {
         c.rate_per_s = 1_000_000;
         c.burst = 1_000_000;
+        // 120 changes in quick succession on one connection.
+        c.ops_per_s = 0;
     })
     .await?;
     let second = fleet.start_router(|_| {}).await?;

@@ -19,6 +19,7 @@ export type ProtocolErrorCode =
   | "forbidden"
   | "invalid_filter"
   | "too_many_subscriptions"
+  | "too_many_rooms"
   | "rate_limited"
   | "token_expired"
   | "unavailable"

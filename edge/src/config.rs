@@ -118,6 +118,15 @@ pub struct EdgeConfig {
     /// Most WebSocket connections on this node; more get HTTP 503.
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 200_000)]
     pub max_connections: usize,
+    /// Time a connection has for its TLS handshake, and then for each HTTP
+    /// request head (the upgrade request included); an HTTP connection idle
+    /// this long between requests is closed too. In milliseconds.
+    #[arg(long, env = "SWITCHYARD_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// Most connections from one source address (IPv6: one /64) that are not
+    /// yet upgraded to WebSocket; more are closed at accept. 0: no cap.
+    #[arg(long, env = "SWITCHYARD_MAX_PENDING_PER_ADDR", default_value_t = 256)]
+    pub max_pending_per_addr: usize,
     /// Most connections of one user on this node; more get HTTP 429 (header auth) or close 4008 (frame auth).
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS_PER_USER", default_value_t = 16)]
     pub max_connections_per_user: u32,
@@ -171,6 +180,8 @@ impl std::fmt::Debug for EdgeConfig {
             .field("tls_key", &self.tls_key.as_ref().map(|_| "<redacted path>"))
             .field("max_connections", &self.max_connections)
             .field("max_connections_per_user", &self.max_connections_per_user)
+            .field("handshake_timeout_ms", &self.handshake_timeout_ms)
+            .field("max_pending_per_addr", &self.max_pending_per_addr)
             .field("allowed_origins", &self.allowed_origins)
             .field("drain_spread_ms", &self.drain_spread_ms)
             .field("drain_timeout_ms", &self.drain_timeout_ms)
@@ -215,6 +226,11 @@ impl EdgeConfig {
         }
         if self.max_connections == 0 || self.max_connections_per_user == 0 {
             return Err(ConfigError::Range("connection limits must be at least 1"));
+        }
+        if self.handshake_timeout_ms < 10 {
+            return Err(ConfigError::Range(
+                "SWITCHYARD_HANDSHAKE_TIMEOUT_MS must be at least 10",
+            ));
         }
         Ok(Subjects::new(&self.prefix)?)
     }
@@ -285,6 +301,12 @@ impl EdgeConfig {
         Duration::from_millis(self.auth_timeout_ms)
     }
 
+    /// The TLS handshake and HTTP request-head timeout (also the idle
+    /// keep-alive limit) of connections not yet upgraded.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
     /// The backend request timeout.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
@@ -336,6 +358,26 @@ mod tests {
         c.jwt_secret = None;
         c.dev_insecure = false;
         assert!(!c.dev_tokens_enabled());
+    }
+
+    #[test]
+    fn pre_upgrade_limits_have_flags_and_bounds() {
+        let c = EdgeConfig::parse_from([
+            "switchyard-edge",
+            "--jwt-secret",
+            "s",
+            "--handshake-timeout-ms",
+            "300",
+            "--max-pending-per-addr",
+            "0",
+        ]);
+        assert_eq!(c.handshake_timeout(), Duration::from_millis(300));
+        assert_eq!(c.max_pending_per_addr, 0);
+        assert!(c.validate().is_ok());
+        let d = EdgeConfig::parse_from(["switchyard-edge", "--jwt-secret", "s"]);
+        assert_eq!((d.handshake_timeout_ms, d.max_pending_per_addr), (10_000, 256));
+        let bad = EdgeConfig::parse_from(["switchyard-edge", "--jwt-secret", "s", "--handshake-timeout-ms", "0"]);
+        assert!(matches!(bad.validate(), Err(ConfigError::Range(_))));
     }
 
     #[test]

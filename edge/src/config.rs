@@ -196,6 +196,10 @@ pub enum ConfigError {
     /// No key and no dev mode.
     #[error("no JWT key configured: set SWITCHYARD_JWT_SECRET, SWITCHYARD_JWT_PUBLIC_KEY or SWITCHYARD_JWKS, or pass --dev-insecure (SWITCHYARD_DEV_INSECURE=true) for local development only")]
     NoKey,
+    /// Dev mode would verify with the public dev secret on a listener
+    /// other clients can reach.
+    #[error("--dev-insecure without a JWT key accepts tokens anyone can sign (and, with SWITCHYARD_DEMO_DIR, mints them for anyone), so it is allowed only with the WebSocket listener on a loopback address (SWITCHYARD_LISTEN=127.0.0.1:PORT or [::1]:PORT), not {0}; configure SWITCHYARD_JWT_SECRET, SWITCHYARD_JWT_PUBLIC_KEY or SWITCHYARD_JWKS instead")]
+    DevModeNotLoopback(SocketAddr),
     /// The subject prefix is not valid.
     #[error(transparent)]
     Prefix(#[from] switchyard_common::subject::InvalidPrefix),
@@ -209,6 +213,9 @@ impl EdgeConfig {
     pub fn validate(&self) -> Result<Subjects, ConfigError> {
         if !self.has_key() && !self.dev_insecure {
             return Err(ConfigError::NoKey);
+        }
+        if self.dev_insecure && !self.has_key() && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::DevModeNotLoopback(self.listen));
         }
         if self.heartbeat_ms < 100 {
             return Err(ConfigError::Range("SWITCHYARD_HEARTBEAT_MS must be at least 100"));
@@ -329,7 +336,7 @@ mod tests {
 
     #[test]
     fn refuses_to_start_without_a_key_unless_dev_mode() {
-        let mut c = EdgeConfig::parse_from(["switchyard-edge"]);
+        let mut c = EdgeConfig::parse_from(["switchyard-edge", "--listen", "127.0.0.1:8080"]);
         c.jwt_secret = None;
         assert!(matches!(c.validate(), Err(ConfigError::NoKey)));
         c.jwt_secret = Some(String::new());
@@ -358,6 +365,32 @@ mod tests {
         c.jwt_secret = None;
         c.dev_insecure = false;
         assert!(!c.dev_tokens_enabled());
+    }
+
+    #[test]
+    fn dev_mode_only_on_a_loopback_listener() {
+        let mut c = EdgeConfig::parse_from(["switchyard-edge", "--dev-insecure"]);
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080", "the default listens everywhere");
+        assert!(matches!(c.validate(), Err(ConfigError::DevModeNotLoopback(_))));
+        assert!(c.validate().unwrap_err().to_string().contains("loopback"));
+        for refused in ["[::]:8080", "10.0.0.7:8080", "192.168.1.2:8080", "[2001:db8::1]:8080"] {
+            c.listen = refused.parse().unwrap();
+            assert!(
+                matches!(c.validate(), Err(ConfigError::DevModeNotLoopback(a)) if a == c.listen),
+                "{refused}"
+            );
+        }
+        for allowed in ["127.0.0.1:8080", "127.0.0.2:0", "[::1]:8080"] {
+            c.listen = allowed.parse().unwrap();
+            assert!(c.validate().is_ok(), "{allowed}");
+        }
+        // With a key configured the dev secret is not in use: any address.
+        c.listen = "0.0.0.0:8080".parse().unwrap();
+        c.jwt_secret = Some("real".into());
+        assert!(c.validate().is_ok());
+        c.jwt_secret = None;
+        c.jwks = Some("/keys/jwks.json".into());
+        assert!(c.validate().is_ok());
     }
 
     #[test]

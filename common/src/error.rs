@@ -62,6 +62,11 @@ pub enum CloseCode {
     Normal = 1000,
     /// Node draining; `reconnect` was sent first.
     GoingAway = 1001,
+    /// The client broke RFC 6455 (unmasked frame, bad control frame,
+    /// reserved bits, unknown opcode, fragments out of order).
+    ProtocolError = 1002,
+    /// A text message (or close reason) that is not valid UTF-8.
+    InvalidPayload = 1007,
     /// Nothing received for two heartbeat intervals.
     HeartbeatTimeout = 4000,
     /// Missing, bad or late token; refresh for another user.

@@ -132,6 +132,15 @@ pub struct EdgeConfig {
     /// Most WebSocket connections on this node; more get HTTP 503.
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 200_000)]
     pub max_connections: usize,
+    /// Time a connection has for its TLS handshake, and then for each HTTP
+    /// request head (the upgrade request included); an HTTP connection idle
+    /// this long between requests is closed too. In milliseconds.
+    #[arg(long, env = "SWITCHYARD_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// Most connections from one source address (IPv6: one /64) that are not
+    /// yet upgraded to WebSocket; more are closed at accept. 0: no cap.
+    #[arg(long, env = "SWITCHYARD_MAX_PENDING_PER_ADDR", default_value_t = 256)]
+    pub max_pending_per_addr: usize,
     /// Most connections of one user on this node; more get HTTP 429 (header auth) or close 4008 (frame auth).
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS_PER_USER", default_value_t = 16)]
     pub max_connections_per_user: u32,
@@ -187,6 +196,8 @@ impl std::fmt::Debug for EdgeConfig {
             .field("tls_key", &self.tls_key.as_ref().map(|_| "<redacted path>"))
             .field("max_connections", &self.max_connections)
             .field("max_connections_per_user", &self.max_connections_per_user)
+            .field("handshake_timeout_ms", &self.handshake_timeout_ms)
+            .field("max_pending_per_addr", &self.max_pending_per_addr)
             .field("allowed_origins", &self.allowed_origins)
             .field("drain_spread_ms", &self.drain_spread_ms)
             .field("drain_timeout_ms", &self.drain_timeout_ms)
@@ -201,6 +212,10 @@ pub enum ConfigError {
     /// No key and no dev mode.
     #[error("no JWT key configured: set SWITCHYARD_JWT_SECRET, SWITCHYARD_JWT_PUBLIC_KEY or SWITCHYARD_JWKS, or pass --dev-insecure (SWITCHYARD_DEV_INSECURE=true) for local development only")]
     NoKey,
+    /// Dev mode would verify with the public dev secret on a listener
+    /// other clients can reach.
+    #[error("--dev-insecure without a JWT key accepts tokens anyone can sign (and, with SWITCHYARD_DEMO_DIR, mints them for anyone), so it is allowed only with the WebSocket listener on a loopback address (SWITCHYARD_LISTEN=127.0.0.1:PORT or [::1]:PORT), not {0}; configure SWITCHYARD_JWT_SECRET, SWITCHYARD_JWT_PUBLIC_KEY or SWITCHYARD_JWKS instead")]
+    DevModeNotLoopback(SocketAddr),
     /// The subject prefix is not valid.
     #[error(transparent)]
     Prefix(#[from] switchyard_common::subject::InvalidPrefix),
@@ -214,6 +229,9 @@ impl EdgeConfig {
     pub fn validate(&self) -> Result<Subjects, ConfigError> {
         if !self.has_key() && !self.dev_insecure {
             return Err(ConfigError::NoKey);
+        }
+        if self.dev_insecure && !self.has_key() && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::DevModeNotLoopback(self.listen));
         }
         if self.heartbeat_ms < 100 {
             return Err(ConfigError::Range("SWITCHYARD_HEARTBEAT_MS must be at least 100"));
@@ -234,6 +252,11 @@ impl EdgeConfig {
         }
         if self.max_connections == 0 || self.max_connections_per_user == 0 {
             return Err(ConfigError::Range("connection limits must be at least 1"));
+        }
+        if self.handshake_timeout_ms < 10 {
+            return Err(ConfigError::Range(
+                "SWITCHYARD_HANDSHAKE_TIMEOUT_MS must be at least 10",
+            ));
         }
         Ok(Subjects::new(&self.prefix)?)
     }
@@ -309,6 +332,12 @@ impl EdgeConfig {
         Duration::from_millis(self.auth_timeout_ms)
     }
 
+    /// The TLS handshake and HTTP request-head timeout (also the idle
+    /// keep-alive limit) of connections not yet upgraded.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
     /// The backend request timeout.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
@@ -331,7 +360,7 @@ mod tests {
 
     #[test]
     fn refuses_to_start_without_a_key_unless_dev_mode() {
-        let mut c = EdgeConfig::parse_from(["switchyard-edge"]);
+        let mut c = EdgeConfig::parse_from(["switchyard-edge", "--listen", "127.0.0.1:8080"]);
         c.jwt_secret = None;
         assert!(matches!(c.validate(), Err(ConfigError::NoKey)));
         c.jwt_secret = Some(String::new());
@@ -360,6 +389,52 @@ mod tests {
         c.jwt_secret = None;
         c.dev_insecure = false;
         assert!(!c.dev_tokens_enabled());
+    }
+
+    #[test]
+    fn dev_mode_only_on_a_loopback_listener() {
+        let mut c = EdgeConfig::parse_from(["switchyard-edge", "--dev-insecure"]);
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080", "the default listens everywhere");
+        assert!(matches!(c.validate(), Err(ConfigError::DevModeNotLoopback(_))));
+        assert!(c.validate().unwrap_err().to_string().contains("loopback"));
+        for refused in ["[::]:8080", "10.0.0.7:8080", "192.168.1.2:8080", "[2001:db8::1]:8080"] {
+            c.listen = refused.parse().unwrap();
+            assert!(
+                matches!(c.validate(), Err(ConfigError::DevModeNotLoopback(a)) if a == c.listen),
+                "{refused}"
+            );
+        }
+        for allowed in ["127.0.0.1:8080", "127.0.0.2:0", "[::1]:8080"] {
+            c.listen = allowed.parse().unwrap();
+            assert!(c.validate().is_ok(), "{allowed}");
+        }
+        // With a key configured the dev secret is not in use: any address.
+        c.listen = "0.0.0.0:8080".parse().unwrap();
+        c.jwt_secret = Some("real".into());
+        assert!(c.validate().is_ok());
+        c.jwt_secret = None;
+        c.jwks = Some("/keys/jwks.json".into());
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn pre_upgrade_limits_have_flags_and_bounds() {
+        let c = EdgeConfig::parse_from([
+            "switchyard-edge",
+            "--jwt-secret",
+            "s",
+            "--handshake-timeout-ms",
+            "300",
+            "--max-pending-per-addr",
+            "0",
+        ]);
+        assert_eq!(c.handshake_timeout(), Duration::from_millis(300));
+        assert_eq!(c.max_pending_per_addr, 0);
+        assert!(c.validate().is_ok());
+        let d = EdgeConfig::parse_from(["switchyard-edge", "--jwt-secret", "s"]);
+        assert_eq!((d.handshake_timeout_ms, d.max_pending_per_addr), (10_000, 256));
+        let bad = EdgeConfig::parse_from(["switchyard-edge", "--jwt-secret", "s", "--handshake-timeout-ms", "0"]);
+        assert!(matches!(bad.validate(), Err(ConfigError::Range(_))));
     }
 
     #[test]

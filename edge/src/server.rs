@@ -3,11 +3,22 @@
 //! Everything that can be refused with an HTTP status is refused here,
 //! before a WebSocket exists: unknown path (404), not an upgrade (426),
 //! only unknown subprotocols (400), a bad resume point (400), a bad header
-//! token (401). Accepted upgrades become a [`crate::session`] task.
-//! Paths under `/demo` go to [`crate::demo`] first (when enabled).
+//! token (401), a full node (503). Accepted upgrades become a
+//! [`crate::session`] task. Paths under `/demo` go to [`crate::demo`] first
+//! (when enabled).
+//!
+//! Connections not yet upgraded are bounded too, so that nobody can hold
+//! file descriptors without ever finishing a request: the TLS handshake and
+//! each request head must arrive within the handshake timeout, an idle
+//! keep-alive connection is closed after it, every connection takes one of
+//! the node's connection slots at accept (carried into the session at the
+//! upgrade), and one source address may have only so many connections
+//! waiting for their upgrade.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -15,11 +26,12 @@ use std::sync::atomic::Ordering;
 
 use hyper::header::{HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rmpv::Value;
 use switchyard_common::client::{parse_resume, Resume};
 use switchyard_common::Encoding;
 use tokio::net::TcpListener;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
 use crate::node::Node;
@@ -41,8 +53,9 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<TlsAccept
             "demo page enabled at /demo/"
         );
     }
+    let pending = PendingByAddr::new(node.config.max_pending_per_addr);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = node.cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -53,16 +66,27 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<TlsAccept
                 }
             },
         };
+        let Some(pending_slot) = pending.try_acquire(peer.ip()) else {
+            metrics::counter!("switchyard_edge_refused_total", "reason" => "pending_per_addr").increment(1);
+            tracing::debug!(%peer, "too many connections waiting for their upgrade from this address");
+            continue;
+        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
+        // Without a slot the connection is still served, but only to be
+        // refused: its upgrade gets 503 unless a slot has freed by then.
+        let slot = node.conn_slots.clone().try_acquire_owned().ok();
         let node = node.clone();
         let tls = tls.clone();
         node.tasks.clone().spawn(async move {
+            // Held until the connection leaves hyper: upgraded, or closed.
+            let _pending_slot = pending_slot;
+            let timeout = node.config.handshake_timeout();
             match tls {
-                None => serve_http(stream, node).await,
-                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_http(stream, node).await,
+                None => serve_http(stream, node, slot).await,
+                Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_http(stream, node, slot).await,
                     Ok(Err(e)) => {
                         metrics::counter!("switchyard_edge_refused_total", "reason" => "tls").increment(1);
                         tracing::debug!(error = %e, "TLS handshake failed");
@@ -76,24 +100,96 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<TlsAccept
     }
 }
 
-/// How long a client has to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The node connection slot of a connection not yet upgraded: taken at
+/// accept, moved into the session by the upgrade, given back when an
+/// upgrade is refused (the connection may stay for keep-alive, but no
+/// longer waits for an upgrade) or when the connection closes.
+type SlotCell = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
 
-async fn serve_http<S>(io: S, node: Arc<Node>)
+/// Counts connections not yet upgraded per source address (an IPv6 address
+/// counts by its /64, what one subscriber usually gets) against a cap.
+/// Upgraded connections leave the count: behind a proxy or a large NAT many
+/// users share an address, and those are bounded per user instead.
+struct PendingByAddr {
+    /// 0: no cap, nothing counted.
+    cap: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in [`PendingByAddr`] (none without a cap); given
+/// back on drop.
+struct PendingSlot(Option<(Arc<PendingByAddr>, IpAddr)>);
+
+impl PendingByAddr {
+    fn new(cap: usize) -> Arc<PendingByAddr> {
+        Arc::new(PendingByAddr {
+            cap,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The address a connection counts under.
+    fn key(addr: IpAddr) -> IpAddr {
+        match addr {
+            IpAddr::V4(_) => addr,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+            },
+        }
+    }
+
+    /// A place for a connection from `addr`, or `None` at the cap.
+    fn try_acquire(self: &Arc<Self>, addr: IpAddr) -> Option<PendingSlot> {
+        if self.cap == 0 {
+            return Some(PendingSlot(None));
+        }
+        let key = PendingByAddr::key(addr);
+        let mut counts = self.counts.lock().expect("pending table lock");
+        let n = counts.entry(key).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(PendingSlot(Some((self.clone(), key))))
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let Some((table, key)) = &self.0 else { return };
+        let mut counts = table.counts.lock().expect("pending table lock");
+        if let Some(n) = counts.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(key);
+            }
+        }
+    }
+}
+
+async fn serve_http<S>(io: S, node: Arc<Node>, slot: Option<OwnedSemaphorePermit>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc_node = node.clone();
+    let slot: SlotCell = Arc::new(Mutex::new(slot));
     let service = hyper::service::service_fn(move |req| {
         let node = svc_node.clone();
+        let slot = slot.clone();
         async move {
             if let Some(r) = crate::demo::route(&node.config, req.method(), req.uri()).await {
                 return Ok::<_, Infallible>(r);
             }
-            Ok::<_, Infallible>(handle(node, req))
+            Ok::<_, Infallible>(handle(node, req, &slot))
         }
     });
+    // The timer arms hyper's header-read timeout, which runs whenever hyper
+    // waits for a request head: the first one, and each one after a
+    // keep-alive response (so it also closes idle keep-alive connections).
     let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(node.config.handshake_timeout())
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
@@ -108,6 +204,9 @@ where
         }
     };
     if let Err(e) = result {
+        if e.is_timeout() {
+            metrics::counter!("switchyard_edge_refused_total", "reason" => "handshake_timeout").increment(1);
+        }
         tracing::debug!(error = %e, "http connection ended with an error");
     }
 }
@@ -188,13 +287,16 @@ fn parse_query(query: Option<&str>) -> Result<Query, String> {
     Ok(Query { resume, token })
 }
 
-fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>, slot: &SlotCell) -> Response<Full<Bytes>> {
     if req.uri().path() != "/ws" {
         return respond(StatusCode::NOT_FOUND, "not found; the WebSocket endpoint is /ws\n");
     }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return respond(StatusCode::UPGRADE_REQUIRED, "this endpoint only speaks WebSocket\n");
     }
+    // From here on the request is an upgrade: the connection's slot goes
+    // into the session, or back to the node with any refusal below.
+    let held = slot.lock().expect("slot lock").take();
     if node.draining.load(Ordering::Relaxed) {
         return refuse(
             "draining",
@@ -257,7 +359,7 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>) -> Response<
             }
         },
     };
-    let Ok(permit) = node.conn_slots.clone().try_acquire_owned() else {
+    let Some(permit) = held.or_else(|| node.conn_slots.clone().try_acquire_owned().ok()) else {
         return refuse(
             "node_connections",
             StatusCode::SERVICE_UNAVAILABLE,
@@ -305,5 +407,36 @@ mod tests {
         );
         assert_eq!(parse_query(Some("token=a%2Eb")).unwrap().token.as_deref(), Some("a.b"));
         assert!(parse_query(None).unwrap().resume.is_none());
+    }
+
+    #[test]
+    fn pending_connections_are_capped_per_address_and_given_back() {
+        let table = PendingByAddr::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let s1 = table.try_acquire(a).expect("first");
+        let s2 = table.try_acquire(a).expect("second");
+        assert!(table.try_acquire(a).is_none(), "third from the same address");
+        let _other = table.try_acquire(b).expect("another address has its own count");
+        drop(s1);
+        let s3 = table.try_acquire(a).expect("a place came back");
+        drop((s2, s3));
+        assert!(
+            !table.counts.lock().unwrap().contains_key(&a),
+            "empty entries are removed"
+        );
+        // IPv6 counts by /64; an IPv4-mapped address counts as the IPv4 one.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _x = table.try_acquire(v6("2001:db8:1:2::1")).unwrap();
+        let _y = table.try_acquire(v6("2001:db8:1:2:ffff::9")).unwrap();
+        assert!(table.try_acquire(v6("2001:db8:1:2::77")).is_none(), "same /64");
+        assert!(table.try_acquire(v6("2001:db8:1:3::1")).is_some(), "another /64");
+        let _m = table.try_acquire(v6("::ffff:192.0.2.2")).unwrap();
+        assert!(table.try_acquire(b).is_none(), "mapped and plain IPv4 share a count");
+        // 0 turns the cap off.
+        let off = PendingByAddr::new(0);
+        let held: Vec<_> = (0..1000).map(|_| off.try_acquire(a).expect("no cap")).collect();
+        assert_eq!(held.len(), 1000);
+        assert!(off.counts.lock().unwrap().is_empty());
     }
 }

@@ -35,7 +35,7 @@ use crate::conn::{channels, now_ms, Barrier, ConnHandle, ConnQueues, ConnSenders
 use crate::intake::Registration;
 use crate::log::LogError;
 use crate::node::{Node, UserSlot};
-use crate::wsread::{FrameReader, Obligation};
+use crate::wsread::{Incoming, MessageReader};
 
 type Io = TokioIo<Upgraded>;
 
@@ -75,7 +75,7 @@ pub async fn run(
     // Our own reader (no buffer while idle); fastwebsockets writes. The
     // reader it builds beside the writer is dropped at once.
     let (rd, wr) = tokio::io::split(ws.into_inner());
-    let rd = FrameReader::new(rd, node.config.max_frame_bytes + 1);
+    let rd = MessageReader::new(rd, node.config.max_frame_bytes);
     let (_, wr) = fastwebsockets::after_handshake_split(tokio::io::empty(), wr, Role::Server);
     let (senders, queues) = channels(node.config.outbound());
     let conn_done = node.cancel.child_token();
@@ -101,7 +101,6 @@ pub async fn run(
         encoding,
         senders,
         conn_done: conn_done.clone(),
-        frag: None,
         bad_frames: VecDeque::new(),
         ops: node.config.op_limiter(),
     };
@@ -271,13 +270,11 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 const MAX_CATCH_UP_ROUNDS: usize = 5;
 
 struct Reader {
-    rd: FrameReader<ReadHalf<Io>>,
+    rd: MessageReader<ReadHalf<Io>>,
     node: Arc<Node>,
     encoding: Encoding,
     senders: ConnSenders,
     conn_done: CancellationToken,
-    /// A fragmented message being collected: (opcode, bytes so far).
-    frag: Option<(OpCode, Vec<u8>)>,
     /// Times (unix ms) of recent bad frames, for the budget.
     bad_frames: VecDeque<u64>,
     /// The op rate limit (checked after decoding: bad frames spend nothing).
@@ -290,76 +287,28 @@ impl Reader {
         loop {
             let read = tokio::select! {
                 _ = self.conn_done.cancelled() => return None,
-                f = self.rd.read_frame() => f,
+                m = self.rd.read_message() => m,
             };
-            let frame = match read {
-                Ok((frame, obligation)) => {
-                    if let Some(o) = obligation {
-                        let c = match o {
-                            Obligation::Pong(p) => Control::Pong(p.into_boxed_slice()),
-                            Obligation::CloseEcho(p) => Control::CloseEcho(p.into_boxed_slice()),
-                        };
-                        if !self.senders.control(c).await {
-                            tracing::debug!("read ended: writer gone");
-                            return None;
-                        }
-                    }
-                    match frame {
-                        Some(f) => f,
-                        None => continue,
-                    }
-                }
-                Err(WebSocketError::FrameTooLarge) => {
-                    metrics::counter!("switchyard_edge_closed_total", "reason" => "frame_too_large").increment(1);
-                    self.senders
-                        .control(Control::Close(CloseCode::PolicyViolation.code(), "frame too large"))
-                        .await;
+            let reply = match read {
+                Ok(Incoming::Message(op, payload)) => return Some((op, Bytes::from(payload))),
+                Ok(Incoming::Pong) => return Some((OpCode::Pong, Bytes::new())),
+                Ok(Incoming::Ping(p)) => Control::Pong(p.into_boxed_slice()),
+                Ok(Incoming::Close(p)) => {
+                    self.senders.control(Control::CloseEcho(p.into_boxed_slice())).await;
                     return None;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "read ended");
+                    if let Some((code, reason)) = e.close() {
+                        metrics::counter!("switchyard_edge_closed_total", "reason" => e.kind()).increment(1);
+                        self.senders.control(Control::Close(code, reason)).await;
+                    }
                     return None;
                 }
             };
-            match frame.opcode {
-                OpCode::Close => return None,
-                OpCode::Ping | OpCode::Pong => {
-                    return Some((frame.opcode, Bytes::new()));
-                }
-                OpCode::Text | OpCode::Binary if frame.fin => {
-                    if self.frag.is_some() {
-                        self.senders
-                            .control(Control::Close(1002, "unfinished fragmented message"))
-                            .await;
-                        return None;
-                    }
-                    return Some((frame.opcode, Bytes::from(frame.payload)));
-                }
-                OpCode::Text | OpCode::Binary => self.frag = Some((frame.opcode, frame.payload)),
-                OpCode::Continuation => {
-                    let Some((op, mut buf)) = self.frag.take() else {
-                        self.senders
-                            .control(Control::Close(1002, "continuation without a start"))
-                            .await;
-                        return None;
-                    };
-                    buf.extend_from_slice(&frame.payload);
-                    if buf.len() > self.node.config.max_frame_bytes {
-                        metrics::counter!("switchyard_edge_closed_total", "reason" => "frame_too_large").increment(1);
-                        self.senders
-                            .control(Control::Close(CloseCode::PolicyViolation.code(), "frame too large"))
-                            .await;
-                        return None;
-                    }
-                    if frame.fin {
-                        if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
-                            self.senders.control(Control::Close(1007, "invalid UTF-8")).await;
-                            return None;
-                        }
-                        return Some((op, Bytes::from(buf)));
-                    }
-                    self.frag = Some((op, buf));
-                }
+            if !self.senders.control(reply).await {
+                tracing::debug!("read ended: writer gone");
+                return None;
             }
         }
     }

@@ -203,9 +203,9 @@ async fn churn_over_two_routers_and_two_edges_delivers_every_durable_event_exact
                 );
                 producer.publish("sy.events.tick.X", tick.into()).await?;
             }
-            if i % 20 == 0 {
+            if i % 4 == 0 {
                 producer.flush().await?;
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         producer.flush().await?;

@@ -547,7 +547,7 @@ def check_switchyard_container(ck, loc, w, c, binary, by, known):
 def check_edge_router_agree(ck, by):
     edge = by.get(("ConfigMap", NAMESPACE, "switchyard-edge"), {}).get("data", {})
     router = by.get(("ConfigMap", NAMESPACE, "switchyard-router"), {}).get("data", {})
-    for name in ("SWITCHYARD_NATS_URL", "SWITCHYARD_PREFIX", "SWITCHYARD_MAX_SUBSCRIPTIONS"):
+    for name in ("SWITCHYARD_NATS_URL", "SWITCHYARD_PREFIX", "SWITCHYARD_MAX_SUBSCRIPTIONS", "SWITCHYARD_USER_PARTITIONS"):
         ck.expect(edge.get(name) == router.get(name), "ConfigMaps switchyard-edge/switchyard-router",
                   f"{name} differs ({edge.get(name)!r} vs {router.get(name)!r}); edges and routers must agree")
     nats = by.get(("StatefulSet", NAMESPACE, "nats"))

@@ -652,10 +652,7 @@ mod tests {
         let EdgeMessage::Deliveries { mut items, .. } = decode_edge_message(&raw).unwrap() else {
             panic!()
         };
-        assert_eq!(
-            items.next_item(&mut Vec::new()).unwrap_err(),
-            FanoutError::BodyIndex(9)
-        );
+        assert_eq!(items.next_item(&mut Vec::new()).unwrap_err(), FanoutError::BodyIndex(9));
         assert_eq!(
             HandoffReader::new(&Bytes::from_static(b"E\x01")).err(),
             Some(FanoutError::Magic)

@@ -258,3 +258,113 @@ pub fn dispatch_one(table: &UserTable, payload: &Bytes, bodies: &mut Vec<Bytes>,
     drop(shard);
     metrics::counter!("switchyard_edge_deliveries_in_total").increment(n);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::{channels, ConnQueues};
+    use crate::outbound::OutboundConfig;
+    use switchyard_common::fanout::{encode_sync_request, EdgeBatchWriter};
+    use switchyard_common::Encoding;
+
+    fn conn(id: u64, user: &str) -> (Arc<ConnHandle>, ConnQueues) {
+        let (senders, queues) = channels(OutboundConfig::default());
+        let c = ConnHandle::new(id, Arc::from(user), Encoding::MsgPack, senders, u64::MAX, 16);
+        c.release();
+        (c, queues)
+    }
+
+    fn queued(q: &ConnQueues) -> Vec<(Bytes, Option<u64>)> {
+        let mut out = Vec::new();
+        q.out.lock().drain_batch(&mut out);
+        out.into_iter().map(|d| (d.body, d.pos)).collect()
+    }
+
+    fn body(n: u8) -> Vec<u8> {
+        // A minimal delivery body: {"type": "t", "data": n, "ts": 0}.
+        let v = rmpv::Value::Map(vec![
+            ("type".into(), "t".into()),
+            ("data".into(), rmpv::Value::from(n)),
+            ("ts".into(), rmpv::Value::from(0)),
+        ]);
+        let mut b = Vec::new();
+        rmpv::encode::write_value(&mut b, &v).unwrap();
+        b
+    }
+
+    #[test]
+    fn items_reach_the_named_users_connections_and_broadcasts_the_whole_partition() {
+        let table = UserTable::new(1);
+        let (a1, qa1) = conn(1, "alice");
+        let (a2, qa2) = conn(2, "alice");
+        let (b, qb) = conn(3, "bob");
+        for c in [&a1, &a2, &b] {
+            table.add(c.clone(), oneshot::channel().0);
+        }
+        let mut w = EdgeBatchWriter::new(0);
+        let one = w.body(&body(1));
+        w.user("alice", one, Some(7));
+        w.user("carol", one, Some(8));
+        let two = w.body(&body(2));
+        w.broadcast(two, None);
+        let msg = w.take(0);
+        dispatch_one(&table, &msg, &mut Vec::new(), &mut Vec::new());
+        let want_alice = vec![(Bytes::from(body(1)), Some(7)), (Bytes::from(body(2)), None)];
+        assert_eq!(queued(&qa1), want_alice);
+        assert_eq!(queued(&qa2), want_alice, "every connection of the user");
+        assert_eq!(queued(&qb), vec![(Bytes::from(body(2)), None)]);
+        // Gone connections get nothing more.
+        table.remove(&a1);
+        let mut w = EdgeBatchWriter::new(0);
+        let three = w.body(&body(3));
+        w.user("alice", three, Some(9));
+        dispatch_one(&table, &w.take(0), &mut Vec::new(), &mut Vec::new());
+        assert!(queued(&qa1).is_empty());
+        assert_eq!(queued(&qa2), vec![(Bytes::from(body(3)), Some(9))]);
+    }
+
+    #[test]
+    fn presence_changes_are_kept_for_the_announcer_and_sync_requests_ask_for_the_full_set() {
+        let table = UserTable::new(2);
+        let p = table.partition_of("alice");
+        table.shard(p).full = false;
+        let (a1, _q1) = conn(1, "alice");
+        let (a2, _q2) = conn(2, "alice");
+        table.add(a1.clone(), oneshot::channel().0);
+        table.add(a2.clone(), oneshot::channel().0);
+        {
+            let shard = table.shard(p);
+            assert_eq!(shard.dirty.len(), 1, "the user came once");
+            assert_eq!(shard.waiters.len(), 2, "each connection waits for an answer");
+        }
+        table.shard(p).dirty.clear();
+        table.remove(&a1);
+        assert!(table.shard(p).dirty.is_empty(), "the user is still here");
+        table.remove(&a2);
+        assert!(
+            table.shard(p).dirty.contains("alice"),
+            "the last connection gone: the user went"
+        );
+        assert!(!table.shard(p).full);
+        dispatch_one(&table, &encode_sync_request(p), &mut Vec::new(), &mut Vec::new());
+        assert!(table.shard(p).full, "a sync request asks for the whole set");
+    }
+
+    #[test]
+    fn garbage_and_foreign_partitions_are_dropped_without_harm() {
+        let table = UserTable::new(1);
+        let (a, qa) = conn(1, "alice");
+        table.add(a, oneshot::channel().0);
+        dispatch_one(
+            &table,
+            &Bytes::from_static(b"nonsense"),
+            &mut Vec::new(),
+            &mut Vec::new(),
+        );
+        let mut w = EdgeBatchWriter::new(5);
+        let one = w.body(&body(1));
+        w.user("alice", one, None);
+        dispatch_one(&table, &w.take(5), &mut Vec::new(), &mut Vec::new());
+        assert!(queued(&qa).is_empty());
+    }
+}

@@ -158,7 +158,11 @@ fn take(table: &UserTable, p: u32, edge_id: &str) -> Option<(PresenceUpdate, Sen
     };
     shard.full = false;
     shard.in_flight = true;
-    let waiters = if more { Vec::new() } else { std::mem::take(&mut shard.waiters) };
+    let waiters = if more {
+        Vec::new()
+    } else {
+        std::mem::take(&mut shard.waiters)
+    };
     Some((
         update,
         Sent {

@@ -141,14 +141,19 @@ pub async fn run(
     let registration = match Box::pin(node.hub.register(
         conn.clone(),
         std::time::Duration::from_millis(node.config.register_timeout_ms),
-    )).await {
+    ))
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, user = %claims.sub, "cannot register connection with its delivery partition");
             reader
                 .reply_error(None, ErrorCode::Unavailable, "delivery unavailable; reconnect later")
                 .await;
-            reader.senders.control(Control::Close(1011, "delivery unavailable")).await;
+            reader
+                .senders
+                .control(Control::Close(1011, "delivery unavailable"))
+                .await;
             node.hub.unregister(&conn);
             conn_done.cancel();
             return;

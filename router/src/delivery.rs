@@ -33,9 +33,7 @@ use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
-use switchyard_common::fanout::{
-    encode_sync_request, EdgeBatchWriter, HandoffReader, PresenceReply, PresenceUpdate,
-};
+use switchyard_common::fanout::{encode_sync_request, EdgeBatchWriter, HandoffReader, PresenceReply, PresenceUpdate};
 use switchyard_common::subject::Subjects;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -275,7 +273,12 @@ impl Worker {
             }
         }
         let mut messages = self.consumer().await?;
-        tracing::info!(partition = self.partition, edges = known.len(), pos = self.pos, "delivering for user partition");
+        tracing::info!(
+            partition = self.partition,
+            edges = known.len(),
+            pos = self.pos,
+            "delivering for user partition"
+        );
         let mut pending: FuturesOrdered<_> = FuturesOrdered::new();
         let mut stores = 0usize;
         let result = loop {
@@ -341,7 +344,10 @@ impl Worker {
                 }
             };
             if tokio::time::timeout(DRAIN_WAIT, settle).await.is_err() {
-                tracing::warn!(partition = self.partition, "in-flight hand-offs not settled before stopping");
+                tracing::warn!(
+                    partition = self.partition,
+                    "in-flight hand-offs not settled before stopping"
+                );
             }
         }
         result
@@ -351,7 +357,12 @@ impl Worker {
     async fn ask_to_sync(&mut self, ids: &EdgeSet) {
         let now = Instant::now();
         for id in ids.iter() {
-            if self.presence.knows(id) || self.asked.get(id).is_some_and(|at| now.duration_since(*at) < SYNC_RETRY) {
+            if self.presence.knows(id)
+                || self
+                    .asked
+                    .get(id)
+                    .is_some_and(|at| now.duration_since(*at) < SYNC_RETRY)
+            {
                 continue;
             }
             self.asked.insert(id.clone(), now);
@@ -599,7 +610,9 @@ impl Worker {
         body_no: u16,
         body: Bytes,
     ) -> Result<(), DeliveryError> {
-        let publish = PublishMessage::build().payload(body.clone()).message_id(self.msg_id.as_str());
+        let publish = PublishMessage::build()
+            .payload(body.clone())
+            .message_id(self.msg_id.as_str());
         match self.shared.js.send_publish(subject, publish).await {
             Ok(ack) => {
                 f.items.push(Item {

@@ -125,7 +125,10 @@ mod tests {
     use super::*;
     use switchyard_common::fanout::HandoffReader;
 
-    fn read(msg: &Bytes) -> Vec<(String, bool, Vec<Bytes>, Vec<(String, u16)>)> {
+    /// One decoded event: its ref, whether a broadcast, its bodies and targets.
+    type Decoded = (String, bool, Vec<Bytes>, Vec<(String, u16)>);
+
+    fn read(msg: &Bytes) -> Vec<Decoded> {
         let mut r = HandoffReader::new(msg).unwrap();
         let (mut bodies, mut targets) = (Vec::new(), Vec::new());
         let mut out = Vec::new();
@@ -161,7 +164,7 @@ mod tests {
             for (u, idx) in targets {
                 assert_eq!(user_partition(u, 4), p);
                 let i: usize = u[4..].parse().unwrap();
-                let want: &[u8] = if i % 2 == 0 { b"even" } else { b"odd" };
+                let want: &[u8] = if i.is_multiple_of(2) { b"even" } else { b"odd" };
                 assert_eq!(&bodies[*idx as usize][..], want);
                 seen.push(u.clone());
             }

@@ -70,6 +70,9 @@ const MAX_EVENTS_IN_FLIGHT: usize = 1024;
 const MAX_ACKS_IN_FLIGHT: usize = 10_000;
 /// Most messages taken from the consumer before one consistency check.
 const BATCH: usize = 256;
+/// One body of an event: the subscription names and `fields` it was made for, and its bytes.
+type Variant<'a> = (Vec<&'a str>, Option<Vec<&'a str>>, Bytes);
+
 /// Live-only hand-offs are sent once one partition's message reaches this size.
 const LIVE_FLUSH_BYTES: usize = 256 * 1024;
 /// Distinct bodies of one event compared before a user's body is encoded anew.
@@ -413,7 +416,12 @@ impl Worker {
         let mut msgs = Vec::new();
         self.live_out.drain(|p, msg| msgs.push((p, msg)));
         for (p, msg) in msgs {
-            if let Err(e) = self.shared.client.publish(self.shared.subjects.targets_live(p), msg).await {
+            if let Err(e) = self
+                .shared
+                .client
+                .publish(self.shared.subjects.targets_live(p), msg)
+                .await
+            {
                 metrics::counter!("switchyard_router_publish_errors_total").increment(1);
                 tracing::error!(error = %e, "publishing a live hand-off failed");
             }
@@ -550,7 +558,7 @@ impl Worker {
         let mut delivered = 0;
         let mut names: Vec<&str> = Vec::new();
         // Bodies of this event so far: (names, fields, bytes).
-        let mut variants: Vec<(Vec<&str>, Option<Vec<&str>>, Bytes)> = Vec::new();
+        let mut variants: Vec<Variant<'_>> = Vec::new();
         for group in matches.chunk_by(|a, b| a.0 == b.0) {
             names.clear();
             names.extend(group.iter().map(|(_, s)| s.name()));
@@ -577,7 +585,12 @@ impl Worker {
     }
 
     /// Stores one hand-off in the hand-off stream, its acknowledgement into `acks`.
-    async fn hand_off(&mut self, partition: u32, msg: Bytes, acks: &mut Vec<PublishAckFuture>) -> Result<(), IngestError> {
+    async fn hand_off(
+        &mut self,
+        partition: u32,
+        msg: Bytes,
+        acks: &mut Vec<PublishAckFuture>,
+    ) -> Result<(), IngestError> {
         use std::fmt::Write;
         self.msg_id.clear();
         let _ = write!(self.msg_id, "{}:{partition}", self.event_ref);

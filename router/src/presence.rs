@@ -260,7 +260,11 @@ mod tests {
         assert_eq!(p.edges_of("carol").len(), 1);
         assert_eq!(p.user_count(), 1);
         // Repeated announcements do not double-count.
-        p.apply(&update("e1", false, &[("carol", true), ("carol", true)]), subject, false);
+        p.apply(
+            &update("e1", false, &[("carol", true), ("carol", true)]),
+            subject,
+            false,
+        );
         p.apply(&update("e1", false, &[("carol", false)]), subject, false);
         assert_eq!(p.user_count(), 0);
         assert_eq!(p.edges_with_users().count(), 0);

@@ -199,7 +199,12 @@ pub async fn stored_deliveries(js: &async_nats::jetstream::Context) -> Result<u6
     let subjects = switchyard_common::subject::Subjects::default();
     let mut n = 0;
     for g in 0..LOG_STREAMS {
-        n += js.get_stream(subjects.log_stream(g)).await?.cached_info().state.messages;
+        n += js
+            .get_stream(subjects.log_stream(g))
+            .await?
+            .cached_info()
+            .state
+            .messages;
     }
     Ok(n)
 }

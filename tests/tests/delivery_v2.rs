@@ -26,10 +26,7 @@ struct Seen {
 /// Connects `user` (resuming from what it has seen, if anything) and reads
 /// until `resumed` (or just `ready`), checking the order.
 async fn connect(url: &str, user: &str, seen: &mut Seen) -> Result<WsClient> {
-    let query = seen
-        .epoch
-        .as_ref()
-        .map(|e| format!("epoch={e}&since={}", seen.pos));
+    let query = seen.epoch.as_ref().map(|e| format!("epoch={e}&since={}", seen.pos));
     let opts = Connect {
         bearer: Some(switchyard_tests::tokens::token(
             TEST_SECRET,
@@ -40,7 +37,9 @@ async fn connect(url: &str, user: &str, seen: &mut Seen) -> Result<WsClient> {
         protocols: vec![],
         query,
     };
-    let mut c = WsClient::connect(url, &opts).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut c = WsClient::connect(url, &opts)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let ready = c.expect_op("ready").await?;
     let epoch = ready["epoch"].as_str().context("epoch")?.to_string();
     if seen.epoch.is_none() {

@@ -109,6 +109,11 @@ pub enum EventError {
     /// Some other field breaks the rules.
     #[error("bad field: {0}")]
     Field(String),
+    /// Maps and arrays nested deeper than [`transcode::MAX_DEPTH`] (64)
+    /// levels, in `data` or elsewhere: refused at ingest so that every
+    /// accepted payload can be transcoded for JSON clients.
+    #[error("nested deeper than {} levels", transcode::MAX_DEPTH)]
+    TooDeep,
 }
 
 impl EventError {
@@ -119,6 +124,7 @@ impl EventError {
             EventError::Subject(_) => "subject",
             EventError::Target(_) => "target",
             EventError::Field(_) => "field",
+            EventError::TooDeep => "too_deep",
         }
     }
 }
@@ -288,6 +294,14 @@ fn parse_target(v: Option<&Value>, event_type: &str) -> Result<Target, EventErro
 /// The MessagePack `nil`, used when an event carries no `data`.
 const NIL: &[u8] = &[0xc0];
 
+/// A transcoding error as an event error (nesting keeps its kind).
+fn measure_error(e: transcode::TranscodeError) -> EventError {
+    match e {
+        transcode::TranscodeError::TooDeep => EventError::TooDeep,
+        e => EventError::Decode(e.to_string()),
+    }
+}
+
 fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventError> {
     let dec = |m: &str| EventError::Decode(m.to_string());
     let mut rd: &[u8] = payload;
@@ -295,10 +309,13 @@ fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventE
     let mut fields = Vec::with_capacity(n.min(16) as usize);
     let mut data = Bytes::from_static(NIL);
     for _ in 0..n {
-        let key_len = transcode::value_len(rd).map_err(|e| dec(&e.to_string()))?;
+        let key_len = transcode::value_len(rd).map_err(measure_error)?;
         let key = rmpv::decode::read_value(&mut &rd[..key_len]).map_err(|e| dec(&e.to_string()))?;
         rd = &rd[key_len..];
-        let val_len = transcode::value_len(rd).map_err(|e| dec(&e.to_string()))?;
+        // Measuring `data` also checks its depth (PROTOCOL.md: deeper than
+        // 64 levels is malformed), so it is refused here rather than
+        // failing later on the way to a JSON client.
+        let val_len = transcode::value_len(rd).map_err(measure_error)?;
         if key.as_str() == Some("data") {
             let start = payload.len() - rd.len();
             data = payload.slice(start..start + val_len);
@@ -316,19 +333,21 @@ fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventE
 }
 
 fn split_json(payload: &[u8]) -> Result<(Vec<(Value, Value)>, Bytes), EventError> {
-    let json: serde_json::Value = serde_json::from_slice(payload).map_err(|e| EventError::Decode(e.to_string()))?;
-    let serde_json::Value::Object(obj) = json else {
-        return Err(EventError::Decode("event must be a JSON object".into()));
-    };
+    // `data` stays text until `json_text_to_msgpack`, which needs the text
+    // (`-0` is the integer 0, `-0.0` a float) and checks the depth.
+    let obj: std::collections::HashMap<String, &serde_json::value::RawValue> =
+        serde_json::from_slice(payload).map_err(|e| EventError::Decode(format!("event must be a JSON object: {e}")))?;
     let mut fields = Vec::with_capacity(obj.len());
     let mut data = Bytes::from_static(NIL);
-    for (k, v) in &obj {
+    for (k, raw) in obj {
         if k == "data" {
-            let mut buf = Vec::new();
-            transcode::json_to_msgpack(v, &mut buf);
+            let mut buf = Vec::with_capacity(raw.get().len());
+            transcode::json_text_to_msgpack(raw.get(), &mut buf).map_err(measure_error)?;
             data = Bytes::from(buf);
         } else {
-            fields.push((Value::from(k.as_str()), value::json_to_value(v)));
+            let v: serde_json::Value =
+                serde_json::from_str(raw.get()).map_err(|e| EventError::Decode(e.to_string()))?;
+            fields.push((Value::from(k), value::json_to_value(&v)));
         }
     }
     Ok((fields, data))
@@ -409,6 +428,68 @@ mod tests {
         assert!(parse_event("Bad", None, &mp(&json!({"target":{"all":true}})), false).is_err());
         assert!(parse_event("t", None, &Bytes::from_static(&[0x82, 0xa1]), false).is_err());
         assert!(parse_event("t", None, &Bytes::from_static(b"{"), true).is_err());
+    }
+
+    #[test]
+    fn json_minus_zero_is_the_integer_zero() {
+        let payload = br#"{"target":{"all":true},"data":{"a":-0,"b":-0.0,"c":[-0]}}"#;
+        let ev = parse_event("t", None, &Bytes::from_static(payload), true).unwrap();
+        let mut expected = vec![0x83, 0xa1, b'a', 0x00, 0xa1, b'b', 0xcb];
+        expected.extend_from_slice(&(-0.0f64).to_bits().to_be_bytes());
+        expected.extend_from_slice(&[0xa1, b'c', 0x91, 0x00]);
+        assert_eq!(&ev.data[..], &expected[..]);
+        let ev = parse_event("t", None, &Bytes::from_static(br#"{"target":{"all":true},"data":-0}"#), true).unwrap();
+        assert_eq!(&ev.data[..], &[0x00]);
+    }
+
+    /// `{"target":{"all":true},"data":<levels nested arrays>}` in MessagePack.
+    fn msgpack_nested(levels: usize) -> Bytes {
+        let mut buf = vec![0x82, 0xa6];
+        buf.extend_from_slice(b"target");
+        buf.extend_from_slice(&[0x81, 0xa3, b'a', b'l', b'l', 0xc3, 0xa4]);
+        buf.extend_from_slice(b"data");
+        buf.resize(buf.len() + levels - 1, 0x91);
+        buf.push(0x80);
+        Bytes::from(buf)
+    }
+
+    /// The same in JSON, `levels` containers alternating objects and arrays.
+    fn json_nested(levels: usize) -> Bytes {
+        let mut text = String::from(if (levels - 1) % 2 == 0 { "{}" } else { "[]" });
+        for i in (0..levels - 1).rev() {
+            text = if i % 2 == 0 {
+                format!(r#"{{"k":{text}}}"#)
+            } else {
+                format!("[{text}]")
+            };
+        }
+        Bytes::from(format!(r#"{{"target":{{"all":true}},"data":{text}}}"#))
+    }
+
+    #[test]
+    fn data_nested_deeper_than_64_levels_is_malformed() {
+        for levels in [1, 2, 63, 64] {
+            let ev = parse_event("t", None, &msgpack_nested(levels), false).unwrap();
+            assert_eq!(transcode::value_len(&ev.data), Ok(levels));
+            let ev = parse_event("t", None, &json_nested(levels), true).unwrap();
+            assert_eq!(transcode::value_len(&ev.data).map(|_| ()), Ok(()), "{levels}");
+            let mut json = Vec::new();
+            assert!(transcode::msgpack_to_json(&ev.data, &mut json).is_ok());
+            let depth = json.iter().filter(|&&b| b == b'{' || b == b'[').count();
+            assert_eq!(depth, levels, "json depth");
+        }
+        for levels in [65, 66, 200] {
+            let e = parse_event("t", None, &msgpack_nested(levels), false).unwrap_err();
+            assert_eq!(e, EventError::TooDeep);
+            assert_eq!(e.reason(), "too_deep");
+            let e = parse_event("t", None, &json_nested(levels), true).unwrap_err();
+            if levels < 128 {
+                assert_eq!(e, EventError::TooDeep, "{levels}");
+            } else {
+                // serde_json's own limit (128) answers first for the whole text.
+                assert!(matches!(e, EventError::TooDeep | EventError::Decode(_)), "{e:?}");
+            }
+        }
     }
 
     #[test]

@@ -102,6 +102,7 @@ impl ControlService {
                     // The per-user cap counts what every router accepted.
                     self.store.catch_up().await.map_err(unavailable)?;
                     self.state.check_room_for(user, &sub.name)?;
+                    self.state.check_type_dimensions(&sub)?;
                     let change = Change::Subscribe {
                         user: user.to_string(),
                         sub,

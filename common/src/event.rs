@@ -11,7 +11,7 @@ use rmpv::Value;
 
 use crate::ids;
 use crate::transcode;
-use crate::value::{self, as_number, get, MAX_DEPTH};
+use crate::value::{as_number, get, MAX_DEPTH};
 
 /// Most users one `users` target may list.
 pub const MAX_TARGET_USERS: usize = 10_000;
@@ -333,24 +333,36 @@ fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventE
 }
 
 fn split_json(payload: &[u8]) -> Result<(Vec<(Value, Value)>, Bytes), EventError> {
-    // `data` stays text until `json_text_to_msgpack`, which needs the text
-    // (`-0` is the integer 0, `-0.0` a float) and checks the depth.
-    let obj: std::collections::HashMap<String, &serde_json::value::RawValue> =
-        serde_json::from_slice(payload).map_err(|e| EventError::Decode(format!("event must be a JSON object: {e}")))?;
-    let mut fields = Vec::with_capacity(obj.len());
+    // One streaming pass: every member becomes MessagePack by the same rules
+    // (`-0` is the integer 0, as written; depth checked), `data` is kept as
+    // those bytes and the other fields are decoded from theirs. A repeated
+    // field counts once, the last one written (as a JSON object parser would).
+    let mut fields: Vec<(Value, Value)> = Vec::new();
     let mut data = Bytes::from_static(NIL);
-    for (k, raw) in obj {
-        if k == "data" {
-            let mut buf = Vec::with_capacity(raw.get().len());
-            transcode::json_text_to_msgpack(raw.get(), &mut buf).map_err(measure_error)?;
-            data = Bytes::from(buf);
-        } else {
-            let v: serde_json::Value =
-                serde_json::from_str(raw.get()).map_err(|e| EventError::Decode(e.to_string()))?;
-            fields.push((Value::from(k), value::json_to_value(&v)));
+    let mut bad: Option<EventError> = None;
+    transcode::json_members_to_msgpack(payload, &mut |key, value| {
+        if key == "data" {
+            data = Bytes::from(std::mem::take(value));
+            return;
         }
+        match rmpv::decode::read_value_with_max_depth(&mut &value[..], MAX_DEPTH) {
+            Ok(v) => match fields.iter_mut().find(|(k, _)| k.as_str() == Some(key)) {
+                Some(slot) => slot.1 = v,
+                None => fields.push((Value::from(key), v)),
+            },
+            Err(e) => {
+                bad.get_or_insert_with(|| EventError::Decode(format!("{key}: {e}")));
+            }
+        }
+    })
+    .map_err(|e| match e {
+        transcode::TranscodeError::Json(m) => EventError::Decode(format!("event must be a JSON object: {m}")),
+        e => measure_error(e),
+    })?;
+    match bad {
+        Some(e) => Err(e),
+        None => Ok((fields, data)),
     }
-    Ok((fields, data))
 }
 
 #[cfg(test)]
@@ -440,6 +452,27 @@ mod tests {
         assert_eq!(&ev.data[..], &expected[..]);
         let ev = parse_event("t", None, &Bytes::from_static(br#"{"target":{"all":true},"data":-0}"#), true).unwrap();
         assert_eq!(&ev.data[..], &[0x00]);
+    }
+
+    #[test]
+    fn json_events_read_in_one_pass() {
+        let parse = |text: &'static str| parse_event("t", None, &Bytes::from_static(text.as_bytes()), true);
+        // A repeated field counts once, the last one written.
+        let ev = parse(r#"{"data":1,"target":{"users":["a"]},"prio":"low","prio":"high","data":[2]}"#).unwrap();
+        assert_eq!(ev.prio, Prio::High);
+        assert_eq!(&ev.data[..], &[0x91, 0x02]);
+        assert_eq!(ev.target, Target::Users(vec!["a".into()]));
+        // Numbers in other fields follow the same rules.
+        let ev = parse(r#"{"target":{"match":{"s":"x"},"values":{"c":-0,"d":1e2}},"id":-0}"#).unwrap();
+        assert_eq!(ev.id.as_deref(), Some("0"));
+        let Target::Match { values, .. } = ev.target else { panic!() };
+        assert_eq!(values, vec![("c".to_string(), 0.0), ("d".to_string(), 100.0)]);
+        for bad in [r#"[1]"#, r#""x""#, r#"{"target":{"all":true}} 1"#, r#"{"target":{"all":true},"#, ""] {
+            assert!(matches!(parse(bad), Err(EventError::Decode(_))), "{bad}");
+        }
+        // Serde's private marker key is an ordinary key here.
+        let ev = parse(r#"{"target":{"all":true},"data":{"$serde_json::private::RawValue":1}}"#).unwrap();
+        assert_eq!(ev.data.len(), 33);
     }
 
     /// `{"target":{"all":true},"data":<levels nested arrays>}` in MessagePack.

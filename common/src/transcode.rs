@@ -476,23 +476,72 @@ fn skip_key(buf: &[u8], pos: usize, open: usize, text: &[u8], out: &mut Vec<u8>)
 pub fn json_text_to_msgpack(text: &str, out: &mut Vec<u8>) -> Result<(), TranscodeError> {
     use serde::de::DeserializeSeed as _;
     let start = out.len();
-    let mut writer = JsonToMsgpack {
-        out,
-        numbers: NumberTokens { text: text.as_bytes(), pos: 0 },
-        depth: 0,
-        too_deep: false,
-    };
+    let mut writer = JsonToMsgpack::new(text.as_bytes(), out);
     let mut de = serde_json::Deserializer::from_str(text);
     let result = (&mut writer).deserialize(&mut de).and_then(|()| de.end());
     let too_deep = writer.too_deep;
     result.map_err(|e| {
         out.truncate(start);
-        if too_deep {
-            TranscodeError::TooDeep
-        } else {
-            TranscodeError::Json(e.to_string())
-        }
+        json_error(e, too_deep)
     })
+}
+
+/// Converts each member of the JSON object `text` to MessagePack by the
+/// rules of [`json_text_to_msgpack`] (each value's depth counted from the
+/// value), calling `member(key, value)` in the order written. `value` is a
+/// scratch buffer the callback may keep (`std::mem::take`); it is cleared
+/// before the next member. Lets a JSON producer event be read in one pass
+/// with its `data` converted exactly (the reason for streaming: a parsed
+/// `serde_json::Value` has lost how numbers were written).
+pub fn json_members_to_msgpack(
+    text: &[u8],
+    member: &mut dyn FnMut(&str, &mut Vec<u8>),
+) -> Result<(), TranscodeError> {
+    let mut scratch = Vec::new();
+    let mut writer = JsonToMsgpack::new(text, &mut scratch);
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let result = serde::Deserializer::deserialize_map(
+        &mut de,
+        Members {
+            writer: &mut writer,
+            member,
+        },
+    )
+    .and_then(|()| de.end());
+    let too_deep = writer.too_deep;
+    result.map_err(|e| json_error(e, too_deep))
+}
+
+fn json_error(e: serde_json::Error, too_deep: bool) -> TranscodeError {
+    if too_deep {
+        TranscodeError::TooDeep
+    } else {
+        TranscodeError::Json(e.to_string())
+    }
+}
+
+/// The visitor of [`json_members_to_msgpack`]: one object, each member's
+/// value written by the shared [`JsonToMsgpack`].
+struct Members<'w, 'o, 't, 'm> {
+    writer: &'w mut JsonToMsgpack<'o, 't>,
+    member: &'m mut dyn FnMut(&str, &mut Vec<u8>),
+}
+
+impl<'de> serde::de::Visitor<'de> for Members<'_, '_, '_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<std::borrow::Cow<'_, str>>()? {
+            self.writer.out.clear();
+            map.next_value_seed(&mut *self.writer)?;
+            (self.member)(&key, self.writer.out);
+        }
+        Ok(())
+    }
 }
 
 /// The number tokens of a JSON text, in order: serde_json reports `-0` and
@@ -554,7 +603,16 @@ struct JsonToMsgpack<'o, 't> {
     too_deep: bool,
 }
 
-impl JsonToMsgpack<'_, '_> {
+impl<'o, 't> JsonToMsgpack<'o, 't> {
+    fn new(text: &'t [u8], out: &'o mut Vec<u8>) -> JsonToMsgpack<'o, 't> {
+        JsonToMsgpack {
+            out,
+            numbers: NumberTokens { text, pos: 0 },
+            depth: 0,
+            too_deep: false,
+        }
+    }
+
     /// Opens a container: checks the depth and reserves its header.
     fn open<E: serde::de::Error>(&mut self) -> Result<usize, E> {
         if self.depth >= MAX_DEPTH {

@@ -250,7 +250,12 @@ pub fn write_batch_frame<'a>(
 /// This is the per-event step of [`write_batch_frame`], public so a writer
 /// can convert a batch one event at a time and skip only the events that do
 /// not convert. On error `out` is left as it was.
-pub fn write_batch_event(enc: Encoding, body: &[u8], pos: Option<u64>, out: &mut Vec<u8>) -> Result<(), TranscodeError> {
+pub fn write_batch_event(
+    enc: Encoding,
+    body: &[u8],
+    pos: Option<u64>,
+    out: &mut Vec<u8>,
+) -> Result<(), TranscodeError> {
     match enc {
         Encoding::MsgPack => {
             write_msgpack_entries(&split_body(body)?, 0, pos, out);
@@ -488,7 +493,13 @@ mod tests {
         let mut out = vec![b'#'];
         let r = write_batch_frame_skipping(
             Encoding::Json,
-            [(&good[..], Some(1)), (&bad_data[..], Some(2)), (not_a_map, None), (&good[..], Some(4))].into_iter(),
+            [
+                (&good[..], Some(1)),
+                (&bad_data[..], Some(2)),
+                (not_a_map, None),
+                (&good[..], Some(4)),
+            ]
+            .into_iter(),
             &mut out,
         );
         assert_eq!((r.written, r.skipped), (2, 2));
@@ -519,7 +530,13 @@ mod tests {
         // with the smallest header (16 announced, 15 written: array16 → fixarray).
         for (n, bad_at) in [(3, 1), (16, 7), (17, 0)] {
             let bodies: Vec<(&[u8], Option<u64>)> = (0..n)
-                .map(|i| if i == bad_at { (not_a_map, None) } else { (&good[..], Some(i as u64)) })
+                .map(|i| {
+                    if i == bad_at {
+                        (not_a_map, None)
+                    } else {
+                        (&good[..], Some(i as u64))
+                    }
+                })
                 .collect();
             let mut out = Vec::new();
             let r = write_batch_frame_skipping(Encoding::MsgPack, bodies.iter().copied(), &mut out);
@@ -527,7 +544,10 @@ mod tests {
             let mut rd = &out[..];
             let v = rmpv::decode::read_value(&mut rd).unwrap();
             assert!(rd.is_empty(), "the frame is exactly one value");
-            let events = crate::value::get(v.as_map().unwrap(), "events").unwrap().as_array().unwrap();
+            let events = crate::value::get(v.as_map().unwrap(), "events")
+                .unwrap()
+                .as_array()
+                .unwrap();
             assert_eq!(events.len(), n - 1);
             let all_good: Vec<(&[u8], Option<u64>)> = bodies.iter().copied().filter(|b| b.0 != not_a_map).collect();
             let mut expected = Vec::new();

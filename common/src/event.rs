@@ -450,7 +450,13 @@ mod tests {
         expected.extend_from_slice(&(-0.0f64).to_bits().to_be_bytes());
         expected.extend_from_slice(&[0xa1, b'c', 0x91, 0x00]);
         assert_eq!(&ev.data[..], &expected[..]);
-        let ev = parse_event("t", None, &Bytes::from_static(br#"{"target":{"all":true},"data":-0}"#), true).unwrap();
+        let ev = parse_event(
+            "t",
+            None,
+            &Bytes::from_static(br#"{"target":{"all":true},"data":-0}"#),
+            true,
+        )
+        .unwrap();
         assert_eq!(&ev.data[..], &[0x00]);
     }
 
@@ -465,9 +471,17 @@ mod tests {
         // Numbers in other fields follow the same rules.
         let ev = parse(r#"{"target":{"match":{"s":"x"},"values":{"c":-0,"d":1e2}},"id":-0}"#).unwrap();
         assert_eq!(ev.id.as_deref(), Some("0"));
-        let Target::Match { values, .. } = ev.target else { panic!() };
+        let Target::Match { values, .. } = ev.target else {
+            panic!()
+        };
         assert_eq!(values, vec![("c".to_string(), 0.0), ("d".to_string(), 100.0)]);
-        for bad in [r#"[1]"#, r#""x""#, r#"{"target":{"all":true}} 1"#, r#"{"target":{"all":true},"#, ""] {
+        for bad in [
+            r#"[1]"#,
+            r#""x""#,
+            r#"{"target":{"all":true}} 1"#,
+            r#"{"target":{"all":true},"#,
+            "",
+        ] {
             assert!(matches!(parse(bad), Err(EventError::Decode(_))), "{bad}");
         }
         // Serde's private marker key is an ordinary key here.
@@ -488,12 +502,13 @@ mod tests {
 
     /// The same in JSON, `levels` containers alternating objects and arrays.
     fn json_nested(levels: usize) -> Bytes {
-        let mut text = String::from(if (levels - 1) % 2 == 0 { "{}" } else { "[]" });
+        // Level i (from 0) is an object when i is even; the last is empty.
+        let mut text = String::from(if levels % 2 == 1 { "{}" } else { "[]" });
         for i in (0..levels - 1).rev() {
-            text = if i % 2 == 0 {
-                format!(r#"{{"k":{text}}}"#)
-            } else {
+            text = if i % 2 == 1 {
                 format!("[{text}]")
+            } else {
+                format!(r#"{{"k":{text}}}"#)
             };
         }
         Bytes::from(format!(r#"{{"target":{{"all":true}},"data":{text}}}"#))

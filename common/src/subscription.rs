@@ -306,15 +306,15 @@ mod tests {
     #[test]
     fn at_most_1024_filter_values_in_all() {
         let values = |from: usize, n: usize| (from..from + n).map(|i| format!("v{i}")).collect::<Vec<_>>();
-        let sub = |filters: serde_json::Value| Subscription::from_raw(&raw(json!({"sub":"s","type":"t","filters":filters})));
+        let sub =
+            |filters: serde_json::Value| Subscription::from_raw(&raw(json!({"sub":"s","type":"t","filters":filters})));
         assert!(sub(json!({"a": values(0, 1024)})).is_ok());
         assert!(sub(json!({"a": values(0, 512), "b": values(0, 512)})).is_ok());
         let err = sub(json!({"a": values(0, 1025)})).unwrap_err();
         assert!(err.0.contains("1024 filter values"), "{err}");
         assert!(sub(json!({"a": values(0, 600), "b": values(0, 425)})).is_err());
-        let many: serde_json::Map<String, serde_json::Value> = (0..32)
-            .map(|d| (format!("d{d}"), json!(values(0, 33))))
-            .collect();
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..32).map(|d| (format!("d{d}"), json!(values(0, 33)))).collect();
         assert!(sub(serde_json::Value::Object(many)).is_err(), "32 x 33 = 1056 values");
         // Duplicates count as listed.
         assert!(sub(json!({"a": vec!["x"; 1025]})).is_err());

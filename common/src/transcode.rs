@@ -493,10 +493,7 @@ pub fn json_text_to_msgpack(text: &str, out: &mut Vec<u8>) -> Result<(), Transco
 /// before the next member. Lets a JSON producer event be read in one pass
 /// with its `data` converted exactly (the reason for streaming: a parsed
 /// `serde_json::Value` has lost how numbers were written).
-pub fn json_members_to_msgpack(
-    text: &[u8],
-    member: &mut dyn FnMut(&str, &mut Vec<u8>),
-) -> Result<(), TranscodeError> {
+pub fn json_members_to_msgpack(text: &[u8], member: &mut dyn FnMut(&str, &mut Vec<u8>)) -> Result<(), TranscodeError> {
     let mut scratch = Vec::new();
     let mut writer = JsonToMsgpack::new(text, &mut scratch);
     let mut de = serde_json::Deserializer::from_slice(text);
@@ -997,10 +994,7 @@ mod tests {
 
     /// Maps keyed by maps, `depth` deep: `{{{…{}: nil}: nil}: nil}`, 2 bytes a level.
     fn keys_in_keys(depth: usize) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(2 * depth + 1);
-        for _ in 0..depth {
-            buf.push(0x81);
-        }
+        let mut buf = vec![0x81; depth];
         buf.push(0x80);
         buf.resize(2 * depth + 1, 0xc0);
         buf
@@ -1020,16 +1014,8 @@ mod tests {
         }
         // Maps keyed by arrays of maps keyed by arrays…, 63 levels, with
         // a long string value at the bottom: ~130 bytes.
-        let mut buf = Vec::new();
-        let mut maps = 0;
-        for i in 0..62 {
-            if i % 2 == 0 {
-                buf.push(0x81);
-                maps += 1;
-            } else {
-                buf.push(0x91);
-            }
-        }
+        let mut buf: Vec<u8> = [0x81, 0x91].repeat(31);
+        let maps = 31;
         buf.extend_from_slice(&[0x81, 0xa0, 0xbf]);
         buf.extend_from_slice(&[b'x'; 31]);
         buf.resize(buf.len() + maps, 0xc0);
@@ -1066,15 +1052,22 @@ mod tests {
         for v in shapes {
             let buf = enc(&v);
             let json = to_json_string(&buf);
-            assert!(json.len() <= json_len_bound(buf.len()), "{} > bound for {}", json.len(), buf.len());
+            assert!(
+                json.len() <= json_len_bound(buf.len()),
+                "{} > bound for {}",
+                json.len(),
+                buf.len()
+            );
         }
     }
 
     fn text_to_mp(text: &str) -> Result<Vec<u8>, TranscodeError> {
         let mut out = vec![0xee];
-        json_text_to_msgpack(text, &mut out).map(|()| out[1..].to_vec()).inspect_err(|_| {
-            assert_eq!(out, [0xee], "left as it was");
-        })
+        json_text_to_msgpack(text, &mut out)
+            .map(|()| out[1..].to_vec())
+            .inspect_err(|_| {
+                assert_eq!(out, [0xee], "left as it was");
+            })
     }
 
     fn f64_mp(f: f64) -> Vec<u8> {
@@ -1107,7 +1100,13 @@ mod tests {
             (Mp::from("s"), Mp::from("-0.5 \\\" 3e4")),
             (
                 Mp::from("a"),
-                Mp::Array(vec![Mp::from(0), Mp::F64(-0.0), Mp::F64(-0.0), Mp::from(2), Mp::from(0)]),
+                Mp::Array(vec![
+                    Mp::from(0),
+                    Mp::F64(-0.0),
+                    Mp::F64(-0.0),
+                    Mp::from(2),
+                    Mp::from(0),
+                ]),
             ),
         ]));
         assert_eq!(text_to_mp(text), Ok(expected));
@@ -1131,7 +1130,11 @@ mod tests {
         assert_eq!(value_len(&ok), Ok(MAX_DEPTH));
         assert_eq!(text_to_mp(&nested(MAX_DEPTH + 1)), Err(TranscodeError::TooDeep));
         assert_eq!(
-            text_to_mp(&format!("{}1{}", r#"{"a":"#.repeat(MAX_DEPTH + 1), "}".repeat(MAX_DEPTH + 1))),
+            text_to_mp(&format!(
+                "{}1{}",
+                r#"{"a":"#.repeat(MAX_DEPTH + 1),
+                "}".repeat(MAX_DEPTH + 1)
+            )),
             Err(TranscodeError::TooDeep)
         );
         assert_eq!(text_to_mp(&nested(10_000)), Err(TranscodeError::TooDeep));

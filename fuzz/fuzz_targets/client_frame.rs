@@ -14,7 +14,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, frame)) = data.split_first() else {
         return;
     };
-    let enc = if mode & 1 == 1 { Encoding::Json } else { Encoding::MsgPack };
+    let enc = if mode & 1 == 1 {
+        Encoding::Json
+    } else {
+        Encoding::MsgPack
+    };
     let Ok(f) = decode_client_frame(enc, frame) else {
         return;
     };

@@ -46,6 +46,10 @@ fuzz_target!(|data: &[u8]| {
         format!("{signed}.{sig}")
     };
     if let Ok(claims) = verifier().verify(&token) {
-        assert!(switchyard_common::ids::is_valid_user_id(&claims.sub), "{:?}", claims.sub);
+        assert!(
+            switchyard_common::ids::is_valid_user_id(&claims.sub),
+            "{:?}",
+            claims.sub
+        );
     }
 });

@@ -123,7 +123,11 @@ impl RouterState {
     /// same moment can each add their new names).
     pub fn check_type_dimensions(&self, sub: &Subscription) -> Result<(), ControlReply> {
         let dims: Vec<&str> = sub.filters.keys().map(String::as_str).collect();
-        let (held, new) = self.index.read().expect("index lock").dimension_growth(&sub.sub_type, &dims);
+        let (held, new) = self
+            .index
+            .read()
+            .expect("index lock")
+            .dimension_growth(&sub.sub_type, &dims);
         if new > 0 && held + new > self.limits.max_type_dimensions {
             return Err(error(
                 ErrorCode::InvalidFilter,
@@ -287,8 +291,14 @@ mod tests {
         });
         assert_eq!(code(s.check_type_dimensions(&other.unwrap())), None);
         // When the last subscription naming a dimension goes, its room is free.
-        s.apply_change(&Change::Unsubscribe { user: "u1".into(), name: "a".into() });
-        s.apply_change(&Change::Unsubscribe { user: "u3".into(), name: "b".into() });
+        s.apply_change(&Change::Unsubscribe {
+            user: "u1".into(),
+            name: "a".into(),
+        });
+        s.apply_change(&Change::Unsubscribe {
+            user: "u3".into(),
+            name: "b".into(),
+        });
         assert_eq!(code(add("u3", "d", &["d4"])), None);
     }
 

@@ -161,7 +161,12 @@ fn write_msgpack_entries(body: &Body<'_>, extra: u32, pos: Option<u64>, out: &mu
 }
 
 /// Appends JSON for a body with `prefix` fields spliced in front of its own.
+/// The body must be a map with at least one entry (every delivery has
+/// `type`, `data` and `ts`), or the spliced text would not be JSON.
 fn write_json_entries(body: &[u8], pos: Option<u64>, out: &mut Vec<u8>) -> Result<(), TranscodeError> {
+    if split_body(body)?.entries == 0 {
+        return Err(TranscodeError::Invalid("empty delivery body"));
+    }
     if let Some(pos) = pos {
         out.extend_from_slice(b"\"pos\":");
         out.extend_from_slice(pos.to_string().as_bytes());
@@ -217,7 +222,7 @@ pub fn write_batch_frame<'a>(
             write_str(out, "events");
             let _ = rmp::encode::write_array_len(out, bodies.len() as u32);
             for (body, pos) in bodies {
-                write_msgpack_entries(&split_body(body)?, 0, pos, out);
+                write_batch_event(enc, body, pos, out)?;
             }
             Ok(())
         }
@@ -227,8 +232,7 @@ pub fn write_batch_frame<'a>(
                 if i > 0 {
                     out.push(b',');
                 }
-                out.push(b'{');
-                write_json_entries(body, pos, out)?;
+                write_batch_event(enc, body, pos, out)?;
             }
             out.extend_from_slice(b"]}");
             Ok(())
@@ -238,6 +242,114 @@ pub fn write_batch_frame<'a>(
         out.truncate(start);
     }
     res
+}
+
+/// Appends one element of a `batch` frame's `events` array: the event map
+/// (without `op`) of one delivery body, with its `pos` if durable.
+///
+/// This is the per-event step of [`write_batch_frame`], public so a writer
+/// can convert a batch one event at a time and skip only the events that do
+/// not convert. On error `out` is left as it was.
+pub fn write_batch_event(
+    enc: Encoding,
+    body: &[u8],
+    pos: Option<u64>,
+    out: &mut Vec<u8>,
+) -> Result<(), TranscodeError> {
+    match enc {
+        Encoding::MsgPack => {
+            write_msgpack_entries(&split_body(body)?, 0, pos, out);
+            Ok(())
+        }
+        Encoding::Json => {
+            let start = out.len();
+            out.push(b'{');
+            write_json_entries(body, pos, out).inspect_err(|_| out.truncate(start))
+        }
+    }
+}
+
+/// What [`write_batch_frame_skipping`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SkippingBatch {
+    /// Events in the frame; 0 means no frame was written at all.
+    pub written: usize,
+    /// Events left out because they did not convert.
+    pub skipped: usize,
+    /// Why the first skipped event did not convert (for the log).
+    pub first_error: Option<TranscodeError>,
+}
+
+impl SkippingBatch {
+    fn note(&mut self, r: Result<(), TranscodeError>) {
+        match r {
+            Ok(()) => self.written += 1,
+            Err(e) => {
+                self.skipped += 1;
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
+}
+
+/// Writes a `batch` frame from several delivery bodies, in order, leaving
+/// out each body that does not convert instead of failing the whole frame
+/// (one bad event must cost only itself: PROTOCOL.md's `dropped` promise
+/// and the `pos` bookkeeping of the caller depend on it).
+///
+/// When no body converts, nothing is written (`written` is 0). A frame
+/// whose other events all converted holds them in order, with the array
+/// length counting only those.
+pub fn write_batch_frame_skipping<'a>(
+    enc: Encoding,
+    bodies: impl ExactSizeIterator<Item = (&'a [u8], Option<u64>)>,
+    out: &mut Vec<u8>,
+) -> SkippingBatch {
+    let start = out.len();
+    let mut result = SkippingBatch::default();
+    match enc {
+        Encoding::MsgPack => {
+            let _ = rmp::encode::write_map_len(out, 2);
+            write_str(out, "op");
+            write_str(out, "batch");
+            write_str(out, "events");
+            let header_at = out.len();
+            let announced = bodies.len() as u32;
+            let _ = rmp::encode::write_array_len(out, announced);
+            let header_len = out.len() - header_at;
+            for (body, pos) in bodies {
+                result.note(write_batch_event(enc, body, pos, out));
+            }
+            if result.skipped > 0 && result.written > 0 {
+                transcode::set_container_header(
+                    out,
+                    header_at,
+                    header_len,
+                    transcode::Container::Array,
+                    result.written as u32,
+                );
+            }
+        }
+        Encoding::Json => {
+            out.extend_from_slice(b"{\"op\":\"batch\",\"events\":[");
+            for (body, pos) in bodies {
+                let before = out.len();
+                if result.written > 0 {
+                    out.push(b',');
+                }
+                let r = write_batch_event(enc, body, pos, out);
+                if r.is_err() {
+                    out.truncate(before);
+                }
+                result.note(r);
+            }
+            out.extend_from_slice(b"]}");
+        }
+    }
+    if result.written == 0 {
+        out.truncate(start);
+    }
+    result
 }
 
 #[cfg(test)]
@@ -365,5 +477,111 @@ mod tests {
             Some(2)
         );
         assert!(write_batch_frame(Encoding::MsgPack, [(&[0x01u8][..], None)].into_iter(), &mut out).is_err());
+    }
+
+    #[test]
+    fn a_bad_event_costs_only_itself() {
+        let ev = event();
+        let mut good = Vec::new();
+        encode_delivery(&ev, 1, &[], &ev.data, &mut good);
+        // Undecodable data (reserved marker): fine for MessagePack clients
+        // byte for byte, not convertible to JSON.
+        let mut bad_data = Vec::new();
+        encode_delivery(&ev, 1, &[], &[0xc1], &mut bad_data);
+        let not_a_map: &[u8] = &[0x01];
+
+        let mut out = vec![b'#'];
+        let r = write_batch_frame_skipping(
+            Encoding::Json,
+            [
+                (&good[..], Some(1)),
+                (&bad_data[..], Some(2)),
+                (not_a_map, None),
+                (&good[..], Some(4)),
+            ]
+            .into_iter(),
+            &mut out,
+        );
+        assert_eq!((r.written, r.skipped), (2, 2));
+        assert_eq!(r.first_error, Some(TranscodeError::Invalid("reserved marker 0xc1")));
+        assert_eq!(
+            std::str::from_utf8(&out[1..]).unwrap(),
+            r#"{"op":"batch","events":[{"pos":1,"type":"tick","data":{"p":5},"ts":1},{"pos":4,"type":"tick","data":{"p":5},"ts":1}]}"#
+        );
+        // A bad first event leaves no stray comma.
+        out.truncate(1);
+        let r = write_batch_frame_skipping(
+            Encoding::Json,
+            [(&bad_data[..], Some(2)), (&good[..], None)].into_iter(),
+            &mut out,
+        );
+        assert_eq!((r.written, r.skipped), (1, 1));
+        assert_eq!(
+            std::str::from_utf8(&out[1..]).unwrap(),
+            r#"{"op":"batch","events":[{"type":"tick","data":{"p":5},"ts":1}]}"#
+        );
+        // Nothing convertible: nothing written.
+        out.truncate(1);
+        let r = write_batch_frame_skipping(Encoding::Json, [(&bad_data[..], None)].into_iter(), &mut out);
+        assert_eq!((r.written, r.skipped), (0, 1));
+        assert_eq!(out, b"#");
+
+        // MessagePack: the array length counts the written events only,
+        // with the smallest header (16 announced, 15 written: array16 → fixarray).
+        for (n, bad_at) in [(3, 1), (16, 7), (17, 0)] {
+            let bodies: Vec<(&[u8], Option<u64>)> = (0..n)
+                .map(|i| {
+                    if i == bad_at {
+                        (not_a_map, None)
+                    } else {
+                        (&good[..], Some(i as u64))
+                    }
+                })
+                .collect();
+            let mut out = Vec::new();
+            let r = write_batch_frame_skipping(Encoding::MsgPack, bodies.iter().copied(), &mut out);
+            assert_eq!((r.written, r.skipped), (n - 1, 1));
+            let mut rd = &out[..];
+            let v = rmpv::decode::read_value(&mut rd).unwrap();
+            assert!(rd.is_empty(), "the frame is exactly one value");
+            let events = crate::value::get(v.as_map().unwrap(), "events")
+                .unwrap()
+                .as_array()
+                .unwrap();
+            assert_eq!(events.len(), n - 1);
+            let all_good: Vec<(&[u8], Option<u64>)> = bodies.iter().copied().filter(|b| b.0 != not_a_map).collect();
+            let mut expected = Vec::new();
+            write_batch_frame(Encoding::MsgPack, all_good.into_iter(), &mut expected).unwrap();
+            assert_eq!(out, expected);
+        }
+        let mut out = Vec::new();
+        let r = write_batch_frame_skipping(Encoding::MsgPack, [(not_a_map, None)].into_iter(), &mut out);
+        assert_eq!((r.written, r.skipped), (0, 1));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn batch_event_is_one_element_of_the_batch() {
+        let ev = event();
+        let mut body = Vec::new();
+        encode_delivery(&ev, 1, &[], &ev.data, &mut body);
+        for enc in [Encoding::Json, Encoding::MsgPack] {
+            let mut one = Vec::new();
+            write_batch_event(enc, &body, Some(3), &mut one).unwrap();
+            let mut frame = Vec::new();
+            write_batch_frame(enc, [(&body[..], Some(3))].into_iter(), &mut frame).unwrap();
+            let at = frame.windows(one.len()).position(|w| w == &one[..]);
+            assert!(at.is_some(), "{enc:?}: the element appears in the frame");
+            let mut out = vec![7];
+            assert!(write_batch_event(enc, &[0x01], None, &mut out).is_err());
+            assert_eq!(out, [7]);
+        }
+        // A JSON frame is spliced from the body's entries: an empty map or
+        // a non-map would make broken JSON, so they are errors.
+        for body in [&[0x80][..], &[0x01], &[0x91, 0x01]] {
+            let mut out = Vec::new();
+            assert!(write_event_frame(Encoding::Json, body, Some(1), &mut out).is_err());
+            assert!(out.is_empty());
+        }
     }
 }

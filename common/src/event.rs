@@ -11,7 +11,7 @@ use rmpv::Value;
 
 use crate::ids;
 use crate::transcode;
-use crate::value::{self, as_number, get, MAX_DEPTH};
+use crate::value::{as_number, get, MAX_DEPTH};
 
 /// Most users one `users` target may list.
 pub const MAX_TARGET_USERS: usize = 10_000;
@@ -109,6 +109,11 @@ pub enum EventError {
     /// Some other field breaks the rules.
     #[error("bad field: {0}")]
     Field(String),
+    /// Maps and arrays nested deeper than [`transcode::MAX_DEPTH`] (64)
+    /// levels, in `data` or elsewhere: refused at ingest so that every
+    /// accepted payload can be transcoded for JSON clients.
+    #[error("nested deeper than {} levels", transcode::MAX_DEPTH)]
+    TooDeep,
 }
 
 impl EventError {
@@ -119,6 +124,7 @@ impl EventError {
             EventError::Subject(_) => "subject",
             EventError::Target(_) => "target",
             EventError::Field(_) => "field",
+            EventError::TooDeep => "too_deep",
         }
     }
 }
@@ -288,6 +294,14 @@ fn parse_target(v: Option<&Value>, event_type: &str) -> Result<Target, EventErro
 /// The MessagePack `nil`, used when an event carries no `data`.
 const NIL: &[u8] = &[0xc0];
 
+/// A transcoding error as an event error (nesting keeps its kind).
+fn measure_error(e: transcode::TranscodeError) -> EventError {
+    match e {
+        transcode::TranscodeError::TooDeep => EventError::TooDeep,
+        e => EventError::Decode(e.to_string()),
+    }
+}
+
 fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventError> {
     let dec = |m: &str| EventError::Decode(m.to_string());
     let mut rd: &[u8] = payload;
@@ -295,10 +309,13 @@ fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventE
     let mut fields = Vec::with_capacity(n.min(16) as usize);
     let mut data = Bytes::from_static(NIL);
     for _ in 0..n {
-        let key_len = transcode::value_len(rd).map_err(|e| dec(&e.to_string()))?;
+        let key_len = transcode::value_len(rd).map_err(measure_error)?;
         let key = rmpv::decode::read_value(&mut &rd[..key_len]).map_err(|e| dec(&e.to_string()))?;
         rd = &rd[key_len..];
-        let val_len = transcode::value_len(rd).map_err(|e| dec(&e.to_string()))?;
+        // Measuring `data` also checks its depth (PROTOCOL.md: deeper than
+        // 64 levels is malformed), so it is refused here rather than
+        // failing later on the way to a JSON client.
+        let val_len = transcode::value_len(rd).map_err(measure_error)?;
         if key.as_str() == Some("data") {
             let start = payload.len() - rd.len();
             data = payload.slice(start..start + val_len);
@@ -316,22 +333,36 @@ fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventE
 }
 
 fn split_json(payload: &[u8]) -> Result<(Vec<(Value, Value)>, Bytes), EventError> {
-    let json: serde_json::Value = serde_json::from_slice(payload).map_err(|e| EventError::Decode(e.to_string()))?;
-    let serde_json::Value::Object(obj) = json else {
-        return Err(EventError::Decode("event must be a JSON object".into()));
-    };
-    let mut fields = Vec::with_capacity(obj.len());
+    // One streaming pass: every member becomes MessagePack by the same rules
+    // (`-0` is the integer 0, as written; depth checked), `data` is kept as
+    // those bytes and the other fields are decoded from theirs. A repeated
+    // field counts once, the last one written (as a JSON object parser would).
+    let mut fields: Vec<(Value, Value)> = Vec::new();
     let mut data = Bytes::from_static(NIL);
-    for (k, v) in &obj {
-        if k == "data" {
-            let mut buf = Vec::new();
-            transcode::json_to_msgpack(v, &mut buf);
-            data = Bytes::from(buf);
-        } else {
-            fields.push((Value::from(k.as_str()), value::json_to_value(v)));
+    let mut bad: Option<EventError> = None;
+    transcode::json_members_to_msgpack(payload, &mut |key, value| {
+        if key == "data" {
+            data = Bytes::from(std::mem::take(value));
+            return;
         }
+        match rmpv::decode::read_value_with_max_depth(&mut &value[..], MAX_DEPTH) {
+            Ok(v) => match fields.iter_mut().find(|(k, _)| k.as_str() == Some(key)) {
+                Some(slot) => slot.1 = v,
+                None => fields.push((Value::from(key), v)),
+            },
+            Err(e) => {
+                bad.get_or_insert_with(|| EventError::Decode(format!("{key}: {e}")));
+            }
+        }
+    })
+    .map_err(|e| match e {
+        transcode::TranscodeError::Json(m) => EventError::Decode(format!("event must be a JSON object: {m}")),
+        e => measure_error(e),
+    })?;
+    match bad {
+        Some(e) => Err(e),
+        None => Ok((fields, data)),
     }
-    Ok((fields, data))
 }
 
 #[cfg(test)]
@@ -409,6 +440,104 @@ mod tests {
         assert!(parse_event("Bad", None, &mp(&json!({"target":{"all":true}})), false).is_err());
         assert!(parse_event("t", None, &Bytes::from_static(&[0x82, 0xa1]), false).is_err());
         assert!(parse_event("t", None, &Bytes::from_static(b"{"), true).is_err());
+    }
+
+    #[test]
+    fn json_minus_zero_is_the_integer_zero() {
+        let payload = br#"{"target":{"all":true},"data":{"a":-0,"b":-0.0,"c":[-0]}}"#;
+        let ev = parse_event("t", None, &Bytes::from_static(payload), true).unwrap();
+        let mut expected = vec![0x83, 0xa1, b'a', 0x00, 0xa1, b'b', 0xcb];
+        expected.extend_from_slice(&(-0.0f64).to_bits().to_be_bytes());
+        expected.extend_from_slice(&[0xa1, b'c', 0x91, 0x00]);
+        assert_eq!(&ev.data[..], &expected[..]);
+        let ev = parse_event(
+            "t",
+            None,
+            &Bytes::from_static(br#"{"target":{"all":true},"data":-0}"#),
+            true,
+        )
+        .unwrap();
+        assert_eq!(&ev.data[..], &[0x00]);
+    }
+
+    #[test]
+    fn json_events_read_in_one_pass() {
+        let parse = |text: &'static str| parse_event("t", None, &Bytes::from_static(text.as_bytes()), true);
+        // A repeated field counts once, the last one written.
+        let ev = parse(r#"{"data":1,"target":{"users":["a"]},"prio":"low","prio":"high","data":[2]}"#).unwrap();
+        assert_eq!(ev.prio, Prio::High);
+        assert_eq!(&ev.data[..], &[0x91, 0x02]);
+        assert_eq!(ev.target, Target::Users(vec!["a".into()]));
+        // Numbers in other fields follow the same rules.
+        let ev = parse(r#"{"target":{"match":{"s":"x"},"values":{"c":-0,"d":1e2}},"id":-0}"#).unwrap();
+        assert_eq!(ev.id.as_deref(), Some("0"));
+        let Target::Match { values, .. } = ev.target else {
+            panic!()
+        };
+        assert_eq!(values, vec![("c".to_string(), 0.0), ("d".to_string(), 100.0)]);
+        for bad in [
+            r#"[1]"#,
+            r#""x""#,
+            r#"{"target":{"all":true}} 1"#,
+            r#"{"target":{"all":true},"#,
+            "",
+        ] {
+            assert!(matches!(parse(bad), Err(EventError::Decode(_))), "{bad}");
+        }
+        // Serde's private marker key is an ordinary key here.
+        let ev = parse(r#"{"target":{"all":true},"data":{"$serde_json::private::RawValue":1}}"#).unwrap();
+        assert_eq!(ev.data.len(), 33);
+    }
+
+    /// `{"target":{"all":true},"data":<levels nested arrays>}` in MessagePack.
+    fn msgpack_nested(levels: usize) -> Bytes {
+        let mut buf = vec![0x82, 0xa6];
+        buf.extend_from_slice(b"target");
+        buf.extend_from_slice(&[0x81, 0xa3, b'a', b'l', b'l', 0xc3, 0xa4]);
+        buf.extend_from_slice(b"data");
+        buf.resize(buf.len() + levels - 1, 0x91);
+        buf.push(0x80);
+        Bytes::from(buf)
+    }
+
+    /// The same in JSON, `levels` containers alternating objects and arrays.
+    fn json_nested(levels: usize) -> Bytes {
+        // Level i (from 0) is an object when i is even; the last is empty.
+        let mut text = String::from(if levels % 2 == 1 { "{}" } else { "[]" });
+        for i in (0..levels - 1).rev() {
+            text = if i % 2 == 1 {
+                format!("[{text}]")
+            } else {
+                format!(r#"{{"k":{text}}}"#)
+            };
+        }
+        Bytes::from(format!(r#"{{"target":{{"all":true}},"data":{text}}}"#))
+    }
+
+    #[test]
+    fn data_nested_deeper_than_64_levels_is_malformed() {
+        for levels in [1, 2, 63, 64] {
+            let ev = parse_event("t", None, &msgpack_nested(levels), false).unwrap();
+            assert_eq!(transcode::value_len(&ev.data), Ok(levels));
+            let ev = parse_event("t", None, &json_nested(levels), true).unwrap();
+            assert_eq!(transcode::value_len(&ev.data).map(|_| ()), Ok(()), "{levels}");
+            let mut json = Vec::new();
+            assert!(transcode::msgpack_to_json(&ev.data, &mut json).is_ok());
+            let depth = json.iter().filter(|&&b| b == b'{' || b == b'[').count();
+            assert_eq!(depth, levels, "json depth");
+        }
+        for levels in [65, 66, 200] {
+            let e = parse_event("t", None, &msgpack_nested(levels), false).unwrap_err();
+            assert_eq!(e, EventError::TooDeep);
+            assert_eq!(e.reason(), "too_deep");
+            let e = parse_event("t", None, &json_nested(levels), true).unwrap_err();
+            if levels < 128 {
+                assert_eq!(e, EventError::TooDeep, "{levels}");
+            } else {
+                // serde_json's own limit (128) answers first for the whole text.
+                assert!(matches!(e, EventError::TooDeep | EventError::Decode(_)), "{e:?}");
+            }
+        }
     }
 
     #[test]

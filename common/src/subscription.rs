@@ -16,6 +16,10 @@ use crate::value::as_number;
 pub const MAX_FILTER_DIMENSIONS: usize = 32;
 /// Most values one dimension may list.
 pub const MAX_VALUES_PER_DIMENSION: usize = 1024;
+/// Most filter values one subscription may list, its dimensions together
+/// (PROTOCOL.md 1.1): every value is interned with its own posting set on
+/// every router, so a 64 KiB frame must not be able to add ~20k of them.
+pub const MAX_FILTER_VALUES: usize = 1024;
 /// Most bound fields (`min` plus `max`) and most `fields` names.
 pub const MAX_FIELDS: usize = 64;
 
@@ -108,11 +112,20 @@ impl Subscription {
         if dims.len() > MAX_FILTER_DIMENSIONS {
             return invalid(format!("at most {MAX_FILTER_DIMENSIONS} filter dimensions"));
         }
+        let mut listed = 0usize;
         for (k, vals) in dims {
             let dim = name_field(k, "dimension name", ids::is_valid_type_name)?;
             let Value::Array(vals) = vals else {
                 return invalid(format!("filters.{dim} must be an array of strings"));
             };
+            // Counted as listed (before duplicates are removed): the bound
+            // is on what a client may send.
+            listed += vals.len();
+            if listed > MAX_FILTER_VALUES {
+                return invalid(format!(
+                    "a subscription lists at most {MAX_FILTER_VALUES} filter values in all"
+                ));
+            }
             if vals.is_empty() || vals.len() > MAX_VALUES_PER_DIMENSION {
                 return invalid(format!(
                     "filters.{dim} must list 1 to {MAX_VALUES_PER_DIMENSION} values"
@@ -288,5 +301,22 @@ mod tests {
         assert_eq!(ok.filters["s"], vec!["a", "b"]);
         assert_eq!(ok.max["p"], 3.0);
         assert_eq!(ok.fields, Some(vec!["x".to_string()]));
+    }
+
+    #[test]
+    fn at_most_1024_filter_values_in_all() {
+        let values = |from: usize, n: usize| (from..from + n).map(|i| format!("v{i}")).collect::<Vec<_>>();
+        let sub =
+            |filters: serde_json::Value| Subscription::from_raw(&raw(json!({"sub":"s","type":"t","filters":filters})));
+        assert!(sub(json!({"a": values(0, 1024)})).is_ok());
+        assert!(sub(json!({"a": values(0, 512), "b": values(0, 512)})).is_ok());
+        let err = sub(json!({"a": values(0, 1025)})).unwrap_err();
+        assert!(err.0.contains("1024 filter values"), "{err}");
+        assert!(sub(json!({"a": values(0, 600), "b": values(0, 425)})).is_err());
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..32).map(|d| (format!("d{d}"), json!(values(0, 33)))).collect();
+        assert!(sub(serde_json::Value::Object(many)).is_err(), "32 x 33 = 1056 values");
+        // Duplicates count as listed.
+        assert!(sub(json!({"a": vec!["x"; 1025]})).is_err());
     }
 }

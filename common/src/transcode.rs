@@ -13,11 +13,12 @@
 //!
 //! It must not build an intermediate value tree (`rmpv::Value` or similar):
 //! everything works on the input slice and appends to the caller's output
-//! buffer, with no allocation per value beyond that buffer (the one exception
-//! is a map key that is itself an array, map or extension, which is rendered
-//! into a scratch buffer before being quoted). Input is untrusted: nothing
-//! here may panic on arbitrary bytes, length prefixes are checked against the
-//! bytes actually present, and nesting is limited to [`MAX_DEPTH`].
+//! buffer, with no allocation per value beyond that buffer. Input is
+//! untrusted: nothing here may panic on arbitrary bytes, length prefixes are
+//! checked against the bytes actually present, nesting is limited to
+//! [`MAX_DEPTH`], and the JSON text stays linear in the MessagePack size (at
+//! most [`json_len_bound`] bytes): a map key that is itself an array, map or
+//! extension is written as a fixed string, never rendered.
 
 use std::io::Write as _;
 
@@ -36,8 +37,11 @@ pub enum TranscodeError {
     #[error("invalid MessagePack: {0}")]
     Invalid(&'static str),
     /// Containers are nested deeper than [`MAX_DEPTH`].
-    #[error("MessagePack nesting deeper than {}", MAX_DEPTH)]
+    #[error("nesting deeper than {} levels", MAX_DEPTH)]
     TooDeep,
+    /// JSON text that does not parse ([`json_text_to_msgpack`]).
+    #[error("invalid JSON: {0}")]
+    Json(String),
 }
 
 /// One decoded MessagePack header. Scalars carry their payload; containers
@@ -154,9 +158,16 @@ fn fixed_i8(buf: &[u8], pos: usize) -> Result<i8, TranscodeError> {
 /// Iterative with an explicit fixed-size stack, so hostile nesting yields
 /// [`TranscodeError::TooDeep`] rather than a stack overflow.
 pub fn value_len(buf: &[u8]) -> Result<usize, TranscodeError> {
+    value_len_within(buf, 0)
+}
+
+/// [`value_len`] for a value already inside `open` containers: the value
+/// may nest only `MAX_DEPTH - open` more levels.
+fn value_len_within(buf: &[u8], open: usize) -> Result<usize, TranscodeError> {
     // Elements still to skip in each open container.
     let mut stack = [0usize; MAX_DEPTH];
-    let mut depth = 0;
+    let mut depth = open.min(MAX_DEPTH);
+    let floor = depth;
     let mut pos = 0;
     loop {
         let (head, next) = read_head(buf, pos)?;
@@ -178,7 +189,7 @@ pub fn value_len(buf: &[u8]) -> Result<usize, TranscodeError> {
         }
         // One value finished: count it against the enclosing containers.
         loop {
-            if depth == 0 {
+            if depth == floor {
                 return Ok(pos);
             }
             stack[depth - 1] -= 1;
@@ -235,24 +246,67 @@ fn trim_into(
             }
         }
     }
+    set_container_header(out, start, 5, Container::Map, kept);
+    Ok(())
+}
+
+/// A MessagePack container family, for [`set_container_header`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Container {
+    /// fixarray / array16 / array32.
+    Array,
+    /// fixmap / map16 / map32.
+    Map,
+}
+
+/// Replaces the `old_len`-byte container header at `out[start..]` with the
+/// smallest header for `count` elements, moving what follows when the
+/// sizes differ. Lets writers that learn a count only at the end reserve
+/// room first (5 bytes: the largest header) and copy the elements once.
+pub(crate) fn set_container_header(out: &mut Vec<u8>, start: usize, old_len: usize, kind: Container, count: u32) {
+    let (fix, x16, x32) = match kind {
+        Container::Array => (0x90, 0xdc, 0xdd),
+        Container::Map => (0x80, 0xde, 0xdf),
+    };
     let mut header = [0u8; 5];
-    let header_len = if kept <= 15 {
-        header[0] = 0x80 | kept as u8;
+    let len = if count <= 15 {
+        header[0] = fix | count as u8;
         1
-    } else if let Ok(n) = u16::try_from(kept) {
-        header[0] = 0xde;
+    } else if let Ok(n) = u16::try_from(count) {
+        header[0] = x16;
         header[1..3].copy_from_slice(&n.to_be_bytes());
         3
     } else {
-        header[0] = 0xdf;
-        header[1..5].copy_from_slice(&kept.to_be_bytes());
+        header[0] = x32;
+        header[1..5].copy_from_slice(&count.to_be_bytes());
         5
     };
-    out[start..start + header_len].copy_from_slice(&header[..header_len]);
     let end = out.len();
-    out.copy_within(start + 5..end, start + header_len);
-    out.truncate(end - (5 - header_len));
-    Ok(())
+    if len != old_len {
+        if len > old_len {
+            out.resize(end + (len - old_len), 0);
+        }
+        out.copy_within(start + old_len..end, start + len);
+        out.truncate(end + len - old_len);
+    }
+    out[start..start + len].copy_from_slice(&header[..len]);
+}
+
+/// Most JSON bytes [`msgpack_to_json`] writes per MessagePack byte it reads.
+///
+/// The worst value is a `fixext1` (3 bytes): `{"$ext":-128,"base64":"AA=="}`
+/// and the comma after it, 30 bytes. Everything else writes less per byte:
+/// a one-byte key becomes at most `"$array":` (9 bytes), a one-byte value at
+/// most `false,` (6), a control character in a string `\u0001` (6), binary
+/// 4 base64 bytes per 3, and numbers at most 21 characters for 9 bytes. A
+/// container's brackets take the place of its header byte and of its last
+/// element's comma.
+pub const JSON_BYTES_PER_MSGPACK_BYTE: usize = 10;
+
+/// Upper bound on the JSON text [`msgpack_to_json`] writes for a value of
+/// `msgpack_len` bytes: linear, whatever the input (the fuzz oracle).
+pub fn json_len_bound(msgpack_len: usize) -> usize {
+    msgpack_len.saturating_mul(JSON_BYTES_PER_MSGPACK_BYTE)
 }
 
 /// Transcodes the one MessagePack value at the start of `buf` into JSON text
@@ -264,11 +318,13 @@ fn trim_into(
 /// infinities become `null`; floats are printed in their shortest
 /// round-tripping form and always as floats (`1.0`, `1e300`), float32 from
 /// the f32's own shortest form (`0.1`); invalid UTF-8 in a string becomes
-/// U+FFFD. A non-string map key becomes the string holding its JSON text:
-/// `"12"`, `"-1"`, `"1.5"`, `"true"`, `"null"` (also for NaN/infinite float
-/// keys); a binary key becomes its base64; an array, map or extension key
-/// becomes its JSON text, escaped as a string (e.g. `"[1,2]"`).
-/// On error `out` is left as it was.
+/// U+FFFD. A non-string map key becomes a string: integer and float keys
+/// their decimal text (`"12"`, `"-1"`, `"1.5"`; `"null"` for NaN/infinite
+/// float keys), `true`/`false`/`null` keys those words, a binary key its
+/// base64, and an array, map or extension key the fixed string `"$array"`,
+/// `"$map"` or `"$ext"` (never its contents, so the output stays within
+/// [`json_len_bound`]). Keys that become equal strings are all written, in
+/// order. On error `out` is left as it was.
 pub fn msgpack_to_json(buf: &[u8], out: &mut Vec<u8>) -> Result<usize, TranscodeError> {
     let start = out.len();
     let result = to_json(buf, 0, out, 0);
@@ -384,24 +440,281 @@ fn key_to_json(buf: &[u8], pos: usize, out: &mut Vec<u8>, depth: usize) -> Resul
             push_f64(f, out);
             out.push(b'"');
         }
-        Head::Array(_) | Head::Map(_) | Head::Ext(..) => {
-            // Rare: render the key's JSON into scratch space, then quote it.
-            let mut scratch = Vec::new();
-            let end = to_json(buf, pos, &mut scratch, depth)?;
-            write_json_string(&String::from_utf8_lossy(&scratch), out);
-            return Ok(end);
-        }
+        // Never the key's contents: rendering a container key as escaped
+        // JSON text doubles its quotes and backslashes at every level of
+        // keys inside keys, so ~130 bytes could become gigabytes. A fixed
+        // string keeps the output linear in the input; the key is skipped.
+        Head::Array(_) => return skip_key(buf, pos, depth, b"\"$array\"", out),
+        Head::Map(_) => return skip_key(buf, pos, depth, b"\"$map\"", out),
+        Head::Ext(..) => out.extend_from_slice(b"\"$ext\""),
     }
     Ok(next)
 }
 
-/// Encodes a JSON producer's `data` as MessagePack, so every client format
-/// is served from one MessagePack payload.
+/// Writes `text` for the container key at `pos` and returns the position
+/// after the whole key (measured, not rendered).
+/// The key sits inside `open` containers and counts against [`MAX_DEPTH`]
+/// like any value.
+fn skip_key(buf: &[u8], pos: usize, open: usize, text: &[u8], out: &mut Vec<u8>) -> Result<usize, TranscodeError> {
+    let len = value_len_within(&buf[pos..], open)?;
+    out.extend_from_slice(text);
+    Ok(pos + len)
+}
+
+/// Encodes a JSON producer's `data`, given as JSON text, as MessagePack, so
+/// every client format is served from one MessagePack payload
+/// (PROTOCOL.md, "JSON clients and MessagePack payloads").
+///
+/// Numbers written without fraction or exponent become MessagePack
+/// integers (smallest encoding) when they fit in 64 bits, `-0` included
+/// (it becomes 0); every other number is a float64. Objects become maps
+/// with their keys in the order written (a repeated key is kept each time,
+/// as written). Streaming: no value tree is built. Containers nested deeper
+/// than [`MAX_DEPTH`] give [`TranscodeError::TooDeep`], so what this
+/// accepts a MessagePack producer could have sent. On error `out` is left
+/// as it was.
+pub fn json_text_to_msgpack(text: &str, out: &mut Vec<u8>) -> Result<(), TranscodeError> {
+    use serde::de::DeserializeSeed as _;
+    let start = out.len();
+    let mut writer = JsonToMsgpack::new(text.as_bytes(), out);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let result = (&mut writer).deserialize(&mut de).and_then(|()| de.end());
+    let too_deep = writer.too_deep;
+    result.map_err(|e| {
+        out.truncate(start);
+        json_error(e, too_deep)
+    })
+}
+
+/// Converts each member of the JSON object `text` to MessagePack by the
+/// rules of [`json_text_to_msgpack`] (each value's depth counted from the
+/// value), calling `member(key, value)` in the order written. `value` is a
+/// scratch buffer the callback may keep (`std::mem::take`); it is cleared
+/// before the next member. Lets a JSON producer event be read in one pass
+/// with its `data` converted exactly (the reason for streaming: a parsed
+/// `serde_json::Value` has lost how numbers were written).
+pub fn json_members_to_msgpack(text: &[u8], member: &mut dyn FnMut(&str, &mut Vec<u8>)) -> Result<(), TranscodeError> {
+    let mut scratch = Vec::new();
+    let mut writer = JsonToMsgpack::new(text, &mut scratch);
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let result = serde::Deserializer::deserialize_map(
+        &mut de,
+        Members {
+            writer: &mut writer,
+            member,
+        },
+    )
+    .and_then(|()| de.end());
+    let too_deep = writer.too_deep;
+    result.map_err(|e| json_error(e, too_deep))
+}
+
+fn json_error(e: serde_json::Error, too_deep: bool) -> TranscodeError {
+    if too_deep {
+        TranscodeError::TooDeep
+    } else {
+        TranscodeError::Json(e.to_string())
+    }
+}
+
+/// The visitor of [`json_members_to_msgpack`]: one object, each member's
+/// value written by the shared [`JsonToMsgpack`].
+struct Members<'w, 'o, 't, 'm> {
+    writer: &'w mut JsonToMsgpack<'o, 't>,
+    member: &'m mut dyn FnMut(&str, &mut Vec<u8>),
+}
+
+impl<'de> serde::de::Visitor<'de> for Members<'_, '_, '_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<std::borrow::Cow<'_, str>>()? {
+            self.writer.out.clear();
+            map.next_value_seed(&mut *self.writer)?;
+            (self.member)(&key, self.writer.out);
+        }
+        Ok(())
+    }
+}
+
+/// The number tokens of a JSON text, in order: serde_json reports `-0` and
+/// `-0.0` alike (as the float −0.0), so whether a number was written as an
+/// integer is read from the text itself. The text is the one the parser
+/// reads, and the parser reports numbers in text order, so the n-th number
+/// reported is the n-th token here.
+struct NumberTokens<'t> {
+    text: &'t [u8],
+    pos: usize,
+}
+
+impl NumberTokens<'_> {
+    /// Steps to the end of the next number token; whether it was written
+    /// without fraction or exponent. Outside strings, only numbers contain
+    /// `-` or digits.
+    fn next_is_integer(&mut self) -> bool {
+        let t = self.text;
+        let mut i = self.pos;
+        while i < t.len() {
+            match t[i] {
+                b'"' => {
+                    i += 1;
+                    while i < t.len() {
+                        match t[i] {
+                            b'\\' => i += 2,
+                            b'"' => {
+                                i += 1;
+                                break;
+                            }
+                            _ => i += 1,
+                        }
+                    }
+                }
+                b'-' | b'0'..=b'9' => {
+                    let start = i;
+                    while i < t.len() && matches!(t[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                        i += 1;
+                    }
+                    self.pos = i;
+                    return !t[start..i].iter().any(|c| matches!(c, b'.' | b'e' | b'E'));
+                }
+                _ => i += 1,
+            }
+        }
+        self.pos = i;
+        false
+    }
+}
+
+/// The serde visitor behind [`json_text_to_msgpack`]: writes each value as
+/// MessagePack as the parser reports it.
+struct JsonToMsgpack<'o, 't> {
+    out: &'o mut Vec<u8>,
+    numbers: NumberTokens<'t>,
+    /// Containers open around the value being read.
+    depth: usize,
+    /// Set when the error being returned is nesting past [`MAX_DEPTH`].
+    too_deep: bool,
+}
+
+impl<'o, 't> JsonToMsgpack<'o, 't> {
+    fn new(text: &'t [u8], out: &'o mut Vec<u8>) -> JsonToMsgpack<'o, 't> {
+        JsonToMsgpack {
+            out,
+            numbers: NumberTokens { text, pos: 0 },
+            depth: 0,
+            too_deep: false,
+        }
+    }
+
+    /// Opens a container: checks the depth and reserves its header.
+    fn open<E: serde::de::Error>(&mut self) -> Result<usize, E> {
+        if self.depth >= MAX_DEPTH {
+            self.too_deep = true;
+            return Err(E::custom(format_args!("nesting deeper than {MAX_DEPTH} levels")));
+        }
+        self.depth += 1;
+        let at = self.out.len();
+        self.out.extend_from_slice(&[0; 5]);
+        Ok(at)
+    }
+
+    /// Closes a container opened at `at` with `count` elements.
+    fn close<E: serde::de::Error>(&mut self, at: usize, kind: Container, count: usize) -> Result<(), E> {
+        self.depth -= 1;
+        let count = u32::try_from(count).map_err(|_| E::custom("more than 2^32 elements"))?;
+        set_container_header(self.out, at, 5, kind, count);
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &mut JsonToMsgpack<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+// Writes into a Vec<u8> cannot fail, so the encoders' results are ignored.
+impl<'de> serde::de::Visitor<'de> for &mut JsonToMsgpack<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        let _ = rmp::encode::write_nil(self.out);
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
+        let _ = rmp::encode::write_bool(self.out, b);
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<(), E> {
+        self.numbers.next_is_integer();
+        let _ = rmp::encode::write_uint(self.out, n);
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<(), E> {
+        self.numbers.next_is_integer();
+        let _ = rmp::encode::write_sint(self.out, n);
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<(), E> {
+        // An integer-form number reaches here beyond 64 bits (a float by
+        // the rule) or as `-0`, which is the integer 0.
+        if self.numbers.next_is_integer() && f == 0.0 {
+            let _ = rmp::encode::write_uint(self.out, 0);
+        } else {
+            let _ = rmp::encode::write_f64(self.out, f);
+        }
+        Ok(())
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        let _ = rmp::encode::write_str(self.out, s);
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let at = self.open()?;
+        let mut n = 0;
+        while seq.next_element_seed(&mut *self)?.is_some() {
+            n += 1;
+        }
+        self.close(at, Container::Array, n)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let at = self.open()?;
+        let mut n = 0;
+        // JSON keys are strings: the same writer turns them into MessagePack strings.
+        while map.next_key_seed(&mut *self)?.is_some() {
+            map.next_value_seed(&mut *self)?;
+            n += 1;
+        }
+        self.close(at, Container::Map, n)
+    }
+}
+
+/// Encodes a parsed JSON value as MessagePack, for tests, tools and
+/// producers that already hold a `serde_json::Value`.
 ///
 /// Integers that serde_json holds as `u64`/`i64` get the smallest integer
-/// encoding; every other number (fraction, exponent, beyond 64 bits) is a
-/// float64, as PROTOCOL.md requires. Objects become maps with string keys.
-/// Recursive: nesting is bounded by serde_json's parser (128 levels).
+/// encoding; every other number is a float64; objects become maps with
+/// string keys. A parsed value has lost what [`json_text_to_msgpack`] reads
+/// from the text (`-0` arrives as the float −0.0, object keys sorted), so
+/// producer events go through that function instead. Recursive: nesting is
+/// bounded by serde_json's parser (128 levels).
 pub fn json_to_msgpack(value: &serde_json::Value, out: &mut Vec<u8>) {
     use rmp::encode;
     use serde_json::Value;
@@ -655,8 +968,179 @@ mod tests {
         ]);
         assert_eq!(
             to_json_string(&enc(&v)),
-            r#"{"m":{"bin":"AAEC/w==","n":-5},"42":"int key","-3":1,"true":false,"null":null,"1.5":2,"aGk=":3,"[1,\"a\"]":4}"#
+            r#"{"m":{"bin":"AAEC/w==","n":-5},"42":"int key","-3":1,"true":false,"null":null,"1.5":2,"aGk=":3,"$array":4}"#
         );
+    }
+
+    #[test]
+    fn key_rules_give_fixed_strings_for_containers_and_keep_equal_keys() {
+        let v = Mp::Map(vec![
+            (Mp::Map(vec![(Mp::from("x"), Mp::from(1))]), Mp::from(1)),
+            (Mp::Array(vec![Mp::from("y")]), Mp::from(2)),
+            (Mp::Ext(7, vec![1, 2]), Mp::from(3)),
+            (Mp::Map(vec![]), Mp::from(4)),
+            (Mp::F32(0.5), Mp::from(5)),
+            (Mp::F64(f64::NAN), Mp::from(6)),
+            (Mp::Boolean(false), Mp::from(7)),
+            (Mp::from(u64::MAX), Mp::from(8)),
+            (Mp::from("7"), Mp::from(9)),
+            (Mp::from(7), Mp::from(10)),
+        ]);
+        assert_eq!(
+            to_json_string(&enc(&v)),
+            r#"{"$map":1,"$array":2,"$ext":3,"$map":4,"0.5":5,"null":6,"false":7,"18446744073709551615":8,"7":9,"7":10}"#
+        );
+    }
+
+    /// Maps keyed by maps, `depth` deep: `{{{…{}: nil}: nil}: nil}`, 2 bytes a level.
+    fn keys_in_keys(depth: usize) -> Vec<u8> {
+        let mut buf = vec![0x81; depth];
+        buf.push(0x80);
+        buf.resize(2 * depth + 1, 0xc0);
+        buf
+    }
+
+    #[test]
+    fn keys_inside_keys_stay_linear() {
+        // Rendering container keys as escaped JSON doubled the output per
+        // level: depth 20 gave megabytes, the issue's ~130 bytes at depth
+        // 60 gave more than memory. Now each is 13 bytes of JSON.
+        for depth in [20, 30, 45, 60, MAX_DEPTH - 1] {
+            let buf = keys_in_keys(depth);
+            let mut out = Vec::new();
+            assert_eq!(msgpack_to_json(&buf, &mut out), Ok(buf.len()), "depth {depth}");
+            assert!(out.len() <= 2 * buf.len(), "depth {depth}: {} bytes", out.len());
+            assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"$map":null}"#);
+        }
+        // Maps keyed by arrays of maps keyed by arrays…, 63 levels, with
+        // a long string value at the bottom: ~130 bytes.
+        let mut buf: Vec<u8> = [0x81, 0x91].repeat(31);
+        let maps = 31;
+        buf.extend_from_slice(&[0x81, 0xa0, 0xbf]);
+        buf.extend_from_slice(&[b'x'; 31]);
+        buf.resize(buf.len() + maps, 0xc0);
+        let mut out = Vec::new();
+        assert_eq!(msgpack_to_json(&buf, &mut out), Ok(buf.len()));
+        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"$array":null}"#);
+        out.clear();
+        // Keys count against the depth limit like values: a key whose own
+        // nesting takes the total past MAX_DEPTH is refused, as at ingest.
+        let mut deep_key = vec![0x81u8];
+        deep_key.extend_from_slice(&keys_in_keys(MAX_DEPTH - 1));
+        deep_key.push(0xc0);
+        assert_eq!(value_len(&deep_key), Err(TranscodeError::TooDeep));
+        assert_eq!(msgpack_to_json(&deep_key, &mut out), Err(TranscodeError::TooDeep));
+    }
+
+    #[test]
+    fn json_len_bound_holds_and_is_reached_by_fixext1() {
+        // The worst value per byte: fixext1, 3 bytes for 30 of JSON with its comma.
+        let items: Vec<Mp> = (0..1000).map(|_| Mp::Ext(-128, vec![0])).collect();
+        let buf = enc(&Mp::Array(items));
+        let json = to_json_string(&buf);
+        assert!(json.len() <= json_len_bound(buf.len()));
+        assert!(json.len() * 10 >= json_len_bound(buf.len()) * 9, "the bound is tight");
+        // Other dense shapes stay under it too.
+        let shapes = [
+            Mp::Map((0..500).map(|_| (Mp::Array(vec![]), Mp::Boolean(false))).collect()),
+            Mp::Map((0..500).map(|_| (Mp::Boolean(false), Mp::Boolean(false))).collect()),
+            Mp::Array((0..500).map(|_| Mp::from("\u{1}".repeat(31))).collect()),
+            Mp::Map((0..500).map(|_| (Mp::Array(vec![]), Mp::Ext(1, vec![0]))).collect()),
+            Mp::Array((0..500).map(|_| Mp::from(i64::MIN)).collect()),
+            Mp::Array((0..500).map(|_| Mp::F32(-1.1754944e-38)).collect()),
+        ];
+        for v in shapes {
+            let buf = enc(&v);
+            let json = to_json_string(&buf);
+            assert!(
+                json.len() <= json_len_bound(buf.len()),
+                "{} > bound for {}",
+                json.len(),
+                buf.len()
+            );
+        }
+    }
+
+    fn text_to_mp(text: &str) -> Result<Vec<u8>, TranscodeError> {
+        let mut out = vec![0xee];
+        json_text_to_msgpack(text, &mut out)
+            .map(|()| out[1..].to_vec())
+            .inspect_err(|_| {
+                assert_eq!(out, [0xee], "left as it was");
+            })
+    }
+
+    fn f64_mp(f: f64) -> Vec<u8> {
+        let mut v = vec![0xcb];
+        v.extend_from_slice(&f.to_bits().to_be_bytes());
+        v
+    }
+
+    #[test]
+    fn json_text_numbers_follow_how_they_were_written() {
+        assert_eq!(text_to_mp("-0"), Ok(vec![0x00]), "-0 is the integer 0");
+        assert_eq!(text_to_mp("0"), Ok(vec![0x00]));
+        assert_eq!(text_to_mp("-0.0"), Ok(f64_mp(-0.0)));
+        assert_eq!(text_to_mp("-0e0"), Ok(f64_mp(-0.0)));
+        assert_eq!(text_to_mp("-1e-400"), Ok(f64_mp(-0.0)), "underflow is still a float");
+        assert_eq!(text_to_mp("1e3"), Ok(f64_mp(1000.0)));
+        assert_eq!(text_to_mp("-1"), Ok(vec![0xff]));
+        assert_eq!(text_to_mp("300"), Ok(vec![0xcd, 0x01, 0x2c]));
+        assert_eq!(
+            text_to_mp("18446744073709551615"),
+            Ok(vec![0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
+        );
+        assert_eq!(text_to_mp("18446744073709551616"), Ok(f64_mp(18446744073709551616.0)));
+        assert_eq!(text_to_mp("-9223372036854775809"), Ok(f64_mp(-9223372036854775809.0)));
+        // Numbers and number-like text inside strings and keys do not shift
+        // the token count: each -0 below is still found as written.
+        let text = r#"{"k-0\"1.5":-0, "s":"-0.5 \\\" 3e4", "a":[-0, -0.0, -1e-400, 2, -0]}"#;
+        let expected = enc(&Mp::Map(vec![
+            (Mp::from("k-0\"1.5"), Mp::from(0)),
+            (Mp::from("s"), Mp::from("-0.5 \\\" 3e4")),
+            (
+                Mp::from("a"),
+                Mp::Array(vec![
+                    Mp::from(0),
+                    Mp::F64(-0.0),
+                    Mp::F64(-0.0),
+                    Mp::from(2),
+                    Mp::from(0),
+                ]),
+            ),
+        ]));
+        assert_eq!(text_to_mp(text), Ok(expected));
+    }
+
+    #[test]
+    fn json_text_keeps_key_order_and_limits_depth() {
+        let expected = enc(&Mp::Map(vec![
+            (Mp::from("z"), Mp::from(1)),
+            (Mp::from("a"), Mp::Nil),
+            (Mp::from("z"), Mp::Boolean(true)),
+        ]));
+        assert_eq!(text_to_mp(r#" {"z":1,"a":null,"z":true} "#), Ok(expected));
+        let items: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+        let big = format!("[{}]", items.join(","));
+        let mp = text_to_mp(&big).unwrap();
+        assert_eq!(mp[..3], [0xdc, 0, 20], "smallest header for 20 elements");
+        assert_eq!(value_len(&mp), Ok(mp.len()));
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let ok = text_to_mp(&nested(MAX_DEPTH)).unwrap();
+        assert_eq!(value_len(&ok), Ok(MAX_DEPTH));
+        assert_eq!(text_to_mp(&nested(MAX_DEPTH + 1)), Err(TranscodeError::TooDeep));
+        assert_eq!(
+            text_to_mp(&format!(
+                "{}1{}",
+                r#"{"a":"#.repeat(MAX_DEPTH + 1),
+                "}".repeat(MAX_DEPTH + 1)
+            )),
+            Err(TranscodeError::TooDeep)
+        );
+        assert_eq!(text_to_mp(&nested(10_000)), Err(TranscodeError::TooDeep));
+        for bad in ["", "[1,", "{1:2}", "[1] 2", "nul", "\"\\ud800\""] {
+            assert!(matches!(text_to_mp(bad), Err(TranscodeError::Json(_))), "{bad:?}");
+        }
     }
 
     #[test]

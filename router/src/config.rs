@@ -92,6 +92,11 @@ pub struct RouterConfig {
     /// Most values per filter dimension (at most 1024).
     #[arg(long, env = "SWITCHYARD_MAX_VALUES_PER_DIMENSION", default_value_t = 1024)]
     pub max_values_per_dimension: usize,
+    /// Most distinct dimension names the subscriptions of one type may filter
+    /// on, all users together (each event scans them); a subscription that
+    /// would add more is `invalid_filter`.
+    #[arg(long, env = "SWITCHYARD_MAX_TYPE_DIMENSIONS", default_value_t = crate::state::DEFAULT_MAX_TYPE_DIMENSIONS)]
+    pub max_type_dimensions: usize,
     /// Rooms anyone may join, comma separated (exact names or `prefix:*`).
     #[arg(long, env = "SWITCHYARD_PUBLIC_ROOMS", value_delimiter = ',', default_value = "")]
     pub public_rooms: Vec<String>,
@@ -182,6 +187,9 @@ impl RouterConfig {
                 "SWITCHYARD_MAX_DIMENSIONS must be 1 to 32 and SWITCHYARD_MAX_VALUES_PER_DIMENSION 1 to 1024",
             ));
         }
+        if !(1..=4096).contains(&self.max_type_dimensions) {
+            return Err(ConfigError::Range("SWITCHYARD_MAX_TYPE_DIMENSIONS must be 1 to 4096"));
+        }
         if self.authz_timeout_ms == 0 {
             return Err(ConfigError::Range("SWITCHYARD_AUTHZ_TIMEOUT_MS must be at least 1"));
         }
@@ -204,6 +212,7 @@ impl RouterConfig {
             max_dimensions: self.max_dimensions,
             max_values_per_dimension: self.max_values_per_dimension,
             max_rooms: self.max_rooms_per_user,
+            max_type_dimensions: self.max_type_dimensions,
         }
     }
 

@@ -116,6 +116,7 @@ impl ControlService {
                     if let Decision::Deny(m) = self.authz.subscribe(caller, &sub).await {
                         return Err(error(ErrorCode::Forbidden, m));
                     }
+                    self.state.check_type_dimensions(&sub)?;
                     let name = sub.name.clone();
                     let change = Change::Subscribe {
                         user: user.to_string(),

@@ -730,6 +730,14 @@ impl SubscriptionIndex for FastIndex {
         })
     }
 
+    fn dimension_growth(&self, sub_type: &str, dims: &[&str]) -> (usize, usize) {
+        let Some((_, t)) = self.types.get(sub_type) else {
+            return (0, dims.len());
+        };
+        let new = dims.iter().filter(|d| !t.dims.iter().any(|x| *x.name == ***d)).count();
+        (t.dims.len(), new)
+    }
+
     fn for_each_match(&self, event: &MatchQuery<'_>, f: &mut dyn FnMut(&Arc<str>, &SubRef)) {
         let Some((_, t)) = self.types.get(event.sub_type) else {
             return;

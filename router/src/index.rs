@@ -41,6 +41,11 @@ pub trait SubscriptionIndex: Send + Sync {
     /// How many subscriptions `user` holds, and whether one of them is `name`
     /// (the per-user cap counts new names only).
     fn holds(&self, user: &str, name: &str) -> (usize, bool);
+    /// How many distinct dimension names the subscriptions of `sub_type`
+    /// filter on, and how many of `dims` are not among them. Matching scans
+    /// a type's dimensions for every event, so the router bounds their
+    /// number before accepting a subscription that would add some.
+    fn dimension_growth(&self, sub_type: &str, dims: &[&str]) -> (usize, usize);
     /// Calls `f` once per matching (user, subscription).
     fn for_each_match(&self, event: &MatchQuery<'_>, f: &mut dyn FnMut(&Arc<str>, &SubRef));
     /// Number of subscriptions held.
@@ -288,6 +293,17 @@ impl SubscriptionIndex for ScanIndex {
         self.by_user
             .get(user)
             .map_or((0, false), |subs| (subs.len(), subs.contains_key(name)))
+    }
+
+    fn dimension_growth(&self, sub_type: &str, dims: &[&str]) -> (usize, usize) {
+        let held: std::collections::HashSet<&str> = self
+            .by_type
+            .get(sub_type)
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, s, _)| s.filters.keys().map(String::as_str))
+            .collect();
+        (held.len(), dims.iter().filter(|d| !held.contains(**d)).count())
     }
 
     fn for_each_match(&self, event: &MatchQuery<'_>, f: &mut dyn FnMut(&Arc<str>, &SubRef)) {

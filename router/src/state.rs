@@ -32,10 +32,16 @@ pub struct Limits {
     pub max_values_per_dimension: usize,
     /// Rooms per user (default 100).
     pub max_rooms: usize,
+    /// Distinct dimension names per subscription type, over all users'
+    /// subscriptions of the type (the matcher scans them for every event).
+    pub max_type_dimensions: usize,
 }
 
 /// The default cap on rooms per user (PROTOCOL.md 1.1).
 pub const DEFAULT_MAX_ROOMS: usize = 100;
+
+/// Default of [`Limits::max_type_dimensions`] (`SWITCHYARD_MAX_TYPE_DIMENSIONS`).
+pub const DEFAULT_MAX_TYPE_DIMENSIONS: usize = 64;
 
 impl Limits {
     /// The given subscription cap and the protocol's own caps for the rest.
@@ -45,6 +51,7 @@ impl Limits {
             max_dimensions: switchyard_common::subscription::MAX_FILTER_DIMENSIONS,
             max_values_per_dimension: switchyard_common::subscription::MAX_VALUES_PER_DIMENSION,
             max_rooms: DEFAULT_MAX_ROOMS,
+            max_type_dimensions: DEFAULT_MAX_TYPE_DIMENSIONS,
         }
     }
 }
@@ -201,6 +208,31 @@ impl RouterState {
         Ok(JoinCheck::Join)
     }
 
+    /// Whether `sub` may be added without pushing the distinct dimension
+    /// names of its type past the operator's bound. A subscription that
+    /// names only dimensions its type already has always passes (also when
+    /// the type is over the bound, which concurrent subscribes can cause:
+    /// each checks what has been applied, so subscribes in flight at the
+    /// same moment can each add their new names).
+    pub fn check_type_dimensions(&self, sub: &Subscription) -> Result<(), ControlReply> {
+        let dims: Vec<&str> = sub.filters.keys().map(String::as_str).collect();
+        let (held, new) = self
+            .index
+            .read()
+            .expect("index lock")
+            .dimension_growth(&sub.sub_type, &dims);
+        if new > 0 && held + new > self.limits.max_type_dimensions {
+            return Err(error(
+                ErrorCode::InvalidFilter,
+                format!(
+                    "subscriptions of type {} may filter on at most {} distinct dimensions ({held} in use, this adds {new})",
+                    sub.sub_type, self.limits.max_type_dimensions
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Applies a stored change (from the store's watcher).
     pub fn apply_change(&self, change: &Change) {
         match change {
@@ -270,6 +302,7 @@ mod tests {
             max_dimensions: 2,
             max_values_per_dimension: 3,
             max_rooms: 1,
+            max_type_dimensions: DEFAULT_MAX_TYPE_DIMENSIONS,
         });
         assert_eq!(code(s.check_subscription(&raw("a", 2, 3))), None);
         assert_eq!(
@@ -300,6 +333,63 @@ mod tests {
             name: "a".into(),
         });
         assert_eq!(code(s.check_room_for("u1", "b")), None);
+    }
+
+    /// A subscription of type `tick` filtering on the named dimensions.
+    fn with_dims(name: &str, dims: &[&str]) -> RawSubscription {
+        RawSubscription {
+            sub: Value::from(name),
+            sub_type: Value::from("tick"),
+            filters: Some(Value::Map(
+                dims.iter()
+                    .map(|d| (Value::from(*d), Value::Array(vec![Value::from("v")])))
+                    .collect(),
+            )),
+            min: None,
+            max: None,
+            fields: None,
+        }
+    }
+
+    #[test]
+    fn distinct_dimensions_per_type_are_bounded() {
+        let s = RouterState::new(Limits {
+            max_type_dimensions: 3,
+            ..Limits::with_max_subscriptions(100)
+        });
+        let add = |user: &str, name: &str, dims: &[&str]| {
+            let sub = s.check_subscription(&with_dims(name, dims)).unwrap();
+            s.check_type_dimensions(&sub)?;
+            s.apply_change(&Change::Subscribe { user: user.into(), sub });
+            Ok::<(), ControlReply>(())
+        };
+        assert_eq!(code(add("u1", "a", &["d1", "d2"])), None);
+        assert_eq!(code(add("u2", "a", &["d2", "d3"])), None);
+        // A fourth name, from any user, is refused with a clear message.
+        let refused = add("u3", "a", &["d4"]);
+        let Err(ControlReply::Error { code: c, message }) = refused else {
+            panic!("accepted: {refused:?}")
+        };
+        assert_eq!(c, ErrorCode::InvalidFilter);
+        assert!(message.contains("at most 3 distinct dimensions"), "{message}");
+        // Names already in use stay usable; other types are not affected.
+        assert_eq!(code(add("u3", "b", &["d1", "d3"])), None);
+        assert_eq!(code(add("u3", "c", &[])), None);
+        let other = s.check_subscription(&RawSubscription {
+            sub_type: Value::from("quote"),
+            ..with_dims("q", &["x1", "x2", "x3"])
+        });
+        assert_eq!(code(s.check_type_dimensions(&other.unwrap())), None);
+        // When the last subscription naming a dimension goes, its room is free.
+        s.apply_change(&Change::Unsubscribe {
+            user: "u1".into(),
+            name: "a".into(),
+        });
+        s.apply_change(&Change::Unsubscribe {
+            user: "u3".into(),
+            name: "b".into(),
+        });
+        assert_eq!(code(add("u3", "d", &["d4"])), None);
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! without a wildcard part are common too;
 //! bounds and event values include NaN and infinities, and events may repeat a
 //! dimension or a field (the first entry counts). Matches are compared with
-//! their `fields`, `list` with the subscriptions as upserted, and `holds`
-//! with the model's count and names.
+//! their `fields`, `list` with the subscriptions as upserted, `holds`
+//! with the model's count and names, and `dimension_growth` with the
+//! model's dimension names per type.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -165,6 +166,16 @@ proptest! {
                 }
             }
             prop_assert_eq!(fast.len(), model.len());
+            for ty in TYPES {
+                let held: std::collections::BTreeSet<&str> = model
+                    .values()
+                    .filter(|s| s.sub_type == ty)
+                    .flat_map(|s| s.filters.keys().map(String::as_str))
+                    .collect();
+                let want = (held.len(), ["x", "w"].iter().filter(|d| !held.contains(**d)).count());
+                prop_assert_eq!(fast.dimension_growth(ty, &["x", "w"]), want);
+                prop_assert_eq!(scan.dimension_growth(ty, &["x", "w"]), want);
+            }
         }
         for user in USERS {
             let want: Vec<Subscription> =

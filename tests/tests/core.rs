@@ -326,6 +326,69 @@ async fn matching_semantics_end_to_end() -> R {
     Ok(())
 }
 
+/// PROTOCOL.md 1.1: at most 1024 filter values per subscription, its
+/// dimensions together; and (an operator bound) at most so many distinct
+/// dimension names per subscription type.
+#[tokio::test]
+async fn subscriptions_are_bounded_in_values_and_dimensions() -> R {
+    let fleet = Fleet::start_custom(|r| r.max_type_dimensions = 3, |_| {}).await?;
+    let (mut c, _) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), JSON).await?;
+    let values = |n: usize| (0..n).map(|i| format!("v{i}")).collect::<Vec<_>>();
+    c.ok(
+        json!({"op":"subscribe","sub":"wide","type":"t","filters":{"a":values(1000),"b":values(24)}}),
+        1,
+    )
+    .await?;
+    for (i, filters) in [json!({"a": values(1025)}), json!({"a": values(1000), "b": values(25)})]
+        .into_iter()
+        .enumerate()
+    {
+        let r = c
+            .request(
+                json!({"op":"subscribe","sub":"wider","type":"t","filters":filters}),
+                10 + i as u32,
+            )
+            .await?;
+        assert_eq!(
+            (r["op"].as_str(), r["code"].as_str()),
+            (Some("error"), Some("invalid_filter")),
+            "{r}"
+        );
+        assert!(r["message"].as_str().unwrap_or_default().contains("1024"), "{r}");
+    }
+    // Type `t` filters on a and b; one more name fits, a fourth does not.
+    c.ok(json!({"op":"subscribe","sub":"c","type":"t","filters":{"c":["x"]}}), 2)
+        .await?;
+    let r = c
+        .request(json!({"op":"subscribe","sub":"d","type":"t","filters":{"d":["x"]}}), 3)
+        .await?;
+    assert_eq!(r["code"], "invalid_filter", "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("distinct dimensions"),
+        "{r}"
+    );
+    c.ok(
+        json!({"op":"subscribe","sub":"d","type":"t","filters":{"a":["x"],"c":["y"]}}),
+        4,
+    )
+    .await?;
+    c.ok(json!({"op":"subscribe","sub":"e","type":"u","filters":{"d":["x"]}}), 5)
+        .await?;
+    let subs = c.request(json!({"op":"list"}), 6).await?;
+    let names: Vec<&str> = subs["subs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["sub"].as_str())
+        .collect();
+    assert_eq!(names, ["c", "d", "e", "wide"]);
+    fleet.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn all_four_target_kinds() -> R {
     let fleet = Fleet::start().await?;

@@ -24,7 +24,7 @@ use switchyard_common::client::{
     decode_client_frame, encode_rpc_result, encode_server_frame, ClientOp, Resume, ServerFrame,
 };
 use switchyard_common::control::{ControlOp, ControlReply};
-use switchyard_common::delivery::{write_batch_frame, write_event_frame};
+use switchyard_common::delivery::{write_batch_frame_skipping, write_event_frame};
 use switchyard_common::{CloseCode, Encoding, ErrorCode};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::OwnedSemaphorePermit;
@@ -693,21 +693,43 @@ impl Writer {
             return Ok(());
         }
         self.buf.clear();
-        let written = if self.batch.len() == 1 {
-            write_event_frame(self.encoding, &self.batch[0].body, self.batch[0].pos, &mut self.buf)
+        // Each event converts on its own: one that cannot (a JSON client,
+        // a payload that does not transcode) costs only itself.
+        let (written, skipped, error) = if self.batch.len() == 1 {
+            match write_event_frame(self.encoding, &self.batch[0].body, self.batch[0].pos, &mut self.buf) {
+                Ok(()) => (1, 0, None),
+                Err(e) => (0, 1, Some(e)),
+            }
         } else {
-            write_batch_frame(
+            let r = write_batch_frame_skipping(
                 self.encoding,
                 self.batch.iter().map(|d| (&d.body[..], d.pos)),
                 &mut self.buf,
-            )
+            );
+            (r.written, r.skipped, r.first_error)
         };
-        if let Err(e) = written {
-            metrics::counter!("switchyard_edge_bad_deliveries_total").increment(1);
-            tracing::warn!(error = %e, "undecodable delivery skipped");
+        if skipped > 0 {
+            metrics::counter!("switchyard_edge_bad_deliveries_total").increment(skipped as u64);
+            if let Some(e) = &error {
+                tracing::warn!(error = %e, skipped, "undeliverable events skipped");
+            }
+            let mut notice = Vec::with_capacity(96);
+            let message = format!("{skipped} event(s) could not be encoded for this connection and were skipped");
+            encode_server_frame(
+                self.encoding,
+                &ServerFrame::Error {
+                    id: None,
+                    code: ErrorCode::Internal.as_str(),
+                    message: &message,
+                },
+                &mut notice,
+            );
+            self.ws.write_frame(data_frame(self.encoding, &notice)).await?;
+        }
+        if written == 0 {
             return Ok(());
         }
-        metrics::counter!("switchyard_edge_deliveries_total").increment(self.batch.len() as u64);
+        metrics::counter!("switchyard_edge_deliveries_total").increment(written as u64);
         record_latency(&self.batch);
         let frame = data_frame(self.encoding, &self.buf);
         self.ws.write_frame(frame).await

@@ -418,3 +418,27 @@ async fn after_a_nats_reconnect_clients_are_told_to_resume_and_lose_nothing() ->
     fleet.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_since_ahead_of_the_log_is_not_recovered_and_live_events_still_flow() -> R {
+    let fleet = Fleet::start().await?;
+    let url = fleet.ws_url();
+    let (c, ready) = WsClient::connect_ready(&url, &fleet.token("dora", json!({})), &[]).await?;
+    let epoch = ready["epoch"].as_str().unwrap().to_string();
+    let pos = ready["pos"].as_u64().unwrap();
+    drop(c);
+    fleet.publish("direct", &direct("dora", 1)).await?;
+    fleet.settle().await?;
+    // A position from nowhere (corrupted, or another deployment's).
+    let (mut c, _) = resume_url(&fleet, &url, "dora", &epoch, pos + 1_000_000).await?;
+    let (evs, resumed) = replay(&mut c).await?;
+    assert!(evs.is_empty(), "nothing after a position beyond the log: {evs:?}");
+    assert_eq!(resumed["recovered"], false);
+    assert_eq!(resumed["replayed"], 0);
+    // Live durable events are not held back by the bogus position.
+    fleet.publish("direct", &direct("dora", 2)).await?;
+    let got = c.take_events(1).await?;
+    assert_eq!(is(&got), [2]);
+    fleet.shutdown().await;
+    Ok(())
+}

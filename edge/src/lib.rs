@@ -11,7 +11,7 @@
 //! - [`auth`]: JWT verification; the user id is the token's `sub`.
 //! - [`server`]: HTTP up to the WebSocket upgrade (status-code refusals).
 //! - [`session`]: one connection's reader and writer.
-//! - [`wsread`]: WebSocket frame reading with no buffer between frames.
+//! - [`wsread`]: WebSocket message reading (RFC 6455 rules, no buffer between frames).
 //! - [`outbound`]: the per-connection queue policy: rate limit, conflation, slow-consumer drops (pure).
 //! - [`op_limit`]: the per-connection rate limit on client ops (pure).
 //! - [`conn`]: the handle and bounded queues of one connection.

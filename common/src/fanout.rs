@@ -491,8 +491,16 @@ pub struct PresenceUpdate {
     /// The edge's id (its live subject is `<prefix>.edge.<id>`).
     pub edge: String,
     /// The edge's whole set of users in the partition (replacing what the
-    /// partition knew of this edge), rather than changes.
+    /// partition knew of this edge), rather than changes. A large set comes
+    /// in several parts: `part` 0 replaces, later parts add, and `more`
+    /// says another part follows.
     pub full: bool,
+    /// Which part of a full set this is (0: the first, or the only one).
+    #[serde(default)]
+    pub part: u32,
+    /// Another part of this full set follows.
+    #[serde(default)]
+    pub more: bool,
     /// Users and whether the edge now holds them.
     pub users: Vec<(String, bool)>,
 }

@@ -293,6 +293,7 @@ pub struct ConnHandle {
     /// Token expiry, unix seconds (updated by refresh).
     pub exp_s: AtomicU64,
     closing: AtomicBool,
+    registered: AtomicBool,
 }
 
 impl ConnHandle {
@@ -321,6 +322,7 @@ impl ConnHandle {
             last_rx_ms: AtomicU64::new(now_ms()),
             exp_s: AtomicU64::new(exp_s),
             closing: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
         })
     }
 
@@ -354,13 +356,31 @@ impl ConnHandle {
     }
 
     /// Ends holding: queues what was held, in order, then lets deliveries through.
-    pub fn release(&self) {
+    ///
+    /// Returns whether a durable delivery did not fit the hold since the
+    /// last [`ConnHandle::take_hold_overflow`]: the connection has then
+    /// missed it live and must resume from the log instead of going on.
+    #[must_use]
+    pub fn release(&self) -> bool {
         let mut hold = self.hold.lock().expect("hold lock");
         for d in hold.items.drain(..) {
             self.senders.try_deliver(d);
         }
         hold.active = false;
         self.holding.store(false, Ordering::Release);
+        std::mem::take(&mut hold.overflowed)
+    }
+
+    /// The node's answer to this connection's registration came: from now
+    /// on it counts as one of the node's users' connections (a late answer
+    /// to its partition makes it resume).
+    pub fn mark_registered(&self) {
+        self.registered.store(true, Ordering::Release);
+    }
+
+    /// See [`ConnHandle::mark_registered`].
+    pub fn is_registered(&self) -> bool {
+        self.registered.load(Ordering::Acquire)
     }
 
     /// The connection's outbound queue (the sweeper reads its deadlines).

@@ -59,6 +59,8 @@ pub struct Shard {
     pub dirty: HashSet<Arc<str>>,
     /// The next announcement must carry the whole set (the partition does not know this node).
     pub full: bool,
+    /// A whole set is being sent in parts; the next one is this part.
+    pub full_part: Option<u32>,
     /// Registrations waiting for the next announcement's answer.
     pub waiters: Vec<RegisterReply>,
     /// An announcement is on its way (one at a time per partition, in order).
@@ -146,7 +148,10 @@ impl UserTable {
     /// Marks a partition as not knowing this node (its next announcement is full).
     pub fn resync(&self, partition: u32) {
         if let Some(s) = self.shards.get(partition as usize) {
-            s.lock().expect("user table lock").full = true;
+            let mut shard = s.lock().expect("user table lock");
+            shard.full = true;
+            shard.full_part = None;
+            drop(shard);
             self.announce.notify_one();
         }
     }
@@ -270,7 +275,7 @@ mod tests {
     fn conn(id: u64, user: &str) -> (Arc<ConnHandle>, ConnQueues) {
         let (senders, queues) = channels(OutboundConfig::default());
         let c = ConnHandle::new(id, Arc::from(user), Encoding::MsgPack, senders, u64::MAX, 16);
-        c.release();
+        assert!(!c.release(), "nothing overflowed");
         (c, queues)
     }
 

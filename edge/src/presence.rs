@@ -23,7 +23,6 @@ use switchyard_common::subject::Subjects;
 use switchyard_common::CloseCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::conn::Control;
 use crate::intake::{RegisterError, RegisterReply, Registration, UserTable};
 
 /// How often the node says it is alive.
@@ -124,11 +123,20 @@ pub async fn run(
 /// Takes what partition `p` has to announce (marking it in flight).
 fn take(table: &UserTable, p: u32, edge_id: &str) -> Option<(PresenceUpdate, Sent)> {
     let mut shard = table.shard(p);
-    if shard.in_flight || (!shard.full && shard.dirty.is_empty() && shard.waiters.is_empty()) {
+    // Connections that gave up waiting (timed out, closed) need no answer.
+    shard.waiters.retain(|w| !w.is_closed());
+    if shard.in_flight
+        || (!shard.full && shard.full_part.is_none() && shard.dirty.is_empty() && shard.waiters.is_empty())
+    {
         return None;
     }
-    let full = shard.full;
-    let mut users: Vec<Arc<str>> = if full {
+    // A full set starts over (`full`) or goes on in parts (`full_part`).
+    let (full, part) = match (shard.full, shard.full_part) {
+        (true, _) => (true, 0),
+        (false, Some(k)) => (true, k),
+        (false, None) => (false, 0),
+    };
+    let mut users: Vec<Arc<str>> = if shard.full {
         shard.dirty.clear();
         shard.users.keys().cloned().collect()
     } else {
@@ -140,7 +148,7 @@ fn take(table: &UserTable, p: u32, edge_id: &str) -> Option<(PresenceUpdate, Sen
         taken
     };
     if users.len() > USERS_PER_MESSAGE {
-        // The rest of a full set follows as changes, once the partition knows this node.
+        // The rest follows in the next messages.
         for u in users.drain(USERS_PER_MESSAGE..) {
             shard.dirty.insert(u);
         }
@@ -151,12 +159,15 @@ fn take(table: &UserTable, p: u32, edge_id: &str) -> Option<(PresenceUpdate, Sen
     let update = PresenceUpdate {
         edge: edge_id.to_string(),
         full,
+        part,
+        more: full && more,
         users: users
             .iter()
             .map(|u| (u.to_string(), shard.users.contains_key(u)))
             .collect(),
     };
     shard.full = false;
+    shard.full_part = (full && more).then_some(part + 1);
     shard.in_flight = true;
     let waiters = if more {
         Vec::new()
@@ -181,7 +192,9 @@ fn put_back(table: &UserTable, sent: Sent) {
         let mut shard = table.shard(sent.partition);
         shard.in_flight = false;
         if sent.full {
+            // A full set that did not get through is sent again from its start.
             shard.full = true;
+            shard.full_part = None;
         } else {
             shard.dirty.extend(sent.users);
         }
@@ -204,6 +217,7 @@ fn answered(table: &UserTable, sent: Sent, reply: PresenceReply) {
         let mut shard = table.shard(sent.partition);
         shard.in_flight = false;
         shard.full = true;
+        shard.full_part = None;
         shard.waiters.extend(sent.waiters);
         drop(shard);
         table.announce.notify_one();
@@ -222,11 +236,13 @@ fn answered(table: &UserTable, sent: Sent, reply: PresenceReply) {
             "the partition stored deliveries while it did not know this node: its live clients resume"
         );
         metrics::counter!("switchyard_edge_late_resyncs_total").increment(1);
+        // Every connection already answered, live or still replaying: the
+        // ones waiting for this very answer get its `pos` and are fine.
         let live: Vec<_> = shard
             .users
             .values()
             .flatten()
-            .filter(|c| !c.is_holding())
+            .filter(|c| c.is_registered())
             .cloned()
             .collect();
         let n = live.len().max(1) as u64;
@@ -241,8 +257,7 @@ fn answered(table: &UserTable, sent: Sent, reply: PresenceReply) {
                 },
                 &mut frame,
             );
-            conn.try_control(Control::Frame(frame.into_boxed_slice()));
-            conn.try_control(Control::Close(CloseCode::GoingAway.code(), "resync"));
+            conn.close_once(CloseCode::GoingAway, "resync", Some(frame));
         }
     }
     drop(shard);

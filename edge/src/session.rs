@@ -159,6 +159,7 @@ pub async fn run(
             return;
         }
     };
+    conn.mark_registered();
     let conn_name = format!("{}-{}", node.node_id, conn.id);
     if let Err(e) = Box::pin(start_delivery(
         &node,
@@ -225,7 +226,9 @@ async fn start_delivery(
     let Some(resume) = resume else {
         // No resume: live events after `ready.pos`.
         reader.barrier(&ready, Some(reg.pos)).await;
-        conn.release();
+        if conn.release() {
+            resume_instead(reader, conn).await;
+        }
         return Ok(());
     };
     reader.barrier(&ready, None).await;
@@ -263,9 +266,30 @@ async fn start_delivery(
             Some(floor),
         )
         .await;
-    conn.release();
+    if conn.release() {
+        resume_instead(reader, conn).await;
+    }
     tracing::debug!(conn = %conn_name, replayed = replayed.count, recovered, "resumed");
     Ok(())
+}
+
+/// Live durable deliveries overflowed the hold while `ready` (and the
+/// replay) went out: they are in the log, not on their way. The client is
+/// told to reconnect at once and resume from what it has; going live
+/// would skip them.
+async fn resume_instead(reader: &mut Reader, conn: &ConnHandle) {
+    metrics::counter!("switchyard_edge_hold_overflow_resyncs_total").increment(1);
+    tracing::debug!(conn = conn.id, "hold overflowed: the client resumes");
+    reader
+        .send(&ServerFrame::Reconnect {
+            after_ms: 0,
+            reason: "resync",
+        })
+        .await;
+    reader
+        .senders
+        .control(Control::Close(CloseCode::GoingAway.code(), "resync"))
+        .await;
 }
 
 /// How long the writer waits for the client to answer a close it sent.

@@ -57,8 +57,9 @@ pub struct RouterConfig {
     #[arg(long, env = "SWITCHYARD_LOG_REPLICAS", default_value_t = 1)]
     pub log_replicas: usize,
     /// Window in which the delivery log stores a redone delivery (same message id) once, in
-    /// seconds. Must exceed the lease TTL plus the time to redo an event after a router dies.
-    #[arg(long, env = "SWITCHYARD_LOG_DUPLICATE_WINDOW_S", default_value_t = 30)]
+    /// seconds. Must exceed the lease TTL plus the time to redo an event after a router dies,
+    /// and the 30 s after which an unacknowledged event or hand-off is offered again.
+    #[arg(long, env = "SWITCHYARD_LOG_DUPLICATE_WINDOW_S", default_value_t = 120)]
     pub log_duplicate_window_s: u64,
     /// Partitions per event stream (events on one subject stay in one partition).
     #[arg(long, env = "SWITCHYARD_PARTITIONS", default_value_t = 8)]

@@ -50,6 +50,8 @@ const STORES_PER_HANDOFF_INLINE: usize = 4096;
 /// An edge's batch is closed before it grows past this size (NATS' default
 /// max payload is 1 MiB; a single larger body still goes alone).
 const EDGE_FLUSH_BYTES: usize = 512 * 1024;
+/// Most bytes one item adds to an edge batch (tag, body index, position, user id).
+const ITEM_BYTES: usize = 1 + 2 + 9 + 1 + 255;
 /// Messages taken from a subscription in one wave.
 const WAVE: usize = 256;
 /// How long an unacknowledged hand-off waits before the server offers it again.
@@ -147,7 +149,10 @@ pub struct Worker {
     /// A valid `ready.pos`: the last stored position of this worker, or the
     /// log's last sequence when it started.
     pos: u64,
-    start_pos: u64,
+    /// This worker has sent live copies of stored deliveries (including
+    /// redone ones, whose `pos` is older than this worker): an edge that
+    /// announces itself from now on may have missed some.
+    delivered: bool,
     epoch: String,
     stream: String,
     outs: Vec<EdgeOut>,
@@ -175,7 +180,7 @@ impl Worker {
             partition,
             presence: Presence::new(),
             pos: 0,
-            start_pos: 0,
+            delivered: false,
             epoch: String::new(),
             outs: Vec::new(),
             full: Vec::new(),
@@ -240,7 +245,6 @@ impl Worker {
             .await
             .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
         self.pos = info.state.last_sequence;
-        self.start_pos = self.pos;
         // Rebuild presence before delivering anything: every live edge
         // announces its users of this partition. A router that has just
         // started first hears every edge's heartbeat (answering
@@ -281,6 +285,9 @@ impl Worker {
         );
         let mut pending: FuturesOrdered<_> = FuturesOrdered::new();
         let mut stores = 0usize;
+        // A sync request can be lost; edges this partition does not know yet are asked again.
+        let mut resync = tokio::time::interval(SYNC_RETRY);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             let room = pending.len() < MAX_HANDOFFS_IN_FLIGHT && stores < MAX_STORES_IN_FLIGHT;
             tokio::select! {
@@ -302,6 +309,10 @@ impl Worker {
                     Some(m) => self.register(m).await,
                     None => break Err(DeliveryError::Consumer("presence subscription ended".into())),
                 },
+                _ = resync.tick() => {
+                    let now = edges.borrow().clone();
+                    self.ask_to_sync(&now).await;
+                }
                 changed = edges.changed() => {
                     if changed.is_ok() {
                         let now = edges.borrow_and_update().clone();
@@ -408,9 +419,7 @@ impl Worker {
             }
         };
         let subjects = &self.shared.subjects;
-        let applied = self
-            .presence
-            .apply(&update, |id| subjects.edge(id), self.pos > self.start_pos);
+        let applied = self.presence.apply(&update, |id| subjects.edge(id), self.delivered);
         if applied.late {
             metrics::counter!("switchyard_router_presence_late_total").increment(1);
         }
@@ -445,19 +454,22 @@ impl Worker {
             }
             let out = &mut outs[slot];
             let writer = out.writer.get_or_insert_with(|| EdgeBatchWriter::new(*partition));
-            let known = out
+            let mut known = out
                 .recent
                 .iter()
                 .find(|(e, b, _)| *e == event && *b == body_no)
                 .map(|&(_, _, idx)| idx);
+            let adds = ITEM_BYTES + if known.is_some() { 0 } else { body.len() };
+            if !writer.is_empty() && writer.len() + adds > EDGE_FLUSH_BYTES {
+                // Full: this batch goes as it is, the delivery starts the
+                // next (with its body again).
+                full.push((slot, writer.take(*partition)));
+                out.recent.clear();
+                known = None;
+            }
             let idx = match known {
                 Some(idx) => idx,
                 None => {
-                    if !writer.is_empty() && writer.len() + body.len() > EDGE_FLUSH_BYTES {
-                        // Full: this batch goes as it is, the delivery starts the next.
-                        full.push((slot, writer.take(*partition)));
-                        out.recent.clear();
-                    }
                     let idx = writer.body(body);
                     if out.recent.len() >= 8 {
                         out.recent.remove(0);
@@ -487,10 +499,15 @@ impl Worker {
     }
 
     /// Sends every full edge batch, then every one that has something in it, in order.
+    /// An edge a batch could not be sent to is forgotten: when it
+    /// announces itself again it is told it is late, and its clients resume.
     async fn flush(&mut self) {
         metrics::counter!("switchyard_router_deliveries_total").increment(std::mem::take(&mut self.routed));
+        let mut failed = Vec::new();
         for (slot, batch) in std::mem::take(&mut self.full) {
-            self.send(slot, batch).await;
+            if !self.send(slot, batch).await {
+                failed.push(slot);
+            }
         }
         for slot in 0..self.outs.len() {
             let Some(writer) = self.outs[slot].writer.as_mut() else {
@@ -501,17 +518,30 @@ impl Worker {
             }
             let batch = writer.take(self.partition);
             self.outs[slot].recent.clear();
-            self.send(slot, batch).await;
+            if !self.send(slot, batch).await {
+                failed.push(slot);
+            }
+        }
+        for slot in failed {
+            if let Some(id) = self.presence.edge_id(slot as EdgeSlot).map(str::to_string) {
+                tracing::warn!(partition = self.partition, edge = %id, "a live batch could not be sent: the edge is forgotten until it announces itself again");
+                self.presence.forget(&id);
+            }
         }
     }
 
-    async fn send(&self, slot: usize, batch: Bytes) {
+    /// Publishes one batch to the edge in `slot`; false when it could not be sent.
+    async fn send(&self, slot: usize, batch: Bytes) -> bool {
         let Some(subject) = self.presence.subject(slot as EdgeSlot) else {
-            return;
+            return true;
         };
-        if let Err(e) = self.shared.client.publish(subject.to_string(), batch).await {
-            metrics::counter!("switchyard_router_publish_errors_total").increment(1);
-            tracing::error!(error = %e, "publishing an edge batch failed");
+        match self.shared.client.publish(subject.to_string(), batch).await {
+            Ok(()) => true,
+            Err(e) => {
+                metrics::counter!("switchyard_router_publish_errors_total").increment(1);
+                tracing::error!(error = %e, "publishing an edge batch failed");
+                false
+            }
         }
     }
 
@@ -659,6 +689,7 @@ impl Worker {
                 break;
             }
             for item in &f.items {
+                self.delivered = true;
                 self.pos = self.pos.max(item.pos);
                 let to = item.to.as_ref().and_then(|u| std::str::from_utf8(u).ok());
                 self.route(to, item.event, item.body_no, &item.body, Some(item.pos));

@@ -11,10 +11,16 @@
 use bytes::Bytes;
 use switchyard_common::fanout::{user_partition, HandoffWriter};
 
+/// A partition's message is cut (and a new one started, the event going on
+/// in it) past this size: NATS' default max payload is 1 MiB.
+pub const SPLIT_BYTES: usize = 512 * 1024;
+
 /// Per-partition hand-off messages being built.
 pub struct Fanout {
     partitions: u32,
     outs: Vec<PartitionOut>,
+    /// Messages cut at [`SPLIT_BYTES`], in order, waiting for [`Fanout::drain`].
+    cut: Vec<(u32, Bytes)>,
     /// Partitions with an open event.
     touched: Vec<u32>,
     event_ref: String,
@@ -35,6 +41,7 @@ impl Fanout {
         Fanout {
             partitions,
             outs: (0..partitions).map(|_| PartitionOut::default()).collect(),
+            cut: Vec::new(),
             touched: Vec::new(),
             event_ref: String::new(),
             durable: false,
@@ -81,6 +88,14 @@ impl Fanout {
             }
         };
         out.writer.target(user, idx);
+        if out.writer.len() >= SPLIT_BYTES {
+            // Too big for one NATS message: this one ends here, the event
+            // goes on in the next (its bodies carried again as needed).
+            out.writer.end_event();
+            self.cut.push((p, out.writer.take()));
+            out.writer.begin_event(&self.event_ref, self.durable, false);
+            out.local.clear();
+        }
     }
 
     /// Every user of every partition gets `body` (a broadcast).
@@ -104,14 +119,22 @@ impl Fanout {
         }
     }
 
-    /// Bytes waiting in the largest partition message.
+    /// Bytes waiting in the largest partition message (or more than
+    /// [`SPLIT_BYTES`] when messages were already cut).
     pub fn largest(&self) -> usize {
+        if !self.cut.is_empty() {
+            return usize::MAX;
+        }
         self.outs.iter().map(|o| o.writer.len()).max().unwrap_or(0)
     }
 
-    /// Takes every partition's message that holds an event.
+    /// Takes every partition's messages that hold an event, a partition's
+    /// in the order they were built.
     pub fn drain(&mut self, mut f: impl FnMut(u32, Bytes)) {
         debug_assert!(self.touched.is_empty());
+        for (p, msg) in self.cut.drain(..) {
+            f(p, msg);
+        }
         for (p, out) in self.outs.iter_mut().enumerate() {
             if !out.writer.is_empty() {
                 f(p as u32, out.writer.take());
@@ -173,6 +196,36 @@ mod tests {
         let mut all = users.clone();
         all.sort();
         assert_eq!(seen, all, "every user exactly once");
+    }
+
+    #[test]
+    fn a_huge_event_is_cut_into_messages_below_the_limit_without_losing_anyone() {
+        let mut f = Fanout::new(1);
+        f.begin("st:2", true);
+        let body = vec![b'x'; 1000];
+        // Every user a body of its own: about 2 MiB for one partition.
+        for i in 0..2000u32 {
+            f.to_user(&format!("user{i}"), i, &body);
+        }
+        f.end();
+        let mut msgs = Vec::new();
+        f.drain(|_, m| msgs.push(m));
+        assert!(msgs.len() >= 4, "{} messages", msgs.len());
+        let mut seen = Vec::new();
+        for m in &msgs {
+            assert!(m.len() < SPLIT_BYTES + 2048, "{} bytes", m.len());
+            for (r, _, bodies, targets) in read(m) {
+                assert_eq!(r, "st:2");
+                for (u, idx) in targets {
+                    assert_eq!(bodies[idx as usize].len(), 1000);
+                    seen.push(u);
+                }
+            }
+        }
+        assert_eq!(seen.len(), 2000);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 2000, "everyone once");
     }
 
     #[test]

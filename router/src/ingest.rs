@@ -520,8 +520,12 @@ impl Worker {
             let mut msgs = Vec::new();
             fanout.drain(|p, msg| msgs.push((p, msg)));
             self.durable_out = fanout;
+            // A partition's second and later messages (a very wide event)
+            // get message ids of their own.
+            let mut parts = std::collections::HashMap::new();
             for (p, msg) in msgs {
-                self.hand_off(p, msg, acks).await?;
+                let part = parts.entry(p).and_modify(|k| *k += 1).or_insert(0u32);
+                self.hand_off(p, *part, msg, acks).await?;
             }
         } else {
             self.live_out = fanout;
@@ -588,12 +592,16 @@ impl Worker {
     async fn hand_off(
         &mut self,
         partition: u32,
+        part: u32,
         msg: Bytes,
         acks: &mut Vec<PublishAckFuture>,
     ) -> Result<(), IngestError> {
         use std::fmt::Write;
         self.msg_id.clear();
         let _ = write!(self.msg_id, "{}:{partition}", self.event_ref);
+        if part > 0 {
+            let _ = write!(self.msg_id, ".{part}");
+        }
         let publish = PublishMessage::build().payload(msg).message_id(self.msg_id.as_str());
         match self
             .shared

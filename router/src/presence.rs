@@ -32,6 +32,10 @@ struct Edge {
     /// `<prefix>.edge.<id>`.
     subject: String,
     users: usize,
+    /// Every part of the edge's full set has arrived.
+    complete: bool,
+    /// It was complete before its current full set began.
+    was_complete: bool,
 }
 
 /// The edges holding one partition's users.
@@ -54,19 +58,25 @@ impl Presence {
     /// have missed their live copies).
     pub fn apply(&mut self, update: &PresenceUpdate, subject: impl FnOnce(&str) -> String, moved: bool) -> Applied {
         let known = self.by_id.get(&update.edge).copied();
-        let slot = match (known, update.full) {
-            (None, false) => {
-                return Applied {
-                    resync: true,
-                    late: false,
-                }
-            }
-            (Some(slot), true) => {
+        let resync = Applied {
+            resync: true,
+            late: false,
+        };
+        let slot = match (known, update.full, update.part) {
+            // Changes, or a later part of a full set, from an edge whose
+            // set this table does not have (whole): start over with a full set.
+            (None, _, p) if !update.full || p > 0 => return resync,
+            (Some(slot), false, _) if !self.edge_ref(slot).complete => return resync,
+            (Some(slot), true, p) if p > 0 && self.edge_ref(slot).complete => return resync,
+            (Some(slot), true, 0) => {
                 self.clear_edge(slot);
+                let edge = self.edge_mut(slot);
+                edge.was_complete = edge.complete;
+                edge.complete = false;
                 slot
             }
-            (Some(slot), false) => slot,
-            (None, true) => self.add_edge(&update.edge, subject(&update.edge)),
+            (Some(slot), _, _) => slot,
+            (None, _, _) => self.add_edge(&update.edge, subject(&update.edge)),
         };
         for (user, present) in &update.users {
             if *present {
@@ -91,10 +101,16 @@ impl Presence {
                 }
             }
         }
-        Applied {
-            resync: false,
-            late: update.full && known.is_none() && moved,
+        let mut late = false;
+        if update.full && !update.more {
+            let edge = self.edge_mut(slot);
+            edge.complete = true;
+            // An edge this table did not hold whole until now may have
+            // missed live copies sent meanwhile.
+            late = !edge.was_complete && moved;
+            edge.was_complete = true;
         }
+        Applied { resync: false, late }
     }
 
     /// Forgets an edge and its users (it stopped, or stopped saying it is alive).
@@ -105,9 +121,9 @@ impl Presence {
         }
     }
 
-    /// Whether the table knows `edge`.
+    /// Whether the table holds `edge`'s whole set of users.
     pub fn knows(&self, edge: &str) -> bool {
-        self.by_id.contains_key(edge)
+        self.by_id.get(edge).is_some_and(|&slot| self.edge_ref(slot).complete)
     }
 
     /// Ids of the known edges.
@@ -147,6 +163,10 @@ impl Presence {
         self.users.len()
     }
 
+    fn edge_ref(&self, slot: EdgeSlot) -> &Edge {
+        self.edges[slot as usize].as_ref().expect("slot in use")
+    }
+
     fn edge_mut(&mut self, slot: EdgeSlot) -> &mut Edge {
         self.edges[slot as usize].as_mut().expect("slot in use")
     }
@@ -156,6 +176,8 @@ impl Presence {
             id: id.to_string(),
             subject,
             users: 0,
+            complete: false,
+            was_complete: false,
         };
         let slot = match self.edges.iter().position(Option::is_none) {
             Some(free) => {
@@ -201,8 +223,34 @@ mod tests {
         PresenceUpdate {
             edge: edge.into(),
             full,
+            part: 0,
+            more: false,
             users: users.iter().map(|(u, p)| (u.to_string(), *p)).collect(),
         }
+    }
+
+    #[test]
+    fn a_full_set_in_parts_is_known_only_after_its_last_part() {
+        let mut p = Presence::new();
+        let mut first = update("e1", true, &[("alice", true)]);
+        first.more = true;
+        let a = p.apply(&first, subject, false);
+        assert!(!a.resync && !a.late);
+        assert!(!p.knows("e1"), "not whole yet");
+        assert_eq!(p.edges_of("alice").len(), 1, "its users are served already");
+        // Changes before the set is whole: start over.
+        assert!(p.apply(&update("e1", false, &[("bob", true)]), subject, false).resync);
+        let mut second = update("e1", true, &[("bob", true)]);
+        second.part = 1;
+        // Deliveries went out between the parts: the set is late.
+        let a = p.apply(&second, subject, true);
+        assert!(a.late && !a.resync);
+        assert!(p.knows("e1"));
+        assert_eq!(p.edges_of("alice").len(), 1, "later parts add");
+        assert_eq!(p.edges_of("bob").len(), 1);
+        // A later part with no first part (a router that restarted meanwhile) starts over.
+        let mut q = Presence::new();
+        assert!(q.apply(&second, subject, false).resync);
     }
 
     fn subject(id: &str) -> String {

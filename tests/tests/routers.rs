@@ -216,12 +216,33 @@ async fn killing_a_router_mid_stream_loses_nothing_and_delivers_nothing_twice() 
     )?;
     // 2 × 8 partitions; wait until the victim holds some.
     wait_for_owned_partitions(&fleet, 16, Some("victim")).await?;
-    let (mut c, _) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), &[]).await?;
+    // One connected user in every user partition, so whichever ones the
+    // victim delivers for, a live client sees the takeover (presence
+    // rebuilt from the edge, redone events sent live, nothing twice).
+    let users: Vec<String> = (0..)
+        .map(|i| format!("user{i}"))
+        .scan(std::collections::BTreeSet::new(), |seen, u| {
+            Some(
+                seen.insert(switchyard_common::fanout::user_partition(&u, 8))
+                    .then_some(u),
+            )
+        })
+        .flatten()
+        .take(8)
+        .collect();
+    let mut clients = Vec::new();
+    for u in &users {
+        clients.push(
+            WsClient::connect_ready(&fleet.ws_url(), &fleet.token(u, json!({})), &[])
+                .await?
+                .0,
+        );
+    }
 
     let producer = async {
         for i in 0..N {
             let s = i % SUBJECTS;
-            let ev = json!({"data":{"s":s,"i":i},"target":{"users":["alice"]}});
+            let ev = json!({"data":{"s":s,"i":i},"target":{"users":users}});
             fleet.publish(&format!("seq{s}"), &ev).await?;
             if i % 100 == 99 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -233,32 +254,41 @@ async fn killing_a_router_mid_stream_loses_nothing_and_delivers_nothing_twice() 
         }
         anyhow::Ok(())
     };
-    let (p, evs) = tokio::join!(producer, async {
-        tokio::time::timeout(Duration::from_secs(60), c.take_events(N as usize)).await
-    });
+    let consumers = futures::future::join_all(
+        clients
+            .iter_mut()
+            .map(|c| async move { tokio::time::timeout(Duration::from_secs(60), c.take_events(N as usize)).await }),
+    );
+    let (p, all) = tokio::join!(producer, consumers);
     p?;
-    let evs = evs.context("not every event arrived within 60 s")??;
-    let mut seen = HashSet::new();
-    let mut last_in_subject: HashMap<u64, u64> = HashMap::new();
-    let mut last_pos = 0;
-    for e in &evs {
-        let (s, i) = (e["data"]["s"].as_u64().unwrap(), e["data"]["i"].as_u64().unwrap());
-        assert!(seen.insert(i), "event {i} delivered twice");
-        if let Some(prev) = last_in_subject.insert(s, i) {
-            assert!(prev < i, "subject seq{s}: {i} after {prev}");
+    for (u, evs) in users.iter().zip(all) {
+        let evs = evs
+            .with_context(|| format!("{u}: not every event arrived within 60 s"))?
+            .with_context(|| format!("{u}"))?;
+        let mut seen = HashSet::new();
+        let mut last_in_subject: HashMap<u64, u64> = HashMap::new();
+        let mut last_pos = 0;
+        for e in &evs {
+            let (s, i) = (e["data"]["s"].as_u64().unwrap(), e["data"]["i"].as_u64().unwrap());
+            assert!(seen.insert(i), "{u}: event {i} delivered twice");
+            if let Some(prev) = last_in_subject.insert(s, i) {
+                assert!(prev < i, "{u}: subject seq{s}: {i} after {prev}");
+            }
+            let pos = e["pos"].as_u64().context("pos")?;
+            assert!(pos > last_pos, "{u}: pos not increasing");
+            last_pos = pos;
         }
-        let pos = e["pos"].as_u64().context("pos")?;
-        assert!(pos > last_pos, "pos not increasing");
-        last_pos = pos;
+        assert_eq!(seen.len() as u64, N, "{u}");
     }
-    assert_eq!(seen.len() as u64, N);
     // Nothing more arrives (no late duplicate).
     fleet.settle().await?;
     fleet
-        .publish("direct", &json!({"data":"end","target":{"users":["alice"]}}))
+        .publish("direct", &json!({"data":"end","target":{"users":users}}))
         .await?;
-    let last = c.take_events(1).await?.remove(0);
-    assert_eq!(last["data"], "end", "a late extra event: {last}");
+    for (u, c) in users.iter().zip(clients.iter_mut()) {
+        let last = c.take_events(1).await?.remove(0);
+        assert_eq!(last["data"], "end", "{u}: a late extra event: {last}");
+    }
     fleet.shutdown().await;
     Ok(())
 }

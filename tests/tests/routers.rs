@@ -264,7 +264,7 @@ async fn killing_a_router_mid_stream_loses_nothing_and_delivers_nothing_twice() 
     for (u, evs) in users.iter().zip(all) {
         let evs = evs
             .with_context(|| format!("{u}: not every event arrived within 60 s"))?
-            .with_context(|| format!("{u}"))?;
+            .with_context(|| u.to_string())?;
         let mut seen = HashSet::new();
         let mut last_in_subject: HashMap<u64, u64> = HashMap::new();
         let mut last_pos = 0;

@@ -33,11 +33,12 @@ use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
-use switchyard_common::fanout::{encode_sync_request, EdgeBatchWriter, HandoffReader, PresenceReply, PresenceUpdate};
+use switchyard_common::fanout::{encode_sync_request, HandoffReader, PresenceReply, PresenceUpdate};
 use switchyard_common::subject::Subjects;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::batches::{EdgeBatches, Routed};
 use crate::edges::EdgeSet;
 use crate::presence::{EdgeSlot, Presence};
 
@@ -50,8 +51,6 @@ const STORES_PER_HANDOFF_INLINE: usize = 4096;
 /// An edge's batch is closed before it grows past this size (NATS' default
 /// max payload is 1 MiB; a single larger body still goes alone).
 const EDGE_FLUSH_BYTES: usize = 512 * 1024;
-/// Most bytes one item adds to an edge batch (tag, body index, position, user id).
-const ITEM_BYTES: usize = 1 + 2 + 9 + 1 + 255;
 /// Messages taken from a subscription in one wave.
 const WAVE: usize = 256;
 /// How long an unacknowledged hand-off waits before the server offers it again.
@@ -133,14 +132,6 @@ async fn stored(mut f: InFlight) -> (InFlight, Result<(), String>) {
     (f, Ok(()))
 }
 
-/// An edge's batch being built, with the bodies it already carries.
-#[derive(Default)]
-struct EdgeOut {
-    writer: Option<EdgeBatchWriter>,
-    /// (event, body number) → index in the batch, for the last few bodies.
-    recent: Vec<(u64, u16, u16)>,
-}
-
 /// Processes one user partition.
 pub struct Worker {
     shared: Arc<Shared>,
@@ -155,11 +146,8 @@ pub struct Worker {
     delivered: bool,
     epoch: String,
     stream: String,
-    outs: Vec<EdgeOut>,
-    /// Edge batches that filled up, waiting for the next flush (in order).
-    full: Vec<(usize, Bytes)>,
-    /// Deliveries routed to edges since the last flush (for the metric).
-    routed: u64,
+    /// The live batches being built, one per edge.
+    batches: EdgeBatches,
     /// Numbers events, so batches share bodies within one event only.
     event_no: u64,
     asked: std::collections::HashMap<String, Instant>,
@@ -182,9 +170,7 @@ impl Worker {
             pos: 0,
             delivered: false,
             epoch: String::new(),
-            outs: Vec::new(),
-            full: Vec::new(),
-            routed: 0,
+            batches: EdgeBatches::new(partition, EDGE_FLUSH_BYTES),
             event_no: 0,
             asked: Default::default(),
             msg_id: String::new(),
@@ -439,91 +425,32 @@ impl Worker {
 
     /// Adds one delivery to the batch of every edge that should get it.
     fn route(&mut self, to: Option<&str>, event: u64, body_no: u16, body: &Bytes, pos: Option<u64>) {
-        let Worker {
-            presence,
-            outs,
-            full,
-            partition,
-            routed,
-            ..
-        } = self;
-        let mut add = |slot: EdgeSlot| {
-            let slot = slot as usize;
-            if outs.len() <= slot {
-                outs.resize_with(slot + 1, EdgeOut::default);
-            }
-            let out = &mut outs[slot];
-            let writer = out.writer.get_or_insert_with(|| EdgeBatchWriter::new(*partition));
-            let mut known = out
-                .recent
-                .iter()
-                .find(|(e, b, _)| *e == event && *b == body_no)
-                .map(|&(_, _, idx)| idx);
-            let adds = ITEM_BYTES + if known.is_some() { 0 } else { body.len() };
-            if !writer.is_empty() && writer.len() + adds > EDGE_FLUSH_BYTES {
-                // Full: this batch goes as it is, the delivery starts the
-                // next (with its body again).
-                full.push((slot, writer.take(*partition)));
-                out.recent.clear();
-                known = None;
-            }
-            let idx = match known {
-                Some(idx) => idx,
-                None => {
-                    let idx = writer.body(body);
-                    if out.recent.len() >= 8 {
-                        out.recent.remove(0);
-                    }
-                    out.recent.push((event, body_no, idx));
-                    idx
-                }
-            };
-            match to {
-                Some(user) => writer.user(user, idx, pos),
-                None => writer.broadcast(idx, pos),
-            }
-            *routed += 1;
-        };
-        match to {
-            Some(user) => {
-                for &slot in presence.edges_of(user) {
-                    add(slot);
-                }
-            }
-            None => {
-                for slot in presence.edges_with_users() {
-                    add(slot);
-                }
-            }
-        }
+        self.batches.route(
+            &self.presence,
+            Routed {
+                to,
+                event,
+                body_no,
+                body,
+                pos,
+            },
+        );
     }
 
-    /// Sends every full edge batch, then every one that has something in it, in order.
+    /// Sends every edge batch that has something in it, per edge in order.
     /// An edge a batch could not be sent to is forgotten: when it
     /// announces itself again it is told it is late, and its clients resume.
     async fn flush(&mut self) {
-        metrics::counter!("switchyard_router_deliveries_total").increment(std::mem::take(&mut self.routed));
+        let (batches, routed) = self.batches.take_all();
+        metrics::counter!("switchyard_router_deliveries_total").increment(routed);
         let mut failed = Vec::new();
-        for (slot, batch) in std::mem::take(&mut self.full) {
-            if !self.send(slot, batch).await {
-                failed.push(slot);
-            }
-        }
-        for slot in 0..self.outs.len() {
-            let Some(writer) = self.outs[slot].writer.as_mut() else {
-                continue;
-            };
-            if writer.is_empty() {
-                continue;
-            }
-            let batch = writer.take(self.partition);
-            self.outs[slot].recent.clear();
-            if !self.send(slot, batch).await {
+        for (slot, batch) in batches {
+            if !self.send(slot as usize, batch).await && !failed.contains(&slot) {
                 failed.push(slot);
             }
         }
         for slot in failed {
-            if let Some(id) = self.presence.edge_id(slot as EdgeSlot).map(str::to_string) {
+            if let Some(id) = self.presence.edge_id(slot).map(str::to_string) {
                 tracing::warn!(partition = self.partition, edge = %id, "a live batch could not be sent: the edge is forgotten until it announces itself again");
                 self.presence.forget(&id);
             }

@@ -17,6 +17,7 @@
 //! - [`handoff`]: grouping one event's (user, body) pairs by user partition (pure).
 //! - [`delivery`]: the delivery stage: stores each user's deliveries and sends live copies per edge, one worker per owned user partition.
 //! - [`presence`]: which edges hold which users of a partition (pure).
+//! - [`batches`]: live batches per edge, bodies once, cut below NATS' max payload (pure).
 //! - [`edges`]: which edges are alive (their heartbeats).
 //! - [`log`]: the delivery log streams and the hand-off stream (JetStream).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
@@ -26,6 +27,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod batches;
 pub mod config;
 pub mod control;
 pub mod delivery;

@@ -100,6 +100,11 @@ pub struct Shared {
     pub crash_after: Option<u64>,
     /// Durable deliveries stored so far (for `crash_after`).
     pub stored: AtomicU64,
+    /// User partitions whose worker stopped on a failed store: the redo can
+    /// give an event a later `pos` than one already sent live, which edges
+    /// would drop as already seen. The next worker treats every edge as
+    /// late, so the partition's live clients resume from the log.
+    pub failed_stores: std::sync::Mutex<std::collections::HashSet<u32>>,
 }
 
 /// One delivery whose live copy goes out once it is stored.
@@ -231,6 +236,14 @@ impl Worker {
             .await
             .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
         self.pos = info.state.last_sequence;
+        // After a failed store, everything sent live before is suspect: every
+        // edge that announces itself is told it is late.
+        self.delivered = self
+            .shared
+            .failed_stores
+            .lock()
+            .expect("failed stores lock")
+            .remove(&self.partition);
         // Rebuild presence before delivering anything: every live edge
         // announces its users of this partition. A router that has just
         // started first hears every edge's heartbeat (answering
@@ -332,6 +345,13 @@ impl Worker {
                 },
             }
         };
+        if matches!(result, Err(DeliveryError::Publish(_))) {
+            self.shared
+                .failed_stores
+                .lock()
+                .expect("failed stores lock")
+                .insert(self.partition);
+        }
         if result.is_ok() {
             let settle = async {
                 while let Some(done) = pending.next().await {

@@ -217,6 +217,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         edges_known_at: tokio::time::Instant::now() + EDGE_HEARTBEAT + Duration::from_millis(300),
         crash_after: config.crash_after_deliveries,
         stored: std::sync::atomic::AtomicU64::new(0),
+        failed_stores: Default::default(),
     });
     let units = events::Partition::all(config.partitions)
         .into_iter()

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
@@ -53,8 +53,6 @@ const STORES_PER_HANDOFF_INLINE: usize = 4096;
 const EDGE_FLUSH_BYTES: usize = 512 * 1024;
 /// Messages taken from a subscription in one wave.
 const WAVE: usize = 256;
-/// How long an unacknowledged hand-off waits before the server offers it again.
-const ACK_WAIT: Duration = Duration::from_secs(30);
 /// How long a stopping worker waits for outstanding stores.
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// An edge that does not announce itself after a sync request is asked again after this long.
@@ -183,38 +181,17 @@ impl Worker {
     }
 
     async fn consumer(&self) -> Result<pull::Stream, DeliveryError> {
-        let err = |e: &dyn std::fmt::Display| DeliveryError::Consumer(e.to_string());
         let subjects = &self.shared.subjects;
-        let stream = self
-            .shared
-            .js
-            .get_stream(subjects.targets_stream())
+        let slice = crate::workqueue::Slice {
+            stream: subjects.targets_stream(),
+            consumer: consumer_name(self.partition),
+            filter: subjects.targets(self.partition),
+            max_ack_pending: MAX_HANDOFFS_IN_FLIGHT,
+            batch: WAVE,
+        };
+        crate::workqueue::take_over(&self.shared.js, &slice)
             .await
-            .map_err(|e| err(&e))?;
-        let name = consumer_name(self.partition);
-        if let Err(e) = stream.delete_consumer(&name).await {
-            tracing::debug!(consumer = %name, error = %e, "no consumer to delete");
-        }
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(name),
-                filter_subject: subjects.targets(self.partition),
-                deliver_policy: DeliverPolicy::All,
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                max_ack_pending: MAX_HANDOFFS_IN_FLIGHT as i64,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| err(&e))?;
-        consumer
-            .stream()
-            .max_messages_per_batch(WAVE)
-            .heartbeat(Duration::from_secs(1))
-            .expires(Duration::from_secs(10))
-            .messages()
-            .await
-            .map_err(|e| err(&e))
+            .map_err(|e| DeliveryError::Consumer(e.to_string()))
     }
 
     /// Delivers for the partition until `cancel` (then settles what is in

@@ -34,7 +34,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::{Bytes, BytesMut};
@@ -82,8 +82,6 @@ const MAX_VARIANTS: usize = 32;
 /// hand-offs per worker), so a publish never waits for a permit that only a later
 /// poll of the same worker could free.
 pub const JS_MAX_ACK_INFLIGHT: usize = 1 << 20;
-/// How long an unacknowledged event waits before the server offers it again.
-const ACK_WAIT: Duration = Duration::from_secs(30);
 /// How long a stopping worker waits for outstanding acknowledgements.
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
 
@@ -212,39 +210,16 @@ impl Worker {
     /// (Re)creates the partition's consumer starting from the oldest message left.
     async fn consumer(&self) -> Result<pull::Stream, IngestError> {
         let subjects = &self.shared.subjects;
-        let err = |e: &dyn std::fmt::Display| IngestError::Consumer(e.to_string());
-        let stream = self
-            .shared
-            .js
-            .get_stream(subjects.events_stream(self.partition.shape))
+        let slice = crate::workqueue::Slice {
+            stream: subjects.events_stream(self.partition.shape),
+            consumer: consumer_name(self.partition),
+            filter: subjects.events_partition_filter(self.partition.shape, self.partition.number),
+            max_ack_pending: MAX_EVENTS_IN_FLIGHT,
+            batch: BATCH,
+        };
+        crate::workqueue::take_over(&self.shared.js, &slice)
             .await
-            .map_err(|e| err(&e))?;
-        let name = consumer_name(self.partition);
-        // Whatever the previous owner had fetched but not acknowledged is
-        // offered again at once, in order, instead of after its ack wait.
-        if let Err(e) = stream.delete_consumer(&name).await {
-            tracing::debug!(consumer = %name, error = %e, "no consumer to delete");
-        }
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(name),
-                filter_subject: subjects.events_partition_filter(self.partition.shape, self.partition.number),
-                deliver_policy: DeliverPolicy::All,
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                max_ack_pending: MAX_EVENTS_IN_FLIGHT as i64,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| err(&e))?;
-        consumer
-            .stream()
-            .max_messages_per_batch(BATCH)
-            .heartbeat(Duration::from_secs(1))
-            .expires(Duration::from_secs(10))
-            .messages()
-            .await
-            .map_err(|e| err(&e))
+            .map_err(|e| IngestError::Consumer(e.to_string()))
     }
 
     /// Processes the partition until `cancel` (then drains what is in

@@ -20,6 +20,7 @@
 //! - [`batches`]: live batches per edge, bodies once, cut below NATS' max payload (pure).
 //! - [`edges`]: which edges are alive (their heartbeats).
 //! - [`log`]: the delivery log streams and the hand-off stream (JetStream).
+//! - [`workqueue`]: taking over a slice of a work-queue stream (the consumer both stages use).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //!
 //! [`start`] runs all of it in the current tokio runtime, so tests can embed
@@ -43,6 +44,7 @@ pub mod presence;
 pub mod rooms;
 pub mod state;
 pub mod store;
+pub mod workqueue;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

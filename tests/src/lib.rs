@@ -9,6 +9,7 @@
 //!
 //! # Layout
 //! - [`nats_server`]: start/stop/restart a real nats-server on a free loopback port.
+//! - [`churn`]: clients that come and go against a plan of who is owed which durable event.
 //! - [`fleet`]: nats-server + router + edge, wired together, plus a producer helper.
 //! - [`ws_client`]: a small protocol-level WebSocket client (MessagePack or JSON).
 //! - [`tokens`]: HS256 test and dev tokens.
@@ -16,6 +17,7 @@
 //! - [`nats_cluster`]: a 3-node nats-server cluster with JetStream on loopback.
 //! - [`loadgen`]: the load generator behind `switchyard-loadgen` (scenarios W1–W4).
 
+pub mod churn;
 pub mod fleet;
 pub mod loadgen;
 pub mod nats_cluster;

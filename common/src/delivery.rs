@@ -207,41 +207,23 @@ pub fn write_event_frame(
     }
 }
 
-/// Writes a `batch` frame from several delivery bodies, in order.
+/// Writes a `batch` frame from several delivery bodies, in order; fails
+/// (writing nothing) when any of them does not convert. See
+/// [`write_batch_frame_skipping`] for the writer's variant.
 pub fn write_batch_frame<'a>(
     enc: Encoding,
     bodies: impl ExactSizeIterator<Item = (&'a [u8], Option<u64>)>,
     out: &mut Vec<u8>,
 ) -> Result<(), TranscodeError> {
     let start = out.len();
-    let res = (|| match enc {
-        Encoding::MsgPack => {
-            let _ = rmp::encode::write_map_len(out, 2);
-            write_str(out, "op");
-            write_str(out, "batch");
-            write_str(out, "events");
-            let _ = rmp::encode::write_array_len(out, bodies.len() as u32);
-            for (body, pos) in bodies {
-                write_batch_event(enc, body, pos, out)?;
-            }
-            Ok(())
+    let written = write_batch_frame_skipping(enc, bodies, out);
+    match written.first_error {
+        None => Ok(()),
+        Some(e) => {
+            out.truncate(start);
+            Err(e)
         }
-        Encoding::Json => {
-            out.extend_from_slice(b"{\"op\":\"batch\",\"events\":[");
-            for (i, (body, pos)) in bodies.enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_batch_event(enc, body, pos, out)?;
-            }
-            out.extend_from_slice(b"]}");
-            Ok(())
-        }
-    })();
-    if res.is_err() {
-        out.truncate(start);
     }
-    res
 }
 
 /// Appends one element of a `batch` frame's `events` array: the event map

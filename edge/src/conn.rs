@@ -345,11 +345,6 @@ impl ConnHandle {
         self.senders.try_deliver(d);
     }
 
-    /// Whether live deliveries are still held (the connection has not finished `ready` and its replay).
-    pub fn is_holding(&self) -> bool {
-        self.holding.load(Ordering::Acquire)
-    }
-
     /// Whether durable deliveries were lost from the hold since the last call.
     pub fn take_hold_overflow(&self) -> bool {
         std::mem::take(&mut self.hold.lock().expect("hold lock").overflowed)

@@ -1,23 +1,22 @@
 //! The hub: the connections on this node, and the sweeper that looks after
 //! them.
 //!
-//! Registering a connection puts it in the node's table of connections (for
-//! the sweeper and for draining) and in the user table that the live intake
-//! dispatches to ([`crate::intake`]), then waits until the user's delivery
+//! Registering a connection puts it in the user table that the live intake
+//! dispatches to ([`crate::intake`]), which is also the node's one list of
+//! connections (for the sweeper and for draining), then waits until the user's delivery
 //! partition has acknowledged this node's presence of the user
 //! ([`crate::presence`]); the answer holds the user's `ready.pos` and
 //! `epoch`. The sweeper runs over every connection once per tick (heartbeat
 //! pings, idle, token-expiry and slow-consumer closes): one timer for the
 //! node, not one per connection.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_common::client::{encode_server_frame, ServerFrame};
 use switchyard_common::{CloseCode, ErrorCode};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -36,53 +35,31 @@ pub struct SweepConfig {
     pub slow_consumer: Duration,
 }
 
-struct Inner {
-    conns: Mutex<HashMap<u64, Arc<ConnHandle>>>,
-    table: Arc<UserTable>,
-    count: watch::Sender<usize>,
-}
-
 /// Handle to the node's connections.
 #[derive(Clone)]
 pub struct Hub {
-    inner: Arc<Inner>,
+    table: Arc<UserTable>,
 }
 
 impl Hub {
     /// A hub over `table`, with its sweeper running until `cancel`.
     pub fn start(table: Arc<UserTable>, sweep: SweepConfig, tasks: &TaskTracker, cancel: CancellationToken) -> Hub {
-        let hub = Hub {
-            inner: Arc::new(Inner {
-                conns: Mutex::new(HashMap::new()),
-                table,
-                count: watch::channel(0).0,
-            }),
-        };
+        let hub = Hub { table };
         tasks.spawn(hub.clone().sweeper(sweep, cancel));
         hub
     }
 
     /// The user table the live intake dispatches to.
     pub fn table(&self) -> &Arc<UserTable> {
-        &self.inner.table
-    }
-
-    fn counted(&self, conns: &HashMap<u64, Arc<ConnHandle>>) {
-        self.inner.count.send_replace(conns.len());
-        metrics::gauge!("switchyard_edge_connections").set(conns.len() as f64);
+        &self.table
     }
 
     /// Adds a connection; its user's live deliveries flow to it (held until
     /// the connection releases them) from the moment this is called, and the
     /// answer says from which `pos` on they are complete.
     pub async fn register(&self, conn: Arc<ConnHandle>, wait: Duration) -> Result<Registration, RegisterError> {
-        {
-            let mut conns = self.inner.conns.lock().expect("conns lock");
-            conns.insert(conn.id, conn.clone());
-            self.counted(&conns);
-        }
         let (reply, answer) = oneshot::channel();
-        self.inner.table.add(conn, reply);
+        self.table.add(conn, reply);
         match tokio::time::timeout(wait, answer).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RegisterError::Stopped),
@@ -92,12 +69,7 @@ impl Hub {
 
     /// Removes a connection (idempotent).
     pub fn unregister(&self, conn: &ConnHandle) {
-        self.inner.table.remove(conn);
-        let mut conns = self.inner.conns.lock().expect("conns lock");
-        if conns.remove(&conn.id).is_some() {
-            self.counted(&conns);
-        }
-        metrics::gauge!("switchyard_edge_users").set(self.inner.table.user_count() as f64);
+        self.table.remove(conn);
     }
 
     /// Tells every connection to reconnect elsewhere, with delays spread over
@@ -109,7 +81,7 @@ impl Hub {
     /// Tells every connection to reconnect (and resume), with delays spread
     /// over `spread`, giving `reason`, and closes it with 1001.
     pub fn reconnect_all(&self, spread: Duration, reason: &'static str) {
-        let conns = self.snapshot();
+        let conns = self.table.connections();
         let n = conns.len().max(1) as u64;
         for (i, conn) in conns.iter().enumerate() {
             let after_ms = spread.as_millis() as u64 * i as u64 / n;
@@ -123,15 +95,10 @@ impl Hub {
 
     /// Waits until no connection is registered, or `timeout` passes; whether they are all gone.
     pub async fn wait_empty(&self, timeout: Duration) -> bool {
-        let mut rx = self.inner.count.subscribe();
+        let mut rx = self.table.connection_count();
         tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0))
             .await
             .is_ok_and(|r| r.is_ok())
-    }
-
-    /// The connections now (the lock is held only to copy the handles).
-    fn snapshot(&self) -> Vec<Arc<ConnHandle>> {
-        self.inner.conns.lock().expect("conns lock").values().cloned().collect()
     }
 
     async fn sweeper(self, sweep: SweepConfig, cancel: CancellationToken) {
@@ -150,7 +117,7 @@ impl Hub {
             }
             let instant = std::time::Instant::now();
             let idle_limit = 2 * sweep.heartbeat.as_millis() as u64;
-            for conn in self.snapshot() {
+            for conn in self.table.connections() {
                 let (full_since, drop_pending) = {
                     let q = conn.outbound().lock();
                     (q.full_since(), q.dropped_pending_since().is_some())

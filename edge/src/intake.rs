@@ -13,13 +13,14 @@
 //! It must not hold a shard lock across `.await` (it never awaits under one).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use switchyard_common::delivery::{peek_meta, DeliveryMeta};
 use switchyard_common::fanout::{decode_edge_message, user_partition, EdgeMessage, Recipient};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::conn::{ConnHandle, Delivery};
@@ -72,6 +73,10 @@ pub struct UserTable {
     shards: Vec<Mutex<Shard>>,
     /// Wakes the announcer: a shard has something to announce.
     pub announce: Notify,
+    /// Connections in the table (watched while draining).
+    connections: watch::Sender<usize>,
+    /// Users in the table.
+    users: AtomicUsize,
 }
 
 impl UserTable {
@@ -87,6 +92,8 @@ impl UserTable {
                 })
                 .collect(),
             announce: Notify::new(),
+            connections: watch::channel(0).0,
+            users: AtomicUsize::new(0),
         }
     }
 
@@ -117,9 +124,11 @@ impl UserTable {
             conns.push(conn);
             if first {
                 shard.dirty.insert(user);
+                self.users.fetch_add(1, Ordering::Relaxed);
             }
             shard.waiters.push(reply);
         }
+        self.counted(1, 0);
         self.announce.notify_one();
     }
 
@@ -131,18 +140,48 @@ impl UserTable {
             let Some(conns) = shard.users.get_mut(&conn.user) else {
                 return;
             };
+            let before = conns.len();
             conns.retain(|c| c.id != conn.id);
+            if conns.len() == before {
+                return;
+            }
             if conns.is_empty() {
                 shard.users.remove(&conn.user);
                 shard.dirty.insert(conn.user.clone());
+                self.users.fetch_sub(1, Ordering::Relaxed);
                 true
             } else {
                 false
             }
         };
+        self.counted(0, 1);
         if gone {
             self.announce.notify_one();
         }
+    }
+
+    fn counted(&self, added: usize, removed: usize) {
+        let mut now = 0;
+        self.connections.send_modify(|n| {
+            *n = (*n + added).saturating_sub(removed);
+            now = *n;
+        });
+        metrics::gauge!("switchyard_edge_connections").set(now as f64);
+        metrics::gauge!("switchyard_edge_users").set(self.users.load(Ordering::Relaxed) as f64);
+    }
+
+    /// Every connection in the table now (each shard locked only to copy its handles).
+    pub fn connections(&self) -> Vec<Arc<ConnHandle>> {
+        let mut out = Vec::with_capacity(*self.connections.borrow());
+        for s in &self.shards {
+            out.extend(s.lock().expect("user table lock").users.values().flatten().cloned());
+        }
+        out
+    }
+
+    /// Watches the number of connections in the table.
+    pub fn connection_count(&self) -> watch::Receiver<usize> {
+        self.connections.subscribe()
     }
 
     /// Marks a partition as not knowing this node (its next announcement is full).
@@ -165,10 +204,7 @@ impl UserTable {
 
     /// Users on this node.
     pub fn user_count(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().expect("user table lock").users.len())
-            .sum()
+        self.users.load(Ordering::Relaxed)
     }
 }
 

@@ -33,6 +33,8 @@ struct PartitionOut {
     open: bool,
     /// The open event's bodies in this partition: (variant, index in the message).
     local: Vec<(u32, u16)>,
+    /// Messages of this partition handed out so far in the current drain.
+    parts: u32,
 }
 
 impl Fanout {
@@ -129,16 +131,20 @@ impl Fanout {
     }
 
     /// Takes every partition's messages that hold an event, a partition's
-    /// in the order they were built.
-    pub fn drain(&mut self, mut f: impl FnMut(u32, Bytes)) {
+    /// in the order they were built, numbered from 0 per partition (a very
+    /// wide event's later messages need message ids of their own).
+    pub fn drain(&mut self, mut f: impl FnMut(u32, u32, Bytes)) {
         debug_assert!(self.touched.is_empty());
         for (p, msg) in self.cut.drain(..) {
-            f(p, msg);
+            let out = &mut self.outs[p as usize];
+            f(p, out.parts, msg);
+            out.parts += 1;
         }
         for (p, out) in self.outs.iter_mut().enumerate() {
             if !out.writer.is_empty() {
-                f(p as u32, out.writer.take());
+                f(p as u32, out.parts, out.writer.take());
             }
+            out.parts = 0;
         }
     }
 }
@@ -177,7 +183,7 @@ mod tests {
         }
         f.end();
         let mut seen = Vec::new();
-        f.drain(|p, msg| {
+        f.drain(|p, _, msg| {
             let events = read(&msg);
             assert_eq!(events.len(), 1);
             let (r, broadcast, bodies, targets) = &events[0];
@@ -209,10 +215,12 @@ mod tests {
         }
         f.end();
         let mut msgs = Vec::new();
-        f.drain(|_, m| msgs.push(m));
+        f.drain(|_, part, m| msgs.push((part, m)));
         assert!(msgs.len() >= 4, "{} messages", msgs.len());
+        let parts: Vec<u32> = msgs.iter().map(|(part, _)| *part).collect();
+        assert_eq!(parts, (0..msgs.len() as u32).collect::<Vec<_>>(), "numbered in order");
         let mut seen = Vec::new();
-        for m in &msgs {
+        for (_, m) in &msgs {
             assert!(m.len() < SPLIT_BYTES + 2048, "{} bytes", m.len());
             for (r, _, bodies, targets) in read(m) {
                 assert_eq!(r, "st:2");
@@ -238,7 +246,7 @@ mod tests {
         f.to_user("alice", 0, b"x");
         f.end();
         let mut got = Vec::new();
-        f.drain(|p, msg| got.push((p, read(&msg))));
+        f.drain(|p, _, msg| got.push((p, read(&msg))));
         assert_eq!(got.len(), 3);
         let alice = user_partition("alice", 3);
         for (p, events) in got {
@@ -247,7 +255,7 @@ mod tests {
             assert_eq!(events.len(), if p == alice { 2 } else { 1 });
         }
         let mut again = 0;
-        f.drain(|_, _| again += 1);
+        f.drain(|_, _, _| again += 1);
         assert_eq!(again, 0, "drained messages are gone");
     }
 }

@@ -389,7 +389,7 @@ impl Worker {
     /// Sends the live-only hand-offs gathered so far, one message per user partition.
     async fn flush_live(&mut self) {
         let mut msgs = Vec::new();
-        self.live_out.drain(|p, msg| msgs.push((p, msg)));
+        self.live_out.drain(|p, _, msg| msgs.push((p, msg)));
         for (p, msg) in msgs {
             if let Err(e) = self
                 .shared
@@ -493,14 +493,10 @@ impl Worker {
         fanout.end();
         if event.durable {
             let mut msgs = Vec::new();
-            fanout.drain(|p, msg| msgs.push((p, msg)));
+            fanout.drain(|p, part, msg| msgs.push((p, part, msg)));
             self.durable_out = fanout;
-            // A partition's second and later messages (a very wide event)
-            // get message ids of their own.
-            let mut parts = std::collections::HashMap::new();
-            for (p, msg) in msgs {
-                let part = parts.entry(p).and_modify(|k| *k += 1).or_insert(0u32);
-                self.hand_off(p, *part, msg, acks).await?;
+            for (p, part, msg) in msgs {
+                self.hand_off(p, part, msg, acks).await?;
             }
         } else {
             self.live_out = fanout;

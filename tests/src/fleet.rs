@@ -182,6 +182,34 @@ impl Fleet {
     }
 }
 
+/// Writes a self-signed certificate for `localhost` (basic constraints
+/// CA:FALSE, as rustls wants) and its key into `dir`; their paths, for an
+/// edge's `tls_cert` / `tls_key`, and the certificate itself (for a client's roots).
+pub fn write_test_certificate(dir: &std::path::Path) -> Result<TestCertificate> {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem())?;
+    std::fs::write(&key_path, key.serialize_pem())?;
+    Ok(TestCertificate {
+        cert_path,
+        key_path,
+        der: cert.der().clone(),
+    })
+}
+
+/// What [`write_test_certificate`] made.
+pub struct TestCertificate {
+    /// The PEM certificate file.
+    pub cert_path: std::path::PathBuf,
+    /// The PEM private key file.
+    pub key_path: std::path::PathBuf,
+    /// The certificate, for a client's root store.
+    pub der: rustls::pki_types::CertificateDer<'static>,
+}
+
 /// User partitions and log streams of a router with default settings.
 pub const USER_PARTITIONS: u32 = 8;
 /// See [`USER_PARTITIONS`].

@@ -20,13 +20,8 @@ async fn http_status(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<u
 #[tokio::test]
 async fn wss_with_a_certificate_generated_at_test_time() -> R {
     let dir = tempfile::tempdir()?;
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
-    params.is_ca = rcgen::IsCa::ExplicitNoCa;
-    let key = rcgen::KeyPair::generate()?;
-    let cert = params.self_signed(&key)?;
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.pem())?;
-    std::fs::write(&key_path, key.serialize_pem())?;
+    let cert = switchyard_tests::fleet::write_test_certificate(dir.path())?;
+    let (cert_path, key_path) = (cert.cert_path.clone(), cert.key_path.clone());
     let fleet = Fleet::start_with(|c| {
         c.tls_cert = Some(cert_path.clone());
         c.tls_key = Some(key_path.clone());
@@ -35,7 +30,7 @@ async fn wss_with_a_certificate_generated_at_test_time() -> R {
     let port = fleet.edge.as_ref().unwrap().ws_addr.port();
 
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone())?;
+    roots.add(cert.der.clone())?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let client_config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

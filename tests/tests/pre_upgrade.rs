@@ -82,12 +82,8 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_handshake_timeout() -
 #[tokio::test]
 async fn a_tls_handshake_never_started_is_closed_after_the_handshake_timeout() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
-    let key = rcgen::KeyPair::generate()?;
-    let cert = params.self_signed(&key)?;
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.pem())?;
-    std::fs::write(&key_path, key.serialize_pem())?;
+    let cert = switchyard_tests::fleet::write_test_certificate(dir.path())?;
+    let (cert_path, key_path) = (cert.cert_path.clone(), cert.key_path.clone());
     let fleet = Fleet::start_with(|c| {
         c.tls_cert = Some(cert_path.clone());
         c.tls_key = Some(key_path.clone());

@@ -276,7 +276,7 @@ impl SkippingBatch {
 
 /// Writes a `batch` frame from several delivery bodies, in order, leaving
 /// out each body that does not convert instead of failing the whole frame
-/// (one bad event must cost only itself: PROTOCOL.md's `dropped` promise
+/// (one bad event must cost only itself: docs/PROTOCOL.md's `dropped` promise
 /// and the `pos` bookkeeping of the caller depend on it).
 ///
 /// When no body converts, nothing is written (`written` is 0). A frame

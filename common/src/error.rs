@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// An error code carried by an `error` frame (PROTOCOL.md "Errors and close codes").
+/// An error code carried by an `error` frame (docs/PROTOCOL.md, "Errors and close codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -18,7 +18,7 @@ pub enum ErrorCode {
     InvalidFilter,
     /// The user already has the maximum number of subscriptions.
     TooManySubscriptions,
-    /// The user is already in the maximum number of rooms (PROTOCOL.md 1.1).
+    /// The user is already in the maximum number of rooms (1.1; docs/PROTOCOL.md).
     TooManyRooms,
     /// The request was cut by a rate limit.
     RateLimited,
@@ -54,7 +54,7 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
-/// WebSocket close codes the edge uses (PROTOCOL.md close code table).
+/// WebSocket close codes the edge uses (docs/PROTOCOL.md, "Errors and close codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum CloseCode {

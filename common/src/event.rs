@@ -312,8 +312,8 @@ fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventE
         let key_len = transcode::value_len(rd).map_err(measure_error)?;
         let key = rmpv::decode::read_value(&mut &rd[..key_len]).map_err(|e| dec(&e.to_string()))?;
         rd = &rd[key_len..];
-        // Measuring `data` also checks its depth (PROTOCOL.md: deeper than
-        // 64 levels is malformed), so it is refused here rather than
+        // Measuring `data` also checks its depth (docs/PROTOCOL.md, "Event fields":
+        // deeper than 64 levels is malformed), so it is refused here rather than
         // failing later on the way to a JSON client.
         let val_len = transcode::value_len(rd).map_err(measure_error)?;
         if key.as_str() == Some("data") {

@@ -1,5 +1,5 @@
 //! Subscriptions: what a client sends, the validated form, and the matching
-//! rule of PROTOCOL.md section 2.
+//! rule of docs/PROTOCOL.md ("Matching").
 //!
 //! [`Subscription::matches`] is the reference semantics; every index the
 //! router uses must return exactly what it returns.
@@ -17,8 +17,9 @@ pub const MAX_FILTER_DIMENSIONS: usize = 32;
 /// Most values one dimension may list.
 pub const MAX_VALUES_PER_DIMENSION: usize = 1024;
 /// Most filter values one subscription may list, its dimensions together
-/// (PROTOCOL.md 1.1): every value is interned with its own posting set on
-/// every router, so a 64 KiB frame must not be able to add ~20k of them.
+/// (docs/PROTOCOL.md, "Client ops", 1.1 limits): every value is interned
+/// with its own posting set on every router, so a 64 KiB frame must not be
+/// able to add ~20k of them.
 pub const MAX_FILTER_VALUES: usize = 1024;
 /// Most bound fields (`min` plus `max`) and most `fields` names.
 pub const MAX_FIELDS: usize = 64;

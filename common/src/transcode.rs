@@ -1,15 +1,17 @@
 //! Byte-level MessagePack helpers for the delivery path.
 //!
-//! This module owns the three things the edge does to a producer's `data`
-//! bytes on their way to a client (PROTOCOL.md, "JSON clients and
-//! MessagePack payloads" and "`fields`"):
+//! This module owns the four things done to a producer's `data` bytes on
+//! their way to a client (docs/PROTOCOL.md, "JSON clients and MessagePack
+//! payloads" and "`fields`"):
 //!
-//! * measuring one encoded value without decoding it ([`value_len`]),
+//! * measuring one encoded value without decoding it ([`value_len`]; also
+//!   the depth check at ingest),
 //! * trimming a map payload to the keys a subscription asked for
-//!   ([`trim_map_fields`]), copying kept entries byte for byte,
+//!   ([`trim_map_fields`], by the router), copying kept entries byte for byte,
 //! * transcoding MessagePack to JSON text for `switchyard.v1.json`
-//!   connections ([`msgpack_to_json`]), plus the reverse for JSON producers
-//!   ([`json_to_msgpack`]).
+//!   connections ([`msgpack_to_json`], by the edge),
+//! * converting a JSON producer's event to MessagePack at ingest
+//!   ([`json_members_to_msgpack`], [`json_text_to_msgpack`]).
 //!
 //! It must not build an intermediate value tree (`rmpv::Value` or similar):
 //! everything works on the input slice and appends to the caller's output
@@ -201,9 +203,10 @@ fn value_len_within(buf: &[u8], open: usize) -> Result<usize, TranscodeError> {
     }
 }
 
-/// Implements `fields` (PROTOCOL.md): writes to `out` the map `payload`
-/// restricted to string keys accepted by `keep`, copying each kept key and
-/// value byte for byte and using the smallest map header for the new count.
+/// Implements `fields` (docs/PROTOCOL.md, "`fields`"): writes to `out` the
+/// map `payload` restricted to string keys accepted by `keep`, copying each
+/// kept key and value byte for byte and using the smallest map header for the
+/// new count.
 ///
 /// Returns `Ok(false)` and writes nothing when `payload` is not a map (the
 /// caller then sends it whole). Entries with non-string keys (or keys that
@@ -313,18 +316,18 @@ pub fn json_len_bound(msgpack_len: usize) -> usize {
 /// appended to `out`, for `switchyard.v1.json` connections; returns the
 /// number of input bytes consumed.
 ///
-/// Rules (PROTOCOL.md): binary becomes a standard padded base64 string;
-/// extensions become `{"$ext":<type>,"base64":"<data>"}`; NaN and
-/// infinities become `null`; floats are printed in their shortest
-/// round-tripping form and always as floats (`1.0`, `1e300`), float32 from
-/// the f32's own shortest form (`0.1`); invalid UTF-8 in a string becomes
-/// U+FFFD. A non-string map key becomes a string: integer and float keys
-/// their decimal text (`"12"`, `"-1"`, `"1.5"`; `"null"` for NaN/infinite
-/// float keys), `true`/`false`/`null` keys those words, a binary key its
-/// base64, and an array, map or extension key the fixed string `"$array"`,
-/// `"$map"` or `"$ext"` (never its contents, so the output stays within
-/// [`json_len_bound`]). Keys that become equal strings are all written, in
-/// order. On error `out` is left as it was.
+/// Rules (docs/PROTOCOL.md, "JSON clients and MessagePack payloads"): binary
+/// becomes a standard padded base64 string; extensions become
+/// `{"$ext":<type>,"base64":"<data>"}`; NaN and infinities become `null`;
+/// floats are printed in their shortest round-tripping form and always as
+/// floats (`1.0`, `1e300`), float32 from the f32's own shortest form (`0.1`);
+/// invalid UTF-8 in a string becomes U+FFFD. A non-string map key becomes a
+/// string: integer and float keys their decimal text (`"12"`, `"-1"`,
+/// `"1.5"`; `"null"` for NaN/infinite float keys), `true`/`false`/`null` keys
+/// those words, a binary key its base64, and an array, map or extension key
+/// the fixed string `"$array"`, `"$map"` or `"$ext"` (never its contents, so
+/// the output stays within [`json_len_bound`]). Keys that become equal
+/// strings are all written, in order. On error `out` is left as it was.
 pub fn msgpack_to_json(buf: &[u8], out: &mut Vec<u8>) -> Result<usize, TranscodeError> {
     let start = out.len();
     let result = to_json(buf, 0, out, 0);
@@ -463,7 +466,7 @@ fn skip_key(buf: &[u8], pos: usize, open: usize, text: &[u8], out: &mut Vec<u8>)
 
 /// Encodes a JSON producer's `data`, given as JSON text, as MessagePack, so
 /// every client format is served from one MessagePack payload
-/// (PROTOCOL.md, "JSON clients and MessagePack payloads").
+/// (docs/PROTOCOL.md, "JSON clients and MessagePack payloads").
 ///
 /// Numbers written without fraction or exponent become MessagePack
 /// integers (smallest encoding) when they fit in 64 bits, `-0` included

@@ -1,6 +1,6 @@
-//! The rate limit on a connection's client ops (PROTOCOL.md, "Limits on what
-//! one client may ask"): a token bucket per connection for well-formed ops
-//! other than `ping` and `auth`.
+//! The rate limit on a connection's client ops (docs/PROTOCOL.md, "Client
+//! ops", limits on what one client may ask): a token bucket per connection
+//! for well-formed ops other than `ping` and `auth`.
 //!
 //! Why: every `list`, `subscribe`, `join`, ... is a request to the router
 //! tier (and `subscribe`/`list` a JetStream API request there), so one client

@@ -5,7 +5,7 @@
 // Alerts go to <prefix>.events.pattern with no key token: durable (kept in
 // the delivery log for resume and offline users), never conflated, and in
 // order, since they share one subject. Payloads are MessagePack maps in the
-// shape PROTOCOL.md section 2 gives.
+// shape docs/PROTOCOL.md gives ("Producers").
 //
 //   bash examples/node/run.sh --rate 10 --alert-every-ms 2000
 

@@ -326,7 +326,7 @@ async fn matching_semantics_end_to_end() -> R {
     Ok(())
 }
 
-/// PROTOCOL.md 1.1: at most 1024 filter values per subscription, its
+/// docs/PROTOCOL.md, "Client ops" (1.1): at most 1024 filter values per subscription, its
 /// dimensions together; and (an operator bound) at most so many distinct
 /// dimension names per subscription type.
 #[tokio::test]
@@ -443,7 +443,7 @@ async fn all_four_target_kinds() -> R {
             .map(|e| e["data"].as_str().unwrap().to_string())
             .collect::<Vec<_>>()
     };
-    // Events on different subjects have no order among them (PROTOCOL.md):
+    // Events on different subjects have no order among them (docs/PROTOCOL.md, "Server frames"):
     // compare as sets, and check the order of the two on one subject.
     let sorted = |mut v: Vec<String>| {
         v.sort();

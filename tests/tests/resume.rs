@@ -289,7 +289,7 @@ async fn offline_users_find_their_events_waiting() -> R {
     let (mut c, _) = resume_url(&fleet, &url, "carol", &epoch, 0).await?;
     let (evs, resumed) = replay(&mut c).await?;
     // Carol gets her event and the durable broadcast; since 0 asks for
-    // everything. They were published on different subjects, so PROTOCOL.md
+    // everything. They were published on different subjects, so docs/PROTOCOL.md
     // promises no order between them: compared as a set, in `pos` order.
     let mut got = is(&evs);
     got.sort_unstable();

@@ -1,6 +1,6 @@
 //! RFC 6455 framing rules over a real socket: hand-made client frames on a
-//! raw TCP connection, and the close code the edge answers with (PROTOCOL.md,
-//! "WebSocket framing is RFC 6455 to the letter").
+//! raw TCP connection, and the close code the edge answers with
+//! (docs/PROTOCOL.md, "Errors and close codes": WebSocket framing).
 
 use std::time::Duration;
 

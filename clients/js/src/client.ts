@@ -731,7 +731,7 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
   // ---- heartbeat and token refresh ----
 
   /**
-   * PROTOCOL.md: a client that receives nothing (no frame, no ping) for two
+   * docs/PROTOCOL.md, "Flow control on each connection": a client that receives nothing (no frame, no ping) for two
    * intervals should reconnect. Browsers cannot see pings, so after one quiet
    * interval the client sends a `ping` frame, whose `pong` proves the path.
    */

@@ -1,6 +1,6 @@
 /**
  * Frame codecs: one MessagePack map per binary message, or one JSON object
- * per text message (PROTOCOL.md, "Subprotocols and framing").
+ * per text message (docs/PROTOCOL.md, "Subprotocol and encoding").
  */
 
 import { Decoder, Encoder } from "@msgpack/msgpack";

@@ -1,5 +1,5 @@
 /**
- * Wire types of the Switchyard protocol, version 1 (PROTOCOL.md), as this
+ * Wire types of the Switchyard protocol, version 1 (docs/PROTOCOL.md), as this
  * client sees them. Field names are the protocol's, unchanged.
  */
 
@@ -28,7 +28,7 @@ export type ProtocolErrorCode =
 /** Codes this client adds for failures that never reached the edge or never got an answer. */
 export type LocalErrorCode = "timeout" | "disconnected" | "closed" | "connect_failed";
 
-/** Close codes of PROTOCOL.md. */
+/** Close codes of docs/PROTOCOL.md ("Errors and close codes"). */
 export const CloseCodes = {
   normal: 1000,
   goingAway: 1001,

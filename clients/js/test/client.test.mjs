@@ -61,7 +61,7 @@ describe("ops", () => {
     await fleet.publish("tick.NVDA", { data: { symbol: "NVDA", price: 120 }, target: { match: { symbol: "NVDA" }, values: { price: 120 } }, durable: false });
     await fleet.publish("tick.TSLA", { data: { symbol: "TSLA", price: 250 }, target: { match: { symbol: "TSLA" }, values: { price: 250 } }, durable: false });
     await waitFor(() => ticks.length === 2, "two ticks");
-    // Two subjects (tick.AAPL, tick.TSLA): no order between them (PROTOCOL.md).
+    // Two subjects (tick.AAPL, tick.TSLA): no order between them (docs/PROTOCOL.md).
     assert.deepEqual(
       ticks.map((t) => t.data.symbol).sort(),
       ["AAPL", "TSLA"],

@@ -1,7 +1,7 @@
 //! What a load run asks for: who subscribes to what, and what the producer
 //! publishes. Everything is a pure function of a seed, so the producer can
 //! compute the exact set of users each event must reach (the reference
-//! rule of PROTOCOL.md, applied here independently of the router).
+//! rule of docs/PROTOCOL.md, applied here independently of the router).
 
 /// SplitMix64: small, fast, deterministic.
 #[derive(Debug, Clone)]

@@ -1,86 +1,18 @@
-//! The fast subscription index: an inverted index of roaring bitmaps behind
-//! the [`SubscriptionIndex`] trait, returning exactly what
-//! [`Subscription::matches`] (the reference rule) selects.
+//! The inverted subscription index the router matches with: roaring-bitmap
+//! posting sets behind the [`SubscriptionIndex`] trait.
 //!
-//! It owns, for every subscription it holds, a dense slot id, the user's
-//! interned name, the numeric bounds in a compact form and a [`SubRef`] that
-//! packs everything else; and, per subscription type, the sets that turn an
-//! event into its matching slots. It must not do I/O or lock anything: the
-//! caller owns synchronisation (today a `std::sync::RwLock` in `state`).
-//!
-//! # Layout
-//! - Slots: subscriptions get dense `u32` ids; a removed subscription's slot
-//!   goes on a free list and is reused by the next new one, so sets stay
-//!   dense. A replaced subscription (same user, same name) keeps its slot.
-//!   A slot is 32 bytes: the `SubRef` (a thin pointer), the user's id, and
-//!   the first bound inline (field id, low, high); the rare further bounds
-//!   live in a side map keyed by slot.
-//! - The subscription itself is not kept as a `Subscription` (about 1.2 KB
-//!   at 1M: a `String` per name and value, a `BTreeMap` node per map): the
-//!   slot's `SubRef` holds the name and `fields`, which delivery needs, and a
-//!   tail of ids (type, then per dimension its id and its values' ids, LEB128)
-//!   that is all `remove` needs to find the sets to leave. The bounds are the
-//!   slot's, flagged with which of `min`/`max` each came from, so `list` can
-//!   rebuild the exact `Subscription` from the ids' strings. One allocation
-//!   of a few dozen bytes per subscription, read only by updates, `list` and
-//!   the matcher's caller, never while computing candidates.
-//! - Per type: `all`, the set of its slots.
-//! - Per (type, dimension): `constrained`, the slots that name the dimension in
-//!   their `filters`, and per value the posting set of slots that list it.
-//!   The *wildcard* set of the dimension (the type's slots that do not name
-//!   it) is `all − constrained`; it is not stored but applied as a difference
-//!   during the intersection (see below). Storing it would cost a copy of
-//!   `all` for every dimension any subscription names (a client inventing
-//!   dimension names could make each one cost |type|/8 bytes) and an update of
-//!   every such set on each upsert; the difference costs the same bitmap pass
-//!   at match time as intersecting with a stored set would.
-//! - Interning: each type, value and bound field string is stored once, as
-//!   the key of the map at its level (type → dimension → value → posting),
-//!   with a dense id for the `SubRef` tails (freed ids are reused, so they stay
-//!   small in LEB128) and freed with its last subscription. The hot path still
-//!   looks postings up by the event's string, one hash lookup per event
-//!   dimension; the ids are for the other direction. Dimensions get ids
-//!   within their type. A user's name is one `Arc<str>`, shared by the
-//!   per-user map's key and the user-id table the callback's `&Arc<str>`
-//!   points into; user ids are reused like slots.
-//! - Per user: the slots ordered by subscription name (the name lives in the
-//!   `SubRef`, not duplicated), for replace-by-name, limits and `list`.
-//!
-//! # Matching
-//! For an event of type T: for each dimension d that some subscription of T
-//! constrains, the candidates are `posting[d, event's value] ∪ (all −
-//! constrained[d])`, or only the wildcard part when the event lacks d (or
-//! carries a value nobody listed). Dimensions are taken smallest candidate
-//! set first: the first one is the starting set (borrowed when it is a plain
-//! posting), each next one narrows it as `(acc ∩ posting) ∪ (acc −
-//! constrained)`. Event dimensions no subscription of T names are ignored.
-//! Survivors then have their bounds checked (`lo ≤ v ≤ hi`; a missing field
-//! or NaN fails) before the callback. A dimension's or field's value is the
-//! event's first entry for it, as in [`MatchQuery::dimension`].
-//!
-//! Allocation: a constant number of buffers per event (at most one bitmap
-//! per dimension of T plus the few roaring allocates inside an operation, a
-//! small vector of the event's bound fields and one of the dimensions'
-//! sets), none per candidate: candidates are checked in fixed batches on the
-//! stack. No scratch is kept in the index or in a thread local, so matching
-//! needs only `&self` and runs from any number of threads at once.
-//!
-//! # Updates and concurrency
-//! `upsert` and `remove` touch only the sets named by that one subscription:
-//! O(dimensions × values) bitmap inserts or removes, plus the user's slot list.
-//! There is no rebuild, and a new dimension costs nothing beyond its own sets.
-//! The router holds the index in a `RwLock<Box<dyn SubscriptionIndex>>`, so
-//! one update holds the write lock for one subscription's worth of work
-//! (a few µs; docs/BENCHMARKS.md, "Subscription index", has the numbers).
-//!
-//! The other direction matters more at scale: a match holds the read lock
-//! for as long as it runs, callbacks included, and a popular event at 1M
-//! subscriptions selects around 100k of them (milliseconds). A writer waits
-//! for the matches in flight, and readers arriving meanwhile wait behind it.
-//! The next steps, if that shows in latency: shard the index by subscription
-//! type (one lock each), keep callbacks cheap (collect, deliver after the
-//! lock), or publish immutable per-type shards through an `arc-swap` (or a
-//! left-right pair) so matching never waits for a writer at all.
+//! It owns, per subscription, a dense slot (the packed [`SubRef`], the user,
+//! the bounds) and, per subscription type, the sets that turn an event into
+//! its matching slots: the type's slots, per dimension the slots that
+//! constrain it, and per value its posting set. Invariants: it selects
+//! exactly what [`Subscription::matches`] selects (property-tested against
+//! the scan index in `router/tests/index_equivalence.rs`); a dimension's
+//! wildcard set is never stored (it is `all − constrained`, applied during
+//! the intersection); an update touches only its own subscription's sets;
+//! matching allocates nothing per candidate and needs only `&self`. It must
+//! not do I/O or lock anything: the caller owns synchronisation (`state`).
+//! Design and trade-offs: docs/ARCHITECTURE.md, "The router's index";
+//! numbers: docs/BENCHMARKS.md, "Subscription index".
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};

@@ -7,10 +7,11 @@
 //! (`<BASE>_LOG_<group>`); several streams spread the writes over a NATS
 //! cluster's stream leaders. Each keeps at most `max_per_subject` messages
 //! per subject (the offline queue) for at most `max_age`. The stored
-//! sequence is the `pos` clients see; a stream's name and creation time,
-//! with the partition count, are the `epoch` of its users. Nothing is
-//! republished: the delivery stage that stored a delivery sends its live
-//! copy itself.
+//! sequence is the `pos` clients see; [`epoch`] is one for the whole log.
+//! Only the delivery stage writes the log, and it sends each delivery's
+//! live copy itself (nothing is republished). Edges read a user's history
+//! with direct gets (hence `allow_direct`; see `edge/src/log.rs`), so a
+//! resume creates no consumer on the server.
 //!
 //! The hand-off stream `<BASE>_TARGETS` (work queue) carries durable
 //! events' targets from the match stage to the delivery stage, one subject

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use switchyard_common::event::Prio;
-use switchyard_edge::conn::Delivery;
+use switchyard_edge::outbound::Delivery;
 use switchyard_edge::outbound::{Fate, OutboundConfig, OutboundQueue};
 
 const BATCH: u64 = 50;

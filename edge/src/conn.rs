@@ -1,54 +1,46 @@
-//! The handle other components hold on one live connection.
+//! One connection's shared state, in one place, and the writer that sends
+//! what it queues.
 //!
-//! Deliveries go into the connection's outbound queue without waiting; its
-//! policy ([`crate::outbound`]) rate limits, conflates and drops for a slow
-//! consumer, and the writer reports drops in `dropped` frames. Control frames
-//! (replies, pings, close) have their own small queue so data cannot block
-//! them. A connection starts *holding*: live deliveries that arrive while it
+//! A [`ConnHandle`] is created when the upgrade completes and is the only
+//! home of what other components see of the connection: the user table and
+//! the sweeper hold it, the live dispatcher delivers through it. What only
+//! the connection's own task needs (the read half, claims, op limits) lives
+//! in that task ([`crate::session`]).
+//!
+//! Outgoing bytes: every frame goes into the *wire*, a byte buffer in front
+//! of the socket's write half, under one lock. Deliveries pass the
+//! connection's flow-control queue ([`crate::outbound`]) first. When a live
+//! delivery finds the queue, the wire and the control queue empty, the
+//! dispatcher writes the frame to the socket itself, without waiting: no
+//! task is woken, which is most deliveries on a connection that keeps up.
+//! Otherwise (or when the socket takes only part of it) the connection's
+//! task ([`ConnHandle::write_loop`]) sends what is left, serving control
+//! frames (replies, pings, closes) before data.
+//!
+//! A connection starts *holding*: live deliveries that arrive while it
 //! sends `ready` and replays the log are parked (bounded) and released in
 //! order afterwards, so nothing live overtakes the replay.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use switchyard_common::event::Prio;
-use switchyard_common::{CloseCode, Encoding};
+use switchyard_common::client::{encode_server_frame, ServerFrame};
+use switchyard_common::delivery::{write_batch_frame_skipping, write_event_frame};
+use switchyard_common::{CloseCode, Encoding, ErrorCode};
+use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
 
+pub use crate::outbound::Delivery;
 use crate::outbound::{Fate, OutboundConfig, OutboundQueue};
+use crate::wsframe;
 
-/// One event on its way to a connection: the delivery body (see
-/// `switchyard_common::delivery`) and what flow control needs to know
-/// without decoding it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Delivery {
-    /// The delivery body (event frame map without `op`/`pos`).
-    pub body: Bytes,
-    /// Position in the delivery log; `None` for non-durable events.
-    pub pos: Option<u64>,
-    /// Priority (decides what a slow connection drops first).
-    pub prio: Prio,
-    /// Hash of the event's (`type`, `key`) when it has a key: the conflation identity.
-    pub conflation_key: Option<u64>,
-    /// Replayed from the log on resume: never rate limited, never conflated.
-    pub replayed: bool,
-}
-
-impl Delivery {
-    /// A delivery for `body` at `pos`.
-    pub fn new(body: Bytes, pos: Option<u64>, replayed: bool) -> Delivery {
-        let meta = switchyard_common::delivery::peek_meta(&body).unwrap_or_default();
-        Delivery {
-            body,
-            pos,
-            prio: meta.prio,
-            conflation_key: meta.conflation_key,
-            replayed,
-        }
-    }
-}
+/// The socket's write half, whatever carries it (TCP, TLS, a test pipe).
+pub type WriteIo = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Something for the connection's writer to send that is not a delivery.
 ///
@@ -81,169 +73,304 @@ pub struct Barrier {
     pub frame: Vec<u8>,
     /// Durable events at or below this position are no longer sent.
     pub floor: Option<u64>,
-    /// Acknowledged once the frame is written.
+    /// Acknowledged once the frame is in the wire, after the queued data.
     pub done: oneshot::Sender<()>,
-}
-
-/// A connection's outbound queue (flow-control policy in
-/// [`crate::outbound`]) with the signals around it. The lock is held only
-/// for queue operations, never across `.await`.
-pub struct Outbound {
-    queue: Mutex<OutboundQueue>,
-    /// Wakes the writer: there is something to send.
-    wake: Notify,
-    /// Wakes a replay waiting for room: the writer took a batch.
-    room: Notify,
-    /// Drops that happened outside the queue (a full hold, lagging
-    /// broadcasts), reported as `slow_consumer`.
-    extra_slow: AtomicU64,
-    /// A `DroppedNotice` sits in the control queue; the sweeper adds no other.
-    notice_queued: AtomicBool,
-    /// A heartbeat `Ping` sits in the control queue; the sweeper adds no other.
-    ping_queued: AtomicBool,
-}
-
-impl std::fmt::Debug for Outbound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outbound").finish_non_exhaustive()
-    }
-}
-
-impl Outbound {
-    /// Locks the queue (briefly; never across `.await`).
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, OutboundQueue> {
-        self.queue.lock().expect("outbound queue lock")
-    }
-
-    /// Drops recorded outside the queue since the last call.
-    pub fn take_extra_slow(&self) -> u64 {
-        self.extra_slow.swap(0, Ordering::Relaxed)
-    }
-
-    /// Waits until the writer has something to send.
-    pub async fn woken(&self) {
-        self.wake.notified().await
-    }
-
-    /// Tells a waiting replay that the writer made room.
-    pub fn made_room(&self) {
-        self.room.notify_one();
-    }
-
-    /// The writer took the queued `DroppedNotice`; the sweeper may queue another.
-    pub fn took_notice(&self) {
-        self.notice_queued.store(false, Ordering::Relaxed);
-    }
-
-    /// The writer took the queued heartbeat `Ping`; the sweeper may queue another.
-    pub fn took_ping(&self) {
-        self.ping_queued.store(false, Ordering::Relaxed);
-    }
-}
-
-/// Sending ends of a connection's queues, created before the user is known.
-#[derive(Debug, Clone)]
-pub struct ConnSenders {
-    out: Arc<Outbound>,
-    control: mpsc::Sender<Control>,
-}
-
-/// Receiving ends owned by the connection's writer.
-pub struct ConnQueues {
-    /// Deliveries, behind the flow-control policy.
-    pub out: Arc<Outbound>,
-    /// Control frames.
-    pub control: mpsc::Receiver<Control>,
 }
 
 /// Room for control frames per connection.
 const CONTROL_QUEUE: usize = 64;
 
-/// Creates a connection's bounded queues.
-pub fn channels(config: OutboundConfig) -> (ConnSenders, ConnQueues) {
-    let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
-    let out = Arc::new(Outbound {
-        queue: Mutex::new(OutboundQueue::new(config)),
-        wake: Notify::new(),
-        room: Notify::new(),
-        extra_slow: AtomicU64::new(0),
-        notice_queued: AtomicBool::new(false),
-        ping_queued: AtomicBool::new(false),
-    });
-    (
-        ConnSenders {
-            out: out.clone(),
-            control: ctl_tx,
-        },
-        ConnQueues { out, control: ctl_rx },
-    )
+/// A wire buffer larger than this is given back once it has been sent, so
+/// a burst (a replay, a storm) leaves no high-water mark behind.
+const KEEP_WIRE_BYTES: usize = 64 * 1024;
+
+/// How a connection's outgoing side behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnSettings {
+    /// Flow-control limits of the outbound queue.
+    pub outbound: OutboundConfig,
+    /// Most live deliveries parked while the connection starts.
+    pub hold_cap: usize,
+    /// Whether the live dispatcher may write to an idle socket itself
+    /// (off when the operator asked batches to linger).
+    pub direct_writes: bool,
 }
 
-impl ConnSenders {
-    /// Queues a control frame, waiting for room (used by the connection's own reader).
-    ///
-    /// The send is boxed: callers await this in many places, and each of
-    /// them would otherwise keep room for the channel's send future in the
-    /// connection's task for the connection's whole life.
-    pub async fn control(&self, c: Control) -> bool {
-        Box::pin(self.control.send(c)).await.is_ok()
+/// Live deliveries parked while the connection sends `ready` and replays.
+#[derive(Debug, Default)]
+struct Hold {
+    active: bool,
+    items: Vec<Delivery>,
+    /// A durable delivery did not fit: the replay must catch up from the log.
+    overflowed: bool,
+}
+
+/// Bytes on their way to the socket, and what decides which events still go.
+struct Wire {
+    /// `None` in unit tests without a socket, and once the connection ended.
+    io: Option<WriteIo>,
+    /// Encoded frames; `buf[sent..]` is not yet taken by the socket.
+    buf: Vec<u8>,
+    sent: usize,
+    /// Bytes were written since the last flush (TLS keeps them otherwise).
+    unflushed: bool,
+    /// A write failed: the connection is over.
+    failed: bool,
+    /// Highest `pos` sent (or the floor set by a barrier): durable events
+    /// at or below it are duplicates and are skipped, which keeps `pos`
+    /// strictly increasing on the wire.
+    last_pos: u64,
+    /// Scratch: the batch being encoded, and its frame payload.
+    batch: Vec<Delivery>,
+    payload: Vec<u8>,
+}
+
+impl Wire {
+    /// Nothing waits to be written: a new frame may go straight to the socket.
+    fn idle(&self) -> bool {
+        self.buf.is_empty() && !self.unflushed && !self.failed && self.io.is_some()
     }
 
-    /// Queues a replayed delivery once the queue is at most half full: a
-    /// replay is paced by the writer and never overflows the queue. False
-    /// when the connection is gone.
-    pub async fn replayed(&self, d: Delivery) -> bool {
-        loop {
-            if self.control.is_closed() {
+    /// Whether anything is left to write or flush.
+    fn busy(&self) -> bool {
+        !self.buf.is_empty() || self.unflushed || self.failed
+    }
+
+    /// Pushes the buffer to the socket: `Ready(Ok)` once all of it is
+    /// written and flushed. Never blocks; a caller with a no-op waker must
+    /// wake the connection's task on `Pending`.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.failed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let Some(io) = self.io.as_mut() else {
+            // No socket (unit tests): the bytes go nowhere.
+            self.buf.clear();
+            self.sent = 0;
+            return Poll::Ready(Ok(()));
+        };
+        while self.sent < self.buf.len() {
+            match Pin::new(&mut *io).poll_write(cx, &self.buf[self.sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    self.failed = true;
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.sent += n;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    self.failed = true;
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.sent = 0;
+        if self.buf.capacity() > KEEP_WIRE_BYTES {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        if self.payload.capacity() > KEEP_WIRE_BYTES {
+            self.payload = Vec::new();
+        }
+        if self.unflushed {
+            match Pin::new(&mut *io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => {
+                    self.failed = true;
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// How the writer stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterEnd {
+    /// We sent a close frame: the client should answer it.
+    SentClose,
+    /// Anything else (client's close echoed, the reader ended, a failed or
+    /// stalled socket).
+    Done,
+}
+
+/// Shared reference to one connection, held by the user table, the
+/// sweeper, and the connection's own task.
+pub struct ConnHandle {
+    /// Node-unique connection id.
+    pub id: u64,
+    user: OnceLock<Arc<str>>,
+    /// The connection's encoding (for frames others queue for it).
+    pub encoding: Encoding,
+    control: mpsc::Sender<Control>,
+    queue: Mutex<OutboundQueue>,
+    wire: Mutex<Wire>,
+    /// Wakes the writer: there is something to send.
+    wake: Notify,
+    /// Wakes a replay waiting for room: the writer took a batch.
+    room: Notify,
+    holding: AtomicBool,
+    hold: Mutex<Hold>,
+    hold_cap: usize,
+    direct_writes: bool,
+    /// Drops that happened outside the queue (a full hold), reported as `slow_consumer`.
+    extra_slow: AtomicU64,
+    /// A `DroppedNotice` sits in the control queue; the sweeper adds no other.
+    notice_queued: AtomicBool,
+    /// A heartbeat `Ping` sits in the control queue; the sweeper adds no other.
+    ping_queued: AtomicBool,
+    /// Unix ms of the last frame received from the client.
+    pub last_rx_ms: AtomicU64,
+    /// Token expiry, unix seconds (set at authentication, updated by refresh).
+    pub exp_s: AtomicU64,
+    closing: AtomicBool,
+    registered: AtomicBool,
+}
+
+impl std::fmt::Debug for ConnHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnHandle")
+            .field("id", &self.id)
+            .field("user", &self.user.get())
+            .field("encoding", &self.encoding)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnHandle {
+    /// A connection writing to `io`, holding live deliveries until
+    /// [`ConnHandle::release`]; the receiver is for its
+    /// [`ConnHandle::write_loop`].
+    pub fn new(
+        id: u64,
+        encoding: Encoding,
+        settings: ConnSettings,
+        io: Option<WriteIo>,
+    ) -> (Arc<ConnHandle>, mpsc::Receiver<Control>) {
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let conn = Arc::new(ConnHandle {
+            id,
+            user: OnceLock::new(),
+            encoding,
+            control,
+            queue: Mutex::new(OutboundQueue::new(settings.outbound)),
+            wire: Mutex::new(Wire {
+                io,
+                // Allocated on first use: most connections are idle most of the time.
+                buf: Vec::new(),
+                sent: 0,
+                unflushed: false,
+                failed: false,
+                last_pos: 0,
+                batch: Vec::new(),
+                payload: Vec::new(),
+            }),
+            wake: Notify::new(),
+            room: Notify::new(),
+            holding: AtomicBool::new(true),
+            hold: Mutex::new(Hold {
+                active: true,
+                items: Vec::new(),
+                overflowed: false,
+            }),
+            hold_cap: settings.hold_cap,
+            direct_writes: settings.direct_writes,
+            extra_slow: AtomicU64::new(0),
+            notice_queued: AtomicBool::new(false),
+            ping_queued: AtomicBool::new(false),
+            last_rx_ms: AtomicU64::new(now_ms()),
+            exp_s: AtomicU64::new(u64::MAX),
+            closing: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
+        });
+        (conn, control_rx)
+    }
+
+    /// Records who authenticated on this connection (once; before it
+    /// joins the user table) and when the token expires.
+    pub fn authenticated(&self, user: &str, exp_s: u64) {
+        let _ = self.user.set(Arc::from(user));
+        self.exp_s.store(exp_s, Ordering::Relaxed);
+    }
+
+    /// The authenticated user ("" before authentication; only
+    /// authenticated connections are in the user table).
+    pub fn user(&self) -> &Arc<str> {
+        static NOBODY: OnceLock<Arc<str>> = OnceLock::new();
+        self.user.get().unwrap_or_else(|| NOBODY.get_or_init(|| Arc::from("")))
+    }
+
+    /// Locks the outbound queue (briefly; never across `.await`).
+    pub fn queue(&self) -> MutexGuard<'_, OutboundQueue> {
+        self.queue.lock().expect("outbound queue lock")
+    }
+
+    fn wire(&self) -> MutexGuard<'_, Wire> {
+        self.wire.lock().expect("wire lock")
+    }
+
+    /// Queues a live delivery without waiting (parked while holding); a
+    /// full queue counts a drop. True when the queue went from empty to
+    /// non-empty: the caller then calls [`ConnHandle::write_now`] (after
+    /// releasing its own locks) or the delivery waits for the next wake.
+    #[must_use]
+    pub fn deliver(&self, d: Delivery) -> bool {
+        if self.holding.load(Ordering::Acquire) {
+            let mut hold = self.hold.lock().expect("hold lock");
+            if hold.active {
+                if hold.items.len() < self.hold_cap {
+                    hold.items.push(d);
+                } else if d.pos.is_some() {
+                    hold.overflowed = true;
+                } else {
+                    drop(hold);
+                    self.count_dropped(1);
+                }
                 return false;
             }
-            let room = self.out.room.notified();
-            {
-                let mut q = self.out.lock();
-                if q.len() < (q.config().max_events / 2).max(1) {
-                    let outcome = q.push(d, Instant::now());
-                    drop(q);
-                    if outcome.wake {
-                        self.out.wake.notify_one();
-                    }
-                    return true;
-                }
-            }
-            // Bounded wait, so a writer that died cannot strand the replay.
-            if tokio::time::timeout(std::time::Duration::from_secs(1), room)
-                .await
-                .is_err()
-            {
-                continue;
-            }
+        }
+        self.push(d)
+    }
+
+    /// Sends what is queued now if the socket is idle and takes it without
+    /// waiting; otherwise (or for what is left) wakes the writer.
+    pub fn write_now(&self) {
+        if !self.direct_writes || self.control.capacity() < self.control.max_capacity() {
+            self.wake.notify_one();
+            return;
+        }
+        let Ok(mut wire) = self.wire.try_lock() else {
+            // The writer is at the socket: it will see the queue.
+            self.wake.notify_one();
+            return;
+        };
+        if !wire.idle() {
+            drop(wire);
+            self.wake.notify_one();
+            return;
+        }
+        self.fill(&mut wire);
+        let mut cx = Context::from_waker(Waker::noop());
+        let done = matches!(wire.poll_send(&mut cx), Poll::Ready(Ok(())));
+        drop(wire);
+        if done {
+            metrics::counter!("switchyard_edge_direct_writes_total").increment(1);
+        }
+        // Pending: the no-op waker took the socket's write interest, so the
+        // writer must poll again; an error ends the connection there; and a
+        // queue longer than one batch still has more.
+        if !done || !self.queue().is_empty() {
+            self.wake.notify_one();
         }
     }
 
-    /// Writes `frame` after everything queued so far and waits until it is written.
-    pub async fn barrier(&self, frame: Vec<u8>, floor: Option<u64>) -> bool {
-        let (done, written) = oneshot::channel();
-        Box::pin(
-            self.control
-                .send(Control::Barrier(Box::new(Barrier { frame, floor, done }))),
-        )
-        .await
-        .is_ok()
-            && written.await.is_ok()
-    }
-
-    /// A sender for the control queue, for fastwebsockets' obligated replies.
-    pub fn control_sender(&self) -> mpsc::Sender<Control> {
-        self.control.clone()
-    }
-
-    fn count_dropped(&self, n: u64) {
-        metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer").increment(n);
-        self.out.extra_slow.fetch_add(n, Ordering::Relaxed);
-        self.out.wake.notify_one();
-    }
-
-    fn try_deliver(&self, d: Delivery) {
-        let outcome = self.out.lock().push(d, Instant::now());
+    fn push(&self, d: Delivery) -> bool {
+        let outcome = self.queue().push(d, Instant::now());
         match outcome.fate {
             Fate::Queued | Fate::Replaced => {}
             Fate::RateLimited => {
@@ -260,89 +387,13 @@ impl ConnSenders {
             metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer")
                 .increment(outcome.evicted as u64);
         }
-        if outcome.wake {
-            self.out.wake.notify_one();
-        }
-    }
-}
-
-/// Live deliveries parked while the connection sends `ready` and replays.
-#[derive(Debug, Default)]
-struct Hold {
-    active: bool,
-    items: Vec<Delivery>,
-    /// A durable delivery did not fit: the replay must catch up from the log.
-    overflowed: bool,
-}
-
-/// Shared reference to an authenticated connection, held by the hub and the user table.
-#[derive(Debug)]
-pub struct ConnHandle {
-    /// Node-unique connection id.
-    pub id: u64,
-    /// The authenticated user.
-    pub user: Arc<str>,
-    /// The connection's encoding (for frames others queue for it).
-    pub encoding: Encoding,
-    senders: ConnSenders,
-    holding: AtomicBool,
-    hold: Mutex<Hold>,
-    hold_cap: usize,
-    /// Unix ms of the last frame received from the client.
-    pub last_rx_ms: AtomicU64,
-    /// Token expiry, unix seconds (updated by refresh).
-    pub exp_s: AtomicU64,
-    closing: AtomicBool,
-    registered: AtomicBool,
-}
-
-impl ConnHandle {
-    /// A handle for an authenticated connection, holding live deliveries
-    /// (at most `hold_cap`) until [`ConnHandle::release`].
-    pub fn new(
-        id: u64,
-        user: Arc<str>,
-        encoding: Encoding,
-        senders: ConnSenders,
-        exp_s: u64,
-        hold_cap: usize,
-    ) -> Arc<ConnHandle> {
-        Arc::new(ConnHandle {
-            id,
-            user,
-            encoding,
-            senders,
-            holding: AtomicBool::new(true),
-            hold: Mutex::new(Hold {
-                active: true,
-                items: Vec::new(),
-                overflowed: false,
-            }),
-            hold_cap,
-            last_rx_ms: AtomicU64::new(now_ms()),
-            exp_s: AtomicU64::new(exp_s),
-            closing: AtomicBool::new(false),
-            registered: AtomicBool::new(false),
-        })
+        outcome.wake
     }
 
-    /// Queues a live delivery without waiting; a full queue counts a drop.
-    pub fn deliver(&self, d: Delivery) {
-        if self.holding.load(Ordering::Acquire) {
-            let mut hold = self.hold.lock().expect("hold lock");
-            if hold.active {
-                if hold.items.len() < self.hold_cap {
-                    hold.items.push(d);
-                } else if d.pos.is_some() {
-                    hold.overflowed = true;
-                } else {
-                    drop(hold);
-                    self.senders.count_dropped(1);
-                }
-                return;
-            }
-        }
-        self.senders.try_deliver(d);
+    fn count_dropped(&self, n: u64) {
+        metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer").increment(n);
+        self.extra_slow.fetch_add(n, Ordering::Relaxed);
+        self.wake.notify_one();
     }
 
     /// Whether durable deliveries were lost from the hold since the last call.
@@ -358,12 +409,66 @@ impl ConnHandle {
     #[must_use]
     pub fn release(&self) -> bool {
         let mut hold = self.hold.lock().expect("hold lock");
+        let mut wake = false;
         for d in hold.items.drain(..) {
-            self.senders.try_deliver(d);
+            wake |= self.push(d);
         }
         hold.active = false;
         self.holding.store(false, Ordering::Release);
-        std::mem::take(&mut hold.overflowed)
+        let overflowed = std::mem::take(&mut hold.overflowed);
+        drop(hold);
+        if wake {
+            self.wake.notify_one();
+        }
+        overflowed
+    }
+
+    /// Queues a replayed delivery once the queue is at most half full: a
+    /// replay is paced by the writer and never overflows the queue. False
+    /// when the connection is gone.
+    pub async fn replayed(&self, d: Delivery) -> bool {
+        loop {
+            if self.control.is_closed() {
+                return false;
+            }
+            let room = self.room.notified();
+            {
+                let mut q = self.queue();
+                if q.len() < (q.config().max_events / 2).max(1) {
+                    let outcome = q.push(d, Instant::now());
+                    drop(q);
+                    if outcome.wake {
+                        self.wake.notify_one();
+                    }
+                    return true;
+                }
+            }
+            // Bounded wait, so a writer that died cannot strand the replay.
+            if tokio::time::timeout(Duration::from_secs(1), room).await.is_err() {
+                continue;
+            }
+        }
+    }
+
+    /// Queues a control frame, waiting for room (used by the connection's own reader).
+    ///
+    /// The send is boxed: callers await this in many places, and each of
+    /// them would otherwise keep room for the channel's send future in the
+    /// connection's task for the connection's whole life.
+    pub async fn control(&self, c: Control) -> bool {
+        Box::pin(self.control.send(c)).await.is_ok()
+    }
+
+    /// Writes `frame` after everything queued so far and waits until it is in the wire.
+    pub async fn barrier(&self, frame: Vec<u8>, floor: Option<u64>) -> bool {
+        let (done, written) = oneshot::channel();
+        Box::pin(
+            self.control
+                .send(Control::Barrier(Box::new(Barrier { frame, floor, done }))),
+        )
+        .await
+        .is_ok()
+            && written.await.is_ok()
     }
 
     /// The node's answer to this connection's registration came: from now
@@ -378,20 +483,15 @@ impl ConnHandle {
         self.registered.load(Ordering::Acquire)
     }
 
-    /// The connection's outbound queue (the sweeper reads its deadlines).
-    pub fn outbound(&self) -> &Outbound {
-        &self.senders.out
-    }
-
     /// Queues a control frame without waiting (used by shared tasks such as the sweeper).
     pub fn try_control(&self, c: Control) -> bool {
-        self.senders.control.try_send(c).is_ok()
+        self.control.try_send(c).is_ok()
     }
 
     /// Asks the writer for a `dropped` notice, unless one is already queued,
     /// so a writer stuck on a full socket does not collect one per sweep.
     pub fn request_dropped_notice(&self) {
-        let flag = &self.senders.out.notice_queued;
+        let flag = &self.notice_queued;
         if !flag.swap(true, Ordering::Relaxed) && !self.try_control(Control::DroppedNotice) {
             flag.store(false, Ordering::Relaxed);
         }
@@ -399,7 +499,7 @@ impl ConnHandle {
 
     /// Asks the writer for a heartbeat ping, unless one is already queued.
     pub fn request_ping(&self) {
-        let flag = &self.senders.out.ping_queued;
+        let flag = &self.ping_queued;
         if !flag.swap(true, Ordering::Relaxed) && !self.try_control(Control::Ping) {
             flag.store(false, Ordering::Relaxed);
         }
@@ -417,7 +517,7 @@ impl ConnHandle {
             return;
         }
         let needed = 1 + usize::from(frame.is_some());
-        let Ok(mut permits) = self.senders.control.try_reserve_many(needed) else {
+        let Ok(mut permits) = self.control.try_reserve_many(needed) else {
             self.closing.store(false, Ordering::Relaxed);
             return;
         };
@@ -437,6 +537,259 @@ impl ConnHandle {
     pub fn touch(&self, now_ms: u64) {
         self.last_rx_ms.store(now_ms, Ordering::Relaxed);
     }
+
+    /// Lets go of the socket's write half (the connection is over).
+    pub fn detach(&self) {
+        self.wire().io = None;
+    }
+
+    /// Sends queued data and control frames until the connection closes:
+    /// the writer half of the connection's task. Control frames go first;
+    /// data goes as one `event` or `batch` frame per drained batch. A
+    /// socket that takes nothing for `stall_limit` ends the connection (no
+    /// close frame can get through a full socket; the client resumes).
+    pub async fn write_loop(
+        &self,
+        mut control: mpsc::Receiver<Control>,
+        conn_done: &CancellationToken,
+        node_cancel: &CancellationToken,
+        stall_limit: Duration,
+        linger: Option<Duration>,
+    ) -> WriterEnd {
+        let result: io::Result<WriterEnd> = async {
+            loop {
+                if let Ok(c) = control.try_recv() {
+                    if let Some(end) = self.put_control(c) {
+                        self.send(stall_limit).await?;
+                        return Ok(end);
+                    }
+                    continue;
+                }
+                let busy = {
+                    let mut wire = self.wire();
+                    if wire.buf.is_empty() {
+                        self.fill(&mut wire);
+                    }
+                    wire.busy()
+                };
+                if busy {
+                    self.send(stall_limit).await?;
+                    continue;
+                }
+                tokio::select! {
+                    biased;
+                    c = control.recv() => match c {
+                        Some(c) => {
+                            if let Some(end) = self.put_control(c) {
+                                self.send(stall_limit).await?;
+                                return Ok(end);
+                            }
+                        }
+                        None => return Ok(WriterEnd::Done),
+                    },
+                    _ = node_cancel.cancelled() => {
+                        wsframe::put_close(&mut self.wire().buf, CloseCode::GoingAway.code(), "server shutting down");
+                        self.send(stall_limit).await?;
+                        return Ok(WriterEnd::SentClose);
+                    }
+                    _ = conn_done.cancelled() => return Ok(WriterEnd::Done),
+                    _ = self.wake.notified() => {
+                        if let Some(linger) = linger {
+                            // Operators who prefer fewer, larger frames let a batch fill a little.
+                            let short = {
+                                let q = self.queue();
+                                q.len() < q.config().batch_max_events
+                            };
+                            if short {
+                                tokio::time::sleep(linger).await;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(end) => end,
+            Err(e) => {
+                tracing::debug!(conn = self.id, error = %e, "writer ended");
+                WriterEnd::Done
+            }
+        }
+    }
+
+    /// Writes the wire out, failing after `stall_limit` without progress.
+    async fn send(&self, stall_limit: Duration) -> io::Result<()> {
+        let send = std::future::poll_fn(|cx| self.wire().poll_send(cx));
+        match tokio::time::timeout(stall_limit, send).await {
+            Ok(r) => r,
+            Err(_) => {
+                metrics::counter!("switchyard_edge_closed_total", "reason" => "socket stalled").increment(1);
+                tracing::debug!(
+                    conn = self.id,
+                    "socket write stalled past the slow-consumer deadline; dropping the connection"
+                );
+                self.wire().failed = true;
+                Err(io::ErrorKind::TimedOut.into())
+            }
+        }
+    }
+
+    /// Puts one control item into the wire; `Some` when the writer stops after it.
+    fn put_control(&self, c: Control) -> Option<WriterEnd> {
+        let data_op = data_opcode(self.encoding);
+        let mut wire = self.wire();
+        match c {
+            Control::Frame(bytes) => wsframe::put_frame(&mut wire.buf, data_op, &bytes),
+            Control::Barrier(b) => {
+                let Barrier { frame, floor, done } = *b;
+                while !self.queue().is_empty() {
+                    self.fill(&mut wire);
+                }
+                wsframe::put_frame(&mut wire.buf, data_op, &frame);
+                if let Some(floor) = floor {
+                    wire.last_pos = wire.last_pos.max(floor);
+                }
+                // The session may have given up waiting; nothing to tell it then.
+                let _ = done.send(());
+            }
+            Control::Pong(p) => wsframe::put_frame(&mut wire.buf, wsframe::PONG, &p),
+            Control::Ping => {
+                self.ping_queued.store(false, Ordering::Relaxed);
+                wsframe::put_frame(&mut wire.buf, wsframe::PING, &[]);
+            }
+            Control::DroppedNotice => {
+                self.notice_queued.store(false, Ordering::Relaxed);
+                let dropped = self.queue().take_dropped();
+                self.put_dropped(&mut wire, dropped);
+            }
+            Control::CloseEcho(p) => {
+                wsframe::put_frame(&mut wire.buf, wsframe::CLOSE, &p);
+                return Some(WriterEnd::Done);
+            }
+            Control::Close(code, reason) => {
+                wsframe::put_close(&mut wire.buf, code, reason);
+                return Some(WriterEnd::SentClose);
+            }
+        }
+        None
+    }
+
+    /// Appends `dropped` notices for what was cut since the last ones.
+    fn put_dropped(&self, wire: &mut Wire, dropped: Option<crate::outbound::Dropped>) {
+        let extra_slow = self.extra_slow.swap(0, Ordering::Relaxed);
+        let (rate_limited, slow) = dropped.map_or((0, 0), |d| (d.rate_limited, d.slow_consumer));
+        for (reason, count) in [("rate_limited", rate_limited), ("slow_consumer", slow + extra_slow)] {
+            if count > 0 {
+                wire.payload.clear();
+                encode_server_frame(
+                    self.encoding,
+                    &ServerFrame::Dropped { count, reason },
+                    &mut wire.payload,
+                );
+                let Wire { buf, payload, .. } = wire;
+                wsframe::put_frame(buf, data_opcode(self.encoding), payload);
+            }
+        }
+    }
+
+    /// Moves one batch (up to the batch caps) from the queue into the wire
+    /// as one `event` or `batch` frame, after any `dropped` notices due.
+    fn fill(&self, wire: &mut Wire) {
+        let dropped = {
+            let mut queue = self.queue();
+            if queue.is_empty() && self.extra_slow.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            wire.batch.clear();
+            queue.drain_batch(&mut wire.batch);
+            queue.take_dropped()
+        };
+        self.room.notify_one();
+        self.put_dropped(wire, dropped);
+        let Wire {
+            buf,
+            batch,
+            payload,
+            last_pos,
+            ..
+        } = wire;
+        batch.retain(|d| match d.pos {
+            Some(pos) if pos <= *last_pos => {
+                metrics::counter!("switchyard_edge_duplicates_skipped_total").increment(1);
+                false
+            }
+            Some(pos) => {
+                *last_pos = pos;
+                true
+            }
+            None => true,
+        });
+        if batch.is_empty() {
+            return;
+        }
+        payload.clear();
+        // Each event converts on its own: one that cannot (a JSON client,
+        // a payload that does not transcode) costs only itself.
+        let (written, skipped, error) = if batch.len() == 1 {
+            match write_event_frame(self.encoding, &batch[0].body, batch[0].pos, payload) {
+                Ok(()) => (1, 0, None),
+                Err(e) => (0, 1, Some(e)),
+            }
+        } else {
+            let r = write_batch_frame_skipping(self.encoding, batch.iter().map(|d| (&d.body[..], d.pos)), payload);
+            (r.written, r.skipped, r.first_error)
+        };
+        let data_op = data_opcode(self.encoding);
+        if skipped > 0 {
+            metrics::counter!("switchyard_edge_bad_deliveries_total").increment(skipped as u64);
+            if let Some(e) = &error {
+                tracing::warn!(error = %e, skipped, "undeliverable events skipped");
+            }
+            let mut notice = Vec::with_capacity(96);
+            let message = format!("{skipped} event(s) could not be encoded for this connection and were skipped");
+            encode_server_frame(
+                self.encoding,
+                &ServerFrame::Error {
+                    id: None,
+                    code: ErrorCode::Internal.as_str(),
+                    message: &message,
+                },
+                &mut notice,
+            );
+            wsframe::put_frame(buf, data_op, &notice);
+        }
+        if written > 0 {
+            metrics::counter!("switchyard_edge_deliveries_total").increment(written as u64);
+            record_latency(batch);
+            wsframe::put_frame(buf, data_op, payload);
+        }
+    }
+}
+
+/// The data opcode of the connection's encoding (binary for MessagePack, text for JSON).
+fn data_opcode(encoding: Encoding) -> u8 {
+    match encoding {
+        Encoding::MsgPack => wsframe::BINARY,
+        Encoding::Json => wsframe::TEXT,
+    }
+}
+
+/// Records `switchyard_edge_delivery_latency_seconds`: from the event's `ts`
+/// (stamped by the router when it took the event in) to this frame's
+/// encoding, once per frame, for the oldest live event in it. Replayed
+/// events are left out: their age says how long the client was away, not
+/// how slow we are.
+fn record_latency(batch: &[Delivery]) {
+    let Some(ts) = batch
+        .iter()
+        .find(|d| !d.replayed)
+        .and_then(|d| switchyard_common::delivery::peek_ts(&d.body))
+    else {
+        return;
+    };
+    let ms = now_ms().saturating_sub(ts);
+    metrics::histogram!("switchyard_edge_delivery_latency_seconds").record(ms as f64 / 1000.0);
 }
 
 /// Unix milliseconds now.
@@ -450,12 +803,61 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use tokio::io::AsyncReadExt;
 
-    fn handle() -> (Arc<ConnHandle>, ConnQueues) {
-        let (senders, queues) = channels(OutboundConfig::default());
+    fn settings() -> ConnSettings {
+        ConnSettings {
+            outbound: OutboundConfig::default(),
+            hold_cap: 16,
+            direct_writes: true,
+        }
+    }
+
+    fn handle() -> (Arc<ConnHandle>, mpsc::Receiver<Control>) {
+        let (conn, rx) = ConnHandle::new(1, Encoding::MsgPack, settings(), None);
+        conn.authenticated("alice", u64::MAX);
+        (conn, rx)
+    }
+
+    fn body(n: u8) -> Bytes {
+        let v = rmpv::Value::Map(vec![
+            ("type".into(), "t".into()),
+            ("data".into(), rmpv::Value::from(n)),
+            ("ts".into(), rmpv::Value::from(0)),
+        ]);
+        let mut b = Vec::new();
+        rmpv::encode::write_value(&mut b, &v).unwrap();
+        Bytes::from(b)
+    }
+
+    /// Reads one server frame (unmasked, short) off `rd`: opcode and payload.
+    async fn read_frame(rd: &mut tokio::io::DuplexStream) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 2];
+        rd.read_exact(&mut head).await.unwrap();
+        let mut len = (head[1] & 0x7f) as usize;
+        if len == 126 {
+            let mut ext = [0u8; 2];
+            rd.read_exact(&mut ext).await.unwrap();
+            len = u16::from_be_bytes(ext) as usize;
+        }
+        let mut payload = vec![0; len];
+        rd.read_exact(&mut payload).await.unwrap();
+        (head[0] & 0x0f, payload)
+    }
+
+    fn event_data(payload: &[u8]) -> (i64, Option<u64>) {
+        let v: rmpv::Value = rmpv::decode::read_value(&mut &payload[..]).unwrap();
+        let get = |k: &str| {
+            v.as_map()
+                .unwrap()
+                .iter()
+                .find(|(key, _)| key.as_str() == Some(k))
+                .map(|(_, v)| v.clone())
+        };
         (
-            ConnHandle::new(1, Arc::from("alice"), Encoding::MsgPack, senders, u64::MAX, 16),
-            queues,
+            get("data").unwrap().as_i64().unwrap(),
+            get("pos").and_then(|p| p.as_u64()),
         )
     }
 
@@ -469,20 +871,122 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn an_idle_socket_gets_a_live_delivery_from_the_dispatcher_itself() {
+        let (wr, mut rd) = tokio::io::duplex(64 * 1024);
+        let (conn, _control) = ConnHandle::new(1, Encoding::MsgPack, settings(), Some(Box::new(wr)));
+        assert!(!conn.release());
+        assert!(conn.deliver(Delivery::new(body(1), Some(5), false)));
+        conn.write_now();
+        // No writer runs in this test: the frame can only have come from write_now.
+        let (op, payload) = read_frame(&mut rd).await;
+        assert_eq!(op, wsframe::BINARY);
+        assert_eq!(event_data(&payload), (1, Some(5)));
+        assert!(conn.queue().is_empty());
+        // A duplicate position is skipped, a later one goes.
+        assert!(conn.deliver(Delivery::new(body(2), Some(5), false)));
+        conn.write_now();
+        assert!(conn.deliver(Delivery::new(body(3), Some(6), false)));
+        conn.write_now();
+        let (_, payload) = read_frame(&mut rd).await;
+        assert_eq!(event_data(&payload), (3, Some(6)));
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_leaves_the_rest_to_the_writer_in_order() {
+        // A pipe that holds less than one frame: the dispatcher's write is
+        // partial, and the writer finishes it before anything else.
+        let (wr, mut rd) = tokio::io::duplex(8);
+        let (conn, control) = ConnHandle::new(1, Encoding::MsgPack, settings(), Some(Box::new(wr)));
+        assert!(!conn.release());
+        assert!(conn.deliver(Delivery::new(body(1), Some(1), false)));
+        conn.write_now();
+        assert!(conn.deliver(Delivery::new(body(2), Some(2), false)));
+        conn.write_now();
+        let done = CancellationToken::new();
+        let cancel = CancellationToken::new();
+        let writer = {
+            let conn = conn.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                conn.write_loop(control, &done, &cancel, Duration::from_secs(30), None)
+                    .await
+            })
+        };
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let (op, payload) = read_frame(&mut rd).await;
+            assert_eq!(op, wsframe::BINARY);
+            // One event or a batch of the rest.
+            let v: rmpv::Value = rmpv::decode::read_value(&mut &payload[..]).unwrap();
+            let map = v.as_map().unwrap();
+            let is_batch = map
+                .iter()
+                .any(|(k, v)| k.as_str() == Some("op") && v.as_str() == Some("batch"));
+            if is_batch {
+                let events = map
+                    .iter()
+                    .find(|(k, _)| k.as_str() == Some("events"))
+                    .unwrap()
+                    .1
+                    .clone();
+                for e in events.as_array().unwrap() {
+                    let mut b = Vec::new();
+                    rmpv::encode::write_value(&mut b, e).unwrap();
+                    got.push(event_data(&b));
+                }
+            } else {
+                got.push(event_data(&payload));
+            }
+        }
+        assert_eq!(got, vec![(1, Some(1)), (2, Some(2))]);
+        done.cancel();
+        assert_eq!(writer.await.unwrap(), WriterEnd::Done);
+    }
+
+    #[tokio::test]
+    async fn a_held_connection_writes_nothing_until_released_and_control_goes_first() {
+        let (wr, mut rd) = tokio::io::duplex(64 * 1024);
+        let (conn, control) = ConnHandle::new(1, Encoding::MsgPack, settings(), Some(Box::new(wr)));
+        assert!(!conn.deliver(Delivery::new(body(1), Some(1), false)), "held");
+        let done = CancellationToken::new();
+        let cancel = CancellationToken::new();
+        let writer = {
+            let conn = conn.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                conn.write_loop(control, &done, &cancel, Duration::from_secs(30), None)
+                    .await
+            })
+        };
+        assert!(conn.barrier(b"ready".to_vec(), Some(0)).await);
+        assert!(!conn.release());
+        let (_, first) = read_frame(&mut rd).await;
+        assert_eq!(first, b"ready");
+        let (_, second) = read_frame(&mut rd).await;
+        assert_eq!(event_data(&second), (1, Some(1)));
+        conn.close_once(CloseCode::SlowConsumer, "slow consumer", None);
+        let (op, close) = read_frame(&mut rd).await;
+        assert_eq!(op, wsframe::CLOSE);
+        assert_eq!(&close[..2], 4009u16.to_be_bytes());
+        assert_eq!(writer.await.unwrap(), WriterEnd::SentClose);
+        drop(done);
+    }
+
     #[test]
     fn a_close_that_finds_the_control_queue_full_is_retried_not_lost() {
-        let (conn, mut queues) = handle();
+        let (conn, mut control) = handle();
         for _ in 0..CONTROL_QUEUE {
             assert!(conn.try_control(Control::Pong(Box::default())));
         }
         conn.close_once(CloseCode::SlowConsumer, "slow consumer", Some(vec![1]));
         // Room for one of the two frames is not enough: nothing goes in.
-        assert!(queues.control.try_recv().is_ok());
+        assert!(control.try_recv().is_ok());
         conn.close_once(CloseCode::SlowConsumer, "slow consumer", Some(vec![1]));
-        assert!(queues.control.try_recv().is_ok());
+        assert!(control.try_recv().is_ok());
         conn.close_once(CloseCode::SlowConsumer, "slow consumer", Some(vec![2]));
         let mut tail = Vec::new();
-        while let Ok(c) = queues.control.try_recv() {
+        while let Ok(c) = control.try_recv() {
             tail.push(c);
         }
         assert_eq!(tail.len(), CONTROL_QUEUE - 2 + 2, "{tail:?}");
@@ -496,26 +1000,24 @@ mod tests {
         );
         // Once queued, a close is not repeated.
         conn.close_once(CloseCode::SlowConsumer, "slow consumer", None);
-        assert!(queues.control.try_recv().is_err());
+        assert!(control.try_recv().is_err());
     }
 
     #[test]
     fn the_sweeper_queues_at_most_one_ping_and_one_notice_until_the_writer_takes_them() {
-        let (conn, mut queues) = handle();
+        let (conn, mut control) = handle();
         for _ in 0..10 {
             conn.request_ping();
             conn.request_dropped_notice();
         }
-        assert!(matches!(queues.control.try_recv(), Ok(Control::Ping)));
-        assert!(matches!(queues.control.try_recv(), Ok(Control::DroppedNotice)));
-        assert!(queues.control.try_recv().is_err());
+        let ping = control.try_recv().unwrap();
+        assert!(matches!(ping, Control::Ping));
+        assert!(matches!(control.try_recv(), Ok(Control::DroppedNotice)));
+        assert!(control.try_recv().is_err());
         conn.request_ping();
-        assert!(
-            queues.control.try_recv().is_err(),
-            "the writer has not taken the first ping"
-        );
-        queues.out.took_ping();
+        assert!(control.try_recv().is_err(), "the writer has not taken the first ping");
+        assert!(conn.put_control(ping).is_none());
         conn.request_ping();
-        assert!(matches!(queues.control.try_recv(), Ok(Control::Ping)));
+        assert!(matches!(control.try_recv(), Ok(Control::Ping)));
     }
 }

@@ -119,7 +119,7 @@ impl Hub {
             let idle_limit = 2 * sweep.heartbeat.as_millis() as u64;
             for conn in self.table.connections() {
                 let (full_since, drop_pending) = {
-                    let q = conn.outbound().lock();
+                    let q = conn.queue();
                     (q.full_since(), q.dropped_pending_since().is_some())
                 };
                 if now.saturating_sub(conn.last_rx_ms.load(Ordering::Relaxed)) > idle_limit {

@@ -115,10 +115,10 @@ impl UserTable {
     /// Adds a connection; the answer comes once this node's presence of the
     /// user is announced to (and acknowledged by) the user's partition.
     pub fn add(&self, conn: Arc<ConnHandle>, reply: RegisterReply) {
-        let p = self.partition_of(&conn.user);
+        let p = self.partition_of(conn.user());
         {
             let mut shard = self.shard(p);
-            let user = conn.user.clone();
+            let user = conn.user().clone();
             let conns = shard.users.entry(user.clone()).or_default();
             let first = conns.is_empty();
             conns.push(conn);
@@ -134,10 +134,10 @@ impl UserTable {
 
     /// Removes a connection (idempotent); the last one of a user makes the user absent.
     pub fn remove(&self, conn: &ConnHandle) {
-        let p = self.partition_of(&conn.user);
+        let p = self.partition_of(conn.user());
         let gone = {
             let mut shard = self.shard(p);
-            let Some(conns) = shard.users.get_mut(&conn.user) else {
+            let Some(conns) = shard.users.get_mut(conn.user()) else {
                 return;
             };
             let before = conns.len();
@@ -146,8 +146,8 @@ impl UserTable {
                 return;
             }
             if conns.is_empty() {
-                shard.users.remove(&conn.user);
-                shard.dirty.insert(conn.user.clone());
+                shard.users.remove(conn.user());
+                shard.dirty.insert(conn.user().clone());
                 self.users.fetch_sub(1, Ordering::Relaxed);
                 true
             } else {
@@ -210,8 +210,7 @@ impl UserTable {
 
 /// Runs the dispatcher over the node's subscription until `cancel` or the subscription ends.
 pub async fn dispatch(mut sub: async_nats::Subscriber, table: Arc<UserTable>, cancel: CancellationToken) {
-    let mut bodies: Vec<Bytes> = Vec::new();
-    let mut metas: Vec<DeliveryMeta> = Vec::new();
+    let mut scratch = DispatchScratch::default();
     loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -223,12 +222,24 @@ pub async fn dispatch(mut sub: async_nats::Subscriber, table: Arc<UserTable>, ca
                 }
             },
         };
-        dispatch_one(&table, &msg.payload, &mut bodies, &mut metas);
+        dispatch_one(&table, &msg.payload, &mut scratch);
     }
 }
 
-/// Hands one message's deliveries to their connections.
-pub fn dispatch_one(table: &UserTable, payload: &Bytes, bodies: &mut Vec<Bytes>, metas: &mut Vec<DeliveryMeta>) {
+/// Buffers the dispatcher reuses from one message to the next.
+#[derive(Default)]
+pub struct DispatchScratch {
+    bodies: Vec<Bytes>,
+    metas: Vec<DeliveryMeta>,
+    /// Connections whose queue this message made non-empty: written to
+    /// once the message is through (one frame each, after the table's lock).
+    ready: Vec<Arc<ConnHandle>>,
+}
+
+/// Hands one message's deliveries to their connections, then writes to
+/// each connection it woke whose socket is idle (see [`ConnHandle::write_now`]).
+pub fn dispatch_one(table: &UserTable, payload: &Bytes, scratch: &mut DispatchScratch) {
+    let DispatchScratch { bodies, metas, ready } = scratch;
     let (partition, mut items) = match decode_edge_message(payload) {
         Ok(EdgeMessage::Deliveries { partition, items }) => (partition, items),
         Ok(EdgeMessage::Sync { partition }) => {
@@ -267,15 +278,18 @@ pub fn dispatch_one(table: &UserTable, payload: &Bytes, bodies: &mut Vec<Bytes>,
         while metas.len() < bodies.len() {
             metas.push(peek_meta(&bodies[metas.len()]).unwrap_or_default());
         }
-        let delivery = |conn: &ConnHandle| {
+        let mut delivery = |conn: &Arc<ConnHandle>| {
             let meta = metas[item.body as usize];
-            conn.deliver(Delivery {
+            let woke = conn.deliver(Delivery {
                 body: bodies[item.body as usize].clone(),
                 pos: item.pos,
                 prio: meta.prio,
                 conflation_key: meta.conflation_key,
                 replayed: false,
             });
+            if woke {
+                ready.push(conn.clone());
+            }
         };
         match item.to {
             Recipient::User(user) => {
@@ -297,27 +311,36 @@ pub fn dispatch_one(table: &UserTable, payload: &Bytes, bodies: &mut Vec<Bytes>,
         }
     }
     drop(shard);
+    for conn in ready.drain(..) {
+        conn.write_now();
+    }
     metrics::counter!("switchyard_edge_deliveries_in_total").increment(n);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::{channels, ConnQueues};
+    use crate::conn::ConnSettings;
     use crate::outbound::OutboundConfig;
     use switchyard_common::fanout::{encode_sync_request, EdgeBatchWriter};
     use switchyard_common::Encoding;
 
-    fn conn(id: u64, user: &str) -> (Arc<ConnHandle>, ConnQueues) {
-        let (senders, queues) = channels(OutboundConfig::default());
-        let c = ConnHandle::new(id, Arc::from(user), Encoding::MsgPack, senders, u64::MAX, 16);
+    /// A connection without a socket: what reaches it stays in its queue.
+    fn conn(id: u64, user: &str) -> (Arc<ConnHandle>, Arc<ConnHandle>) {
+        let settings = ConnSettings {
+            outbound: OutboundConfig::default(),
+            hold_cap: 16,
+            direct_writes: false,
+        };
+        let (c, _control) = ConnHandle::new(id, Encoding::MsgPack, settings, None);
+        c.authenticated(user, u64::MAX);
         assert!(!c.release(), "nothing overflowed");
-        (c, queues)
+        (c.clone(), c)
     }
 
-    fn queued(q: &ConnQueues) -> Vec<(Bytes, Option<u64>)> {
+    fn queued(q: &ConnHandle) -> Vec<(Bytes, Option<u64>)> {
         let mut out = Vec::new();
-        q.out.lock().drain_batch(&mut out);
+        q.queue().drain_batch(&mut out);
         out.into_iter().map(|d| (d.body, d.pos)).collect()
     }
 
@@ -349,7 +372,7 @@ mod tests {
         let two = w.body(&body(2));
         w.broadcast(two, None);
         let msg = w.take(0);
-        dispatch_one(&table, &msg, &mut Vec::new(), &mut Vec::new());
+        dispatch_one(&table, &msg, &mut DispatchScratch::default());
         let want_alice = vec![(Bytes::from(body(1)), Some(7)), (Bytes::from(body(2)), None)];
         assert_eq!(queued(&qa1), want_alice);
         assert_eq!(queued(&qa2), want_alice, "every connection of the user");
@@ -359,7 +382,7 @@ mod tests {
         let mut w = EdgeBatchWriter::new(0);
         let three = w.body(&body(3));
         w.user("alice", three, Some(9));
-        dispatch_one(&table, &w.take(0), &mut Vec::new(), &mut Vec::new());
+        dispatch_one(&table, &w.take(0), &mut DispatchScratch::default());
         assert!(queued(&qa1).is_empty());
         assert_eq!(queued(&qa2), vec![(Bytes::from(body(3)), Some(9))]);
     }
@@ -387,7 +410,7 @@ mod tests {
             "the last connection gone: the user went"
         );
         assert!(!table.shard(p).full);
-        dispatch_one(&table, &encode_sync_request(p), &mut Vec::new(), &mut Vec::new());
+        dispatch_one(&table, &encode_sync_request(p), &mut DispatchScratch::default());
         assert!(table.shard(p).full, "a sync request asks for the whole set");
     }
 
@@ -399,13 +422,12 @@ mod tests {
         dispatch_one(
             &table,
             &Bytes::from_static(b"nonsense"),
-            &mut Vec::new(),
-            &mut Vec::new(),
+            &mut DispatchScratch::default(),
         );
         let mut w = EdgeBatchWriter::new(5);
         let one = w.body(&body(1));
         w.user("alice", one, None);
-        dispatch_one(&table, &w.take(5), &mut Vec::new(), &mut Vec::new());
+        dispatch_one(&table, &w.take(5), &mut DispatchScratch::default());
         assert!(queued(&qa).is_empty());
     }
 }

@@ -41,6 +41,7 @@ pub mod presence;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod wsframe;
 pub mod wsread;
 
 use std::net::SocketAddr;

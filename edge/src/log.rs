@@ -16,7 +16,7 @@ use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use futures::TryStreamExt;
 use switchyard_common::subject::Subjects;
 
-use crate::conn::{ConnSenders, Delivery};
+use crate::conn::{ConnHandle, Delivery};
 use crate::intake::Registration;
 
 /// Why the log could not be read.
@@ -189,7 +189,7 @@ impl DeliveryLog {
 
     /// Sends `user`'s durable events with `after < pos <= upto`, in order,
     /// into the connection's data queue (waiting for room: the writer paces it).
-    pub async fn replay(&self, log: &UserLog, after: u64, upto: u64, out: &ConnSenders) -> Result<Replayed, LogError> {
+    pub async fn replay(&self, log: &UserLog, after: u64, upto: u64, out: &ConnHandle) -> Result<Replayed, LogError> {
         let mut done = Replayed {
             count: 0,
             last_pos: after,

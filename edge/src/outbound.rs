@@ -41,9 +41,39 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use switchyard_common::event::Prio;
 
-use crate::conn::Delivery;
+/// One event on its way to a connection: the delivery body (see
+/// `switchyard_common::delivery`) and what flow control needs to know
+/// without decoding it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The delivery body (event frame map without `op`/`pos`).
+    pub body: Bytes,
+    /// Position in the delivery log; `None` for non-durable events.
+    pub pos: Option<u64>,
+    /// Priority (decides what a slow connection drops first).
+    pub prio: Prio,
+    /// Hash of the event's (`type`, `key`) when it has a key: the conflation identity.
+    pub conflation_key: Option<u64>,
+    /// Replayed from the log on resume: never rate limited, never conflated.
+    pub replayed: bool,
+}
+
+impl Delivery {
+    /// A delivery for `body` at `pos`.
+    pub fn new(body: Bytes, pos: Option<u64>, replayed: bool) -> Delivery {
+        let meta = switchyard_common::delivery::peek_meta(&body).unwrap_or_default();
+        Delivery {
+            body,
+            pos,
+            prio: meta.prio,
+            conflation_key: meta.conflation_key,
+            replayed,
+        }
+    }
+}
 
 /// How long a drop may wait for its `dropped` notice (PROTOCOL.md: "sent
 /// before the next event or within 1 s").

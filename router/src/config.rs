@@ -72,7 +72,7 @@ pub struct RouterConfig {
     #[arg(long, env = "SWITCHYARD_LOG_STREAMS", default_value_t = 4)]
     pub log_streams: u32,
     /// An edge not heard from for this long is forgotten (its users' presence cleared), in ms.
-    #[arg(long, env = "SWITCHYARD_EDGE_TIMEOUT_MS", default_value_t = 3000)]
+    #[arg(long, env = "SWITCHYARD_EDGE_TIMEOUT_MS", default_value_t = 2000)]
     pub edge_timeout_ms: u64,
     /// How long a router that takes over a user partition waits for the
     /// edges to re-announce their users before it delivers, in ms.

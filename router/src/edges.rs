@@ -30,7 +30,7 @@ pub async fn track(
     let (tx, rx) = watch::channel(EdgeSet::default());
     let task = async move {
         let mut seen: HashMap<String, Instant> = HashMap::new();
-        let mut sweep = tokio::time::interval((timeout / 4).max(Duration::from_millis(100)));
+        let mut sweep = tokio::time::interval((timeout / 8).max(Duration::from_millis(100)));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let changed = tokio::select! {

@@ -189,14 +189,22 @@ impl Wire {
     }
 }
 
-/// How the writer stopped.
+/// How the writer stopped, for the connection's end and its log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriterEnd {
+pub struct WriterEnd {
     /// We sent a close frame: the client should answer it.
-    SentClose,
-    /// Anything else (client's close echoed, the reader ended, a failed or
-    /// stalled socket).
-    Done,
+    pub sent_close: bool,
+    /// Why the connection ends (the close reason, or what happened to the socket).
+    pub reason: &'static str,
+}
+
+impl WriterEnd {
+    fn done(reason: &'static str) -> WriterEnd {
+        WriterEnd {
+            sent_close: false,
+            reason,
+        }
+    }
 }
 
 /// Shared reference to one connection, held by the user table, the
@@ -585,14 +593,14 @@ impl ConnHandle {
                                 return Ok(end);
                             }
                         }
-                        None => return Ok(WriterEnd::Done),
+                        None => return Ok(WriterEnd::done("session ended")),
                     },
                     _ = node_cancel.cancelled() => {
                         wsframe::put_close(&mut self.wire().buf, CloseCode::GoingAway.code(), "server shutting down");
                         self.send(stall_limit).await?;
-                        return Ok(WriterEnd::SentClose);
+                        return Ok(WriterEnd { sent_close: true, reason: "server shutting down" });
                     }
-                    _ = conn_done.cancelled() => return Ok(WriterEnd::Done),
+                    _ = conn_done.cancelled() => return Ok(WriterEnd::done("session ended")),
                     _ = self.wake.notified() => {
                         if let Some(linger) = linger {
                             // Operators who prefer fewer, larger frames let a batch fill a little.
@@ -611,9 +619,10 @@ impl ConnHandle {
         .await;
         match result {
             Ok(end) => end,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => WriterEnd::done("socket stalled"),
             Err(e) => {
                 tracing::debug!(conn = self.id, error = %e, "writer ended");
-                WriterEnd::Done
+                WriterEnd::done("socket error")
             }
         }
     }
@@ -665,11 +674,14 @@ impl ConnHandle {
             }
             Control::CloseEcho(p) => {
                 wsframe::put_frame(&mut wire.buf, wsframe::CLOSE, &p);
-                return Some(WriterEnd::Done);
+                return Some(WriterEnd::done("client closed"));
             }
             Control::Close(code, reason) => {
                 wsframe::put_close(&mut wire.buf, code, reason);
-                return Some(WriterEnd::SentClose);
+                return Some(WriterEnd {
+                    sent_close: true,
+                    reason,
+                });
             }
         }
         None
@@ -861,6 +873,22 @@ mod tests {
         )
     }
 
+    /// Runs `conn`'s writer; cancel the token to end it.
+    fn spawn_writer(
+        conn: &Arc<ConnHandle>,
+        control: mpsc::Receiver<Control>,
+    ) -> (tokio::task::JoinHandle<WriterEnd>, CancellationToken) {
+        let done = CancellationToken::new();
+        let conn = conn.clone();
+        let token = done.clone();
+        let writer = tokio::spawn(async move {
+            let cancel = CancellationToken::new();
+            conn.write_loop(control, &token, &cancel, Duration::from_secs(30), None)
+                .await
+        });
+        (writer, done)
+    }
+
     #[test]
     fn control_items_stay_small() {
         // The control queue allocates room for 32 of them per connection.
@@ -903,16 +931,7 @@ mod tests {
         conn.write_now();
         assert!(conn.deliver(Delivery::new(body(2), Some(2), false)));
         conn.write_now();
-        let done = CancellationToken::new();
-        let cancel = CancellationToken::new();
-        let writer = {
-            let conn = conn.clone();
-            let done = done.clone();
-            tokio::spawn(async move {
-                conn.write_loop(control, &done, &cancel, Duration::from_secs(30), None)
-                    .await
-            })
-        };
+        let (writer, done) = spawn_writer(&conn, control);
         let mut got = Vec::new();
         while got.len() < 2 {
             let (op, payload) = read_frame(&mut rd).await;
@@ -941,7 +960,7 @@ mod tests {
         }
         assert_eq!(got, vec![(1, Some(1)), (2, Some(2))]);
         done.cancel();
-        assert_eq!(writer.await.unwrap(), WriterEnd::Done);
+        assert_eq!(writer.await.unwrap(), WriterEnd::done("session ended"));
     }
 
     #[tokio::test]
@@ -949,16 +968,7 @@ mod tests {
         let (wr, mut rd) = tokio::io::duplex(64 * 1024);
         let (conn, control) = ConnHandle::new(1, Encoding::MsgPack, settings(), Some(Box::new(wr)));
         assert!(!conn.deliver(Delivery::new(body(1), Some(1), false)), "held");
-        let done = CancellationToken::new();
-        let cancel = CancellationToken::new();
-        let writer = {
-            let conn = conn.clone();
-            let done = done.clone();
-            tokio::spawn(async move {
-                conn.write_loop(control, &done, &cancel, Duration::from_secs(30), None)
-                    .await
-            })
-        };
+        let (writer, done) = spawn_writer(&conn, control);
         assert!(conn.barrier(b"ready".to_vec(), Some(0)).await);
         assert!(!conn.release());
         let (_, first) = read_frame(&mut rd).await;
@@ -969,7 +979,13 @@ mod tests {
         let (op, close) = read_frame(&mut rd).await;
         assert_eq!(op, wsframe::CLOSE);
         assert_eq!(&close[..2], 4009u16.to_be_bytes());
-        assert_eq!(writer.await.unwrap(), WriterEnd::SentClose);
+        assert_eq!(
+            writer.await.unwrap(),
+            WriterEnd {
+                sent_close: true,
+                reason: "slow consumer"
+            }
+        );
         drop(done);
     }
 

@@ -31,7 +31,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
-use crate::conn::{now_ms, ConnHandle, ConnSettings, Control, WriterEnd};
+use crate::conn::{now_ms, ConnHandle, ConnSettings, Control};
 use crate::intake::Registration;
 use crate::log::LogError;
 use crate::node::{Node, UserSlot};
@@ -98,23 +98,28 @@ pub async fn run(
     let writer = conn.write_loop(control, &conn_done, &node.cancel, stall_limit, linger);
     let session = session(&mut reader, pre_auth);
     tokio::pin!(writer, session);
-    tokio::select! {
+    let reason = tokio::select! {
         end = &mut writer => {
             // We sent a close: give the client a moment to answer it before
             // the socket goes, so it reads our close frame rather than a reset.
-            if end == WriterEnd::SentClose
+            if end.sent_close
                 && tokio::time::timeout(CLOSE_GRACE, &mut session).await.is_err()
             {
                 tracing::debug!(conn = conn.id, "client did not answer our close in time");
             }
+            end.reason
         }
         () = &mut session => {
             // Let the writer send what the session left for it (a close
             // echo, an error and a close), briefly.
             conn_done.cancel();
-            let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer).await;
+            match tokio::time::timeout(CLOSE_GRACE, &mut writer).await {
+                Ok(end) => end.reason,
+                Err(_) => "socket stalled",
+            }
         }
-    }
+    };
+    tracing::debug!(conn = conn.id, user = %conn.user(), reason, "connection closed");
     conn_done.cancel();
     node.hub.unregister(&conn);
     conn.detach();

@@ -24,6 +24,8 @@ use hyper::{Method, Response, StatusCode, Uri};
 use serde_json::json;
 use switchyard_common::ids::is_valid_user_id;
 
+use switchyard_runtime::http::respond;
+
 use crate::config::{EdgeConfig, DEV_JWT_SECRET};
 
 /// Where the demo lives on the WebSocket port.
@@ -210,9 +212,8 @@ fn mint(query: Option<&str>) -> Response<Full<Bytes>> {
     r
 }
 
-fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = respond(status, body);
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r

@@ -22,10 +22,12 @@
 //! - [`backend`]: requests to the router tier and rpc applications.
 //! - [`node`]: what all connections share (limits, drain flag).
 //! - [`tls`]: rustls for `wss://`.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`demo`]: the optional demo page under `/demo/` and its dev-token endpoint.
+//!
+//! The admin endpoint (`/healthz`; `/readyz`, which turns 503 while draining;
+//! `/metrics`), the NATS connection and the signal handling come from
+//! `switchyard-runtime`, shared with the router.
 
-pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod config;
@@ -55,30 +57,37 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// Bad configuration.
-    #[error("invalid configuration: {0}")]
+    #[error("invalid configuration")]
     Config(#[from] config::ConfigError),
-    /// NATS could not be reached.
-    #[error("cannot connect to NATS: {0}")]
-    Nats(#[from] async_nats::ConnectError),
-    /// A NATS subscription failed.
-    #[error("cannot subscribe: {0}")]
-    Subscribe(#[from] async_nats::SubscribeError),
+    /// What both tiers can fail at: NATS, a listener, the metrics recorder.
+    #[error(transparent)]
+    Runtime(#[from] switchyard_runtime::StartError),
     /// The delivery log is not there.
     #[error(transparent)]
     Log(#[from] log::LogError),
     /// A verification key is unusable.
-    #[error("invalid token verification settings: {0}")]
+    #[error("invalid token verification settings")]
     Auth(#[from] auth::AuthConfigError),
     /// The TLS certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    /// A listener could not be bound.
-    #[error("cannot bind: {0}")]
-    Bind(#[from] std::io::Error),
-    /// The metrics recorder could not be installed.
-    #[error("cannot install the metrics recorder: {0}")]
-    Metrics(#[from] metrics_exporter_prometheus::BuildError),
 }
+
+impl StartError {
+    /// Whether the operator's configuration is at fault (exit code 64).
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Config(_) | StartError::Auth(_) | StartError::Tls(_))
+    }
+}
+
+/// Delivery latency buckets, in seconds: 1 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The histograms of the edge's metrics (the rest are counters and gauges):
+/// `switchyard_edge_delivery_latency_seconds` with [`LATENCY_BUCKETS`].
+pub const HISTOGRAMS: &[(&str, &[f64])] = &[("switchyard_edge_delivery_latency_seconds", LATENCY_BUCKETS)];
 
 /// A running edge.
 pub struct RunningEdge {
@@ -132,15 +141,16 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     }
     let metrics = match config.metrics.clone() {
         Some(h) => h,
-        None => admin::install_recorder()?,
+        None => {
+            switchyard_runtime::admin::install_recorder(HISTOGRAMS).map_err(switchyard_runtime::StartError::from)?
+        }
     };
     // Counts moments when live deliveries may have been missed (a reconnect
     // after a disconnect, messages dropped by the client); see `resync`.
     let (gaps_tx, gaps) = tokio::sync::watch::channel(0u64);
     let disconnected = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = async_nats::ConnectOptions::new()
+    let options = async_nats::ConnectOptions::new()
         .name("switchyard-edge")
-        .retry_on_initial_connect()
         .event_callback(move |event| {
             let gaps_tx = gaps_tx.clone();
             let disconnected = disconnected.clone();
@@ -159,16 +169,10 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
                 }
                 nats_event(event)
             }
-        })
-        // SWITCHYARD_NATS_URL may list several servers, comma separated.
-        .connect(config.nats_url.split(',').map(str::trim).collect::<Vec<_>>())
-        .await?;
-    for _ in 0..500 {
-        if client.connection_state() == async_nats::connection::State::Connected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        });
+    let client = switchyard_runtime::nats::connect(options, &config.nats_url)
+        .await
+        .map_err(switchyard_runtime::StartError::from)?;
     let connected = client.connection_state() == async_nats::connection::State::Connected;
     metrics::gauge!("switchyard_edge_nats_connected").set(if connected { 1.0 } else { 0.0 });
     let cancel = CancellationToken::new();
@@ -189,10 +193,8 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     )
     .await?;
     let backend = backend::Backend::new(client.clone(), subjects.clone(), config.request_timeout());
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let ws_addr = listener.local_addr()?;
-    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen).await?;
-    let admin_addr = admin_listener.local_addr()?;
+    let (listener, ws_addr) = switchyard_runtime::bind(config.listen).await?;
+    let (admin_listener, admin_addr) = switchyard_runtime::bind(config.admin_listen).await?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
@@ -209,15 +211,23 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     ));
     let ready_client = client.clone();
     let ready_node = node.clone();
-    let ready: admin::ReadyCheck = Arc::new(move || {
+    let ready: switchyard_runtime::admin::ReadyCheck = Arc::new(move || {
         !ready_node.cancel.is_cancelled()
             && !ready_node.draining.load(std::sync::atomic::Ordering::Relaxed)
             && ready_client.connection_state() == async_nats::connection::State::Connected
     });
-    tasks.spawn(admin::serve(admin_listener, ready, metrics, cancel.clone()));
+    tasks.spawn(switchyard_runtime::admin::serve(
+        admin_listener,
+        ready,
+        metrics,
+        cancel.clone(),
+    ));
     // The node's one live subscription, then presence: routers learn of
     // this node (heartbeat) only once it can take deliveries.
-    let intake_sub = client.subscribe(subjects.edge(&node.node_id)).await?;
+    let intake_sub = client
+        .subscribe(subjects.edge(&node.node_id))
+        .await
+        .map_err(switchyard_runtime::StartError::from)?;
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }

@@ -34,14 +34,10 @@ use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
+use switchyard_runtime::http::respond;
+
 use crate::node::Node;
 use crate::session::{self, PreAuth};
-
-fn respond(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r
-}
 
 /// Accepts connections until the node's cancel token fires; with an
 /// acceptor, each connection speaks TLS first.
@@ -211,7 +207,7 @@ where
     }
 }
 
-fn refuse(reason: &'static str, status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+fn refuse(reason: &'static str, status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     metrics::counter!("switchyard_edge_refused_total", "reason" => reason).increment(1);
     respond(status, body)
 }
@@ -322,7 +318,7 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>, slot: &SlotC
     };
     let query = match parse_query(req.uri().query()) {
         Ok(q) => q,
-        Err(e) => return respond(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+        Err(e) => return respond(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
     let header_token = req.headers().get(AUTHORIZATION).map(|v| {
         v.to_str()
@@ -368,7 +364,7 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>, slot: &SlotC
     };
     let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(r) => r,
-        Err(e) => return respond(StatusCode::BAD_REQUEST, &format!("bad upgrade request: {e}\n")),
+        Err(e) => return respond(StatusCode::BAD_REQUEST, format!("bad upgrade request: {e}\n")),
     };
     if echo_protocol {
         response

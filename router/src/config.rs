@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use clap::Parser;
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchyard_common::subject::Subjects;
+use switchyard_runtime::nats::Storage;
 
 /// Everything a router needs to run.
 #[derive(Debug, Clone, Parser)]
@@ -51,8 +52,8 @@ pub struct RouterConfig {
     pub log_max_age_s: u64,
     /// Storage of the router's JetStream assets (delivery log, event streams,
     /// subscription bucket): `file` or `memory`.
-    #[arg(long, env = "SWITCHYARD_LOG_STORAGE", default_value = "file", value_parser = ["file", "memory"])]
-    pub log_storage: String,
+    #[arg(long, env = "SWITCHYARD_LOG_STORAGE", value_enum, default_value_t = Storage::File)]
+    pub log_storage: Storage,
     /// Replicas of the router's JetStream assets (3 on a NATS cluster).
     #[arg(long, env = "SWITCHYARD_LOG_REPLICAS", default_value_t = 1)]
     pub log_replicas: usize,
@@ -221,7 +222,7 @@ impl RouterConfig {
     pub fn store_settings(&self) -> crate::store::StoreSettings {
         crate::store::StoreSettings {
             replicas: self.log_replicas,
-            memory: self.log_storage == "memory",
+            storage: self.log_storage,
             max_bytes: self.subs_max_bytes,
             tombstone_ttl: std::time::Duration::from_secs(self.subs_tombstone_ttl_s),
         }
@@ -248,7 +249,7 @@ impl RouterConfig {
     pub fn event_settings(&self) -> crate::events::EventSettings {
         crate::events::EventSettings {
             partitions: self.partitions,
-            memory: self.log_storage == "memory",
+            storage: self.log_storage,
             replicas: self.log_replicas,
             max_age: std::time::Duration::from_secs(self.events_max_age_s),
             duplicate_window: std::time::Duration::from_secs(self.dedup_window_s),
@@ -272,7 +273,7 @@ impl RouterConfig {
         crate::log::LogSettings {
             max_per_subject: self.log_max_per_user,
             max_age: std::time::Duration::from_secs(self.log_max_age_s),
-            memory: self.log_storage == "memory",
+            storage: self.log_storage,
             replicas: self.log_replicas,
             duplicate_window: std::time::Duration::from_secs(self.log_duplicate_window_s),
             user_partitions: self.user_partitions,

@@ -32,7 +32,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
@@ -42,9 +42,11 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use switchyard_common::delivery::encode_delivery;
 use switchyard_common::event::{is_json_content_type, parse_event, ProducerEvent, Target};
+use switchyard_common::hash::fnv1a;
 use switchyard_common::subject::Subjects;
 use switchyard_common::subscription::MatchQuery;
 use switchyard_common::transcode;
+use switchyard_runtime::now_ms;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Partition;
@@ -138,13 +140,6 @@ pub struct Worker {
     durable_out: Fanout,
     /// Live-only events' hand-offs (sent per fetched batch).
     live_out: Fanout,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Waits for an event's durable deliveries to be stored.
@@ -655,12 +650,6 @@ impl EventRef<'_> {
             }
         }
     }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// The union of `fields` over a user's matching subscriptions; `None` when

@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy};
 use switchyard_common::subject::Subjects;
 
 /// Delivery log settings.
@@ -29,7 +29,7 @@ pub struct LogSettings {
     /// How long a message is kept.
     pub max_age: Duration,
     /// File (default) or memory storage.
-    pub memory: bool,
+    pub storage: switchyard_runtime::nats::Storage,
     /// Stream replicas (1 on a single server; 3 on a cluster).
     pub replicas: usize,
     /// Window in which a delivery with the same message id is stored once
@@ -39,14 +39,6 @@ pub struct LogSettings {
     pub user_partitions: u32,
     /// Log streams the user partitions are spread over.
     pub groups: u32,
-}
-
-fn storage(memory: bool) -> StorageType {
-    if memory {
-        StorageType::Memory
-    } else {
-        StorageType::File
-    }
 }
 
 /// The configuration of log stream `group`.
@@ -60,7 +52,7 @@ pub fn stream_config(subjects: &Subjects, s: &LogSettings, group: u32) -> Config
             .collect(),
         max_messages_per_subject: s.max_per_subject,
         max_age: s.max_age,
-        storage: storage(s.memory),
+        storage: s.storage.into(),
         num_replicas: s.replicas,
         discard: DiscardPolicy::Old,
         duplicate_window: s.duplicate_window,
@@ -76,7 +68,7 @@ pub fn targets_config(subjects: &Subjects, s: &LogSettings) -> Config {
         description: Some("Switchyard hand-off: durable events' targets awaiting their delivery partition".into()),
         subjects: vec![subjects.targets_wildcard()],
         retention: RetentionPolicy::WorkQueue,
-        storage: storage(s.memory),
+        storage: s.storage.into(),
         num_replicas: s.replicas,
         discard: DiscardPolicy::Old,
         duplicate_window: s.duplicate_window,

@@ -61,7 +61,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::{self, Operation};
-use async_nats::jetstream::stream::StorageType;
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use switchyard_common::control;
@@ -81,8 +80,8 @@ pub const APPLY_WAIT: Duration = Duration::from_secs(5);
 pub struct StoreSettings {
     /// Replicas (3 on a NATS cluster).
     pub replicas: usize,
-    /// Memory rather than file storage.
-    pub memory: bool,
+    /// File (default) or memory storage.
+    pub storage: switchyard_runtime::nats::Storage,
     /// Largest size of the bucket, in bytes (default 1 GiB).
     pub max_bytes: i64,
     /// How long a tombstone stays before the server deletes it (default 1 h).
@@ -142,8 +141,11 @@ impl Change {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The bucket could not be created or opened.
-    #[error("cannot open the subscription bucket: {0}")]
-    Open(String),
+    #[error("cannot open the subscription bucket")]
+    Open(#[from] switchyard_runtime::nats::KvOpenError),
+    /// The bucket's limits could not be brought to the settings.
+    #[error("cannot set the subscription bucket's limits")]
+    Limits(#[source] LimitsError),
     /// A write failed.
     #[error("cannot store the change: {0}")]
     Put(#[from] async_nats::jetstream::context::PublishError),
@@ -163,6 +165,26 @@ pub enum StoreError {
     #[error("cannot watch the subscription bucket: {0}")]
     Watch(#[from] kv::WatchError),
 }
+
+/// Why the bucket's limits could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitsError {
+    /// The bucket's stream could not be found.
+    #[error("cannot find the bucket's stream")]
+    Stream(#[from] async_nats::jetstream::context::GetStreamError),
+    /// The stream's configuration could not be read.
+    #[error("cannot read the bucket's stream configuration")]
+    Info(#[from] async_nats::jetstream::context::RequestError),
+    /// The stream's configuration could not be updated.
+    #[error("cannot update the bucket's stream configuration")]
+    Update(#[from] async_nats::jetstream::context::UpdateStreamError),
+    /// The server is too old for tombstones that expire.
+    #[error("the NATS server does not support per-message TTLs (nats-server 2.11 or later is needed)")]
+    NoMessageTtl,
+}
+
+/// Tries of [`Store::open`] at setting the bucket's limits before it gives up.
+const OPEN_TRIES: usize = 5;
 
 /// Whether a watcher that last knew it had applied the whole bucket `since`
 /// ago may follow on from its last applied revision: only while no
@@ -220,32 +242,21 @@ impl Store {
             history: 1,
             num_replicas: settings.replicas,
             max_bytes: settings.max_bytes,
-            storage: if settings.memory {
-                StorageType::Memory
-            } else {
-                StorageType::File
-            },
+            storage: settings.storage.into(),
             ..Default::default()
         };
-        let mut last_error = String::new();
-        for _ in 0..5 {
-            let kv = match js.get_key_value(bucket.as_str()).await {
-                Ok(kv) => Ok(kv),
-                Err(_) => js.create_key_value(config.clone()).await.map_err(|e| e.to_string()),
-            };
-            match kv {
-                Ok(kv) => {
-                    let store = Store::with(kv, js, &bucket, settings);
-                    match store.ensure_limits(settings).await {
-                        Ok(()) => return Ok(store),
-                        Err(e) => last_error = e,
-                    }
-                }
-                Err(e) => last_error = e,
+        let mut tries = 0;
+        loop {
+            let kv = switchyard_runtime::nats::open_or_create_kv(js, &config).await?;
+            let store = Store::with(kv, js, &bucket, settings);
+            match store.ensure_limits(settings).await {
+                Ok(()) => return Ok(store),
+                Err(e) if tries + 1 >= OPEN_TRIES => return Err(StoreError::Limits(e)),
+                Err(e) => tracing::debug!(error = %e, "subscription bucket limits not set yet; trying again"),
             }
+            tries += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(StoreError::Open(last_error))
     }
 
     fn with(kv: kv::Store, js: &async_nats::jetstream::Context, bucket: &str, settings: &StoreSettings) -> Store {
@@ -261,23 +272,17 @@ impl Store {
     }
 
     /// Sets `max_bytes` and turns per-message TTLs on when the stream lacks them.
-    async fn ensure_limits(&self, settings: &StoreSettings) -> Result<(), String> {
-        let mut stream = self
-            .js
-            .get_stream(self.stream.as_str())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut config = stream.info().await.map_err(|e| e.to_string())?.config.clone();
+    async fn ensure_limits(&self, settings: &StoreSettings) -> Result<(), LimitsError> {
+        let mut stream = self.js.get_stream(self.stream.as_str()).await?;
+        let mut config = stream.info().await?.config.clone();
         if config.max_bytes == settings.max_bytes && config.allow_message_ttl {
             return Ok(());
         }
         config.max_bytes = settings.max_bytes;
         config.allow_message_ttl = true;
-        let info = self.js.update_stream(config).await.map_err(|e| e.to_string())?;
+        let info = self.js.update_stream(config).await?;
         if !info.config.allow_message_ttl {
-            return Err(
-                "the NATS server does not support per-message TTLs (nats-server 2.11 or later is needed)".into(),
-            );
+            return Err(LimitsError::NoMessageTtl);
         }
         tracing::info!(max_bytes = settings.max_bytes, "subscription bucket limits updated");
         Ok(())

@@ -114,11 +114,6 @@ pub struct RouterConfig {
     /// How long an application authorization decision is reused, in seconds.
     #[arg(long, env = "SWITCHYARD_AUTHZ_CACHE_S", default_value_t = 60)]
     pub authz_cache_s: u64,
-    /// Fault injection for failover tests: after publishing this many durable
-    /// deliveries (and seeing them stored), the process aborts before
-    /// acknowledging the event, the worst moment for a router to die.
-    #[arg(long, env = "SWITCHYARD_TEST_CRASH_AFTER_DELIVERIES", hide = true)]
-    pub crash_after_deliveries: Option<u64>,
     /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
     #[arg(skip)]
     pub metrics: Option<PrometheusHandle>,

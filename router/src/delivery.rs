@@ -23,7 +23,6 @@
 //! It must not hold a lock across `.await`; it holds none at all: the
 //! partition's state is this task's own.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,10 +93,9 @@ pub struct Shared {
     /// yet (it started less than a heartbeat interval ago): workers wait for
     /// it before they ask edges for their users.
     pub edges_known_at: tokio::time::Instant,
-    /// Fault injection (tests): abort after this many stored durable deliveries.
-    pub crash_after: Option<u64>,
-    /// Durable deliveries stored so far (for `crash_after`).
-    pub stored: AtomicU64,
+    /// Fault injection (tests, cargo feature `fault-injection`): abort after
+    /// so many stored durable deliveries. Always `None` without the feature.
+    pub crash: Option<crate::fault::CrashAfter>,
     /// User partitions whose worker stopped on a failed store: the redo can
     /// give an event a later `pos` than one already sent live, which edges
     /// would drop as already seen. The next worker treats every edge as
@@ -621,7 +619,9 @@ impl Worker {
             done.push(f);
         }
         let n: usize = done.iter().map(|f| f.items.len()).sum();
-        self.maybe_crash(n as u64);
+        if let Some(crash) = &self.shared.crash {
+            crash.stored(n as u64);
+        }
         self.flush().await;
         for f in done {
             if let Err(e) = f.msg.ack().await {
@@ -632,19 +632,6 @@ impl Worker {
         match failed {
             Some(e) => Err(DeliveryError::Publish(e)),
             None => Ok(()),
-        }
-    }
-
-    /// Fault injection: once `crash_after` durable deliveries are stored,
-    /// die before their live copies go out and before their hand-off is acknowledged.
-    fn maybe_crash(&self, n: u64) {
-        let Some(limit) = self.shared.crash_after else {
-            return;
-        };
-        let before = self.shared.stored.fetch_add(n, Ordering::Relaxed);
-        if before + n >= limit {
-            tracing::error!("SWITCHYARD_TEST_CRASH_AFTER_DELIVERIES reached: aborting");
-            std::process::abort();
         }
     }
 }

@@ -14,12 +14,14 @@
 //! - [`events`]: the partitioned event streams producers publish into.
 //! - [`lease`]: which router processes which partition, with failover.
 //! - [`ingest`]: the match stage: producer events → targets per user partition, one worker per owned event partition.
+//! - [`targeting`]: one event → its users and bodies, by user partition (pure).
 //! - [`handoff`]: grouping one event's (user, body) pairs by user partition (pure).
 //! - [`delivery`]: the delivery stage: stores each user's deliveries and sends live copies per edge, one worker per owned user partition.
 //! - [`presence`]: which edges hold which users of a partition (pure).
 //! - [`batches`]: live batches per edge, bodies once, cut below NATS' max payload (pure).
 //! - [`edges`]: which edges are alive (their heartbeats).
 //! - [`log`]: the delivery log streams and the hand-off stream (JetStream).
+//! - [`fault`]: crash injection for failover tests (cargo feature `fault-injection` only).
 //! - [`workqueue`]: taking over a slice of a work-queue stream (the consumer both stages use).
 //!
 //! The admin endpoint, the NATS connection and the signal handling come
@@ -36,6 +38,7 @@ pub mod delivery;
 pub mod edges;
 pub mod events;
 pub mod fast_index;
+pub mod fault;
 pub mod handoff;
 pub mod index;
 pub mod ingest;
@@ -45,6 +48,7 @@ pub mod presence;
 pub mod rooms;
 pub mod state;
 pub mod store;
+pub mod targeting;
 pub mod workqueue;
 
 use std::net::SocketAddr;
@@ -215,8 +219,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         sync_wait: Duration::from_millis(config.presence_sync_ms),
         // Edges beat every second: after this long every live one has been heard.
         edges_known_at: tokio::time::Instant::now() + EDGE_HEARTBEAT + Duration::from_millis(300),
-        crash_after: config.crash_after_deliveries,
-        stored: std::sync::atomic::AtomicU64::new(0),
+        crash: fault::CrashAfter::from_env(),
         failed_stores: Default::default(),
     });
     let units = events::Partition::all(config.partitions)

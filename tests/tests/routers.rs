@@ -28,9 +28,18 @@ impl RouterProcess {
         let bin = dir.join("switchyard-router");
         if !bin.exists() {
             // `cargo test -p switchyard-tests` alone does not build other packages' binaries.
+            // The crash test needs the fault-injection feature (router/src/fault.rs).
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
-                .args(["build", "-p", "switchyard-router", "--bin", "switchyard-router"])
+                .args([
+                    "build",
+                    "-p",
+                    "switchyard-router",
+                    "--bin",
+                    "switchyard-router",
+                    "--features",
+                    "fault-injection",
+                ])
                 .status()?;
             if !status.success() || !bin.exists() {
                 bail!("cannot build {}", bin.display());

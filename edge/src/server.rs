@@ -279,7 +279,7 @@ fn parse_query(query: Option<&str>) -> Result<Query, String> {
             _ => {}
         }
     }
-    let resume = parse_resume(epoch, since)?;
+    let resume = parse_resume(epoch, since).map_err(|e| e.to_string())?;
     Ok(Query { resume, token })
 }
 

@@ -394,7 +394,7 @@ impl Reader {
             Ok(f) => f,
             Err(e) => {
                 // A bad resume point is a bad frame; anything else undecodable is unauthorized.
-                let code = if e.message.starts_with(switchyard_common::client::RESUME_ERROR_PREFIX) {
+                let code = if e.is_bad_resume() {
                     ErrorCode::BadFrame
                 } else {
                     ErrorCode::Unauthorized
@@ -445,6 +445,7 @@ impl Reader {
                     Encoding::MsgPack => "text frame on a MessagePack connection".into(),
                     Encoding::Json => "binary frame on a JSON connection".into(),
                 },
+                kind: switchyard_common::client::FrameErrorKind::Invalid,
             });
         }
         decode_client_frame(self.encoding, &payload)

@@ -60,14 +60,23 @@ const SYNC_RETRY: Duration = Duration::from_secs(1);
 /// Why a worker stopped before it was told to.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
-    /// The hand-off consumer or the log stream could not be set up or read.
-    #[error("hand-off consumer: {0}")]
-    Consumer(String),
+    /// The hand-off consumer could not be set up.
+    #[error(transparent)]
+    Consumer(#[from] crate::workqueue::ConsumerError),
+    /// The hand-off consumer failed (missed heartbeats, a NATS restart).
+    #[error("hand-off consumer failed")]
+    Messages(#[from] async_nats::jetstream::consumer::pull::MessagesError),
+    /// The log stream (or the first one, for the epoch) could not be read.
+    #[error("cannot read the delivery log stream")]
+    Stream(#[from] async_nats::jetstream::context::GetStreamError),
+    /// A subscription or consumer this worker reads ended.
+    #[error("the {0} ended")]
+    Ended(&'static str),
     /// A delivery could not be stored in the log.
-    #[error("delivery log publish failed: {0}")]
-    Publish(String),
+    #[error("delivery log publish failed")]
+    Publish(#[from] async_nats::jetstream::context::PublishError),
     /// A subscription failed.
-    #[error("cannot subscribe: {0}")]
+    #[error("cannot subscribe")]
     Subscribe(#[from] async_nats::SubscribeError),
 }
 
@@ -123,11 +132,11 @@ struct InFlight {
     stores: usize,
 }
 
-async fn stored(mut f: InFlight) -> (InFlight, Result<(), String>) {
+async fn stored(mut f: InFlight) -> (InFlight, Result<(), async_nats::jetstream::context::PublishError>) {
     for (i, ack) in std::mem::take(&mut f.pending) {
         match ack.await {
             Ok(a) => f.items[i].pos = a.sequence,
-            Err(e) => return (f, Err(e.to_string())),
+            Err(e) => return (f, Err(e)),
         }
     }
     (f, Ok(()))
@@ -187,9 +196,7 @@ impl Worker {
             max_ack_pending: MAX_HANDOFFS_IN_FLIGHT,
             batch: WAVE,
         };
-        crate::workqueue::take_over(&self.shared.js, &slice)
-            .await
-            .map_err(|e| DeliveryError::Consumer(e.to_string()))
+        Ok(crate::workqueue::take_over(&self.shared.js, &slice).await?)
     }
 
     /// Delivers for the partition until `cancel` (then settles what is in
@@ -199,17 +206,8 @@ impl Worker {
         let subjects = self.shared.subjects.clone();
         let mut registrations = client.subscribe(subjects.presence_register(self.partition)).await?;
         let mut live = client.subscribe(subjects.targets_live(self.partition)).await?;
-        let info = self
-            .shared
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| DeliveryError::Consumer(e.to_string()))?
-            .cached_info()
-            .clone();
-        self.epoch = crate::log::epoch(&self.shared.js, &subjects, &self.shared.log)
-            .await
-            .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
+        let info = self.shared.js.get_stream(&self.stream).await?.cached_info().clone();
+        self.epoch = crate::log::epoch(&self.shared.js, &subjects, &self.shared.log).await?;
         self.pos = info.state.last_sequence;
         // After a failed store, everything sent live before is suspect: every
         // edge that announces itself is told it is late.
@@ -229,7 +227,7 @@ impl Worker {
                 _ = tokio::time::sleep_until(self.shared.edges_known_at) => {}
                 m = registrations.next() => match m {
                     Some(m) => self.register(m).await,
-                    None => return Err(DeliveryError::Consumer("presence subscription ended".into())),
+                    None => return Err(DeliveryError::Ended("presence subscription")),
                 },
             }
         }
@@ -246,7 +244,7 @@ impl Worker {
                 }
                 m = registrations.next() => match m {
                     Some(m) => self.register(m).await,
-                    None => return Err(DeliveryError::Consumer("presence subscription ended".into())),
+                    None => return Err(DeliveryError::Ended("presence subscription")),
                 },
             }
         }
@@ -281,7 +279,7 @@ impl Worker {
                 }
                 m = registrations.next() => match m {
                     Some(m) => self.register(m).await,
-                    None => break Err(DeliveryError::Consumer("presence subscription ended".into())),
+                    None => break Err(DeliveryError::Ended("presence subscription")),
                 },
                 _ = resync.tick() => {
                     let now = edges.borrow().clone();
@@ -304,7 +302,7 @@ impl Worker {
                         }
                         self.flush().await;
                     }
-                    None => break Err(DeliveryError::Consumer("live hand-off subscription ended".into())),
+                    None => break Err(DeliveryError::Ended("live hand-off subscription")),
                 },
                 m = messages.next(), if room => match m {
                     Some(Ok(m)) => match self.store(m).await {
@@ -315,8 +313,8 @@ impl Worker {
                         Ok(None) => {}
                         Err(e) => break Err(e),
                     },
-                    Some(Err(e)) => break Err(DeliveryError::Consumer(e.to_string())),
-                    None => break Err(DeliveryError::Consumer("the hand-off consumer ended".into())),
+                    Some(Err(e)) => break Err(DeliveryError::Messages(e)),
+                    None => break Err(DeliveryError::Ended("hand-off consumer")),
                 },
             }
         };
@@ -579,7 +577,7 @@ impl Worker {
                     // A very wide event: settle its stores now so that what
                     // is outstanding stays bounded.
                     for (i, ack) in std::mem::take(&mut f.pending) {
-                        let a = ack.await.map_err(|e| DeliveryError::Publish(e.to_string()))?;
+                        let a = ack.await?;
                         f.items[i].pos = a.sequence;
                     }
                 }
@@ -591,7 +589,7 @@ impl Worker {
                     tracing::error!(error = %e, "delivery larger than the server's max payload dropped");
                     return Ok(());
                 }
-                Err(DeliveryError::Publish(e.to_string()))
+                Err(DeliveryError::Publish(e))
             }
         }
     }
@@ -599,7 +597,7 @@ impl Worker {
     /// Sends the live copies of stored hand-offs, in order, then acknowledges them.
     async fn complete(
         &mut self,
-        wave: Vec<(InFlight, Result<(), String>)>,
+        wave: Vec<(InFlight, Result<(), async_nats::jetstream::context::PublishError>)>,
         stores: &mut usize,
     ) -> Result<(), DeliveryError> {
         let mut done = Vec::with_capacity(wave.len());

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull;
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
@@ -82,12 +82,18 @@ const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// Why a worker stopped before it was told to.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    /// The partition's consumer could not be set up or read.
-    #[error("event consumer: {0}")]
-    Consumer(String),
+    /// The partition's consumer could not be set up.
+    #[error(transparent)]
+    Consumer(#[from] crate::workqueue::ConsumerError),
+    /// The partition's consumer failed (missed heartbeats, a NATS restart).
+    #[error("event consumer failed")]
+    Messages(#[from] pull::MessagesError),
+    /// The partition's consumer ended.
+    #[error("the event consumer ended")]
+    Ended,
     /// A hand-off could not be stored.
-    #[error("hand-off publish failed: {0}")]
-    Publish(String),
+    #[error("hand-off publish failed")]
+    Publish(#[from] PublishError),
 }
 
 /// What every worker of one router shares.
@@ -131,10 +137,10 @@ pub struct Worker {
 }
 
 /// Waits for an event's durable deliveries to be stored.
-async fn stored(mut f: InFlight) -> (InFlight, Result<(), String>) {
+async fn stored(mut f: InFlight) -> (InFlight, Result<(), PublishError>) {
     for ack in std::mem::take(&mut f.acks) {
         if let Err(e) = ack.await {
-            return (f, Err(e.to_string()));
+            return (f, Err(e));
         }
     }
     (f, Ok(()))
@@ -150,7 +156,7 @@ struct Pipeline<F: Future> {
     make: fn(InFlight) -> F,
 }
 
-impl<F: Future<Output = (InFlight, Result<(), String>)>> Pipeline<F> {
+impl<F: Future<Output = (InFlight, Result<(), PublishError>)>> Pipeline<F> {
     fn new(make: fn(InFlight) -> F) -> Pipeline<F> {
         Pipeline {
             pending: FuturesOrdered::new(),
@@ -197,9 +203,7 @@ impl Worker {
             max_ack_pending: MAX_EVENTS_IN_FLIGHT,
             batch: BATCH,
         };
-        crate::workqueue::take_over(&self.shared.js, &slice)
-            .await
-            .map_err(|e| IngestError::Consumer(e.to_string()))
+        Ok(crate::workqueue::take_over(&self.shared.js, &slice).await?)
     }
 
     /// Processes the partition until `cancel` (then drains what is in
@@ -225,8 +229,8 @@ impl Worker {
                         Some(Ok(m)) => m,
                         // Missed heartbeats (a NATS restart, a lost pull):
                         // start over from the oldest unacknowledged event.
-                        Some(Err(e)) => break Err(IngestError::Consumer(e.to_string())),
-                        None => break Err(IngestError::Consumer("the consumer stream ended".into())),
+                        Some(Err(e)) => break Err(IngestError::Messages(e)),
+                        None => break Err(IngestError::Ended),
                     };
                     batch.clear();
                     batch.push(first);
@@ -269,7 +273,7 @@ impl Worker {
         &self,
         pipeline: &mut Pipeline<F>,
         done: InFlight,
-        stored_result: Result<(), String>,
+        stored_result: Result<(), PublishError>,
     ) -> Result<(), IngestError> {
         let id = pipeline.ids.pop_front().flatten();
         pipeline.outstanding = pipeline.outstanding.saturating_sub(done.durable);
@@ -303,7 +307,7 @@ impl Worker {
         pipeline: &mut Pipeline<F>,
     ) -> Result<(), IngestError>
     where
-        F: Future<Output = (InFlight, Result<(), String>)>,
+        F: Future<Output = (InFlight, Result<(), PublishError>)>,
     {
         let mut events = Vec::with_capacity(batch.len());
         let mut needs_index = false;
@@ -488,7 +492,7 @@ impl Worker {
                     tracing::error!(error = %e, partition, "hand-off larger than the server's max payload dropped");
                     return Ok(());
                 }
-                Err(IngestError::Publish(e.to_string()))
+                Err(IngestError::Publish(e))
             }
         }
     }

@@ -108,18 +108,15 @@ pub async fn epoch(
     subjects: &Subjects,
     settings: &LogSettings,
 ) -> Result<String, async_nats::jetstream::context::GetStreamError> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut mix = |bytes: &[u8]| {
-        for b in bytes {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut h = switchyard_common::hash::Fnv1a::new();
     for group in 0..settings.groups {
         let stream = js.get_stream(subjects.log_stream(group)).await?;
         let info = stream.cached_info();
-        mix(info.config.name.as_bytes());
-        mix(&info.created.unix_timestamp_nanos().to_be_bytes());
+        h = h
+            .write(info.config.name.as_bytes())
+            .write(&info.created.unix_timestamp_nanos().to_be_bytes());
     }
+    let h = h.finish();
     Ok(format!(
         "{}-{h:016x}-u{}",
         subjects.log_stream(0).trim_end_matches("_0"),

@@ -155,9 +155,12 @@ pub enum StoreError {
     /// The bucket reached its `max_bytes`.
     #[error("the subscription bucket is full (SWITCHYARD_SUBS_MAX_BYTES)")]
     Full,
-    /// The bucket's state could not be read.
-    #[error("cannot read the subscription bucket's state: {0}")]
-    Info(String),
+    /// The last revision of a key could not be read.
+    #[error("cannot read the subscription bucket's state")]
+    Read(#[from] async_nats::jetstream::stream::LastRawMessageError),
+    /// The bucket's stream could not be looked up.
+    #[error("cannot look up the subscription bucket's stream")]
+    Stream(#[from] async_nats::jetstream::context::GetStreamError),
     /// The watcher did not apply the revision in time.
     #[error("the subscription index is behind the bucket (revision {0} not applied in time)")]
     Behind(u64),
@@ -339,7 +342,7 @@ impl Store {
         {
             Ok(m) => Ok(m.sequence),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
-            Err(e) => Err(StoreError::Info(e.to_string())),
+            Err(e) => Err(StoreError::Read(e)),
         }
     }
 
@@ -356,17 +359,13 @@ impl Store {
         {
             Ok(m) => Ok(!m.payload.is_empty() && m.headers.get("KV-Operation").is_none()),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
-            Err(e) => Err(StoreError::Info(e.to_string())),
+            Err(e) => Err(StoreError::Read(e)),
         }
     }
 
     /// The bucket's last revision, read now (one JetStream API request).
     pub async fn last_revision(&self) -> Result<u64, StoreError> {
-        let stream = self
-            .js
-            .get_stream(self.stream.as_str())
-            .await
-            .map_err(|e| StoreError::Info(e.to_string()))?;
+        let stream = self.js.get_stream(self.stream.as_str()).await?;
         Ok(stream.cached_info().state.last_sequence)
     }
 

@@ -15,6 +15,7 @@
 //! - [`fanout`]: the router tier's own messages: hand-off to delivery partitions, live batches per edge, presence.
 //! - [`control`]: edge ↔ router request/reply messages for subscription changes.
 //! - [`transcode`]: byte-level MessagePack helpers (skip, trim, to JSON).
+//! - [`secret`]: a config value whose `Debug` is `<redacted>`.
 //! - [`hash`]: FNV-1a, the stable hash routers and edges must agree on.
 
 pub mod client;
@@ -25,6 +26,7 @@ pub mod event;
 pub mod fanout;
 pub mod hash;
 pub mod ids;
+pub mod secret;
 pub mod subject;
 pub mod subscription;
 pub mod transcode;

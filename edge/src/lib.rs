@@ -22,7 +22,8 @@
 //! - [`backend`]: requests to the router tier and rpc applications.
 //! - [`node`]: what all connections share (limits, drain flag).
 //! - [`tls`]: rustls for `wss://`.
-//! - [`demo`]: the optional demo page under `/demo/` and its dev-token endpoint.
+//! - `demo`: the optional demo page under `/demo/` and its dev-token endpoint
+//!   (cargo feature `demo`, on by default).
 //!
 //! The admin endpoint (`/healthz`; `/readyz`, which turns 503 while draining;
 //! `/metrics`), the NATS connection and the signal handling come from
@@ -32,6 +33,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod conn;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod hub;
 pub mod intake;
@@ -107,13 +109,9 @@ impl RunningEdge {
     /// timeout passes. Call [`RunningEdge::shutdown`] afterwards.
     pub async fn drain(&self) -> bool {
         self.node.draining.store(true, std::sync::atomic::Ordering::Relaxed);
-        let spread = Duration::from_millis(self.node.config.drain_spread_ms);
+        let spread = self.node.config.drain_spread;
         self.node.hub.drain(spread);
-        let gone = self
-            .node
-            .hub
-            .wait_empty(Duration::from_millis(self.node.config.drain_timeout_ms))
-            .await;
+        let gone = self.node.hub.wait_empty(self.node.config.drain_timeout).await;
         if !gone {
             tracing::warn!("drain timeout passed with connections still open");
         }
@@ -184,19 +182,18 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     };
     let table = Arc::new(intake::UserTable::new(config.user_partitions));
     let hub = hub::Hub::start(table.clone(), sweep, &tasks, cancel.clone());
-    let log_wait = Duration::from_millis(config.log_wait_ms);
     let log = log::DeliveryLog::open(
         async_nats::jetstream::new(client.clone()),
         subjects.clone(),
         config.user_partitions,
-        log_wait,
+        config.log_wait,
     )
     .await?;
-    let backend = backend::Backend::new(client.clone(), subjects.clone(), config.request_timeout());
+    let backend = backend::Backend::new(client.clone(), subjects.clone(), config.request_timeout);
     let (listener, ws_addr) = switchyard_runtime::bind(config.listen).await?;
     let (admin_listener, admin_addr) = switchyard_runtime::bind(config.admin_listen).await?;
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key.expose())?),
         _ => None,
     };
     let node = Arc::new(node::Node::new(

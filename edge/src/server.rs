@@ -4,8 +4,8 @@
 //! before a WebSocket exists: unknown path (404), not an upgrade (426),
 //! only unknown subprotocols (400), a bad resume point (400), a bad header
 //! token (401), a full node (503). Accepted upgrades become a
-//! [`crate::session`] task. Paths under `/demo` go to [`crate::demo`] first
-//! (when enabled).
+//! [`crate::session`] task. Paths under `/demo` go to `crate::demo` first
+//! (when built with the `demo` feature and enabled).
 //!
 //! Connections not yet upgraded are bounded too, so that nobody can hold
 //! file descriptors without ever finishing a request: the TLS handshake and
@@ -28,7 +28,7 @@ use hyper::header::{HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rmpv::Value;
-use switchyard_common::client::{parse_resume, Resume};
+use switchyard_common::client::{parse_resume, Resume, ResumeError};
 use switchyard_common::Encoding;
 use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
@@ -42,6 +42,7 @@ use crate::session::{self, PreAuth};
 /// Accepts connections until the node's cancel token fires; with an
 /// acceptor, each connection speaks TLS first.
 pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<TlsAcceptor>) {
+    #[cfg(feature = "demo")]
     if let Some(dir) = &node.config.demo_dir {
         tracing::info!(
             dir = %dir.display(),
@@ -78,7 +79,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<TlsAccept
         node.tasks.clone().spawn(async move {
             // Held until the connection leaves hyper: upgraded, or closed.
             let _pending_slot = pending_slot;
-            let timeout = node.config.handshake_timeout();
+            let timeout = node.config.handshake_timeout;
             match tls {
                 None => serve_http(stream, node, slot).await,
                 Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
@@ -174,6 +175,7 @@ where
         let node = svc_node.clone();
         let slot = slot.clone();
         async move {
+            #[cfg(feature = "demo")]
             if let Some(r) = crate::demo::route(&node.config, req.method(), req.uri()).await {
                 return Ok::<_, Infallible>(r);
             }
@@ -185,7 +187,7 @@ where
     // keep-alive response (so it also closes idle keep-alive connections).
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(node.config.handshake_timeout())
+        .header_read_timeout(node.config.handshake_timeout)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
@@ -232,42 +234,18 @@ fn negotiate(req: &Request<hyper::body::Incoming>) -> Result<(Encoding, bool), (
     }
 }
 
-/// Decodes `%XX` escapes and `+` in a query component.
-pub(crate) fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 struct Query {
     resume: Option<Resume>,
     token: Option<String>,
 }
 
-fn parse_query(query: Option<&str>) -> Result<Query, String> {
+/// Reads the upgrade URL's query (`application/x-www-form-urlencoded`: `+`
+/// is a space, `%XX` an escape, a malformed escape stays as it is).
+fn parse_query(query: Option<&str>) -> Result<Query, ResumeError> {
     let (mut epoch, mut since, mut token) = (None, None, None);
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v).ok_or("bad percent-encoding in the query")?;
-        match k {
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let v = v.into_owned();
+        match &*k {
             "epoch" => epoch = Some(Value::from(v)),
             "since" => {
                 since = Some(match v.parse::<u64>() {
@@ -279,7 +257,7 @@ fn parse_query(query: Option<&str>) -> Result<Query, String> {
             _ => {}
         }
     }
-    let resume = parse_resume(epoch, since).map_err(|e| e.to_string())?;
+    let resume = parse_resume(epoch, since)?;
     Ok(Query { resume, token })
 }
 

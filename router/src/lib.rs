@@ -183,7 +183,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         .map_err(switchyard_runtime::StartError::from)?;
     tasks.spawn(control.serve(control_sub, cancel.clone()));
 
-    let ttl = Duration::from_millis(config.lease_ttl_ms);
+    let ttl = config.lease_ttl;
     let lease_bucket = lease::bucket_config(&subjects, ttl, config.log_replicas, config.log_storage);
     let leases = lease::open_bucket(&js, &lease_bucket).await?;
     // Ingest keeps its own bound on outstanding publish acknowledgements.
@@ -196,17 +196,12 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         subjects: subjects.clone(),
         state: state.clone(),
         store: store.clone(),
-        dedup: ingest::dedup_cache(Duration::from_secs(config.dedup_window_s)),
+        dedup: ingest::dedup_cache(config.dedup_window),
         user_partitions: config.user_partitions,
     });
-    let (edge_set, edge_tracker) = edges::track(
-        client.clone(),
-        &subjects,
-        Duration::from_millis(config.edge_timeout_ms),
-        cancel.clone(),
-    )
-    .await
-    .map_err(switchyard_runtime::StartError::from)?;
+    let (edge_set, edge_tracker) = edges::track(client.clone(), &subjects, config.edge_timeout, cancel.clone())
+        .await
+        .map_err(switchyard_runtime::StartError::from)?;
     tasks.spawn(edge_tracker);
     let delivery = Arc::new(delivery::Shared {
         client: client.clone(),
@@ -216,7 +211,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         log_groups: config.log_streams,
         log: config.log_settings(),
         edges: edge_set,
-        sync_wait: Duration::from_millis(config.presence_sync_ms),
+        sync_wait: config.presence_sync,
         // Edges beat every second: after this long every live one has been heard.
         edges_known_at: tokio::time::Instant::now() + EDGE_HEARTBEAT + Duration::from_millis(300),
         crash: fault::CrashAfter::from_env(),

@@ -11,12 +11,14 @@
 //!   or creating a KV bucket, the typed [`nats::Storage`] setting.
 //! - [`shutdown`]: waiting for SIGTERM or Ctrl-C.
 //! - [`clock`]: wall-clock milliseconds.
+//! - [`config`]: parsers for shared configuration value types (durations).
 //!
 //! Also here: [`StartError`] (the start failures both tiers share) and
 //! [`exit_on_start_error`] (how a binary reports one and which code it exits with).
 
 pub mod admin;
 pub mod clock;
+pub mod config;
 pub mod http;
 pub mod nats;
 pub mod shutdown;

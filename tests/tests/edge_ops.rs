@@ -24,7 +24,7 @@ async fn wss_with_a_certificate_generated_at_test_time() -> R {
     let (cert_path, key_path) = (cert.cert_path.clone(), cert.key_path.clone());
     let fleet = Fleet::start_with(|c| {
         c.tls_cert = Some(cert_path.clone());
-        c.tls_key = Some(key_path.clone());
+        c.tls_key = Some(key_path.clone().into());
     })
     .await?;
     let port = fleet.edge.as_ref().unwrap().ws_addr.port();
@@ -149,8 +149,8 @@ async fn origin_allow_list() -> R {
 #[tokio::test]
 async fn drain_sends_reconnect_spread_then_1001_and_refuses_new_upgrades() -> R {
     let mut fleet = Fleet::start_with(|c| {
-        c.drain_spread_ms = 4000;
-        c.drain_timeout_ms = 5000;
+        c.drain_spread = Duration::from_millis(4000);
+        c.drain_timeout = Duration::from_millis(5000);
     })
     .await?;
     let url = fleet.ws_url();
@@ -616,7 +616,7 @@ async fn a_backlogged_connection_conflates_keyed_events_and_keeps_the_latest() -
 
 #[tokio::test]
 async fn a_query_token_counts_only_where_enabled() -> R {
-    let fleet = Fleet::start_with(|c| c.auth_timeout_ms = 500).await?;
+    let fleet = Fleet::start_with(|c| c.auth_timeout = Duration::from_millis(500)).await?;
     let token = fleet.token("alice", json!({}));
     let opts = Connect {
         query: Some(format!("token={token}")),

@@ -7,6 +7,7 @@
 //! - [`index`]: the subscription index interface and the simple scan index (pure).
 //! - [`fast_index`]: the inverted index (roaring postings) the router uses (pure).
 //! - [`rooms`]: room memberships (pure).
+//! - [`change`]: a stored change to subscriptions or rooms, and its key and value (pure).
 //! - [`state`]: the shared state, checks on requests, applying stored changes.
 //! - [`store`]: subscriptions and memberships persisted in a JetStream bucket, watched.
 //! - [`authz`]: who may join which room and use which subscription type.
@@ -32,6 +33,7 @@
 
 pub mod authz;
 pub mod batches;
+pub mod change;
 pub mod config;
 pub mod control;
 pub mod delivery;

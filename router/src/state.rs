@@ -16,10 +16,10 @@ use switchyard_common::ids;
 use switchyard_common::subscription::{RawSubscription, Subscription};
 use switchyard_common::ErrorCode;
 
+use crate::change::Change;
 use crate::fast_index::FastIndex;
 use crate::index::SubscriptionIndex;
 use crate::rooms::Rooms;
-use crate::store::Change;
 
 /// Operator limits on what one user may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -184,8 +184,8 @@ mod tests {
     use switchyard_common::subscription::Subscription;
 
     use super::*;
+    use crate::change::Change;
     use crate::state::Limits;
-    use crate::store::Change;
 
     const PARTITIONS: u32 = 4;
 

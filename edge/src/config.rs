@@ -13,6 +13,7 @@ use switchyard_common::client::Limits;
 use switchyard_common::secret::Secret;
 use switchyard_common::subject::Subjects;
 use switchyard_runtime::config;
+use switchyard_runtime::logging::LogFormat;
 
 /// The secret a dev-mode edge uses when no key is configured. Never use it in production.
 pub const DEV_JWT_SECRET: &str = "switchyard-dev-secret-do-not-use-in-production";
@@ -160,6 +161,9 @@ pub struct EdgeConfig {
     /// With `--dev-insecure` and no key, `/demo/token` also mints short-lived dev tokens.
     #[arg(long, env = "SWITCHYARD_DEMO_DIR")]
     pub demo_dir: Option<std::path::PathBuf>,
+    /// Log line format: `text` or `json` (one object per line); the filter is `SWITCHYARD_LOG`.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
     #[arg(skip)]
     pub metrics: Option<PrometheusHandle>,

@@ -7,12 +7,8 @@ use switchyard_edge::{start, EdgeConfig};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let config = EdgeConfig::parse();
+    switchyard_runtime::logging::init(config.log_format);
     tracing::info!(config = ?config, "effective configuration");
     let edge = match start(config).await {
         Ok(r) => r,

@@ -9,6 +9,7 @@ use clap::Parser;
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchyard_common::subject::Subjects;
 use switchyard_runtime::config;
+use switchyard_runtime::logging::LogFormat;
 use switchyard_runtime::nats::Storage;
 
 /// Everything a router needs to run.
@@ -116,6 +117,9 @@ pub struct RouterConfig {
     /// How long an application authorization decision is reused, in seconds.
     #[arg(long = "authz-cache-s", env = "SWITCHYARD_AUTHZ_CACHE_S", value_parser = config::secs, default_value = "60")]
     pub authz_cache: Duration,
+    /// Log line format: `text` or `json` (one object per line); the filter is `SWITCHYARD_LOG`.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
     #[arg(skip)]
     pub metrics: Option<PrometheusHandle>,

@@ -7,6 +7,7 @@
 //! # Layout
 //! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` endpoint and the Prometheus recorder.
 //! - [`http`]: small HTTP response helpers.
+//! - [`logging`]: the log filter and the text or JSON log format.
 //! - [`nats`]: connecting (bounded wait for the first connection), opening
 //!   or creating a KV bucket, the typed [`nats::Storage`] setting.
 //! - [`shutdown`]: waiting for SIGTERM or Ctrl-C.
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod http;
+pub mod logging;
 pub mod nats;
 pub mod shutdown;
 

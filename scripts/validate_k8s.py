@@ -355,8 +355,18 @@ def config_vars(path):
     return out
 
 
+# clap ValueEnum types of the configs (lower-case variant names).
+VALUE_ENUMS = {"Storage": ["file", "memory"], "LogFormat": ["text", "json"]}
+
+
 def check_value(ck, loc, name, value, rust_type, allowed):
     t = rust_type.replace(" ", "")
+    # Secret<T> parses like T; a Duration is a whole number in the unit its name says (_MS, _S).
+    t = re.sub(r"Secret<(.*)>", r"\1", t)
+    if t == "Duration":
+        t = "u64"
+    if allowed is None and t in VALUE_ENUMS:
+        allowed = VALUE_ENUMS[t]
     if value == "" and name != "SWITCHYARD_JWT_SECRET":
         ck.error(loc, f"{name} is empty: clap takes an empty variable as the value \"\" (leave the key out instead)")
         return

@@ -98,6 +98,20 @@ pub struct FrameError {
     pub code: ErrorCode,
     /// Human-readable reason.
     pub message: String,
+    /// What was wrong, for callers that treat kinds differently (an edge
+    /// answers a bad resume point in an `auth` frame with `bad_frame`, any
+    /// other undecodable `auth` frame with `unauthorized`).
+    pub kind: FrameErrorKind,
+}
+
+/// The kind of a [`FrameError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FrameErrorKind {
+    /// Not a frame, or a field that is missing, mistyped or invalid.
+    #[default]
+    Invalid,
+    /// The resume point (`epoch`, `since`) is wrong: [`ResumeError`].
+    BadResume,
 }
 
 impl FrameError {
@@ -106,7 +120,13 @@ impl FrameError {
             id,
             code: ErrorCode::BadFrame,
             message: message.into(),
+            kind: FrameErrorKind::Invalid,
         }
+    }
+
+    /// Whether the frame was refused for its resume point.
+    pub fn is_bad_resume(&self) -> bool {
+        self.kind == FrameErrorKind::BadResume
     }
 }
 
@@ -146,7 +166,10 @@ pub fn decode_client_frame(enc: Encoding, buf: &[u8]) -> Result<ClientFrame, Fra
                 Value::String(s) if s.as_str().is_some() => s.into_str().unwrap_or_default(),
                 _ => return Err(FrameError::bad(id, "token must be a string")),
             };
-            let resume = parse_resume(optional("epoch"), optional("since")).map_err(|m| FrameError::bad(id, m))?;
+            let resume = parse_resume(optional("epoch"), optional("since")).map_err(|e| FrameError {
+                kind: FrameErrorKind::BadResume,
+                ..FrameError::bad(id, e.to_string())
+            })?;
             ClientOp::Auth { token, resume }
         }
         "subscribe" => ClientOp::Subscribe(RawSubscription {
@@ -176,6 +199,7 @@ pub fn decode_client_frame(enc: Encoding, buf: &[u8]) -> Result<ClientFrame, Fra
                     id,
                     code: ErrorCode::InvalidFilter,
                     message: "invalid rpc method name".into(),
+                    kind: FrameErrorKind::Invalid,
                 });
             }
             ClientOp::Rpc {
@@ -191,29 +215,39 @@ pub fn decode_client_frame(enc: Encoding, buf: &[u8]) -> Result<ClientFrame, Fra
     Ok(ClientFrame { id, op })
 }
 
-/// Every resume-point error message starts with this, so an edge can tell a
-/// bad resume point (`bad_frame`) from an undecodable auth frame (`unauthorized`).
+/// Every resume-point error message starts with this. Match on
+/// [`FrameErrorKind::BadResume`] (or [`ResumeError`]) rather than on the text.
 pub const RESUME_ERROR_PREFIX: &str = "resume: ";
+
+/// Why a resume point was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeError {
+    /// `since` without `epoch`.
+    #[error("resume: since without epoch")]
+    SinceWithoutEpoch,
+    /// `epoch` is not a string.
+    #[error("resume: epoch must be a string")]
+    EpochNotString,
+    /// `since` is not an unsigned integer.
+    #[error("resume: since must be an unsigned integer")]
+    SinceNotUnsigned,
+}
 
 /// Interprets the resume fields of an upgrade URL or `auth` frame.
 /// `epoch` alone means `since: 0`; `since` alone, or a `since` that is not an
 /// unsigned integer, is refused.
-pub fn parse_resume(epoch: Option<Value>, since: Option<Value>) -> Result<Option<Resume>, String> {
+pub fn parse_resume(epoch: Option<Value>, since: Option<Value>) -> Result<Option<Resume>, ResumeError> {
     match (epoch, since) {
         (None, None) => Ok(None),
-        (None, Some(_)) => Err(format!("{RESUME_ERROR_PREFIX}since without epoch")),
+        (None, Some(_)) => Err(ResumeError::SinceWithoutEpoch),
         (Some(e), since) => {
             let epoch = match e {
-                Value::String(s) => s
-                    .into_str()
-                    .ok_or_else(|| format!("{RESUME_ERROR_PREFIX}epoch must be a string"))?,
-                _ => return Err(format!("{RESUME_ERROR_PREFIX}epoch must be a string")),
+                Value::String(s) => s.into_str().ok_or(ResumeError::EpochNotString)?,
+                _ => return Err(ResumeError::EpochNotString),
             };
             let since = match since {
                 None => 0,
-                Some(v) => v
-                    .as_u64()
-                    .ok_or_else(|| format!("{RESUME_ERROR_PREFIX}since must be an unsigned integer"))?,
+                Some(v) => v.as_u64().ok_or(ResumeError::SinceNotUnsigned)?,
             };
             Ok(Some(Resume { epoch, since }))
         }
@@ -504,7 +538,28 @@ mod tests {
                 })
             }
         );
-        assert!(decode_client_frame(Encoding::Json, br#"{"op":"auth","token":"t","since":1}"#).is_err());
-        assert!(decode_client_frame(Encoding::Json, br#"{"op":"auth","token":"t","epoch":"e","since":-1}"#).is_err());
+        for (bad, why) in [
+            (
+                &br#"{"op":"auth","token":"t","since":1}"#[..],
+                ResumeError::SinceWithoutEpoch,
+            ),
+            (
+                br#"{"op":"auth","token":"t","epoch":"e","since":-1}"#,
+                ResumeError::SinceNotUnsigned,
+            ),
+            (br#"{"op":"auth","token":"t","epoch":7}"#, ResumeError::EpochNotString),
+        ] {
+            let e = decode_client_frame(Encoding::Json, bad).unwrap_err();
+            assert_eq!(e.kind, FrameErrorKind::BadResume);
+            assert!(e.is_bad_resume());
+            assert_eq!(e.message, why.to_string());
+            assert!(e.message.starts_with(RESUME_ERROR_PREFIX));
+        }
+        let e = decode_client_frame(Encoding::Json, br#"{"op":"auth"}"#).unwrap_err();
+        assert_eq!(
+            e.kind,
+            FrameErrorKind::Invalid,
+            "a missing token is not a resume problem"
+        );
     }
 }

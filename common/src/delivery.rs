@@ -92,11 +92,7 @@ pub fn peek_meta(body: &[u8]) -> Result<DeliveryMeta, TranscodeError> {
     }
     if let Some(key) = key {
         // FNV-1a over type, a separator no name contains, and key.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in ty.iter().chain(std::iter::once(&0u8)).chain(key.iter()) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        let h = crate::hash::Fnv1a::new().write(ty).write(&[0]).write(key).finish();
         meta.conflation_key = Some(h);
     }
     Ok(meta)
@@ -252,7 +248,7 @@ pub fn write_batch_event(
 }
 
 /// What [`write_batch_frame_skipping`] wrote.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Default)]
 pub struct SkippingBatch {
     /// Events in the frame; 0 means no frame was written at all.
     pub written: usize,

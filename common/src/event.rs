@@ -95,11 +95,11 @@ pub struct ProducerEvent {
 }
 
 /// Why a producer event was dropped.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum EventError {
     /// The payload did not decode.
     #[error("undecodable event: {0}")]
-    Decode(String),
+    Decode(#[source] DecodeProblem),
     /// The subject is not `<prefix>.events.<type>[.<key>]` with a valid type.
     #[error("bad subject: {0}")]
     Subject(String),
@@ -114,6 +114,32 @@ pub enum EventError {
     /// accepted payload can be transcoded for JSON clients.
     #[error("nested deeper than {} levels", transcode::MAX_DEPTH)]
     TooDeep,
+}
+
+/// Why an event's bytes did not decode (the source of [`EventError::Decode`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeProblem {
+    /// The bytes are not shaped as an event (not a map, bytes left over...).
+    #[error("{0}")]
+    Shape(&'static str),
+    /// A key or field value is not valid MessagePack.
+    #[error("{0}")]
+    MsgPack(#[source] rmpv::decode::Error),
+    /// One field's value is not valid MessagePack.
+    #[error("{key}: {source}")]
+    Field {
+        /// The field.
+        key: String,
+        /// The decoding error.
+        #[source]
+        source: rmpv::decode::Error,
+    },
+    /// A JSON event that is not one JSON object.
+    #[error("event must be a JSON object: {0}")]
+    NotJsonObject(#[source] transcode::TranscodeError),
+    /// The value could not be measured or transcoded.
+    #[error("{0}")]
+    Transcode(#[source] transcode::TranscodeError),
 }
 
 impl EventError {
@@ -298,19 +324,20 @@ const NIL: &[u8] = &[0xc0];
 fn measure_error(e: transcode::TranscodeError) -> EventError {
     match e {
         transcode::TranscodeError::TooDeep => EventError::TooDeep,
-        e => EventError::Decode(e.to_string()),
+        e => EventError::Decode(DecodeProblem::Transcode(e)),
     }
 }
 
 fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventError> {
-    let dec = |m: &str| EventError::Decode(m.to_string());
+    let dec = |m: &'static str| EventError::Decode(DecodeProblem::Shape(m));
+    let bad_value = |e: rmpv::decode::Error| EventError::Decode(DecodeProblem::MsgPack(e));
     let mut rd: &[u8] = payload;
     let n = rmp::decode::read_map_len(&mut rd).map_err(|_| dec("event must be a MessagePack map"))?;
     let mut fields = Vec::with_capacity(n.min(16) as usize);
     let mut data = Bytes::from_static(NIL);
     for _ in 0..n {
         let key_len = transcode::value_len(rd).map_err(measure_error)?;
-        let key = rmpv::decode::read_value(&mut &rd[..key_len]).map_err(|e| dec(&e.to_string()))?;
+        let key = rmpv::decode::read_value(&mut &rd[..key_len]).map_err(bad_value)?;
         rd = &rd[key_len..];
         // Measuring `data` also checks its depth (docs/PROTOCOL.md, "Event fields":
         // deeper than 64 levels is malformed), so it is refused here rather than
@@ -320,8 +347,7 @@ fn split_msgpack(payload: &Bytes) -> Result<(Vec<(Value, Value)>, Bytes), EventE
             let start = payload.len() - rd.len();
             data = payload.slice(start..start + val_len);
         } else {
-            let v = rmpv::decode::read_value_with_max_depth(&mut &rd[..val_len], MAX_DEPTH)
-                .map_err(|e| dec(&e.to_string()))?;
+            let v = rmpv::decode::read_value_with_max_depth(&mut &rd[..val_len], MAX_DEPTH).map_err(bad_value)?;
             fields.push((key, v));
         }
         rd = &rd[val_len..];
@@ -351,12 +377,17 @@ fn split_json(payload: &[u8]) -> Result<(Vec<(Value, Value)>, Bytes), EventError
                 None => fields.push((Value::from(key), v)),
             },
             Err(e) => {
-                bad.get_or_insert_with(|| EventError::Decode(format!("{key}: {e}")));
+                bad.get_or_insert_with(|| {
+                    EventError::Decode(DecodeProblem::Field {
+                        key: key.to_string(),
+                        source: e,
+                    })
+                });
             }
         }
     })
     .map_err(|e| match e {
-        transcode::TranscodeError::Json(m) => EventError::Decode(format!("event must be a JSON object: {m}")),
+        e @ transcode::TranscodeError::Json(_) => EventError::Decode(DecodeProblem::NotJsonObject(e)),
         e => measure_error(e),
     })?;
     match bad {
@@ -528,11 +559,11 @@ mod tests {
         }
         for levels in [65, 66, 200] {
             let e = parse_event("t", None, &msgpack_nested(levels), false).unwrap_err();
-            assert_eq!(e, EventError::TooDeep);
+            assert!(matches!(e, EventError::TooDeep), "{e:?}");
             assert_eq!(e.reason(), "too_deep");
             let e = parse_event("t", None, &json_nested(levels), true).unwrap_err();
             if levels < 128 {
-                assert_eq!(e, EventError::TooDeep, "{levels}");
+                assert!(matches!(e, EventError::TooDeep), "{levels}: {e:?}");
             } else {
                 // serde_json's own limit (128) answers first for the whole text.
                 assert!(matches!(e, EventError::TooDeep | EventError::Decode(_)), "{e:?}");

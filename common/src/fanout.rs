@@ -15,9 +15,7 @@ use serde::{Deserialize, Serialize};
 /// The user partition of `user`: a stable hash (FNV-1a, 64-bit) of the id
 /// modulo `partitions`. Routers and edges must agree on it, so it lives here.
 pub fn user_partition(user: &str, partitions: u32) -> u32 {
-    let h = user.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let h = crate::hash::fnv1a(user.as_bytes());
     (h % u64::from(partitions.max(1))) as u32
 }
 

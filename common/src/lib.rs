@@ -15,6 +15,8 @@
 //! - [`fanout`]: the router tier's own messages: hand-off to delivery partitions, live batches per edge, presence.
 //! - [`control`]: edge ↔ router request/reply messages for subscription changes.
 //! - [`transcode`]: byte-level MessagePack helpers (skip, trim, to JSON).
+//! - [`secret`]: a config value whose `Debug` is `<redacted>`.
+//! - [`hash`]: FNV-1a, the stable hash routers and edges must agree on.
 
 pub mod client;
 pub mod control;
@@ -22,7 +24,9 @@ pub mod delivery;
 pub mod error;
 pub mod event;
 pub mod fanout;
+pub mod hash;
 pub mod ids;
+pub mod secret;
 pub mod subject;
 pub mod subscription;
 pub mod transcode;

@@ -30,7 +30,7 @@ use base64::Engine as _;
 pub const MAX_DEPTH: usize = 64;
 
 /// Why a MessagePack buffer could not be measured, trimmed or transcoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum TranscodeError {
     /// The buffer ends before the value (or a length it announces) does.
     #[error("truncated MessagePack value")]
@@ -43,7 +43,21 @@ pub enum TranscodeError {
     TooDeep,
     /// JSON text that does not parse ([`json_text_to_msgpack`]).
     #[error("invalid JSON: {0}")]
-    Json(String),
+    Json(#[source] serde_json::Error),
+}
+
+/// Errors compare by kind (and, for JSON, by message): what tests and
+/// callers that branch on an error need; `serde_json::Error` has no `==`.
+impl PartialEq for TranscodeError {
+    fn eq(&self, other: &TranscodeError) -> bool {
+        match (self, other) {
+            (TranscodeError::Truncated, TranscodeError::Truncated)
+            | (TranscodeError::TooDeep, TranscodeError::TooDeep) => true,
+            (TranscodeError::Invalid(a), TranscodeError::Invalid(b)) => a == b,
+            (TranscodeError::Json(a), TranscodeError::Json(b)) => a.to_string() == b.to_string(),
+            _ => false,
+        }
+    }
 }
 
 /// One decoded MessagePack header. Scalars carry their payload; containers
@@ -516,7 +530,7 @@ fn json_error(e: serde_json::Error, too_deep: bool) -> TranscodeError {
     if too_deep {
         TranscodeError::TooDeep
     } else {
-        TranscodeError::Json(e.to_string())
+        TranscodeError::Json(e)
     }
 }
 

@@ -16,10 +16,10 @@ pub const MAX_DEPTH: usize = 32;
 pub enum DecodeError {
     /// Not valid MessagePack (or truncated, or nested too deeply).
     #[error("invalid MessagePack: {0}")]
-    MsgPack(String),
+    MsgPack(#[source] rmpv::decode::Error),
     /// Not valid JSON (or nested too deeply).
     #[error("invalid JSON: {0}")]
-    Json(String),
+    Json(#[source] serde_json::Error),
     /// Bytes left over after the value.
     #[error("trailing bytes after the value")]
     Trailing,
@@ -30,15 +30,14 @@ pub fn decode(enc: Encoding, buf: &[u8]) -> Result<Value, DecodeError> {
     match enc {
         Encoding::MsgPack => {
             let mut rd = buf;
-            let v = rmpv::decode::read_value_with_max_depth(&mut rd, MAX_DEPTH)
-                .map_err(|e| DecodeError::MsgPack(e.to_string()))?;
+            let v = rmpv::decode::read_value_with_max_depth(&mut rd, MAX_DEPTH).map_err(DecodeError::MsgPack)?;
             if !rd.is_empty() {
                 return Err(DecodeError::Trailing);
             }
             Ok(v)
         }
         Encoding::Json => {
-            let json: serde_json::Value = serde_json::from_slice(buf).map_err(|e| DecodeError::Json(e.to_string()))?;
+            let json: serde_json::Value = serde_json::from_slice(buf).map_err(DecodeError::Json)?;
             Ok(json_to_value(&json))
         }
     }

@@ -194,12 +194,13 @@ pub enum AuthConfigError {
         source: std::io::Error,
     },
     /// The PEM file holds no usable public key.
-    #[error("{}: {reason}", path.display())]
+    #[error("{}: {problem}", path.display())]
     InvalidPublicKey {
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
-        reason: String,
+        #[source]
+        problem: KeyProblem,
     },
     /// The JWKS file is not a JSON object with a `keys` array.
     #[error("{}: not a JWKS document: {source}", path.display())]
@@ -211,7 +212,7 @@ pub enum AuthConfigError {
         source: serde_json::Error,
     },
     /// An RS256/ES256 entry of the JWKS is malformed.
-    #[error("{}: key {index} (kid {kid:?}): {reason}", path.display())]
+    #[error("{}: key {index} (kid {kid:?}): {problem}", path.display())]
     InvalidJwk {
         /// The file.
         path: PathBuf,
@@ -220,7 +221,8 @@ pub enum AuthConfigError {
         /// Its `kid`, when it has one.
         kid: Option<String>,
         /// What is wrong with it.
-        reason: String,
+        #[source]
+        problem: KeyProblem,
     },
     /// Two usable keys share a `kid`.
     #[error("{}: two keys with kid {kid:?}", path.display())]
@@ -236,6 +238,44 @@ pub enum AuthConfigError {
         /// The file.
         path: PathBuf,
     },
+}
+
+/// What is wrong with one configured public key (a PEM file or a JWKS entry).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyProblem {
+    /// The PEM holds a private key.
+    #[error("a private key; configure the public key")]
+    PrivateKey,
+    /// The PEM holds no key we can use.
+    #[error("not an RSA or EC P-256 public key in PEM (SPKI `PUBLIC KEY` or PKCS#1 `RSA PUBLIC KEY`)")]
+    NotPublicKeyPem,
+    /// An RSA key below the minimum size.
+    #[error("RSA key of {bits} bits; at least {MIN_RSA_BITS} required")]
+    RsaTooShort {
+        /// The key's size.
+        bits: usize,
+    },
+    /// The JWKS entry is not a JWK.
+    #[error("not a JWK: {0}")]
+    NotJwk(#[source] serde_json::Error),
+    /// The JWK's RSA parameters make no key.
+    #[error("invalid RSA key: {0}")]
+    Rsa(#[source] Box<rsa::Error>),
+    /// A JWK field is not base64url.
+    #[error("{field}: {source}")]
+    Base64 {
+        /// The field (`n`, `e`, `x`, `y`).
+        field: &'static str,
+        /// The decoding error.
+        #[source]
+        source: base64::DecodeError,
+    },
+    /// EC coordinates of the wrong length.
+    #[error("P-256 coordinates must be 32 bytes each")]
+    CoordinateLength,
+    /// EC coordinates off the curve.
+    #[error("not a point on P-256")]
+    NotOnCurve,
 }
 
 /// Verifies tokens for one edge. Shared by every connection; `verify` never blocks on a lock held across I/O.
@@ -499,11 +539,11 @@ struct PublicKey {
     key: DecodingKey,
 }
 
-fn rsa_key(key: &rsa::RsaPublicKey) -> Result<PublicKey, String> {
+fn rsa_key(key: &rsa::RsaPublicKey) -> Result<PublicKey, KeyProblem> {
     use rsa::traits::PublicKeyParts;
     let bits = key.n().bits();
     if bits < MIN_RSA_BITS {
-        return Err(format!("RSA key of {bits} bits; at least {MIN_RSA_BITS} required"));
+        return Err(KeyProblem::RsaTooShort { bits });
     }
     Ok(PublicKey {
         alg: Algorithm::RS256,
@@ -526,9 +566,9 @@ fn load_pem(path: &Path) -> Result<PublicKey, AuthConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let invalid = |reason: String| AuthConfigError::InvalidPublicKey {
+    let invalid = |problem: KeyProblem| AuthConfigError::InvalidPublicKey {
         path: path.to_path_buf(),
-        reason,
+        problem,
     };
     let pem = text.trim();
     if let Ok(key) = rsa::RsaPublicKey::from_public_key_pem(pem).or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(pem)) {
@@ -538,9 +578,9 @@ fn load_pem(path: &Path) -> Result<PublicKey, AuthConfigError> {
         return Ok(ec_key(&key));
     }
     Err(invalid(if pem.contains("PRIVATE KEY") {
-        "a private key; configure the public key".to_string()
+        KeyProblem::PrivateKey
     } else {
-        "not an RSA or EC P-256 public key in PEM (SPKI `PUBLIC KEY` or PKCS#1 `RSA PUBLIC KEY`)".to_string()
+        KeyProblem::NotPublicKeyPem
     }))
 }
 
@@ -691,13 +731,13 @@ fn load_jwks(path: &Path, generation: u64) -> Result<KeySet, AuthConfigError> {
     let mut keys: Vec<(Option<String>, PublicKey)> = Vec::new();
     for (index, value) in document.keys.into_iter().enumerate() {
         let kid = value.get("kid").and_then(|k| k.as_str()).map(str::to_string);
-        let invalid = |reason: String| AuthConfigError::InvalidJwk {
+        let invalid = |problem: KeyProblem| AuthConfigError::InvalidJwk {
             path: path.to_path_buf(),
             index,
             kid: kid.clone(),
-            reason,
+            problem,
         };
-        let jwk: Jwk = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+        let jwk: Jwk = serde_json::from_value(value).map_err(|e| invalid(KeyProblem::NotJwk(e)))?;
         let Some(key) = jwk_key(&jwk).map_err(invalid)? else {
             tracing::debug!(path = %path.display(), index, kid = ?kid, "JWKS key skipped: not an RS256/ES256 signing key");
             continue;
@@ -724,7 +764,7 @@ fn load_jwks(path: &Path, generation: u64) -> Result<KeySet, AuthConfigError> {
 }
 
 /// The key of an RS256 or ES256 signing JWK; `None` for a key of another kind or use.
-fn jwk_key(jwk: &Jwk) -> Result<Option<PublicKey>, String> {
+fn jwk_key(jwk: &Jwk) -> Result<Option<PublicKey>, KeyProblem> {
     if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
         return Ok(None);
     }
@@ -745,7 +785,7 @@ fn jwk_key(jwk: &Jwk) -> Result<Option<PublicKey>, String> {
             let n = b64url(&params.n, "n")?;
             let e = b64url(&params.e, "e")?;
             let key = rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(&n), rsa::BigUint::from_bytes_be(&e))
-                .map_err(|e| format!("invalid RSA key: {e}"))?;
+                .map_err(|e| KeyProblem::Rsa(Box::new(e)))?;
             rsa_key(&key).map(Some)
         }
         AlgorithmParameters::EllipticCurve(params) => {
@@ -755,13 +795,13 @@ fn jwk_key(jwk: &Jwk) -> Result<Option<PublicKey>, String> {
             let x = b64url(&params.x, "x")?;
             let y = b64url(&params.y, "y")?;
             if x.len() != 32 || y.len() != 32 {
-                return Err("P-256 coordinates must be 32 bytes each".to_string());
+                return Err(KeyProblem::CoordinateLength);
             }
             let mut point = Vec::with_capacity(65);
             point.push(0x04);
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
-            let key = p256::PublicKey::from_sec1_bytes(&point).map_err(|_| "not a point on P-256".to_string())?;
+            let key = p256::PublicKey::from_sec1_bytes(&point).map_err(|_| KeyProblem::NotOnCurve)?;
             Ok(Some(ec_key(&key)))
         }
         _ => Ok(None),
@@ -769,13 +809,13 @@ fn jwk_key(jwk: &Jwk) -> Result<Option<PublicKey>, String> {
 }
 
 /// Base64url, with or without padding.
-fn b64url(s: &str, field: &str) -> Result<Vec<u8>, String> {
+fn b64url(s: &str, field: &'static str) -> Result<Vec<u8>, KeyProblem> {
     use base64::engine::{general_purpose::GeneralPurpose, DecodePaddingMode, GeneralPurposeConfig};
     const LENIENT: GeneralPurpose = GeneralPurpose::new(
         &base64::alphabet::URL_SAFE,
         GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
     );
-    LENIENT.decode(s).map_err(|e| format!("{field}: {e}"))
+    LENIENT.decode(s).map_err(|source| KeyProblem::Base64 { field, source })
 }
 
 #[cfg(test)]

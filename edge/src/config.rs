@@ -1,7 +1,8 @@
 //! Edge configuration from flags and `SWITCHYARD_*` environment variables.
 //!
 //! Parsed and validated once at start; a bad value exits with code 64.
-//! Secrets are redacted from the `Debug` output printed at start.
+//! `Debug` is derived, so the configuration printed at start shows every
+//! field; secrets are [`Secret`]s, whose `Debug` is `<redacted>`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,13 +10,16 @@ use std::time::Duration;
 use clap::Parser;
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchyard_common::client::Limits;
+use switchyard_common::secret::Secret;
 use switchyard_common::subject::Subjects;
+use switchyard_runtime::config;
+use switchyard_runtime::logging::LogFormat;
 
 /// The secret a dev-mode edge uses when no key is configured. Never use it in production.
 pub const DEV_JWT_SECRET: &str = "switchyard-dev-secret-do-not-use-in-production";
 
 /// Everything an edge needs to run.
-#[derive(Clone, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "switchyard-edge",
     version,
@@ -36,7 +40,7 @@ pub struct EdgeConfig {
     pub admin_listen: SocketAddr,
     /// HMAC secret for HS256/384/512 tokens.
     #[arg(long, env = "SWITCHYARD_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret<String>>,
     /// PEM public key (RSA or EC P-256) for RS256/ES256 tokens.
     #[arg(long, env = "SWITCHYARD_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<std::path::PathBuf>,
@@ -62,11 +66,11 @@ pub struct EdgeConfig {
     #[arg(long, env = "SWITCHYARD_ALLOW_QUERY_TOKEN", default_value_t = false)]
     pub allow_query_token: bool,
     /// Time a frame-auth client has to send its `auth` frame, in milliseconds.
-    #[arg(long, env = "SWITCHYARD_AUTH_TIMEOUT_MS", default_value_t = 5000)]
-    pub auth_timeout_ms: u64,
+    #[arg(long = "auth-timeout-ms", env = "SWITCHYARD_AUTH_TIMEOUT_MS", value_parser = config::millis, default_value = "5000")]
+    pub auth_timeout: Duration,
     /// WebSocket ping interval, in milliseconds; silence for two intervals closes with 4000.
-    #[arg(long, env = "SWITCHYARD_HEARTBEAT_MS", default_value_t = 25_000)]
-    pub heartbeat_ms: u64,
+    #[arg(long = "heartbeat-ms", env = "SWITCHYARD_HEARTBEAT_MS", value_parser = config::millis, default_value = "25000")]
+    pub heartbeat: Duration,
     /// Largest client frame, in bytes; larger closes with 4008.
     #[arg(long, env = "SWITCHYARD_MAX_FRAME_BYTES", default_value_t = 65_536)]
     pub max_frame_bytes: usize,
@@ -92,14 +96,14 @@ pub struct EdgeConfig {
     #[arg(long, env = "SWITCHYARD_QUEUE_BYTES", default_value_t = 1 << 20)]
     pub queue_bytes: usize,
     /// A connection whose queue stays full this long is closed with 4009, in milliseconds.
-    #[arg(long, env = "SWITCHYARD_SLOW_CONSUMER_MS", default_value_t = 10_000)]
-    pub slow_consumer_ms: u64,
+    #[arg(long = "slow-consumer-ms", env = "SWITCHYARD_SLOW_CONSUMER_MS", value_parser = config::millis, default_value = "10000")]
+    pub slow_consumer: Duration,
     /// A socket write blocked this long drops the connection (a client that stopped reading entirely), in milliseconds.
-    #[arg(long, env = "SWITCHYARD_WRITE_STALL_MS", default_value_t = 30_000)]
-    pub write_stall_ms: u64,
+    #[arg(long = "write-stall-ms", env = "SWITCHYARD_WRITE_STALL_MS", value_parser = config::millis, default_value = "30000")]
+    pub write_stall: Duration,
     /// Optional wait after an event arrives for more to batch with it, in milliseconds (0: none).
-    #[arg(long, env = "SWITCHYARD_LINGER_MS", default_value_t = 0)]
-    pub linger_ms: u64,
+    #[arg(long = "linger-ms", env = "SWITCHYARD_LINGER_MS", value_parser = config::millis, default_value = "0")]
+    pub linger: Duration,
     /// Sustained client ops per second per connection, `ping` and `auth` aside
     /// (more get `error rate_limited`); 0 turns the limit off.
     #[arg(long, env = "SWITCHYARD_OPS_PER_S", default_value_t = 20)]
@@ -111,32 +115,32 @@ pub struct EdgeConfig {
     #[arg(long, env = "SWITCHYARD_BAD_FRAME_BUDGET", default_value_t = 20)]
     pub bad_frame_budget: u32,
     /// Time the router tier (and rpc applications) have to answer, in milliseconds.
-    #[arg(long, env = "SWITCHYARD_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
-    pub request_timeout_ms: u64,
+    #[arg(long = "request-timeout-ms", env = "SWITCHYARD_REQUEST_TIMEOUT_MS", value_parser = config::millis, default_value = "5000")]
+    pub request_timeout: Duration,
     /// How long a new connection waits for its user's delivery partition to
     /// acknowledge it (covers a router failover: lease TTL plus presence sync), in milliseconds.
-    #[arg(long, env = "SWITCHYARD_REGISTER_TIMEOUT_MS", default_value_t = 10_000)]
-    pub register_timeout_ms: u64,
+    #[arg(long = "register-timeout-ms", env = "SWITCHYARD_REGISTER_TIMEOUT_MS", value_parser = config::millis, default_value = "10000")]
+    pub register_timeout: Duration,
     /// User partitions of the router tier's delivery stage; must equal the routers' setting.
     #[arg(long, env = "SWITCHYARD_USER_PARTITIONS", default_value_t = 8)]
     pub user_partitions: u32,
     /// How long to wait at start for the delivery log stream (created by routers), in milliseconds.
-    #[arg(long, env = "SWITCHYARD_LOG_WAIT_MS", default_value_t = 30_000)]
-    pub log_wait_ms: u64,
+    #[arg(long = "log-wait-ms", env = "SWITCHYARD_LOG_WAIT_MS", value_parser = config::millis, default_value = "30000")]
+    pub log_wait: Duration,
     /// PEM certificate chain for WSS (TLS at the edge); with `tls_key`.
     #[arg(long, env = "SWITCHYARD_TLS_CERT")]
     pub tls_cert: Option<std::path::PathBuf>,
     /// PEM private key for WSS; with `tls_cert`.
     #[arg(long, env = "SWITCHYARD_TLS_KEY")]
-    pub tls_key: Option<std::path::PathBuf>,
+    pub tls_key: Option<Secret<std::path::PathBuf>>,
     /// Most WebSocket connections on this node; more get HTTP 503.
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 200_000)]
     pub max_connections: usize,
     /// Time a connection has for its TLS handshake, and then for each HTTP
     /// request head (the upgrade request included); an HTTP connection idle
     /// this long between requests is closed too. In milliseconds.
-    #[arg(long, env = "SWITCHYARD_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
-    pub handshake_timeout_ms: u64,
+    #[arg(long = "handshake-timeout-ms", env = "SWITCHYARD_HANDSHAKE_TIMEOUT_MS", value_parser = config::millis, default_value = "10000")]
+    pub handshake_timeout: Duration,
     /// Most connections from one source address (IPv6: one /64) that are not
     /// yet upgraded to WebSocket; more are closed at accept. 0: no cap.
     #[arg(long, env = "SWITCHYARD_MAX_PENDING_PER_ADDR", default_value_t = 256)]
@@ -148,62 +152,21 @@ pub struct EdgeConfig {
     #[arg(long, env = "SWITCHYARD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
     /// On SIGTERM, reconnect delays announced to clients are spread over this window, in milliseconds.
-    #[arg(long, env = "SWITCHYARD_DRAIN_SPREAD_MS", default_value_t = 10_000)]
-    pub drain_spread_ms: u64,
+    #[arg(long = "drain-spread-ms", env = "SWITCHYARD_DRAIN_SPREAD_MS", value_parser = config::millis, default_value = "10000")]
+    pub drain_spread: Duration,
     /// On SIGTERM, the process exits when its connections are gone or after this long, in milliseconds.
-    #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
-    pub drain_timeout_ms: u64,
+    #[arg(long = "drain-timeout-ms", env = "SWITCHYARD_DRAIN_TIMEOUT_MS", value_parser = config::millis, default_value = "30000")]
+    pub drain_timeout: Duration,
     /// Directory served as the demo page at `/demo/` on the WebSocket port (unset: off, 404).
     /// With `--dev-insecure` and no key, `/demo/token` also mints short-lived dev tokens.
     #[arg(long, env = "SWITCHYARD_DEMO_DIR")]
     pub demo_dir: Option<std::path::PathBuf>,
+    /// Log line format: `text` or `json` (one object per line); the filter is `SWITCHYARD_LOG`.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
     #[arg(skip)]
     pub metrics: Option<PrometheusHandle>,
-}
-
-impl std::fmt::Debug for EdgeConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EdgeConfig")
-            .field("nats_url", &self.nats_url)
-            .field("prefix", &self.prefix)
-            .field("listen", &self.listen)
-            .field("admin_listen", &self.admin_listen)
-            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<redacted>"))
-            .field("jwt_public_key", &self.jwt_public_key)
-            .field("jwks", &self.jwks)
-            .field("jwt_cache_capacity", &self.jwt_cache_capacity)
-            .field("jwt_issuer", &self.jwt_issuer)
-            .field("jwt_audience", &self.jwt_audience)
-            .field("jwt_leeway_s", &self.jwt_leeway_s)
-            .field("dev_insecure", &self.dev_insecure)
-            .field("allow_query_token", &self.allow_query_token)
-            .field("auth_timeout_ms", &self.auth_timeout_ms)
-            .field("heartbeat_ms", &self.heartbeat_ms)
-            .field("max_frame_bytes", &self.max_frame_bytes)
-            .field("limits", &self.limits())
-            .field("queue_events", &self.queue_events)
-            .field("queue_bytes", &self.queue_bytes)
-            .field("slow_consumer_ms", &self.slow_consumer_ms)
-            .field("write_stall_ms", &self.write_stall_ms)
-            .field("linger_ms", &self.linger_ms)
-            .field("ops_per_s", &self.ops_per_s)
-            .field("ops_burst", &self.ops_burst)
-            .field("bad_frame_budget", &self.bad_frame_budget)
-            .field("request_timeout_ms", &self.request_timeout_ms)
-            .field("log_wait_ms", &self.log_wait_ms)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_key", &self.tls_key.as_ref().map(|_| "<redacted path>"))
-            .field("max_connections", &self.max_connections)
-            .field("max_connections_per_user", &self.max_connections_per_user)
-            .field("handshake_timeout_ms", &self.handshake_timeout_ms)
-            .field("max_pending_per_addr", &self.max_pending_per_addr)
-            .field("allowed_origins", &self.allowed_origins)
-            .field("drain_spread_ms", &self.drain_spread_ms)
-            .field("drain_timeout_ms", &self.drain_timeout_ms)
-            .field("demo_dir", &self.demo_dir)
-            .finish()
-    }
 }
 
 /// A configuration that cannot work.
@@ -222,6 +185,9 @@ pub enum ConfigError {
     /// A numeric setting is out of range.
     #[error("{0}")]
     Range(&'static str),
+    /// The demo page is configured but not built in.
+    #[error("SWITCHYARD_DEMO_DIR is set, but this edge was built without the demo page (cargo feature `demo`)")]
+    DemoNotBuilt,
 }
 
 impl EdgeConfig {
@@ -233,7 +199,7 @@ impl EdgeConfig {
         if self.dev_insecure && !self.has_key() && !self.listen.ip().is_loopback() {
             return Err(ConfigError::DevModeNotLoopback(self.listen));
         }
-        if self.heartbeat_ms < 100 {
+        if self.heartbeat < Duration::from_millis(100) {
             return Err(ConfigError::Range("SWITCHYARD_HEARTBEAT_MS must be at least 100"));
         }
         if self.max_frame_bytes < 256 {
@@ -241,6 +207,9 @@ impl EdgeConfig {
         }
         if self.batch_max_events == 0 || self.queue_events == 0 || self.batch_max_bytes == 0 {
             return Err(ConfigError::Range("batch and queue sizes must be at least 1"));
+        }
+        if cfg!(not(feature = "demo")) && self.demo_dir.is_some() {
+            return Err(ConfigError::DemoNotBuilt);
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConfigError::Range(
@@ -253,7 +222,7 @@ impl EdgeConfig {
         if self.max_connections == 0 || self.max_connections_per_user == 0 {
             return Err(ConfigError::Range("connection limits must be at least 1"));
         }
-        if self.handshake_timeout_ms < 10 {
+        if self.handshake_timeout < Duration::from_millis(10) {
             return Err(ConfigError::Range(
                 "SWITCHYARD_HANDSHAKE_TIMEOUT_MS must be at least 10",
             ));
@@ -263,7 +232,7 @@ impl EdgeConfig {
 
     /// Whether any verification key is configured.
     pub fn has_key(&self) -> bool {
-        self.jwt_secret.as_deref().is_some_and(|s| !s.is_empty())
+        self.jwt_secret.as_ref().is_some_and(|s| !s.expose().is_empty())
             || self.jwt_public_key.is_some()
             || self.jwks.is_some()
     }
@@ -272,7 +241,7 @@ impl EdgeConfig {
     /// dev secret in dev mode when no key at all is configured (never beside
     /// a public key, so a public-key edge cannot be fooled with the dev secret).
     pub fn hmac_secret(&self) -> Option<&str> {
-        match self.jwt_secret.as_deref() {
+        match self.jwt_secret.as_ref().map(|s| s.expose().as_str()) {
             Some(s) if !s.is_empty() => Some(s),
             _ if self.dev_insecure && !self.has_key() => Some(DEV_JWT_SECRET),
             _ => None,
@@ -327,27 +296,11 @@ impl EdgeConfig {
         crate::op_limit::OpLimiter::new(self.ops_per_s, self.ops_burst)
     }
 
-    /// The auth timeout.
-    pub fn auth_timeout(&self) -> Duration {
-        Duration::from_millis(self.auth_timeout_ms)
-    }
-
-    /// The TLS handshake and HTTP request-head timeout (also the idle
-    /// keep-alive limit) of connections not yet upgraded.
-    pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_millis(self.handshake_timeout_ms)
-    }
-
-    /// The backend request timeout.
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.request_timeout_ms)
-    }
-
     /// A config for embedding (tests): defaults, this NATS URL and secret, ports ephemeral.
     pub fn embedded(nats_url: &str, secret: &str) -> EdgeConfig {
         let mut c = EdgeConfig::parse_from(["switchyard-edge"]);
         c.nats_url = nats_url.to_string();
-        c.jwt_secret = Some(secret.to_string());
+        c.jwt_secret = Some(secret.into());
         c.listen = "127.0.0.1:0".parse().expect("literal address");
         c.admin_listen = "127.0.0.1:0".parse().expect("literal address");
         c
@@ -363,7 +316,7 @@ mod tests {
         let mut c = EdgeConfig::parse_from(["switchyard-edge", "--listen", "127.0.0.1:8080"]);
         c.jwt_secret = None;
         assert!(matches!(c.validate(), Err(ConfigError::NoKey)));
-        c.jwt_secret = Some(String::new());
+        c.jwt_secret = Some("".into());
         assert!(matches!(c.validate(), Err(ConfigError::NoKey)));
         c.dev_insecure = true;
         assert!(c.validate().is_ok());
@@ -428,11 +381,14 @@ mod tests {
             "--max-pending-per-addr",
             "0",
         ]);
-        assert_eq!(c.handshake_timeout(), Duration::from_millis(300));
+        assert_eq!(c.handshake_timeout, Duration::from_millis(300));
         assert_eq!(c.max_pending_per_addr, 0);
         assert!(c.validate().is_ok());
         let d = EdgeConfig::parse_from(["switchyard-edge", "--jwt-secret", "s"]);
-        assert_eq!((d.handshake_timeout_ms, d.max_pending_per_addr), (10_000, 256));
+        assert_eq!(
+            (d.handshake_timeout, d.max_pending_per_addr),
+            (Duration::from_secs(10), 256)
+        );
         let bad = EdgeConfig::parse_from(["switchyard-edge", "--jwt-secret", "s", "--handshake-timeout-ms", "0"]);
         assert!(matches!(bad.validate(), Err(ConfigError::Range(_))));
     }

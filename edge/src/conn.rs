@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use switchyard_common::client::{encode_server_frame, ServerFrame};
 use switchyard_common::delivery::{write_batch_frame_skipping, write_event_frame};
 use switchyard_common::{CloseCode, Encoding, ErrorCode};
+use switchyard_runtime::now_ms;
 use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -802,14 +803,6 @@ fn record_latency(batch: &[Delivery]) {
     };
     let ms = now_ms().saturating_sub(ts);
     metrics::histogram!("switchyard_edge_delivery_latency_seconds").record(ms as f64 / 1000.0);
-}
-
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

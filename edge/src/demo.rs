@@ -13,7 +13,8 @@
 //! an edge in dev mode (`--dev-insecure`) with no key configured, where that
 //! secret is the one tokens are checked against anyway; a production edge
 //! (any key configured) never serves it. This module does not touch
-//! WebSocket connections.
+//! WebSocket connections, and imports nothing from [`crate::server`] (which
+//! calls it). Built only with the cargo feature `demo` (on by default).
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,8 @@ use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, LOCATION};
 use hyper::{Method, Response, StatusCode, Uri};
 use serde_json::json;
 use switchyard_common::ids::is_valid_user_id;
+
+use switchyard_runtime::http::respond;
 
 use crate::config::{EdgeConfig, DEV_JWT_SECRET};
 
@@ -165,13 +168,9 @@ fn file_response(bytes: Vec<u8>, name: &str) -> Response<Full<Bytes>> {
 /// Mints a dev token: `?sub=` (default `demo`), `?ttl_s=` (default 300, 5..=3600).
 fn mint(query: Option<&str>) -> Response<Full<Bytes>> {
     let (mut sub, mut ttl_s) = ("demo".to_string(), DEFAULT_TOKEN_TTL_S);
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let Some(v) = crate::server::percent_decode(v) else {
-            return plain(StatusCode::BAD_REQUEST, "bad percent-encoding in the query\n");
-        };
-        match k {
-            "sub" => sub = v,
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "sub" => sub = v.into_owned(),
             "ttl_s" => match v.parse::<u64>() {
                 Ok(n) if TOKEN_TTL_RANGE.contains(&n) => ttl_s = n,
                 _ => return plain(StatusCode::BAD_REQUEST, "ttl_s must be an integer from 5 to 3600\n"),
@@ -210,9 +209,8 @@ fn mint(query: Option<&str>) -> Response<Full<Bytes>> {
     r
 }
 
-fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = respond(status, body);
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r

@@ -20,7 +20,9 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::conn::{now_ms, ConnHandle, Control};
+use switchyard_runtime::now_ms;
+
+use crate::conn::{ConnHandle, Control};
 use crate::intake::{RegisterError, Registration, UserTable};
 
 /// How often the sweeper looks at every connection (pings go out every heartbeat).

@@ -22,14 +22,18 @@
 //! - [`backend`]: requests to the router tier and rpc applications.
 //! - [`node`]: what all connections share (limits, drain flag).
 //! - [`tls`]: rustls for `wss://`.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
-//! - [`demo`]: the optional demo page under `/demo/` and its dev-token endpoint.
+//! - `demo`: the optional demo page under `/demo/` and its dev-token endpoint
+//!   (cargo feature `demo`, on by default).
+//!
+//! The admin endpoint (`/healthz`; `/readyz`, which turns 503 while draining;
+//! `/metrics`), the NATS connection and the signal handling come from
+//! `switchyard-runtime`, shared with the router.
 
-pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod conn;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod hub;
 pub mod intake;
@@ -56,30 +60,37 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// Bad configuration.
-    #[error("invalid configuration: {0}")]
+    #[error("invalid configuration")]
     Config(#[from] config::ConfigError),
-    /// NATS could not be reached.
-    #[error("cannot connect to NATS: {0}")]
-    Nats(#[from] async_nats::ConnectError),
-    /// A NATS subscription failed.
-    #[error("cannot subscribe: {0}")]
-    Subscribe(#[from] async_nats::SubscribeError),
+    /// What both tiers can fail at: NATS, a listener, the metrics recorder.
+    #[error(transparent)]
+    Runtime(#[from] switchyard_runtime::StartError),
     /// The delivery log is not there.
     #[error(transparent)]
     Log(#[from] log::LogError),
     /// A verification key is unusable.
-    #[error("invalid token verification settings: {0}")]
+    #[error("invalid token verification settings")]
     Auth(#[from] auth::AuthConfigError),
     /// The TLS certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    /// A listener could not be bound.
-    #[error("cannot bind: {0}")]
-    Bind(#[from] std::io::Error),
-    /// The metrics recorder could not be installed.
-    #[error("cannot install the metrics recorder: {0}")]
-    Metrics(#[from] metrics_exporter_prometheus::BuildError),
 }
+
+impl StartError {
+    /// Whether the operator's configuration is at fault (exit code 64).
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Config(_) | StartError::Auth(_) | StartError::Tls(_))
+    }
+}
+
+/// Delivery latency buckets, in seconds: 1 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The histograms of the edge's metrics (the rest are counters and gauges):
+/// `switchyard_edge_delivery_latency_seconds` with [`LATENCY_BUCKETS`].
+pub const HISTOGRAMS: &[(&str, &[f64])] = &[("switchyard_edge_delivery_latency_seconds", LATENCY_BUCKETS)];
 
 /// A running edge.
 pub struct RunningEdge {
@@ -99,13 +110,9 @@ impl RunningEdge {
     /// timeout passes. Call [`RunningEdge::shutdown`] afterwards.
     pub async fn drain(&self) -> bool {
         self.node.draining.store(true, std::sync::atomic::Ordering::Relaxed);
-        let spread = Duration::from_millis(self.node.config.drain_spread_ms);
+        let spread = self.node.config.drain_spread;
         self.node.hub.drain(spread);
-        let gone = self
-            .node
-            .hub
-            .wait_empty(Duration::from_millis(self.node.config.drain_timeout_ms))
-            .await;
+        let gone = self.node.hub.wait_empty(self.node.config.drain_timeout).await;
         if !gone {
             tracing::warn!("drain timeout passed with connections still open");
         }
@@ -133,15 +140,16 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     }
     let metrics = match config.metrics.clone() {
         Some(h) => h,
-        None => admin::install_recorder()?,
+        None => {
+            switchyard_runtime::admin::install_recorder(HISTOGRAMS).map_err(switchyard_runtime::StartError::from)?
+        }
     };
     // Counts moments when live deliveries may have been missed (a reconnect
     // after a disconnect, messages dropped by the client); see `resync`.
     let (gaps_tx, gaps) = tokio::sync::watch::channel(0u64);
     let disconnected = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = async_nats::ConnectOptions::new()
+    let options = async_nats::ConnectOptions::new()
         .name("switchyard-edge")
-        .retry_on_initial_connect()
         .event_callback(move |event| {
             let gaps_tx = gaps_tx.clone();
             let disconnected = disconnected.clone();
@@ -160,42 +168,33 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
                 }
                 nats_event(event)
             }
-        })
-        // SWITCHYARD_NATS_URL may list several servers, comma separated.
-        .connect(config.nats_url.split(',').map(str::trim).collect::<Vec<_>>())
-        .await?;
-    for _ in 0..500 {
-        if client.connection_state() == async_nats::connection::State::Connected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        });
+    let client = switchyard_runtime::nats::connect(options, &config.nats_url)
+        .await
+        .map_err(switchyard_runtime::StartError::from)?;
     let connected = client.connection_state() == async_nats::connection::State::Connected;
     metrics::gauge!("switchyard_edge_nats_connected").set(if connected { 1.0 } else { 0.0 });
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let verifier = auth::Verifier::new(&config.auth_settings())?;
     let sweep = hub::SweepConfig {
-        heartbeat: Duration::from_millis(config.heartbeat_ms),
-        slow_consumer: Duration::from_millis(config.slow_consumer_ms),
+        heartbeat: config.heartbeat,
+        slow_consumer: config.slow_consumer,
     };
     let table = Arc::new(intake::UserTable::new(config.user_partitions));
     let hub = hub::Hub::start(table.clone(), sweep, &tasks, cancel.clone());
-    let log_wait = Duration::from_millis(config.log_wait_ms);
     let log = log::DeliveryLog::open(
         async_nats::jetstream::new(client.clone()),
         subjects.clone(),
         config.user_partitions,
-        log_wait,
+        config.log_wait,
     )
     .await?;
-    let backend = backend::Backend::new(client.clone(), subjects.clone(), config.request_timeout());
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let ws_addr = listener.local_addr()?;
-    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen).await?;
-    let admin_addr = admin_listener.local_addr()?;
+    let backend = backend::Backend::new(client.clone(), subjects.clone(), config.request_timeout);
+    let (listener, ws_addr) = switchyard_runtime::bind(config.listen).await?;
+    let (admin_listener, admin_addr) = switchyard_runtime::bind(config.admin_listen).await?;
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key.expose())?),
         _ => None,
     };
     let node = Arc::new(node::Node::new(
@@ -210,15 +209,23 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     ));
     let ready_client = client.clone();
     let ready_node = node.clone();
-    let ready: admin::ReadyCheck = Arc::new(move || {
+    let ready: switchyard_runtime::admin::ReadyCheck = Arc::new(move || {
         !ready_node.cancel.is_cancelled()
             && !ready_node.draining.load(std::sync::atomic::Ordering::Relaxed)
             && ready_client.connection_state() == async_nats::connection::State::Connected
     });
-    tasks.spawn(admin::serve(admin_listener, ready, metrics, cancel.clone()));
+    tasks.spawn(switchyard_runtime::admin::serve(
+        admin_listener,
+        ready,
+        metrics,
+        cancel.clone(),
+    ));
     // The node's one live subscription, then presence: routers learn of
     // this node (heartbeat) only once it can take deliveries.
-    let intake_sub = client.subscribe(subjects.edge(&node.node_id)).await?;
+    let intake_sub = client
+        .subscribe(subjects.edge(&node.node_id))
+        .await
+        .map_err(switchyard_runtime::StartError::from)?;
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }

@@ -26,15 +26,29 @@ pub enum LogError {
     #[error("delivery log stream {0} not found; is a router running?")]
     Missing(String),
     /// A JetStream request failed.
-    #[error("delivery log request failed: {0}")]
-    Request(String),
+    #[error("delivery log request failed")]
+    Request(#[source] RequestFailure),
     /// The replay stalled.
     #[error("delivery log replay timed out")]
     Timeout,
 }
 
-fn request_error(e: impl std::fmt::Display) -> LogError {
-    LogError::Request(e.to_string())
+/// The JetStream request behind [`LogError::Request`], with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestFailure {
+    /// Looking up a log stream.
+    #[error("stream lookup")]
+    Stream(#[from] async_nats::jetstream::context::GetStreamError),
+    /// Reading a stream's info (per-subject counts).
+    #[error("stream info")]
+    Info(#[from] async_nats::jetstream::stream::InfoError),
+    /// A direct get of a message.
+    #[error("direct get")]
+    DirectGet(#[from] async_nats::jetstream::stream::DirectGetError),
+}
+
+fn request_error(e: impl Into<RequestFailure>) -> LogError {
+    LogError::Request(e.into())
 }
 
 /// What the `recovered` check needs of a log stream.

@@ -1,5 +1,5 @@
 //! The outbound queue of one connection and its flow-control policy
-//! (PROTOCOL.md, "Flow control on each connection"): the token-bucket rate
+//! (docs/PROTOCOL.md, "Flow control on each connection"): the token-bucket rate
 //! limit, conflation by key, the priority-aware slow-consumer bound, batch
 //! draining, and the counts behind `dropped` notices.
 //!
@@ -75,7 +75,7 @@ impl Delivery {
     }
 }
 
-/// How long a drop may wait for its `dropped` notice (PROTOCOL.md: "sent
+/// How long a drop may wait for its `dropped` notice (docs/PROTOCOL.md: "sent
 /// before the next event or within 1 s").
 pub const DROPPED_NOTICE_WITHIN: Duration = Duration::from_secs(1);
 

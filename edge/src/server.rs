@@ -4,8 +4,8 @@
 //! before a WebSocket exists: unknown path (404), not an upgrade (426),
 //! only unknown subprotocols (400), a bad resume point (400), a bad header
 //! token (401), a full node (503). Accepted upgrades become a
-//! [`crate::session`] task. Paths under `/demo` go to [`crate::demo`] first
-//! (when enabled).
+//! [`crate::session`] task. Paths under `/demo` go to `crate::demo` first
+//! (when built with the `demo` feature and enabled).
 //!
 //! Connections not yet upgraded are bounded too, so that nobody can hold
 //! file descriptors without ever finishing a request: the TLS handshake and
@@ -28,24 +28,21 @@ use hyper::header::{HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rmpv::Value;
-use switchyard_common::client::{parse_resume, Resume};
+use switchyard_common::client::{parse_resume, Resume, ResumeError};
 use switchyard_common::Encoding;
 use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
+use switchyard_runtime::http::respond;
+
 use crate::node::Node;
 use crate::session::{self, PreAuth};
-
-fn respond(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r
-}
 
 /// Accepts connections until the node's cancel token fires; with an
 /// acceptor, each connection speaks TLS first.
 pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<TlsAcceptor>) {
+    #[cfg(feature = "demo")]
     if let Some(dir) = &node.config.demo_dir {
         tracing::info!(
             dir = %dir.display(),
@@ -82,7 +79,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<TlsAccept
         node.tasks.clone().spawn(async move {
             // Held until the connection leaves hyper: upgraded, or closed.
             let _pending_slot = pending_slot;
-            let timeout = node.config.handshake_timeout();
+            let timeout = node.config.handshake_timeout;
             match tls {
                 None => serve_http(stream, node, slot).await,
                 Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
@@ -178,6 +175,7 @@ where
         let node = svc_node.clone();
         let slot = slot.clone();
         async move {
+            #[cfg(feature = "demo")]
             if let Some(r) = crate::demo::route(&node.config, req.method(), req.uri()).await {
                 return Ok::<_, Infallible>(r);
             }
@@ -189,7 +187,7 @@ where
     // keep-alive response (so it also closes idle keep-alive connections).
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(node.config.handshake_timeout())
+        .header_read_timeout(node.config.handshake_timeout)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
@@ -211,7 +209,7 @@ where
     }
 }
 
-fn refuse(reason: &'static str, status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+fn refuse(reason: &'static str, status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     metrics::counter!("switchyard_edge_refused_total", "reason" => reason).increment(1);
     respond(status, body)
 }
@@ -236,42 +234,18 @@ fn negotiate(req: &Request<hyper::body::Incoming>) -> Result<(Encoding, bool), (
     }
 }
 
-/// Decodes `%XX` escapes and `+` in a query component.
-pub(crate) fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 struct Query {
     resume: Option<Resume>,
     token: Option<String>,
 }
 
-fn parse_query(query: Option<&str>) -> Result<Query, String> {
+/// Reads the upgrade URL's query (`application/x-www-form-urlencoded`: `+`
+/// is a space, `%XX` an escape, a malformed escape stays as it is).
+fn parse_query(query: Option<&str>) -> Result<Query, ResumeError> {
     let (mut epoch, mut since, mut token) = (None, None, None);
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v).ok_or("bad percent-encoding in the query")?;
-        match k {
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let v = v.into_owned();
+        match &*k {
             "epoch" => epoch = Some(Value::from(v)),
             "since" => {
                 since = Some(match v.parse::<u64>() {
@@ -322,7 +296,7 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>, slot: &SlotC
     };
     let query = match parse_query(req.uri().query()) {
         Ok(q) => q,
-        Err(e) => return respond(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+        Err(e) => return respond(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
     let header_token = req.headers().get(AUTHORIZATION).map(|v| {
         v.to_str()
@@ -368,7 +342,7 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>, slot: &SlotC
     };
     let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(r) => r,
-        Err(e) => return respond(StatusCode::BAD_REQUEST, &format!("bad upgrade request: {e}\n")),
+        Err(e) => return respond(StatusCode::BAD_REQUEST, format!("bad upgrade request: {e}\n")),
     };
     if echo_protocol {
         response

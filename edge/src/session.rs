@@ -31,7 +31,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
-use crate::conn::{now_ms, ConnHandle, ConnSettings, Control};
+use switchyard_runtime::now_ms;
+
+use crate::conn::{ConnHandle, ConnSettings, Control};
 use crate::intake::Registration;
 use crate::log::LogError;
 use crate::node::{Node, UserSlot};
@@ -84,8 +86,8 @@ pub async fn run(
     );
     let conn_done = node.cancel.child_token();
     metrics::counter!("switchyard_edge_connections_total").increment(1);
-    let stall_limit = std::time::Duration::from_millis(node.config.write_stall_ms.max(node.config.slow_consumer_ms));
-    let linger = (node.config.linger_ms > 0).then(|| std::time::Duration::from_millis(node.config.linger_ms));
+    let stall_limit = node.config.write_stall.max(node.config.slow_consumer);
+    let linger = (!node.config.linger.is_zero()).then_some(node.config.linger);
     let mut reader = Reader {
         rd: MessageReader::new(rd, node.config.max_frame_bytes),
         node: node.clone(),
@@ -131,7 +133,7 @@ fn conn_settings(config: &crate::config::EdgeConfig) -> ConnSettings {
         outbound: config.outbound(),
         hold_cap: config.queue_events,
         // Lingering for fuller batches and writing at once exclude each other.
-        direct_writes: config.linger_ms == 0,
+        direct_writes: config.linger.is_zero(),
     }
 }
 
@@ -164,12 +166,7 @@ async fn session(reader: &mut Reader, pre_auth: Option<PreAuth>) {
         return;
     };
     conn.authenticated(&claims.sub, claims.exp);
-    let registration = match Box::pin(node.hub.register(
-        conn.clone(),
-        std::time::Duration::from_millis(node.config.register_timeout_ms),
-    ))
-    .await
-    {
+    let registration = match Box::pin(node.hub.register(conn.clone(), node.config.register_timeout)).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, conn = conn.id, user = %claims.sub, "cannot register connection with its delivery partition");
@@ -234,7 +231,7 @@ async fn start_delivery(
         epoch: &reg.epoch,
         pos: reg.pos,
         server_time: now_ms(),
-        heartbeat_ms: node.config.heartbeat_ms,
+        heartbeat_ms: node.config.heartbeat.as_millis() as u64,
         limits: node.config.limits(),
     };
     let Some(resume) = resume else {
@@ -386,7 +383,7 @@ impl Reader {
 
     /// Waits for the first frame, which must be a valid `auth`.
     async fn frame_auth(&mut self) -> Option<(Claims, Option<Resume>, Option<u32>)> {
-        let deadline = tokio::time::Instant::now() + self.node.config.auth_timeout();
+        let deadline = tokio::time::Instant::now() + self.node.config.auth_timeout;
         let msg = loop {
             match tokio::time::timeout_at(deadline, self.next_message()).await {
                 Err(_) => {
@@ -408,7 +405,7 @@ impl Reader {
             Ok(f) => f,
             Err(e) => {
                 // A bad resume point is a bad frame; anything else undecodable is unauthorized.
-                let code = if e.message.starts_with(switchyard_common::client::RESUME_ERROR_PREFIX) {
+                let code = if e.is_bad_resume() {
                     ErrorCode::BadFrame
                 } else {
                     ErrorCode::Unauthorized
@@ -459,6 +456,7 @@ impl Reader {
                     Encoding::MsgPack => "text frame on a MessagePack connection".into(),
                     Encoding::Json => "binary frame on a JSON connection".into(),
                 },
+                kind: switchyard_common::client::FrameErrorKind::Invalid,
             });
         }
         decode_client_frame(self.encoding, &payload)

@@ -3,10 +3,14 @@
 //! Parsed and validated once at start; a bad value exits with code 64.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Parser;
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchyard_common::subject::Subjects;
+use switchyard_runtime::config;
+use switchyard_runtime::logging::LogFormat;
+use switchyard_runtime::nats::Storage;
 
 /// Everything a router needs to run.
 #[derive(Debug, Clone, Parser)]
@@ -38,29 +42,29 @@ pub struct RouterConfig {
     /// How long the record of a removed subscription or membership stays in
     /// the bucket before the server deletes it, in seconds. A router whose
     /// watcher was cut off for most of this long rebuilds its index in full.
-    #[arg(long, env = "SWITCHYARD_SUBS_TOMBSTONE_TTL_S", default_value_t = 3600)]
-    pub subs_tombstone_ttl_s: u64,
+    #[arg(long = "subs-tombstone-ttl-s", env = "SWITCHYARD_SUBS_TOMBSTONE_TTL_S", value_parser = config::secs, default_value = "3600")]
+    pub subs_tombstone_ttl: Duration,
     /// Window in which events with the same producer `id` are delivered once, in seconds.
-    #[arg(long, env = "SWITCHYARD_DEDUP_WINDOW_S", default_value_t = 120)]
-    pub dedup_window_s: u64,
+    #[arg(long = "dedup-window-s", env = "SWITCHYARD_DEDUP_WINDOW_S", value_parser = config::secs, default_value = "120")]
+    pub dedup_window: Duration,
     /// Delivery log: messages kept per user (and for broadcasts).
     #[arg(long, env = "SWITCHYARD_LOG_MAX_PER_USER", default_value_t = 1000)]
     pub log_max_per_user: i64,
     /// Delivery log: how long a delivery is kept, in seconds.
-    #[arg(long, env = "SWITCHYARD_LOG_MAX_AGE_S", default_value_t = 86_400)]
-    pub log_max_age_s: u64,
+    #[arg(long = "log-max-age-s", env = "SWITCHYARD_LOG_MAX_AGE_S", value_parser = config::secs, default_value = "86400")]
+    pub log_max_age: Duration,
     /// Storage of the router's JetStream assets (delivery log, event streams,
     /// subscription bucket): `file` or `memory`.
-    #[arg(long, env = "SWITCHYARD_LOG_STORAGE", default_value = "file", value_parser = ["file", "memory"])]
-    pub log_storage: String,
+    #[arg(long, env = "SWITCHYARD_LOG_STORAGE", value_enum, default_value_t = Storage::File)]
+    pub log_storage: Storage,
     /// Replicas of the router's JetStream assets (3 on a NATS cluster).
     #[arg(long, env = "SWITCHYARD_LOG_REPLICAS", default_value_t = 1)]
     pub log_replicas: usize,
     /// Window in which the delivery log stores a redone delivery (same message id) once, in
     /// seconds. Must exceed the lease TTL plus the time to redo an event after a router dies,
     /// and the 30 s after which an unacknowledged event or hand-off is offered again.
-    #[arg(long, env = "SWITCHYARD_LOG_DUPLICATE_WINDOW_S", default_value_t = 120)]
-    pub log_duplicate_window_s: u64,
+    #[arg(long = "log-duplicate-window-s", env = "SWITCHYARD_LOG_DUPLICATE_WINDOW_S", value_parser = config::secs, default_value = "120")]
+    pub log_duplicate_window: Duration,
     /// Partitions per event stream (events on one subject stay in one partition).
     #[arg(long, env = "SWITCHYARD_PARTITIONS", default_value_t = 8)]
     pub partitions: u32,
@@ -72,18 +76,18 @@ pub struct RouterConfig {
     #[arg(long, env = "SWITCHYARD_LOG_STREAMS", default_value_t = 4)]
     pub log_streams: u32,
     /// An edge not heard from for this long is forgotten (its users' presence cleared), in ms.
-    #[arg(long, env = "SWITCHYARD_EDGE_TIMEOUT_MS", default_value_t = 2000)]
-    pub edge_timeout_ms: u64,
+    #[arg(long = "edge-timeout-ms", env = "SWITCHYARD_EDGE_TIMEOUT_MS", value_parser = config::millis, default_value = "2000")]
+    pub edge_timeout: Duration,
     /// How long a router that takes over a user partition waits for the
     /// edges to re-announce their users before it delivers, in ms.
-    #[arg(long, env = "SWITCHYARD_PRESENCE_SYNC_MS", default_value_t = 2000)]
-    pub presence_sync_ms: u64,
+    #[arg(long = "presence-sync-ms", env = "SWITCHYARD_PRESENCE_SYNC_MS", value_parser = config::millis, default_value = "2000")]
+    pub presence_sync: Duration,
     /// How long a dead router's partitions wait before another router takes them, in ms.
-    #[arg(long, env = "SWITCHYARD_LEASE_TTL_MS", default_value_t = 5000)]
-    pub lease_ttl_ms: u64,
+    #[arg(long = "lease-ttl-ms", env = "SWITCHYARD_LEASE_TTL_MS", value_parser = config::millis, default_value = "5000")]
+    pub lease_ttl: Duration,
     /// Longest an event waits in its stream for a router, in seconds.
-    #[arg(long, env = "SWITCHYARD_EVENTS_MAX_AGE_S", default_value_t = 86_400)]
-    pub events_max_age_s: u64,
+    #[arg(long = "events-max-age-s", env = "SWITCHYARD_EVENTS_MAX_AGE_S", value_parser = config::secs, default_value = "86400")]
+    pub events_max_age: Duration,
     /// This router's name among routers (default: host name and process id).
     #[arg(long, env = "SWITCHYARD_ROUTER_ID")]
     pub router_id: Option<String>,
@@ -108,16 +112,14 @@ pub struct RouterConfig {
     #[arg(long, env = "SWITCHYARD_AUTHZ_REQUEST", default_value_t = false, action = clap::ArgAction::Set)]
     pub authz_request: bool,
     /// How long to wait for the application's authorization answer, in ms (then deny).
-    #[arg(long, env = "SWITCHYARD_AUTHZ_TIMEOUT_MS", default_value_t = 1000)]
-    pub authz_timeout_ms: u64,
+    #[arg(long = "authz-timeout-ms", env = "SWITCHYARD_AUTHZ_TIMEOUT_MS", value_parser = config::millis, default_value = "1000")]
+    pub authz_timeout: Duration,
     /// How long an application authorization decision is reused, in seconds.
-    #[arg(long, env = "SWITCHYARD_AUTHZ_CACHE_S", default_value_t = 60)]
-    pub authz_cache_s: u64,
-    /// Fault injection for failover tests: after publishing this many durable
-    /// deliveries (and seeing them stored), the process aborts before
-    /// acknowledging the event, the worst moment for a router to die.
-    #[arg(long, env = "SWITCHYARD_TEST_CRASH_AFTER_DELIVERIES", hide = true)]
-    pub crash_after_deliveries: Option<u64>,
+    #[arg(long = "authz-cache-s", env = "SWITCHYARD_AUTHZ_CACHE_S", value_parser = config::secs, default_value = "60")]
+    pub authz_cache: Duration,
+    /// Log line format: `text` or `json` (one object per line); the filter is `SWITCHYARD_LOG`.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
     #[arg(skip)]
     pub metrics: Option<PrometheusHandle>,
@@ -151,13 +153,13 @@ impl RouterConfig {
                 "SWITCHYARD_SUBS_MAX_BYTES must be at least 1048576 (1 MiB)",
             ));
         }
-        if self.subs_tombstone_ttl_s == 0 {
+        if self.subs_tombstone_ttl.is_zero() {
             return Err(ConfigError::Range("SWITCHYARD_SUBS_TOMBSTONE_TTL_S must be at least 1"));
         }
-        if self.dedup_window_s == 0 {
+        if self.dedup_window.is_zero() {
             return Err(ConfigError::Range("SWITCHYARD_DEDUP_WINDOW_S must be at least 1"));
         }
-        if self.log_max_per_user < 1 || self.log_max_age_s == 0 || !(1..=5).contains(&self.log_replicas) {
+        if self.log_max_per_user < 1 || self.log_max_age.is_zero() || !(1..=5).contains(&self.log_replicas) {
             return Err(ConfigError::Range(
                 "SWITCHYARD_LOG_MAX_PER_USER and SWITCHYARD_LOG_MAX_AGE_S must be at least 1, SWITCHYARD_LOG_REPLICAS 1 to 5",
             ));
@@ -170,13 +172,13 @@ impl RouterConfig {
                 "SWITCHYARD_USER_PARTITIONS must be 1 to 1024 and SWITCHYARD_LOG_STREAMS 1 to SWITCHYARD_USER_PARTITIONS",
             ));
         }
-        if self.edge_timeout_ms < 500 {
+        if self.edge_timeout < Duration::from_millis(500) {
             return Err(ConfigError::Range("SWITCHYARD_EDGE_TIMEOUT_MS must be at least 500"));
         }
-        if self.lease_ttl_ms < 500 {
+        if self.lease_ttl < Duration::from_millis(500) {
             return Err(ConfigError::Range("SWITCHYARD_LEASE_TTL_MS must be at least 500"));
         }
-        if self.log_duplicate_window_s == 0 || self.events_max_age_s == 0 {
+        if self.log_duplicate_window.is_zero() || self.events_max_age.is_zero() {
             return Err(ConfigError::Range(
                 "SWITCHYARD_LOG_DUPLICATE_WINDOW_S and SWITCHYARD_EVENTS_MAX_AGE_S must be at least 1",
             ));
@@ -191,7 +193,7 @@ impl RouterConfig {
         if !(1..=4096).contains(&self.max_type_dimensions) {
             return Err(ConfigError::Range("SWITCHYARD_MAX_TYPE_DIMENSIONS must be 1 to 4096"));
         }
-        if self.authz_timeout_ms == 0 {
+        if self.authz_timeout.is_zero() {
             return Err(ConfigError::Range("SWITCHYARD_AUTHZ_TIMEOUT_MS must be at least 1"));
         }
         if let Some(bad) = self
@@ -221,9 +223,9 @@ impl RouterConfig {
     pub fn store_settings(&self) -> crate::store::StoreSettings {
         crate::store::StoreSettings {
             replicas: self.log_replicas,
-            memory: self.log_storage == "memory",
+            storage: self.log_storage,
             max_bytes: self.subs_max_bytes,
-            tombstone_ttl: std::time::Duration::from_secs(self.subs_tombstone_ttl_s),
+            tombstone_ttl: self.subs_tombstone_ttl,
         }
     }
 
@@ -239,8 +241,8 @@ impl RouterConfig {
             public_rooms: clean(&self.public_rooms),
             public_types: clean(&self.public_types),
             ask_application: self.authz_request,
-            timeout: std::time::Duration::from_millis(self.authz_timeout_ms),
-            cache_ttl: std::time::Duration::from_secs(self.authz_cache_s),
+            timeout: self.authz_timeout,
+            cache_ttl: self.authz_cache,
         }
     }
 
@@ -248,10 +250,10 @@ impl RouterConfig {
     pub fn event_settings(&self) -> crate::events::EventSettings {
         crate::events::EventSettings {
             partitions: self.partitions,
-            memory: self.log_storage == "memory",
+            storage: self.log_storage,
             replicas: self.log_replicas,
-            max_age: std::time::Duration::from_secs(self.events_max_age_s),
-            duplicate_window: std::time::Duration::from_secs(self.dedup_window_s),
+            max_age: self.events_max_age,
+            duplicate_window: self.dedup_window,
         }
     }
 
@@ -271,10 +273,10 @@ impl RouterConfig {
     pub fn log_settings(&self) -> crate::log::LogSettings {
         crate::log::LogSettings {
             max_per_subject: self.log_max_per_user,
-            max_age: std::time::Duration::from_secs(self.log_max_age_s),
-            memory: self.log_storage == "memory",
+            max_age: self.log_max_age,
+            storage: self.log_storage,
             replicas: self.log_replicas,
-            duplicate_window: std::time::Duration::from_secs(self.log_duplicate_window_s),
+            duplicate_window: self.log_duplicate_window,
             user_partitions: self.user_partitions,
             groups: self.log_streams,
         }

@@ -24,8 +24,9 @@ use switchyard_common::ErrorCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::authz::{Authz, Caller, Decision};
+use crate::change::Change;
 use crate::state::{error, JoinCheck, RouterState};
-use crate::store::{Change, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Most control requests in progress at once on one router.
 const CONCURRENCY: usize = 64;

@@ -23,7 +23,6 @@
 //! It must not hold a lock across `.await`; it holds none at all: the
 //! partition's state is this task's own.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,14 +60,23 @@ const SYNC_RETRY: Duration = Duration::from_secs(1);
 /// Why a worker stopped before it was told to.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
-    /// The hand-off consumer or the log stream could not be set up or read.
-    #[error("hand-off consumer: {0}")]
-    Consumer(String),
+    /// The hand-off consumer could not be set up.
+    #[error(transparent)]
+    Consumer(#[from] crate::workqueue::ConsumerError),
+    /// The hand-off consumer failed (missed heartbeats, a NATS restart).
+    #[error("hand-off consumer failed")]
+    Messages(#[from] async_nats::jetstream::consumer::pull::MessagesError),
+    /// The log stream (or the first one, for the epoch) could not be read.
+    #[error("cannot read the delivery log stream")]
+    Stream(#[from] async_nats::jetstream::context::GetStreamError),
+    /// A subscription or consumer this worker reads ended.
+    #[error("the {0} ended")]
+    Ended(&'static str),
     /// A delivery could not be stored in the log.
-    #[error("delivery log publish failed: {0}")]
-    Publish(String),
+    #[error("delivery log publish failed")]
+    Publish(#[from] async_nats::jetstream::context::PublishError),
     /// A subscription failed.
-    #[error("cannot subscribe: {0}")]
+    #[error("cannot subscribe")]
     Subscribe(#[from] async_nats::SubscribeError),
 }
 
@@ -94,10 +102,9 @@ pub struct Shared {
     /// yet (it started less than a heartbeat interval ago): workers wait for
     /// it before they ask edges for their users.
     pub edges_known_at: tokio::time::Instant,
-    /// Fault injection (tests): abort after this many stored durable deliveries.
-    pub crash_after: Option<u64>,
-    /// Durable deliveries stored so far (for `crash_after`).
-    pub stored: AtomicU64,
+    /// Fault injection (tests, cargo feature `fault-injection`): abort after
+    /// so many stored durable deliveries. Always `None` without the feature.
+    pub crash: Option<crate::fault::CrashAfter>,
     /// User partitions whose worker stopped on a failed store: the redo can
     /// give an event a later `pos` than one already sent live, which edges
     /// would drop as already seen. The next worker treats every edge as
@@ -125,11 +132,11 @@ struct InFlight {
     stores: usize,
 }
 
-async fn stored(mut f: InFlight) -> (InFlight, Result<(), String>) {
+async fn stored(mut f: InFlight) -> (InFlight, Result<(), async_nats::jetstream::context::PublishError>) {
     for (i, ack) in std::mem::take(&mut f.pending) {
         match ack.await {
             Ok(a) => f.items[i].pos = a.sequence,
-            Err(e) => return (f, Err(e.to_string())),
+            Err(e) => return (f, Err(e)),
         }
     }
     (f, Ok(()))
@@ -189,9 +196,7 @@ impl Worker {
             max_ack_pending: MAX_HANDOFFS_IN_FLIGHT,
             batch: WAVE,
         };
-        crate::workqueue::take_over(&self.shared.js, &slice)
-            .await
-            .map_err(|e| DeliveryError::Consumer(e.to_string()))
+        Ok(crate::workqueue::take_over(&self.shared.js, &slice).await?)
     }
 
     /// Delivers for the partition until `cancel` (then settles what is in
@@ -201,17 +206,8 @@ impl Worker {
         let subjects = self.shared.subjects.clone();
         let mut registrations = client.subscribe(subjects.presence_register(self.partition)).await?;
         let mut live = client.subscribe(subjects.targets_live(self.partition)).await?;
-        let info = self
-            .shared
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| DeliveryError::Consumer(e.to_string()))?
-            .cached_info()
-            .clone();
-        self.epoch = crate::log::epoch(&self.shared.js, &subjects, &self.shared.log)
-            .await
-            .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
+        let info = self.shared.js.get_stream(&self.stream).await?.cached_info().clone();
+        self.epoch = crate::log::epoch(&self.shared.js, &subjects, &self.shared.log).await?;
         self.pos = info.state.last_sequence;
         // After a failed store, everything sent live before is suspect: every
         // edge that announces itself is told it is late.
@@ -231,7 +227,7 @@ impl Worker {
                 _ = tokio::time::sleep_until(self.shared.edges_known_at) => {}
                 m = registrations.next() => match m {
                     Some(m) => self.register(m).await,
-                    None => return Err(DeliveryError::Consumer("presence subscription ended".into())),
+                    None => return Err(DeliveryError::Ended("presence subscription")),
                 },
             }
         }
@@ -248,7 +244,7 @@ impl Worker {
                 }
                 m = registrations.next() => match m {
                     Some(m) => self.register(m).await,
-                    None => return Err(DeliveryError::Consumer("presence subscription ended".into())),
+                    None => return Err(DeliveryError::Ended("presence subscription")),
                 },
             }
         }
@@ -283,7 +279,7 @@ impl Worker {
                 }
                 m = registrations.next() => match m {
                     Some(m) => self.register(m).await,
-                    None => break Err(DeliveryError::Consumer("presence subscription ended".into())),
+                    None => break Err(DeliveryError::Ended("presence subscription")),
                 },
                 _ = resync.tick() => {
                     let now = edges.borrow().clone();
@@ -306,7 +302,7 @@ impl Worker {
                         }
                         self.flush().await;
                     }
-                    None => break Err(DeliveryError::Consumer("live hand-off subscription ended".into())),
+                    None => break Err(DeliveryError::Ended("live hand-off subscription")),
                 },
                 m = messages.next(), if room => match m {
                     Some(Ok(m)) => match self.store(m).await {
@@ -317,8 +313,8 @@ impl Worker {
                         Ok(None) => {}
                         Err(e) => break Err(e),
                     },
-                    Some(Err(e)) => break Err(DeliveryError::Consumer(e.to_string())),
-                    None => break Err(DeliveryError::Consumer("the hand-off consumer ended".into())),
+                    Some(Err(e)) => break Err(DeliveryError::Messages(e)),
+                    None => break Err(DeliveryError::Ended("hand-off consumer")),
                 },
             }
         };
@@ -581,7 +577,7 @@ impl Worker {
                     // A very wide event: settle its stores now so that what
                     // is outstanding stays bounded.
                     for (i, ack) in std::mem::take(&mut f.pending) {
-                        let a = ack.await.map_err(|e| DeliveryError::Publish(e.to_string()))?;
+                        let a = ack.await?;
                         f.items[i].pos = a.sequence;
                     }
                 }
@@ -593,7 +589,7 @@ impl Worker {
                     tracing::error!(error = %e, "delivery larger than the server's max payload dropped");
                     return Ok(());
                 }
-                Err(DeliveryError::Publish(e.to_string()))
+                Err(DeliveryError::Publish(e))
             }
         }
     }
@@ -601,7 +597,7 @@ impl Worker {
     /// Sends the live copies of stored hand-offs, in order, then acknowledges them.
     async fn complete(
         &mut self,
-        wave: Vec<(InFlight, Result<(), String>)>,
+        wave: Vec<(InFlight, Result<(), async_nats::jetstream::context::PublishError>)>,
         stores: &mut usize,
     ) -> Result<(), DeliveryError> {
         let mut done = Vec::with_capacity(wave.len());
@@ -621,7 +617,9 @@ impl Worker {
             done.push(f);
         }
         let n: usize = done.iter().map(|f| f.items.len()).sum();
-        self.maybe_crash(n as u64);
+        if let Some(crash) = &self.shared.crash {
+            crash.stored(n as u64);
+        }
         self.flush().await;
         for f in done {
             if let Err(e) = f.msg.ack().await {
@@ -632,19 +630,6 @@ impl Worker {
         match failed {
             Some(e) => Err(DeliveryError::Publish(e)),
             None => Ok(()),
-        }
-    }
-
-    /// Fault injection: once `crash_after` durable deliveries are stored,
-    /// die before their live copies go out and before their hand-off is acknowledged.
-    fn maybe_crash(&self, n: u64) {
-        let Some(limit) = self.shared.crash_after else {
-            return;
-        };
-        let before = self.shared.stored.fetch_add(n, Ordering::Relaxed);
-        if before + n >= limit {
-            tracing::error!("SWITCHYARD_TEST_CRASH_AFTER_DELIVERIES reached: aborting");
-            std::process::abort();
         }
     }
 }

@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType, SubjectTransform};
+use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, SubjectTransform};
 use switchyard_common::subject::{EventShape, Subjects};
 
 /// Event stream settings.
@@ -32,7 +32,7 @@ pub struct EventSettings {
     /// Partitions per shape.
     pub partitions: u32,
     /// File (default) or memory storage.
-    pub memory: bool,
+    pub storage: switchyard_runtime::nats::Storage,
     /// Stream replicas.
     pub replicas: usize,
     /// Longest an unprocessed event is kept (no router running for that long).
@@ -76,11 +76,7 @@ pub fn stream_config(subjects: &Subjects, shape: EventShape, s: &EventSettings) 
             destination: subjects.events_partitioned(shape, s.partitions),
         }),
         retention: RetentionPolicy::WorkQueue,
-        storage: if s.memory {
-            StorageType::Memory
-        } else {
-            StorageType::File
-        },
+        storage: s.storage.into(),
         num_replicas: s.replicas,
         max_age: s.max_age,
         duplicate_window: s.duplicate_window,

@@ -32,26 +32,25 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull;
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
-use switchyard_common::delivery::encode_delivery;
 use switchyard_common::event::{is_json_content_type, parse_event, ProducerEvent, Target};
+use switchyard_common::hash::fnv1a;
 use switchyard_common::subject::Subjects;
-use switchyard_common::subscription::MatchQuery;
-use switchyard_common::transcode;
+use switchyard_runtime::now_ms;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Partition;
 use crate::handoff::Fanout;
-use crate::index::SubRef;
 use crate::state::RouterState;
 use crate::store::Store;
+use crate::targeting::Targeter;
 
 /// Producer ids seen within the dedup window.
 pub type DedupCache = moka::sync::Cache<String, ()>;
@@ -70,13 +69,8 @@ const MAX_EVENTS_IN_FLIGHT: usize = 1024;
 const MAX_ACKS_IN_FLIGHT: usize = 10_000;
 /// Most messages taken from the consumer before one consistency check.
 const BATCH: usize = 256;
-/// One body of an event: the subscription names and `fields` it was made for, and its bytes.
-type Variant<'a> = (Vec<&'a str>, Option<Vec<&'a str>>, Bytes);
-
 /// Live-only hand-offs are sent once one partition's message reaches this size.
 const LIVE_FLUSH_BYTES: usize = 256 * 1024;
-/// Distinct bodies of one event compared before a user's body is encoded anew.
-const MAX_VARIANTS: usize = 32;
 /// Publish acknowledgements the JetStream context may have in flight; above
 /// what a worker ever holds (`MAX_ACKS_IN_FLIGHT` plus one event's
 /// hand-offs per worker), so a publish never waits for a permit that only a later
@@ -88,12 +82,18 @@ const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// Why a worker stopped before it was told to.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    /// The partition's consumer could not be set up or read.
-    #[error("event consumer: {0}")]
-    Consumer(String),
+    /// The partition's consumer could not be set up.
+    #[error(transparent)]
+    Consumer(#[from] crate::workqueue::ConsumerError),
+    /// The partition's consumer failed (missed heartbeats, a NATS restart).
+    #[error("event consumer failed")]
+    Messages(#[from] pull::MessagesError),
+    /// The partition's consumer ended.
+    #[error("the event consumer ended")]
+    Ended,
     /// A hand-off could not be stored.
-    #[error("hand-off publish failed: {0}")]
-    Publish(String),
+    #[error("hand-off publish failed")]
+    Publish(#[from] PublishError),
 }
 
 /// What every worker of one router shares.
@@ -126,12 +126,8 @@ struct InFlight {
 pub struct Worker {
     shared: Arc<Shared>,
     partition: Partition,
-    /// Reused across events so targeting allocates nothing per candidate.
-    matches: Vec<(Arc<str>, SubRef)>,
-    /// Delivery bodies are carved out of this buffer.
-    out: BytesMut,
-    scratch: Vec<u8>,
-    body_buf: Vec<u8>,
+    /// Turns an event into its targets (reused buffers).
+    targeter: Targeter,
     msg_id: String,
     event_ref: String,
     /// Durable events' hand-offs (sent per event).
@@ -140,18 +136,11 @@ pub struct Worker {
     live_out: Fanout,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Waits for an event's durable deliveries to be stored.
-async fn stored(mut f: InFlight) -> (InFlight, Result<(), String>) {
+async fn stored(mut f: InFlight) -> (InFlight, Result<(), PublishError>) {
     for ack in std::mem::take(&mut f.acks) {
         if let Err(e) = ack.await {
-            return (f, Err(e.to_string()));
+            return (f, Err(e));
         }
     }
     (f, Ok(()))
@@ -167,7 +156,7 @@ struct Pipeline<F: Future> {
     make: fn(InFlight) -> F,
 }
 
-impl<F: Future<Output = (InFlight, Result<(), String>)>> Pipeline<F> {
+impl<F: Future<Output = (InFlight, Result<(), PublishError>)>> Pipeline<F> {
     fn new(make: fn(InFlight) -> F) -> Pipeline<F> {
         Pipeline {
             pending: FuturesOrdered::new(),
@@ -195,10 +184,7 @@ impl Worker {
     pub fn new(shared: Arc<Shared>, partition: Partition) -> Worker {
         Worker {
             partition,
-            matches: Vec::new(),
-            out: BytesMut::with_capacity(64 * 1024),
-            scratch: Vec::new(),
-            body_buf: Vec::new(),
+            targeter: Targeter::default(),
             msg_id: String::new(),
             event_ref: String::new(),
             durable_out: Fanout::new(shared.user_partitions),
@@ -217,9 +203,7 @@ impl Worker {
             max_ack_pending: MAX_EVENTS_IN_FLIGHT,
             batch: BATCH,
         };
-        crate::workqueue::take_over(&self.shared.js, &slice)
-            .await
-            .map_err(|e| IngestError::Consumer(e.to_string()))
+        Ok(crate::workqueue::take_over(&self.shared.js, &slice).await?)
     }
 
     /// Processes the partition until `cancel` (then drains what is in
@@ -245,8 +229,8 @@ impl Worker {
                         Some(Ok(m)) => m,
                         // Missed heartbeats (a NATS restart, a lost pull):
                         // start over from the oldest unacknowledged event.
-                        Some(Err(e)) => break Err(IngestError::Consumer(e.to_string())),
-                        None => break Err(IngestError::Consumer("the consumer stream ended".into())),
+                        Some(Err(e)) => break Err(IngestError::Messages(e)),
+                        None => break Err(IngestError::Ended),
                     };
                     batch.clear();
                     batch.push(first);
@@ -289,7 +273,7 @@ impl Worker {
         &self,
         pipeline: &mut Pipeline<F>,
         done: InFlight,
-        stored_result: Result<(), String>,
+        stored_result: Result<(), PublishError>,
     ) -> Result<(), IngestError> {
         let id = pipeline.ids.pop_front().flatten();
         pipeline.outstanding = pipeline.outstanding.saturating_sub(done.durable);
@@ -323,7 +307,7 @@ impl Worker {
         pipeline: &mut Pipeline<F>,
     ) -> Result<(), IngestError>
     where
-        F: Future<Output = (InFlight, Result<(), String>)>,
+        F: Future<Output = (InFlight, Result<(), PublishError>)>,
     {
         let mut events = Vec::with_capacity(batch.len());
         let mut needs_index = false;
@@ -461,35 +445,7 @@ impl Worker {
             std::mem::replace(&mut self.live_out, Fanout::new(0))
         };
         fanout.begin(&self.event_ref, event.durable);
-        let delivered = match &event.target {
-            Target::Users(users) => {
-                let body = self.body(event, ts, &[], None);
-                for u in users {
-                    fanout.to_user(u, 0, &body);
-                }
-                users.len()
-            }
-            Target::Room(room) => {
-                let body = self.body(event, ts, &[], None);
-                let rooms = self.shared.state.rooms.read().expect("rooms lock");
-                let mut n = 0;
-                rooms.for_each_member(room, |u| {
-                    fanout.to_user(u, 0, &body);
-                    n += 1;
-                });
-                n
-            }
-            Target::All => {
-                let body = self.body(event, ts, &[], None);
-                fanout.to_all(&body);
-                1
-            }
-            Target::Match {
-                sub_type,
-                dimensions,
-                values,
-            } => self.target_matches(event, ts, sub_type, dimensions, values, &mut fanout),
-        };
+        let delivered = self.targeter.target(&self.shared.state, event, ts, &mut fanout);
         fanout.end();
         if event.durable {
             let mut msgs = Vec::new();
@@ -502,61 +458,6 @@ impl Worker {
             self.live_out = fanout;
         }
         Ok(delivered)
-    }
-
-    /// Matches the event against the index and names each matching user
-    /// with their body (their matching subscription names and `fields`);
-    /// users whose names and fields agree share one body.
-    fn target_matches(
-        &mut self,
-        event: &ProducerEvent,
-        ts: u64,
-        sub_type: &str,
-        dimensions: &[(String, String)],
-        values: &[(String, f64)],
-        fanout: &mut Fanout,
-    ) -> usize {
-        let started = Instant::now();
-        let mut matches = std::mem::take(&mut self.matches);
-        matches.clear();
-        {
-            let index = self.shared.state.index.read().expect("index lock");
-            let query = MatchQuery {
-                sub_type,
-                dimensions,
-                values,
-            };
-            index.for_each_match(&query, &mut |u, s| matches.push((u.clone(), s.clone())));
-        }
-        metrics::histogram!("switchyard_router_match_seconds").record(started.elapsed().as_secs_f64());
-        matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name().cmp(b.1.name())));
-        let mut delivered = 0;
-        let mut names: Vec<&str> = Vec::new();
-        // Bodies of this event so far: (names, fields, bytes).
-        let mut variants: Vec<Variant<'_>> = Vec::new();
-        for group in matches.chunk_by(|a, b| a.0 == b.0) {
-            names.clear();
-            names.extend(group.iter().map(|(_, s)| s.name()));
-            let fields = fields_union(group.iter().map(|(_, s)| s));
-            let found = variants
-                .iter()
-                .take(MAX_VARIANTS)
-                .position(|(n, f, _)| *n == names && *f == fields);
-            let v = match found {
-                Some(v) => v,
-                None => {
-                    let body = self.body(event, ts, &names, fields.as_deref());
-                    variants.push((names.clone(), fields, body));
-                    variants.len() - 1
-                }
-            };
-            fanout.to_user(&group[0].0, v as u32, &variants[v].2);
-            delivered += 1;
-        }
-        drop(variants);
-        drop(names);
-        self.matches = matches;
-        delivered
     }
 
     /// Stores one hand-off in the hand-off stream, its acknowledgement into `acks`.
@@ -591,41 +492,9 @@ impl Worker {
                     tracing::error!(error = %e, partition, "hand-off larger than the server's max payload dropped");
                     return Ok(());
                 }
-                Err(IngestError::Publish(e.to_string()))
+                Err(IngestError::Publish(e))
             }
         }
-    }
-
-    /// Encodes one delivery body, trimming `data` to `fields` when asked.
-    fn body(&mut self, event: &ProducerEvent, ts: u64, subs: &[&str], fields: Option<&[&str]>) -> Bytes {
-        let mut trimmed = std::mem::take(&mut self.scratch);
-        trimmed.clear();
-        let use_trimmed = match fields {
-            None => false,
-            Some(fields) => match transcode::trim_map_fields(&event.data, &|k| fields.contains(&k), &mut trimmed) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::debug!(error = %e, "payload not trimmable; sent whole");
-                    false
-                }
-            },
-        };
-        let data: &[u8] = if use_trimmed { &trimmed } else { &event.data };
-        let body = self.scratch_body(event, ts, subs, data);
-        self.scratch = trimmed;
-        body
-    }
-
-    fn scratch_body(&mut self, event: &ProducerEvent, ts: u64, subs: &[&str], data: &[u8]) -> Bytes {
-        let mut body = std::mem::take(&mut self.body_buf);
-        body.clear();
-        encode_delivery(event, ts, subs, data, &mut body);
-        if self.out.capacity() < body.len() {
-            self.out.reserve(body.len().max(64 * 1024));
-        }
-        self.out.extend_from_slice(&body);
-        self.body_buf = body;
-        self.out.split().freeze()
     }
 }
 
@@ -655,24 +524,6 @@ impl EventRef<'_> {
             }
         }
     }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The union of `fields` over a user's matching subscriptions; `None` when
-/// any of them wants the whole payload.
-fn fields_union<'a>(subs: impl Iterator<Item = &'a SubRef>) -> Option<Vec<&'a str>> {
-    let mut out: Vec<&str> = Vec::new();
-    for s in subs {
-        out.extend(s.fields()?);
-    }
-    out.sort_unstable();
-    out.dedup();
-    Some(out)
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use switchyard_common::subject::Subjects;
+use switchyard_runtime::nats::Storage;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -54,15 +55,15 @@ impl Unit {
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     /// The lease bucket could not be created or opened.
-    #[error("cannot open the lease bucket: {0}")]
-    Open(String),
+    #[error("cannot open the lease bucket")]
+    Open(#[from] switchyard_runtime::nats::KvOpenError),
     /// The heartbeat subscription failed.
     #[error("cannot subscribe to router heartbeats: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
 }
 
 /// The lease bucket's configuration (TTL = `ttl`).
-pub fn bucket_config(subjects: &Subjects, ttl: Duration, replicas: usize, memory: bool) -> kv::Config {
+pub fn bucket_config(subjects: &Subjects, ttl: Duration, replicas: usize, storage: Storage) -> kv::Config {
     kv::Config {
         bucket: subjects.lease_bucket(),
         description: "Switchyard router partition leases".into(),
@@ -71,31 +72,14 @@ pub fn bucket_config(subjects: &Subjects, ttl: Duration, replicas: usize, memory
         num_replicas: replicas,
         // File by default so that leases, like everything else, survive a
         // NATS restart; a bucket that vanished anyway is created again.
-        storage: if memory {
-            async_nats::jetstream::stream::StorageType::Memory
-        } else {
-            async_nats::jetstream::stream::StorageType::File
-        },
+        storage: storage.into(),
         ..Default::default()
     }
 }
 
 /// Opens the lease bucket, creating it when missing.
 pub async fn open_bucket(js: &async_nats::jetstream::Context, config: &kv::Config) -> Result<kv::Store, LeaseError> {
-    let bucket = config.bucket.clone();
-    let config = config.clone();
-    let mut last = String::new();
-    for _ in 0..5 {
-        if let Ok(kv) = js.get_key_value(bucket.as_str()).await {
-            return Ok(kv);
-        }
-        match js.create_key_value(config.clone()).await {
-            Ok(kv) => return Ok(kv),
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(LeaseError::Open(last))
+    Ok(switchyard_runtime::nats::open_or_create_kv(js, config).await?)
 }
 
 struct Owned {

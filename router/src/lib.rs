@@ -7,6 +7,7 @@
 //! - [`index`]: the subscription index interface and the simple scan index (pure).
 //! - [`fast_index`]: the inverted index (roaring postings) the router uses (pure).
 //! - [`rooms`]: room memberships (pure).
+//! - [`change`]: a stored change to subscriptions or rooms, and its key and value (pure).
 //! - [`state`]: the shared state, checks on requests, applying stored changes.
 //! - [`store`]: subscriptions and memberships persisted in a JetStream bucket, watched.
 //! - [`authz`]: who may join which room and use which subscription type.
@@ -14,27 +15,32 @@
 //! - [`events`]: the partitioned event streams producers publish into.
 //! - [`lease`]: which router processes which partition, with failover.
 //! - [`ingest`]: the match stage: producer events → targets per user partition, one worker per owned event partition.
+//! - [`targeting`]: one event → its users and bodies, by user partition (pure).
 //! - [`handoff`]: grouping one event's (user, body) pairs by user partition (pure).
 //! - [`delivery`]: the delivery stage: stores each user's deliveries and sends live copies per edge, one worker per owned user partition.
 //! - [`presence`]: which edges hold which users of a partition (pure).
 //! - [`batches`]: live batches per edge, bodies once, cut below NATS' max payload (pure).
 //! - [`edges`]: which edges are alive (their heartbeats).
 //! - [`log`]: the delivery log streams and the hand-off stream (JetStream).
+//! - [`fault`]: crash injection for failover tests (cargo feature `fault-injection` only).
 //! - [`workqueue`]: taking over a slice of a work-queue stream (the consumer both stages use).
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! The admin endpoint, the NATS connection and the signal handling come
+//! from `switchyard-runtime`, shared with the edge.
 //!
 //! [`start`] runs all of it in the current tokio runtime, so tests can embed
 //! a router; `main.rs` is a thin wrapper.
 
-pub mod admin;
 pub mod authz;
 pub mod batches;
+pub mod change;
 pub mod config;
 pub mod control;
 pub mod delivery;
 pub mod edges;
 pub mod events;
 pub mod fast_index;
+pub mod fault;
 pub mod handoff;
 pub mod index;
 pub mod ingest;
@@ -44,6 +50,7 @@ pub mod presence;
 pub mod rooms;
 pub mod state;
 pub mod store;
+pub mod targeting;
 pub mod workqueue;
 
 use std::net::SocketAddr;
@@ -59,13 +66,13 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// Bad configuration.
-    #[error("invalid configuration: {0}")]
+    #[error("invalid configuration")]
     Config(#[from] config::ConfigError),
-    /// NATS could not be reached.
-    #[error("cannot connect to NATS: {0}")]
-    Nats(#[from] async_nats::ConnectError),
+    /// What both tiers can fail at: NATS, a listener, the metrics recorder.
+    #[error(transparent)]
+    Runtime(#[from] switchyard_runtime::StartError),
     /// The delivery log or an event stream could not be created.
-    #[error("cannot create a stream: {0}")]
+    #[error("cannot create a stream")]
     Stream(#[from] async_nats::jetstream::context::CreateStreamError),
     /// The subscription bucket could not be opened or replayed.
     #[error(transparent)]
@@ -73,15 +80,13 @@ pub enum StartError {
     /// The lease bucket could not be opened.
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
-    /// A NATS subscription failed.
-    #[error("cannot subscribe: {0}")]
-    Subscribe(#[from] async_nats::SubscribeError),
-    /// The admin port could not be bound.
-    #[error("cannot bind the admin endpoint: {0}")]
-    Bind(#[from] std::io::Error),
-    /// The metrics recorder could not be installed.
-    #[error("cannot install the metrics recorder: {0}")]
-    Metrics(#[from] metrics_exporter_prometheus::BuildError),
+}
+
+impl StartError {
+    /// Whether the operator's configuration is at fault (exit code 64).
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Config(_))
+    }
 }
 
 /// A running router.
@@ -125,12 +130,12 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
     let subjects = config.validate()?;
     let metrics = match config.metrics.clone() {
         Some(h) => h,
-        None => admin::install_recorder()?,
+        None => switchyard_runtime::admin::install_recorder(&[]).map_err(switchyard_runtime::StartError::from)?,
     };
     // Counts (re)connections: consumers and the bucket watch are rebuilt after
     // a reconnect rather than trusted to resume by themselves.
     let (reconnects_tx, reconnects) = tokio::sync::watch::channel(0u64);
-    let client = async_nats::ConnectOptions::new()
+    let options = async_nats::ConnectOptions::new()
         .name("switchyard-router")
         .event_callback(move |event| {
             let tx = reconnects_tx.clone();
@@ -144,17 +149,13 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             }
-        })
-        .retry_on_initial_connect()
-        // SWITCHYARD_NATS_URL may list several servers, comma separated.
-        .connect(config.nats_url.split(',').map(str::trim).collect::<Vec<_>>())
-        .await?;
-    // retry_on_initial_connect returns at once; wait (bounded) for the first connection.
-    wait_connected(&client).await;
+        });
+    let client = switchyard_runtime::nats::connect(options, &config.nats_url)
+        .await
+        .map_err(switchyard_runtime::StartError::from)?;
     let js = async_nats::jetstream::new(client.clone());
     log::ensure_streams(&js, &subjects, &config.log_settings()).await?;
     events::ensure_streams(&js, &subjects, &config.event_settings()).await?;
-    let memory = config.log_storage == "memory";
     let store = store::Store::open(&js, &subjects, &config.store_settings()).await?;
     let state = state::RouterState::new(config.limits());
     let cancel = CancellationToken::new();
@@ -179,11 +180,13 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         store: store.clone(),
         authz: authz::Authz::new(config.authz_settings(), client.clone(), subjects.clone()),
     };
-    let control_sub = control::subscribe(&client, &subjects).await?;
+    let control_sub = control::subscribe(&client, &subjects)
+        .await
+        .map_err(switchyard_runtime::StartError::from)?;
     tasks.spawn(control.serve(control_sub, cancel.clone()));
 
-    let ttl = Duration::from_millis(config.lease_ttl_ms);
-    let lease_bucket = lease::bucket_config(&subjects, ttl, config.log_replicas, memory);
+    let ttl = config.lease_ttl;
+    let lease_bucket = lease::bucket_config(&subjects, ttl, config.log_replicas, config.log_storage);
     let leases = lease::open_bucket(&js, &lease_bucket).await?;
     // Ingest keeps its own bound on outstanding publish acknowledgements.
     let ingest_js = async_nats::jetstream::ContextBuilder::new()
@@ -195,16 +198,12 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         subjects: subjects.clone(),
         state: state.clone(),
         store: store.clone(),
-        dedup: ingest::dedup_cache(Duration::from_secs(config.dedup_window_s)),
+        dedup: ingest::dedup_cache(config.dedup_window),
         user_partitions: config.user_partitions,
     });
-    let (edge_set, edge_tracker) = edges::track(
-        client.clone(),
-        &subjects,
-        Duration::from_millis(config.edge_timeout_ms),
-        cancel.clone(),
-    )
-    .await?;
+    let (edge_set, edge_tracker) = edges::track(client.clone(), &subjects, config.edge_timeout, cancel.clone())
+        .await
+        .map_err(switchyard_runtime::StartError::from)?;
     tasks.spawn(edge_tracker);
     let delivery = Arc::new(delivery::Shared {
         client: client.clone(),
@@ -214,11 +213,10 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         log_groups: config.log_streams,
         log: config.log_settings(),
         edges: edge_set,
-        sync_wait: Duration::from_millis(config.presence_sync_ms),
+        sync_wait: config.presence_sync,
         // Edges beat every second: after this long every live one has been heard.
         edges_known_at: tokio::time::Instant::now() + EDGE_HEARTBEAT + Duration::from_millis(300),
-        crash_after: config.crash_after_deliveries,
-        stored: std::sync::atomic::AtomicU64::new(0),
+        crash: fault::CrashAfter::from_env(),
         failed_stores: Default::default(),
     });
     let units = events::Partition::all(config.partitions)
@@ -234,12 +232,16 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         subjects.clone(),
         cancel.clone(),
     ));
-    let listener = tokio::net::TcpListener::bind(config.admin_listen).await?;
-    let admin_addr = listener.local_addr()?;
+    let (listener, admin_addr) = switchyard_runtime::bind(config.admin_listen).await?;
     let ready_client = client.clone();
-    let ready: admin::ReadyCheck =
+    let ready: switchyard_runtime::admin::ReadyCheck =
         Arc::new(move || ready_client.connection_state() == async_nats::connection::State::Connected);
-    tasks.spawn(admin::serve(listener, ready, metrics, cancel.clone()));
+    tasks.spawn(switchyard_runtime::admin::serve(
+        listener,
+        ready,
+        metrics,
+        cancel.clone(),
+    ));
     // A round trip to the server proves the subscriptions above are in place.
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "flush after subscribing failed");
@@ -278,14 +280,5 @@ async fn count_malformed_subjects(client: async_nats::Client, subjects: Subjects
                 None => return,
             },
         }
-    }
-}
-
-async fn wait_connected(client: &async_nats::Client) {
-    for _ in 0..500 {
-        if client.connection_state() == async_nats::connection::State::Connected {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy};
 use switchyard_common::subject::Subjects;
 
 /// Delivery log settings.
@@ -30,7 +30,7 @@ pub struct LogSettings {
     /// How long a message is kept.
     pub max_age: Duration,
     /// File (default) or memory storage.
-    pub memory: bool,
+    pub storage: switchyard_runtime::nats::Storage,
     /// Stream replicas (1 on a single server; 3 on a cluster).
     pub replicas: usize,
     /// Window in which a delivery with the same message id is stored once
@@ -40,14 +40,6 @@ pub struct LogSettings {
     pub user_partitions: u32,
     /// Log streams the user partitions are spread over.
     pub groups: u32,
-}
-
-fn storage(memory: bool) -> StorageType {
-    if memory {
-        StorageType::Memory
-    } else {
-        StorageType::File
-    }
 }
 
 /// The configuration of log stream `group`.
@@ -61,7 +53,7 @@ pub fn stream_config(subjects: &Subjects, s: &LogSettings, group: u32) -> Config
             .collect(),
         max_messages_per_subject: s.max_per_subject,
         max_age: s.max_age,
-        storage: storage(s.memory),
+        storage: s.storage.into(),
         num_replicas: s.replicas,
         discard: DiscardPolicy::Old,
         duplicate_window: s.duplicate_window,
@@ -77,7 +69,7 @@ pub fn targets_config(subjects: &Subjects, s: &LogSettings) -> Config {
         description: Some("Switchyard hand-off: durable events' targets awaiting their delivery partition".into()),
         subjects: vec![subjects.targets_wildcard()],
         retention: RetentionPolicy::WorkQueue,
-        storage: storage(s.memory),
+        storage: s.storage.into(),
         num_replicas: s.replicas,
         discard: DiscardPolicy::Old,
         duplicate_window: s.duplicate_window,
@@ -117,18 +109,15 @@ pub async fn epoch(
     subjects: &Subjects,
     settings: &LogSettings,
 ) -> Result<String, async_nats::jetstream::context::GetStreamError> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut mix = |bytes: &[u8]| {
-        for b in bytes {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut h = switchyard_common::hash::Fnv1a::new();
     for group in 0..settings.groups {
         let stream = js.get_stream(subjects.log_stream(group)).await?;
         let info = stream.cached_info();
-        mix(info.config.name.as_bytes());
-        mix(&info.created.unix_timestamp_nanos().to_be_bytes());
+        h = h
+            .write(info.config.name.as_bytes())
+            .write(&info.created.unix_timestamp_nanos().to_be_bytes());
     }
+    let h = h.finish();
     Ok(format!(
         "{}-{h:016x}-u{}",
         subjects.log_stream(0).trim_end_matches("_0"),

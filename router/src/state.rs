@@ -16,10 +16,10 @@ use switchyard_common::ids;
 use switchyard_common::subscription::{RawSubscription, Subscription};
 use switchyard_common::ErrorCode;
 
+use crate::change::Change;
 use crate::fast_index::FastIndex;
 use crate::index::SubscriptionIndex;
 use crate::rooms::Rooms;
-use crate::store::Change;
 
 /// Operator limits on what one user may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +37,7 @@ pub struct Limits {
     pub max_type_dimensions: usize,
 }
 
-/// The default cap on rooms per user (PROTOCOL.md 1.1).
+/// The default cap on rooms per user (1.1; docs/PROTOCOL.md, "Client ops").
 pub const DEFAULT_MAX_ROOMS: usize = 100;
 
 /// Default of [`Limits::max_type_dimensions`] (`SWITCHYARD_MAX_TYPE_DIMENSIONS`).

@@ -8,7 +8,7 @@
 //! and a restarted router rebuilds exactly the state the others hold.
 //!
 //! # The consistency check
-//! PROTOCOL.md promises that `ok` to a change holds for every event
+//! docs/PROTOCOL.md promises that `ok` to a change holds for every event
 //! published after it, whichever router matches the event. The writer
 //! answers `ok` only after the bucket stored the change; an event published
 //! later is fetched later. Before matching a batch of events, a router calls
@@ -61,15 +61,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::{self, Operation};
-use async_nats::jetstream::stream::StorageType;
 use async_nats::HeaderMap;
 use futures::StreamExt;
-use switchyard_common::control;
 use switchyard_common::subject::Subjects;
-use switchyard_common::subscription::Subscription;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::change::{decode_change, encode_change, Change};
 use crate::state::{Replica, RouterState};
 
 /// How long a caller waits for the watcher to apply a revision, and how long
@@ -81,69 +79,23 @@ pub const APPLY_WAIT: Duration = Duration::from_secs(5);
 pub struct StoreSettings {
     /// Replicas (3 on a NATS cluster).
     pub replicas: usize,
-    /// Memory rather than file storage.
-    pub memory: bool,
+    /// File (default) or memory storage.
+    pub storage: switchyard_runtime::nats::Storage,
     /// Largest size of the bucket, in bytes (default 1 GiB).
     pub max_bytes: i64,
     /// How long a tombstone stays before the server deletes it (default 1 h).
     pub tombstone_ttl: Duration,
 }
 
-/// A change to the subscription state, as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Change {
-    /// Create or replace `sub` for `user`.
-    Subscribe {
-        /// The owner.
-        user: String,
-        /// The normalized subscription.
-        sub: Subscription,
-    },
-    /// Remove `user`'s subscription `name`.
-    Unsubscribe {
-        /// The owner.
-        user: String,
-        /// The subscription name.
-        name: String,
-    },
-    /// `user` joins `room`.
-    Join {
-        /// The room.
-        room: String,
-        /// The member.
-        user: String,
-    },
-    /// `user` leaves `room`.
-    Leave {
-        /// The room.
-        room: String,
-        /// The member.
-        user: String,
-    },
-}
-
-impl Change {
-    /// Whether the change removes something (written as a tombstone).
-    pub fn is_removal(&self) -> bool {
-        matches!(self, Change::Unsubscribe { .. } | Change::Leave { .. })
-    }
-
-    /// The key filter (relative to the bucket) of every key of the same
-    /// kind that belongs to the change's user: what a per-user cap counts.
-    pub fn user_filter(&self) -> String {
-        match self {
-            Change::Subscribe { user, .. } | Change::Unsubscribe { user, .. } => format!("s.{user}.*"),
-            Change::Join { user, .. } | Change::Leave { user, .. } => format!("r.*.{user}"),
-        }
-    }
-}
-
 /// Why the store could not do something.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The bucket could not be created or opened.
-    #[error("cannot open the subscription bucket: {0}")]
-    Open(String),
+    #[error("cannot open the subscription bucket")]
+    Open(#[from] switchyard_runtime::nats::KvOpenError),
+    /// The bucket's limits could not be brought to the settings.
+    #[error("cannot set the subscription bucket's limits")]
+    Limits(#[source] LimitsError),
     /// A write failed.
     #[error("cannot store the change: {0}")]
     Put(#[from] async_nats::jetstream::context::PublishError),
@@ -153,9 +105,12 @@ pub enum StoreError {
     /// The bucket reached its `max_bytes`.
     #[error("the subscription bucket is full (SWITCHYARD_SUBS_MAX_BYTES)")]
     Full,
-    /// The bucket's state could not be read.
-    #[error("cannot read the subscription bucket's state: {0}")]
-    Info(String),
+    /// The last revision of a key could not be read.
+    #[error("cannot read the subscription bucket's state")]
+    Read(#[from] async_nats::jetstream::stream::LastRawMessageError),
+    /// The bucket's stream could not be looked up.
+    #[error("cannot look up the subscription bucket's stream")]
+    Stream(#[from] async_nats::jetstream::context::GetStreamError),
     /// The watcher did not apply the revision in time.
     #[error("the subscription index is behind the bucket (revision {0} not applied in time)")]
     Behind(u64),
@@ -163,6 +118,26 @@ pub enum StoreError {
     #[error("cannot watch the subscription bucket: {0}")]
     Watch(#[from] kv::WatchError),
 }
+
+/// Why the bucket's limits could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitsError {
+    /// The bucket's stream could not be found.
+    #[error("cannot find the bucket's stream")]
+    Stream(#[from] async_nats::jetstream::context::GetStreamError),
+    /// The stream's configuration could not be read.
+    #[error("cannot read the bucket's stream configuration")]
+    Info(#[from] async_nats::jetstream::context::RequestError),
+    /// The stream's configuration could not be updated.
+    #[error("cannot update the bucket's stream configuration")]
+    Update(#[from] async_nats::jetstream::context::UpdateStreamError),
+    /// The server is too old for tombstones that expire.
+    #[error("the NATS server does not support per-message TTLs (nats-server 2.11 or later is needed)")]
+    NoMessageTtl,
+}
+
+/// Tries of [`Store::open`] at setting the bucket's limits before it gives up.
+const OPEN_TRIES: usize = 5;
 
 /// Whether a watcher that last knew it had applied the whole bucket `since`
 /// ago may follow on from its last applied revision: only while no
@@ -220,32 +195,21 @@ impl Store {
             history: 1,
             num_replicas: settings.replicas,
             max_bytes: settings.max_bytes,
-            storage: if settings.memory {
-                StorageType::Memory
-            } else {
-                StorageType::File
-            },
+            storage: settings.storage.into(),
             ..Default::default()
         };
-        let mut last_error = String::new();
-        for _ in 0..5 {
-            let kv = match js.get_key_value(bucket.as_str()).await {
-                Ok(kv) => Ok(kv),
-                Err(_) => js.create_key_value(config.clone()).await.map_err(|e| e.to_string()),
-            };
-            match kv {
-                Ok(kv) => {
-                    let store = Store::with(kv, js, &bucket, settings);
-                    match store.ensure_limits(settings).await {
-                        Ok(()) => return Ok(store),
-                        Err(e) => last_error = e,
-                    }
-                }
-                Err(e) => last_error = e,
+        let mut tries = 0;
+        loop {
+            let kv = switchyard_runtime::nats::open_or_create_kv(js, &config).await?;
+            let store = Store::with(kv, js, &bucket, settings);
+            match store.ensure_limits(settings).await {
+                Ok(()) => return Ok(store),
+                Err(e) if tries + 1 >= OPEN_TRIES => return Err(StoreError::Limits(e)),
+                Err(e) => tracing::debug!(error = %e, "subscription bucket limits not set yet; trying again"),
             }
+            tries += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(StoreError::Open(last_error))
     }
 
     fn with(kv: kv::Store, js: &async_nats::jetstream::Context, bucket: &str, settings: &StoreSettings) -> Store {
@@ -261,23 +225,17 @@ impl Store {
     }
 
     /// Sets `max_bytes` and turns per-message TTLs on when the stream lacks them.
-    async fn ensure_limits(&self, settings: &StoreSettings) -> Result<(), String> {
-        let mut stream = self
-            .js
-            .get_stream(self.stream.as_str())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut config = stream.info().await.map_err(|e| e.to_string())?.config.clone();
+    async fn ensure_limits(&self, settings: &StoreSettings) -> Result<(), LimitsError> {
+        let mut stream = self.js.get_stream(self.stream.as_str()).await?;
+        let mut config = stream.info().await?.config.clone();
         if config.max_bytes == settings.max_bytes && config.allow_message_ttl {
             return Ok(());
         }
         config.max_bytes = settings.max_bytes;
         config.allow_message_ttl = true;
-        let info = self.js.update_stream(config).await.map_err(|e| e.to_string())?;
+        let info = self.js.update_stream(config).await?;
         if !info.config.allow_message_ttl {
-            return Err(
-                "the NATS server does not support per-message TTLs (nats-server 2.11 or later is needed)".into(),
-            );
+            return Err(LimitsError::NoMessageTtl);
         }
         tracing::info!(max_bytes = settings.max_bytes, "subscription bucket limits updated");
         Ok(())
@@ -334,7 +292,7 @@ impl Store {
         {
             Ok(m) => Ok(m.sequence),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
-            Err(e) => Err(StoreError::Info(e.to_string())),
+            Err(e) => Err(StoreError::Read(e)),
         }
     }
 
@@ -351,17 +309,13 @@ impl Store {
         {
             Ok(m) => Ok(!m.payload.is_empty() && m.headers.get("KV-Operation").is_none()),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
-            Err(e) => Err(StoreError::Info(e.to_string())),
+            Err(e) => Err(StoreError::Read(e)),
         }
     }
 
     /// The bucket's last revision, read now (one JetStream API request).
     pub async fn last_revision(&self) -> Result<u64, StoreError> {
-        let stream = self
-            .js
-            .get_stream(self.stream.as_str())
-            .await
-            .map_err(|e| StoreError::Info(e.to_string()))?;
+        let stream = self.js.get_stream(self.stream.as_str()).await?;
         Ok(stream.cached_info().state.last_sequence)
     }
 
@@ -582,57 +536,11 @@ fn apply_entry(entry: &kv::Entry, apply: impl FnOnce(&Change)) {
     }
 }
 
-/// Escapes a room name into one key token.
-fn escape_room(room: &str) -> String {
-    room.replace('.', "=2E").replace(':', "=3A")
-}
-
-fn unescape_room(token: &str) -> String {
-    token.replace("=2E", ".").replace("=3A", ":")
-}
-
-/// The key and value that store `change`.
-pub fn encode_change(change: &Change) -> (String, Vec<u8>) {
-    match change {
-        Change::Subscribe { user, sub } => (format!("s.{user}.{}", sub.name), control::encode(sub)),
-        Change::Unsubscribe { user, name } => (format!("s.{user}.{name}"), Vec::new()),
-        Change::Join { room, user } => (format!("r.{}.{user}", escape_room(room)), vec![1]),
-        Change::Leave { room, user } => (format!("r.{}.{user}", escape_room(room)), Vec::new()),
-    }
-}
-
-/// The change a key and value stand for (an empty value is a removal).
-pub fn decode_change(key: &str, value: &[u8]) -> Option<Change> {
-    let mut parts = key.splitn(3, '.');
-    let (kind, a, b) = (parts.next()?, parts.next()?, parts.next()?);
-    match (kind, value.is_empty()) {
-        ("s", true) => Some(Change::Unsubscribe {
-            user: a.to_string(),
-            name: b.to_string(),
-        }),
-        ("s", false) => {
-            let sub: Subscription = control::decode(value).ok()?;
-            (sub.name == b).then(|| Change::Subscribe {
-                user: a.to_string(),
-                sub,
-            })
-        }
-        ("r", true) => Some(Change::Leave {
-            room: unescape_room(a),
-            user: b.to_string(),
-        }),
-        ("r", false) => Some(Change::Join {
-            room: unescape_room(a),
-            user: b.to_string(),
-        }),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use switchyard_common::subscription::Subscription;
 
     fn sub(name: &str) -> Subscription {
         Subscription {

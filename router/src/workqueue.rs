@@ -29,24 +29,39 @@ pub struct Slice {
 
 /// Why the consumer could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("consumer {consumer} on {stream}: {reason}")]
+#[error("cannot take over consumer {consumer} on {stream}")]
 pub struct ConsumerError {
     /// The stream.
     pub stream: String,
     /// The consumer.
     pub consumer: String,
-    /// What failed.
-    pub reason: String,
+    /// The step that failed.
+    #[source]
+    pub source: TakeOverStep,
+}
+
+/// The step of [`take_over`] that failed, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeOverStep {
+    /// The stream could not be looked up.
+    #[error("looking up the stream")]
+    Stream(#[from] async_nats::jetstream::context::GetStreamError),
+    /// The consumer could not be created.
+    #[error("creating the consumer")]
+    Create(#[from] async_nats::jetstream::stream::ConsumerError),
+    /// Pulling could not start.
+    #[error("starting to pull")]
+    Pull(#[from] async_nats::jetstream::consumer::StreamError),
 }
 
 /// (Re)creates the slice's consumer from the oldest message left and starts pulling.
 pub async fn take_over(js: &async_nats::jetstream::Context, slice: &Slice) -> Result<pull::Stream, ConsumerError> {
-    let err = |e: &dyn std::fmt::Display| ConsumerError {
+    let err = |e: TakeOverStep| ConsumerError {
         stream: slice.stream.clone(),
         consumer: slice.consumer.clone(),
-        reason: e.to_string(),
+        source: e,
     };
-    let stream = js.get_stream(&slice.stream).await.map_err(|e| err(&e))?;
+    let stream = js.get_stream(&slice.stream).await.map_err(|e| err(e.into()))?;
     if let Err(e) = stream.delete_consumer(&slice.consumer).await {
         tracing::debug!(consumer = %slice.consumer, error = %e, "no consumer to delete");
     }
@@ -61,7 +76,7 @@ pub async fn take_over(js: &async_nats::jetstream::Context, slice: &Slice) -> Re
             ..Default::default()
         })
         .await
-        .map_err(|e| err(&e))?;
+        .map_err(|e| err(e.into()))?;
     consumer
         .stream()
         .max_messages_per_batch(slice.batch)
@@ -69,5 +84,5 @@ pub async fn take_over(js: &async_nats::jetstream::Context, slice: &Slice) -> Re
         .expires(Duration::from_secs(10))
         .messages()
         .await
-        .map_err(|e| err(&e))
+        .map_err(|e| err(e.into()))
 }

@@ -136,7 +136,7 @@ async fn bad_tokens_are_refused_by_header_and_by_frame() -> R {
 
 #[tokio::test]
 async fn frame_auth_failures_close_4001() -> R {
-    let fleet = Fleet::start_with(|c| c.auth_timeout_ms = 300).await?;
+    let fleet = Fleet::start_with(|c| c.auth_timeout = std::time::Duration::from_millis(300)).await?;
     let url = fleet.ws_url();
     let json_opts = Connect {
         protocols: vec!["switchyard.v1.json".into()],
@@ -707,7 +707,7 @@ async fn duplicate_producer_ids_are_delivered_once() -> R {
 
 #[tokio::test]
 async fn rpc_reaches_the_application_with_the_verified_user() -> R {
-    let fleet = Fleet::start_with(|c| c.request_timeout_ms = 500).await?;
+    let fleet = Fleet::start_with(|c| c.request_timeout = std::time::Duration::from_millis(500)).await?;
     let app = fleet.producer.clone();
     let mut calls = app.subscribe("sy.rpc.orders.place").await?;
     app.flush().await?;

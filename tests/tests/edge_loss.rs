@@ -12,7 +12,7 @@ use switchyard_tests::processes::EdgeProcess;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_edge_is_forgotten_and_its_users_resume_elsewhere_without_loss() -> Result<()> {
-    let fleet = Fleet::start_custom(|r| r.edge_timeout_ms = 1500, |_| {}).await?;
+    let fleet = Fleet::start_custom(|r| r.edge_timeout = Duration::from_millis(1500), |_| {}).await?;
     let logs = tempfile::tempdir()?;
     let mut doomed = EdgeProcess::start("edge-doomed", &fleet.nats.url(), TEST_SECRET, &[], logs.path()).await?;
     let mut plan = Plan::new(6);

@@ -24,7 +24,7 @@ async fn wss_with_a_certificate_generated_at_test_time() -> R {
     let (cert_path, key_path) = (cert.cert_path.clone(), cert.key_path.clone());
     let fleet = Fleet::start_with(|c| {
         c.tls_cert = Some(cert_path.clone());
-        c.tls_key = Some(key_path.clone());
+        c.tls_key = Some(key_path.clone().into());
     })
     .await?;
     let port = fleet.edge.as_ref().unwrap().ws_addr.port();
@@ -149,8 +149,8 @@ async fn origin_allow_list() -> R {
 #[tokio::test]
 async fn drain_sends_reconnect_spread_then_1001_and_refuses_new_upgrades() -> R {
     let mut fleet = Fleet::start_with(|c| {
-        c.drain_spread_ms = 4000;
-        c.drain_timeout_ms = 5000;
+        c.drain_spread = Duration::from_millis(4000);
+        c.drain_timeout = Duration::from_millis(5000);
     })
     .await?;
     let url = fleet.ws_url();
@@ -250,7 +250,7 @@ async fn expired_token_closes_4010_unless_refreshed() -> R {
 
 #[tokio::test]
 async fn silent_clients_are_closed_4000_after_two_heartbeats() -> R {
-    let fleet = Fleet::start_with(|c| c.heartbeat_ms = 300).await?;
+    let fleet = Fleet::start_with(|c| c.heartbeat = Duration::from_millis(300)).await?;
     let (mut c, ready) = WsClient::connect_ready(&fleet.ws_url(), &fleet.token("alice", json!({})), &[]).await?;
     assert_eq!(ready["heartbeat_ms"], 300);
     // Not reading means not answering pings: the server hears nothing.
@@ -349,8 +349,8 @@ async fn a_burst_over_the_default_rate_is_batched_cut_and_accounted_for() -> R {
 async fn a_client_that_stops_reading_is_cut_off_and_resumes_without_loss() -> R {
     let fleet = Fleet::start_with(|c| {
         c.queue_events = 8;
-        c.slow_consumer_ms = 500;
-        c.write_stall_ms = 20_000;
+        c.slow_consumer = Duration::from_millis(500);
+        c.write_stall = Duration::from_secs(20);
         c.rate_per_s = 1_000_000;
         c.burst = 1_000_000;
     })
@@ -616,7 +616,7 @@ async fn a_backlogged_connection_conflates_keyed_events_and_keeps_the_latest() -
 
 #[tokio::test]
 async fn a_query_token_counts_only_where_enabled() -> R {
-    let fleet = Fleet::start_with(|c| c.auth_timeout_ms = 500).await?;
+    let fleet = Fleet::start_with(|c| c.auth_timeout = Duration::from_millis(500)).await?;
     let token = fleet.token("alice", json!({}));
     let opts = Connect {
         query: Some(format!("token={token}")),

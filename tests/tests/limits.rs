@@ -218,7 +218,7 @@ async fn rooms_are_capped_per_user_and_rejoining_is_free() -> R {
 async fn tombstones_expire_and_routers_old_and_new_keep_serving() -> R {
     let mut fleet = Fleet::start_custom(
         |r| {
-            r.subs_tombstone_ttl_s = 1;
+            r.subs_tombstone_ttl = std::time::Duration::from_secs(1);
             r.subs_max_bytes = 8 << 20;
         },
         |_| {},
@@ -259,7 +259,7 @@ async fn tombstones_expire_and_routers_old_and_new_keep_serving() -> R {
     fleet.router.take().context("router")?.shutdown().await;
     let router = fleet
         .start_router(|r| {
-            r.subs_tombstone_ttl_s = 1;
+            r.subs_tombstone_ttl = std::time::Duration::from_secs(1);
             r.subs_max_bytes = 8 << 20;
         })
         .await?;

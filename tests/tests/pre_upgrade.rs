@@ -54,7 +54,7 @@ async fn connect_from(source: &str, to: SocketAddr) -> Result<TcpStream> {
 
 #[tokio::test]
 async fn an_unfinished_request_is_closed_after_the_handshake_timeout() -> Result<()> {
-    let fleet = Fleet::start_with(|c| c.handshake_timeout_ms = 300).await?;
+    let fleet = Fleet::start_with(|c| c.handshake_timeout = Duration::from_millis(300)).await?;
     let mut s = TcpStream::connect(ws_addr(&fleet)).await?;
     s.write_all(HALF_REQUEST).await?;
     let got = read_until_closed(&mut s).await?;
@@ -68,7 +68,7 @@ async fn an_unfinished_request_is_closed_after_the_handshake_timeout() -> Result
 
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_handshake_timeout() -> Result<()> {
-    let fleet = Fleet::start_with(|c| c.handshake_timeout_ms = 300).await?;
+    let fleet = Fleet::start_with(|c| c.handshake_timeout = Duration::from_millis(300)).await?;
     let mut s = TcpStream::connect(ws_addr(&fleet)).await?;
     s.write_all(b"GET /nothing-here HTTP/1.1\r\nHost: edge\r\n\r\n").await?;
     let got = read_until_closed(&mut s).await?;
@@ -86,8 +86,8 @@ async fn a_tls_handshake_never_started_is_closed_after_the_handshake_timeout() -
     let (cert_path, key_path) = (cert.cert_path.clone(), cert.key_path.clone());
     let fleet = Fleet::start_with(|c| {
         c.tls_cert = Some(cert_path.clone());
-        c.tls_key = Some(key_path.clone());
-        c.handshake_timeout_ms = 300;
+        c.tls_key = Some(key_path.clone().into());
+        c.handshake_timeout = Duration::from_millis(300);
     })
     .await?;
     let mut s = TcpStream::connect(ws_addr(&fleet)).await?;
@@ -102,7 +102,7 @@ async fn connections_waiting_for_their_upgrade_count_against_the_node_limit() ->
     let fleet = Fleet::start_with(|c| {
         c.max_connections = 2;
         // Long enough that the half-open connections stay for the whole test.
-        c.handshake_timeout_ms = 120_000;
+        c.handshake_timeout = Duration::from_millis(120_000);
     })
     .await?;
     let addr = ws_addr(&fleet);
@@ -142,7 +142,7 @@ async fn connections_waiting_for_their_upgrade_count_against_the_node_limit() ->
 async fn one_address_may_hold_only_so_many_connections_before_their_upgrade() -> Result<()> {
     let fleet = Fleet::start_with(|c| {
         c.max_pending_per_addr = 3;
-        c.handshake_timeout_ms = 120_000;
+        c.handshake_timeout = Duration::from_millis(120_000);
     })
     .await?;
     let addr = ws_addr(&fleet);

@@ -28,9 +28,18 @@ impl RouterProcess {
         let bin = dir.join("switchyard-router");
         if !bin.exists() {
             // `cargo test -p switchyard-tests` alone does not build other packages' binaries.
+            // The crash test needs the fault-injection feature (router/src/fault.rs).
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
-                .args(["build", "-p", "switchyard-router", "--bin", "switchyard-router"])
+                .args([
+                    "build",
+                    "-p",
+                    "switchyard-router",
+                    "--bin",
+                    "switchyard-router",
+                    "--features",
+                    "fault-injection",
+                ])
                 .status()?;
             if !status.success() || !bin.exists() {
                 bail!("cannot build {}", bin.display());
@@ -196,7 +205,7 @@ async fn killing_a_router_mid_stream_loses_nothing_and_delivers_nothing_twice() 
     const SUBJECTS: u64 = 8;
     const N: u64 = 2400;
     let fleet = Fleet::start_custom(
-        |r| r.lease_ttl_ms = 1000,
+        |r| r.lease_ttl = Duration::from_millis(1000),
         |c| {
             c.rate_per_s = 1_000_000;
             c.burst = 1_000_000;
@@ -367,7 +376,7 @@ async fn authorization_by_claims_public_lists_and_the_application() -> R {
             r.public_rooms = vec!["lobby".into(), "public:*".into()];
             r.public_types = vec!["tick".into(), "market_*".into()];
             r.authz_request = true;
-            r.authz_timeout_ms = 300;
+            r.authz_timeout = Duration::from_millis(300);
             r.max_dimensions = 2;
             r.max_values_per_dimension = 3;
         },
@@ -453,7 +462,7 @@ async fn an_application_that_answers_too_late_is_a_denial() -> R {
         |r| {
             r.public_types = vec![];
             r.authz_request = true;
-            r.authz_timeout_ms = 200;
+            r.authz_timeout = Duration::from_millis(200);
         },
         |_| {},
     )

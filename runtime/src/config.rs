@@ -1,0 +1,29 @@
+//! Parsers for configuration values both tiers share, so that a value is
+//! parsed once, at start, into its type: durations (the env vars keep their
+//! documented units, `_MS` or `_S`, and the code sees a `Duration`).
+
+use std::num::ParseIntError;
+use std::time::Duration;
+
+/// A whole number of milliseconds (`SWITCHYARD_*_MS`).
+pub fn millis(s: &str) -> Result<Duration, ParseIntError> {
+    s.trim().parse().map(Duration::from_millis)
+}
+
+/// A whole number of seconds (`SWITCHYARD_*_S`).
+pub fn secs(s: &str) -> Result<Duration, ParseIntError> {
+    s.trim().parse().map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_as_documented() {
+        assert_eq!(millis("1500"), Ok(Duration::from_millis(1500)));
+        assert_eq!(secs("120"), Ok(Duration::from_secs(120)));
+        assert!(millis("1.5").is_err());
+        assert!(secs("-1").is_err());
+    }
+}

@@ -1,0 +1,94 @@
+//! The NATS side both tiers share: connecting with a bounded wait for the
+//! first connection, opening or creating a KV bucket (several processes may
+//! race to create it), and the typed storage setting of JetStream assets.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream::StorageType};
+
+/// How long [`connect`] waits for the first connection before it returns
+/// anyway (the client keeps retrying in the background).
+pub const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// Where JetStream keeps a stream or bucket. Parsed once from configuration
+/// (`file` or `memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Storage {
+    /// On disk: survives a NATS restart (the default).
+    #[default]
+    File,
+    /// In memory: faster, lost when NATS restarts (tests, throwaway setups).
+    Memory,
+}
+
+impl From<Storage> for StorageType {
+    fn from(s: Storage) -> StorageType {
+        match s {
+            Storage::File => StorageType::File,
+            Storage::Memory => StorageType::Memory,
+        }
+    }
+}
+
+/// Connects with `options` to `urls` (comma separated, as
+/// `SWITCHYARD_NATS_URL` takes them), retrying the first connection in the
+/// background, and waits up to [`FIRST_CONNECT_WAIT`] for it. A client that
+/// is not connected by then is returned all the same: readiness reports it.
+pub async fn connect(
+    options: async_nats::ConnectOptions,
+    urls: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let client = options
+        .retry_on_initial_connect()
+        .connect(urls.split(',').map(str::trim).collect::<Vec<_>>())
+        .await?;
+    let connected = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        while client.connection_state() != async_nats::connection::State::Connected {
+            tick.tick().await;
+        }
+    };
+    if tokio::time::timeout(FIRST_CONNECT_WAIT, connected).await.is_err() {
+        tracing::warn!("not connected to NATS yet; continuing while the client retries");
+    }
+    Ok(client)
+}
+
+/// Tries of [`open_or_create_kv`] before it gives up.
+const KV_OPEN_TRIES: usize = 5;
+
+/// A KV bucket could be neither opened nor created.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open or create the KV bucket {bucket}")]
+pub struct KvOpenError {
+    /// The bucket's name.
+    pub bucket: String,
+    /// The last creation failure.
+    #[source]
+    pub source: jetstream::context::CreateKeyValueError,
+}
+
+/// Opens the bucket `config` names, creating it with `config` when missing.
+/// Several processes may race to create it; each try opens first, so the
+/// loser of a race opens what the winner made.
+pub async fn open_or_create_kv(js: &jetstream::Context, config: &kv::Config) -> Result<kv::Store, KvOpenError> {
+    let mut tries = 0;
+    loop {
+        if let Ok(kv) = js.get_key_value(config.bucket.as_str()).await {
+            return Ok(kv);
+        }
+        match js.create_key_value(config.clone()).await {
+            Ok(kv) => return Ok(kv),
+            Err(source) => {
+                tries += 1;
+                if tries >= KV_OPEN_TRIES {
+                    return Err(KvOpenError {
+                        bucket: config.bucket.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

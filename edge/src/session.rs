@@ -96,6 +96,7 @@ pub async fn run(
         conn_done: conn_done.clone(),
         bad_frames: VecDeque::new(),
         ops: node.config.op_limiter(),
+        early: VecDeque::new(),
     };
     let writer = conn.write_loop(control, &conn_done, &node.cancel, stall_limit, linger);
     let session = session(&mut reader, pre_auth);
@@ -243,30 +244,45 @@ async fn start_delivery(
         return Ok(());
     };
     reader.barrier(&ready, None).await;
-    // Never closed, so this waits its turn and always gets a permit. Taken
-    // after `ready`, so a waiting client knows it is connected.
-    let log_slot = node.log_slots.acquire().await.ok();
-    let log = node.log.user_log(&claims.sub, reg);
     let same_epoch = resume.epoch == reg.epoch;
-    let after = if same_epoch { resume.since.min(reg.pos) } else { 0 };
-    let recovered = same_epoch && node.log.recovered(&log, resume.since, reg.pos).await?;
-    let mut replayed = node.log.replay(&log, after, reg.pos, &reader.conn).await?;
-    let mut upto = reg.pos;
-    // Live events that did not fit the hold while replaying are still in
-    // the log: catch up from there (bounded), then switch to live.
-    for _ in 0..MAX_CATCH_UP_ROUNDS {
-        if !conn.take_hold_overflow() {
-            break;
+    // The reads, paced by the node's log slots. The client is read from
+    // meanwhile (pings answered, pongs noted, early frames kept for
+    // later), so a resume waiting its turn in a storm is not taken for a
+    // dead connection.
+    let reads = async {
+        // Never closed, so this waits its turn and always gets a permit.
+        // Taken after `ready`, so a waiting client knows it is connected.
+        let _log_slot = node.log_slots.acquire().await.ok();
+        let log = node.log.user_log(&claims.sub, reg);
+        let after = if same_epoch { resume.since.min(reg.pos) } else { 0 };
+        let since = if same_epoch { resume.since } else { after };
+        let mut replayed = node.log.replay(&log, after, since, reg.pos, conn).await?;
+        let mut upto = reg.pos;
+        // Live events that did not fit the hold while replaying are still in
+        // the log: catch up from there (bounded), then switch to live.
+        for _ in 0..MAX_CATCH_UP_ROUNDS {
+            if !conn.take_hold_overflow() {
+                break;
+            }
+            upto = node.log.state(&log).await?.last_seq;
+            let from = replayed.last_pos.max(after);
+            let more = node.log.replay(&log, from, from, upto, conn).await?;
+            replayed.count += more.count;
+            replayed.last_pos = more.last_pos;
+            // A subject that filled up after `from` may have lost messages
+            // the first read counted but this one had to read.
+            for (n, m) in replayed.after_since.iter_mut().zip(more.after_since) {
+                *n = (*n).max(m);
+            }
         }
-        upto = node.log.state(&log).await?.last_seq;
-        let more = node
-            .log
-            .replay(&log, replayed.last_pos.max(after), upto, &reader.conn)
-            .await?;
-        replayed.count += more.count;
-        replayed.last_pos = more.last_pos;
-    }
-    drop(log_slot);
+        let recovered = same_epoch && node.log.recovered(&log, resume.since, reg.pos, &replayed).await?;
+        Ok::<_, LogError>((replayed, upto, recovered))
+    };
+    let Some(read) = reader.while_reading(reads).await else {
+        // The connection ended while it waited.
+        return Ok(());
+    };
+    let (replayed, upto, recovered) = read?;
     let floor = upto.max(replayed.last_pos);
     reader
         .barrier(
@@ -319,9 +335,38 @@ struct Reader {
     bad_frames: VecDeque<u64>,
     /// The op rate limit (checked after decoding: bad frames spend nothing).
     ops: crate::op_limit::OpLimiter,
+    /// Data messages that arrived while the resume was read, handled after it.
+    early: VecDeque<(OpCode, Bytes)>,
 }
 
+/// Most data messages kept while a resume is read; past it the client is
+/// no longer read from until the resume is done (its TCP window fills).
+const EARLY_FRAMES: usize = 16;
+
 impl Reader {
+    /// Runs `work` while reading from the client: pings are answered,
+    /// pongs and frames keep the connection alive, and data messages wait
+    /// in `early` (at most [`EARLY_FRAMES`]) for [`Reader::serve`].
+    /// `None` when the connection ended first.
+    async fn while_reading<T>(&mut self, work: impl std::future::Future<Output = T>) -> Option<T> {
+        let mut work = std::pin::pin!(work);
+        loop {
+            if self.early.len() >= EARLY_FRAMES {
+                return Some(work.await);
+            }
+            tokio::select! {
+                done = &mut work => return Some(done),
+                msg = self.next_message() => {
+                    let msg = msg?;
+                    self.conn.touch(now_ms());
+                    if !matches!(msg.0, OpCode::Ping | OpCode::Pong) {
+                        self.early.push_back(msg);
+                    }
+                }
+            }
+        }
+    }
+
     /// Reads the next complete data message; `None` when the connection ended.
     async fn next_message(&mut self) -> Option<(OpCode, Bytes)> {
         loop {
@@ -476,8 +521,12 @@ impl Reader {
     async fn serve(&mut self, mut claims: Claims) -> End {
         let conn = self.conn.clone();
         loop {
-            let Some(msg) = self.next_message().await else {
-                return End::Gone;
+            let msg = match self.early.pop_front() {
+                Some(m) => m,
+                None => match self.next_message().await {
+                    Some(m) => m,
+                    None => return End::Gone,
+                },
             };
             conn.touch(now_ms());
             if matches!(msg.0, OpCode::Ping | OpCode::Pong) {

@@ -59,6 +59,8 @@ pub struct NatsServer {
     bin: PathBuf,
     child: Option<Child>,
     port: u16,
+    /// The monitoring port (`/varz`, `/jsz`), chosen free at start and kept across restarts.
+    monitor: u16,
     store: PathBuf,
     // Last field: the directory is removed after `Drop::drop` killed the process.
     dir: TempDir,
@@ -91,10 +93,15 @@ impl NatsServer {
         for d in [store.clone(), dir.path().join("ports")] {
             fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
+        let monitor = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .context("choosing a monitoring port")?
+            .port();
         let mut server = NatsServer {
             bin,
             child: None,
             port: 0,
+            monitor,
             store,
             dir,
         };
@@ -122,6 +129,11 @@ impl NatsServer {
     /// [`restart`](Self::restart).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The monitoring endpoint (`-m`): `/varz`, `/jsz` and the rest.
+    pub fn monitor_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.monitor))
     }
 
     /// The JetStream store directory (`-sd`). It survives
@@ -215,6 +227,8 @@ impl NatsServer {
             .arg("127.0.0.1")
             .arg("-p")
             .arg(port_arg)
+            .arg("-m")
+            .arg(self.monitor.to_string())
             .arg("-js")
             .arg("-sd")
             .arg(&self.store)

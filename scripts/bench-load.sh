@@ -14,6 +14,13 @@
 #       idle connections beyond one process's file-descriptor limit: LOADGENS
 #       load generators side by side (USERS split between them); the script
 #       itself waits for the edges' connection gauges and reads their RSS.
+#   LOADGENS=3 EDGES=3 USERS=50000 scripts/bench-load.sh w4 --rate 100
+#       a reconnect storm over several load generators: each connects its
+#       share, all drop at the same wall-clock moment (--storm-at-ms, STORM_AT_S
+#       seconds after start, default 20 + USERS/2500), and the summaries are
+#       merged (sums of clients and events, the slowest time until all back).
+# nats-server's monitoring port is 18222; w4 reads JetStream API requests
+# and messages in from it, and the edges' log reads from their admin ports.
 #
 # Environment: EDGES (edges to start, default 1), BENCH_NO_BUILD=1 (skip the
 # cargo build), BENCH_OUT (file for the summary), EDGE_ENV (extra
@@ -58,7 +65,8 @@ wait_port() {
     exit 2
 }
 NATS_PORT="${NATS_PORT:-14222}"
-"$NATS_BIN" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$DIR/js" >"$DIR/nats.log" 2>&1 &
+NATS_MONITOR="${NATS_MONITOR:-18222}"
+"$NATS_BIN" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR" -js -sd "$DIR/js" >"$DIR/nats.log" 2>&1 &
 NATS_PID=$!
 pids+=("$NATS_PID")
 wait_port "$NATS_PORT"
@@ -70,6 +78,7 @@ wait_port 19091
 watch="nats=$NATS_PID,router=$ROUTER_PID"
 edges=()
 edge_pids=()
+admins=()
 for i in $(seq 0 $((EDGES - 1))); do
     port=$((18080 + i))
     # shellcheck disable=SC2086
@@ -81,7 +90,12 @@ for i in $(seq 0 $((EDGES - 1))); do
     edge_pids+=("$pid")
     watch="$watch,edge=$pid"
     edges+=("127.0.0.1:$port")
+    admins+=("127.0.0.1:$((19100 + i))")
 done
+monitor_args=()
+if [[ "$SCENARIO" == w4 ]]; then
+    monitor_args=(--nats-monitor "127.0.0.1:$NATS_MONITOR" --edge-admin "$(IFS=,; echo "${admins[*]}")")
+fi
 for e in "${edges[@]}"; do wait_port "${e##*:}"; done
 # perf (when used) is the parent: watch the edge itself.
 if [[ -n "${PERF_EDGE:-}" ]]; then
@@ -89,8 +103,28 @@ if [[ -n "${PERF_EDGE:-}" ]]; then
     watch="nats=$NATS_PID,router=$ROUTER_PID"
     for p in "${edge_pids[@]}"; do watch="$watch,edge=$(pgrep -P "$p" -x switchyard-edge || echo "$p")"; done
 fi
+if [[ "${LOADGENS:-1}" -gt 1 && "$SCENARIO" == w4 ]]; then
+    USERS="${USERS:?set USERS (total clients) with LOADGENS}"
+    per=$((USERS / LOADGENS))
+    at_ms=$(( $(date +%s%3N) + 1000 * ${STORM_AT_S:-$((20 + USERS / 2500))} ))
+    echo "bench-load: w4 over $LOADGENS load generators and $EDGES edges, $per clients each, storm at $at_ms; load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+    lg=()
+    for i in $(seq 0 $((LOADGENS - 1))); do
+        extra=()
+        [[ $i -eq 0 ]] && extra=(--watch "$watch")
+        "$BIN/switchyard-loadgen" --scenario w4 --edge "$(IFS=,; echo "${edges[*]}")" --users "$per" \
+            --user-offset $((i * per)) --nats-url "$SWITCHYARD_NATS_URL" --storm-at-ms "$at_ms" \
+            --progress "$([[ $i -eq 0 ]] && echo true || echo false)" "${monitor_args[@]}" "${extra[@]}" "$@" \
+            >"$DIR/lg$i.json" 2>"$DIR/lg$i.log" &
+        lg+=($!)
+    done
+    status=0
+    for p in "${lg[@]}"; do wait "$p" || status=$?; done
+    python3 scripts/merge_storm.py "$DIR"/lg*.json | tee "${BENCH_OUT:-/dev/null}"
+    exit "$status"
+fi
 if [[ "${LOADGENS:-1}" -gt 1 ]]; then
-    [[ "$SCENARIO" == w3 ]] || { echo "bench-load: LOADGENS is for w3 only" >&2; exit 2; }
+    [[ "$SCENARIO" == w3 ]] || { echo "bench-load: LOADGENS is for w3 and w4" >&2; exit 2; }
     USERS="${USERS:?set USERS (total connections) with LOADGENS}"
     rss_sum() { local t=0; for p in "${edge_pids[@]}"; do t=$((t + $(awk '/VmRSS/{print $2}' "/proc/$p/status"))); done; echo "$t"; }
     conns() { local t=0; for i in $(seq 0 $((EDGES - 1))); do
@@ -120,7 +154,7 @@ fi
 echo "bench-load: $SCENARIO on $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), edges ${edges[*]}" >&2
 status=0
 "$BIN/switchyard-loadgen" --scenario "$SCENARIO" --edge "$(IFS=,; echo "${edges[*]}")" \
-    --nats-url "$SWITCHYARD_NATS_URL" --watch "$watch" "$@" >"$DIR/summary.json" || status=$?
+    --nats-url "$SWITCHYARD_NATS_URL" --watch "$watch" "${monitor_args[@]}" "$@" >"$DIR/summary.json" || status=$?
 cat "$DIR/summary.json"
 if [[ -n "${BENCH_OUT:-}" ]]; then cp "$DIR/summary.json" "$BENCH_OUT"; fi
 if [[ $status -ne 0 ]]; then

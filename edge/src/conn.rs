@@ -405,6 +405,13 @@ impl ConnHandle {
         self.wake.notify_one();
     }
 
+    /// Durable deliveries held now (and whether any did not fit): what
+    /// came live for the user's log since the registration.
+    pub fn held_durable(&self) -> u64 {
+        let hold = self.hold.lock().expect("hold lock");
+        hold.items.iter().filter(|d| d.pos.is_some()).count() as u64 + u64::from(hold.overflowed) * self.hold_cap as u64
+    }
+
     /// Whether durable deliveries were lost from the hold since the last call.
     pub fn take_hold_overflow(&self) -> bool {
         std::mem::take(&mut self.hold.lock().expect("hold lock").overflowed)

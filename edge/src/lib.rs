@@ -184,11 +184,10 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
     let table = Arc::new(intake::UserTable::new(config.user_partitions));
     let hub = hub::Hub::start(table.clone(), sweep, &tasks, cancel.clone());
     let log = log::DeliveryLog::open(
-        client.clone(),
+        async_nats::jetstream::new(client.clone()),
         subjects.clone(),
         config.user_partitions,
         config.log_wait,
-        cancel.clone(),
     )
     .await?;
     let backend = backend::Backend::new(client.clone(), subjects.clone(), config.request_timeout);

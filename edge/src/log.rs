@@ -1,48 +1,46 @@
 //! The edge's view of the delivery log: replaying a user's durable events
-//! after a position, and deciding whether a resume is `recovered`, in a
-//! few NATS requests per resume.
+//! after a position, and deciding whether a resume is `recovered`, with
+//! as little work for NATS as a resume allows.
 //!
 //! The router tier owns the log streams (see `switchyard_router::log`); the
 //! edge only reads them. A user's durable history is the merge, by stream
 //! sequence, of the user's subject and the broadcast subject of the user's
 //! partition, both in one stream and written by one router at a time.
-//! Replay reads each subject with *batched* direct gets (nats-server 2.11+:
-//! one request returns up to [`PAGE`] messages of a subject from a
-//! sequence, then an end-of-batch status carrying how many more match), so
-//! a resume costs two requests, both sent at once, plus one per further
-//! page of a long history. The replies come back on one subscription per
-//! edge ([`DirectGets`]), never one per resume.
+//! Replay reads each subject with direct gets (`next_by_subj`: the next
+//! message on a subject from a sequence, found through the store's
+//! per-subject index, stateless on the server) and merges them by
+//! sequence: one request per missed event plus one per subject to find
+//! the end. Batched direct gets (2.11+) would make that two requests, but
+//! nats-server counts what is left on the subject for every batch, and in
+//! the storm benchmark that cost it three times the CPU
+//! (docs/BENCHMARKS.md, "Reconnect storms").
 //!
 //! `recovered` comes from the same reads plus the stream's state read
 //! *after* them ([`StateCache`]): if the stream's first sequence is still at
-//! or below `since + 1` and no subject has as many messages after `since`
-//! as its per-subject limit, nothing after `since` was evicted before the
-//! reads, so the reads saw everything. Resumes that finish their reads at
+//! or below `since + 1`, nothing was evicted from the front; and a subject
+//! is counted exactly (one more request) only when what the resume saw of
+//! it comes near the per-subject limit. Resumes that finish their reads at
 //! the same moment share one stream-info request, so a storm costs NATS a
-//! handful of them per round, not one per client.
+//! handful of those per round, not one per client.
 //!
 //! Where the user's log is and its `epoch` come with the user's
 //! registration ([`crate::intake::Registration`]). Requires the streams'
 //! `allow_direct`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::{Message, StatusCode};
-use futures::StreamExt;
+use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
+use futures::TryStreamExt;
 use switchyard_common::subject::Subjects;
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
 
 use crate::conn::{ConnHandle, Delivery};
 use crate::intake::Registration;
 
-/// Messages asked of one batched direct get.
-pub const PAGE: usize = 256;
-
-/// How long one page of a replay may take to arrive before the replay fails.
+/// How long one read of a replay may take before the replay fails.
 const REPLAY_STALL: Duration = Duration::from_secs(10);
 
 /// Why the log could not be read.
@@ -65,20 +63,12 @@ pub enum RequestFailure {
     /// Looking up a log stream.
     #[error("stream lookup")]
     Stream(#[from] async_nats::jetstream::context::GetStreamError),
-    /// Publishing a batched direct get.
-    #[error("direct get request")]
-    Publish(#[from] async_nats::PublishError),
-    /// The server answered a batched direct get with an error status.
-    #[error("direct get answered {status}: {description}")]
-    Status {
-        /// The status code.
-        status: u16,
-        /// The server's description.
-        description: String,
-    },
-    /// A direct-get reply without the headers it must carry.
-    #[error("direct get reply without {0}")]
-    Header(&'static str),
+    /// Reading a subject's message count.
+    #[error("stream info")]
+    Info(#[from] async_nats::jetstream::stream::InfoError),
+    /// A direct get of a message.
+    #[error("direct get")]
+    DirectGet(#[from] async_nats::jetstream::stream::DirectGetError),
 }
 
 fn request_error(e: impl Into<RequestFailure>) -> LogError {
@@ -112,31 +102,26 @@ pub struct Replayed {
     pub count: u64,
     /// The last position sent (or the start position when none).
     pub last_pos: u64,
-    /// Per subject: messages stored after `since` (read, plus the ones the
-    /// server said are left beyond the last page read).
+    /// Per subject: messages read with a position after `since`.
     pub after_since: [u64; 2],
 }
 
 /// Read access to the delivery log streams.
 pub struct DeliveryLog {
+    js: async_nats::jetstream::Context,
     subjects: Subjects,
     partitions: u32,
-    gets: Arc<DirectGets>,
     states: StateCache,
 }
 
 impl DeliveryLog {
-    /// Finds the first log stream, waiting up to `wait` for a router to
-    /// create it, and starts the edge's reply subscription for batched
-    /// direct gets (until `cancel`).
+    /// Finds the first log stream, waiting up to `wait` for a router to create it.
     pub async fn open(
-        client: async_nats::Client,
+        js: async_nats::jetstream::Context,
         subjects: Subjects,
         partitions: u32,
         wait: Duration,
-        cancel: CancellationToken,
     ) -> Result<DeliveryLog, LogError> {
-        let js = async_nats::jetstream::new(client.clone());
         let name = subjects.log_stream(0);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -149,17 +134,11 @@ impl DeliveryLog {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
-        let gets = DirectGets::start(client.clone(), cancel)
-            .await
-            .map_err(|e| request_error(RequestFailure::Status {
-                status: 0,
-                description: format!("cannot subscribe for direct-get replies: {e}"),
-            }))?;
         Ok(DeliveryLog {
+            states: StateCache::new(js.clone()),
+            js,
             subjects,
             partitions,
-            gets,
-            states: StateCache::new(js),
         })
     }
 
@@ -180,20 +159,86 @@ impl DeliveryLog {
 
     /// Whether nothing durable for the user after `since` was evicted
     /// before `replayed`'s reads (which must be done; `upto` is the
-    /// registration's `pos`). Conservative: may say false when nothing was
-    /// lost, never true when something was.
-    pub async fn recovered(&self, log: &UserLog, since: u64, upto: u64, replayed: &Replayed) -> Result<bool, LogError> {
+    /// registration's `pos`; `held` counts the user's durable deliveries
+    /// that came live meanwhile). Conservative: may say false when nothing
+    /// was lost, never true when something was.
+    pub async fn recovered(
+        &self,
+        log: &UserLog,
+        since: u64,
+        upto: u64,
+        replayed: &Replayed,
+        held: u64,
+    ) -> Result<bool, LogError> {
         if since > upto {
             return Ok(false);
         }
         let state = self.state(log).await?;
-        Ok(recovered_from(&state, since, replayed))
+        if !recovered_from(&state, since, replayed) {
+            return Ok(false);
+        }
+        // The per-subject limit: a subject is full only if it holds the
+        // limit's worth of messages after `since`. Those are what the
+        // replay read, what came live since the registration (`held`), and
+        // what is stored but still on its way to this edge (milliseconds of
+        // deliveries, far below half the limit). Counted exactly, one
+        // request, only when it could be close.
+        let limit = state.max_per_subject;
+        if limit > 0 {
+            let stream = self.handle(log).await?;
+            for (subject, &read) in log.subjects.iter().zip(&replayed.after_since) {
+                if (read + held) * 2 < limit as u64 {
+                    continue;
+                }
+                metrics::counter!("switchyard_edge_log_requests_total", "kind" => "subject_count").increment(1);
+                let mut counts = stream.info_with_subjects(subject).await.map_err(request_error)?;
+                let mut count = 0u64;
+                while let Some((_, n)) = counts.try_next().await.map_err(request_error)? {
+                    count += n as u64;
+                }
+                if count >= limit as u64 {
+                    let first = stream
+                        .direct_get_first_for_subject(subject.as_str())
+                        .await
+                        .map_err(request_error)?;
+                    if first.sequence > since.saturating_add(1) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// A handle on the user's log stream (no request: direct gets need only its name).
+    async fn handle(&self, log: &UserLog) -> Result<Stream<()>, LogError> {
+        self.js.get_stream_no_info(&log.stream).await.map_err(request_error)
+    }
+
+    /// The first message on `subject` with a sequence in `from..=upto`.
+    async fn next_on(
+        stream: &Stream<()>,
+        subject: &str,
+        from: u64,
+        upto: u64,
+    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, LogError> {
+        if from > upto {
+            return Ok(None);
+        }
+        metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get").increment(1);
+        let get = stream.direct_get_next_for_subject(subject, Some(from));
+        match tokio::time::timeout(REPLAY_STALL, get).await {
+            Err(_) => Err(LogError::Timeout),
+            Ok(Ok(m)) if m.sequence <= upto => Ok(Some(m)),
+            Ok(Ok(_)) => Ok(None),
+            Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Ok(Err(e)) => Err(request_error(e)),
+        }
     }
 
     /// Sends the user's durable events with `after < pos <= upto`, in order,
     /// into the connection's data queue (waiting for room: the writer paces
-    /// it), and counts what each subject holds after `since` (at least
-    /// `after`).
+    /// it), and counts per subject those after `since` (at least `after`).
     pub async fn replay(
         &self,
         log: &UserLog,
@@ -210,33 +255,32 @@ impl DeliveryLog {
         if upto <= after {
             return Ok(done);
         }
-        // Both subjects' first pages are asked at once.
-        let mut cursors = [
-            Cursor::start(&self.gets, &log.stream, &log.subjects[0], after + 1, since).await?,
-            Cursor::start(&self.gets, &log.stream, &log.subjects[1], after + 1, since).await?,
-        ];
-        let mut heads = [cursors[0].next(&self.gets, upto).await?, cursors[1].next(&self.gets, upto).await?];
-        let mut gone = false;
+        let stream = self.handle(log).await?;
+        let subjects = &log.subjects;
+        // Both subjects' first reads go out at once.
+        let (a, b) = tokio::join!(
+            Self::next_on(&stream, &subjects[0], after + 1, upto),
+            Self::next_on(&stream, &subjects[1], after + 1, upto)
+        );
+        let mut heads = [a?, b?];
         loop {
             let i = match (&heads[0], &heads[1]) {
-                (Some(a), Some(b)) => usize::from(b.0 < a.0),
+                (Some(a), Some(b)) => usize::from(b.sequence < a.sequence),
                 (Some(_), None) => 0,
                 (None, Some(_)) => 1,
                 (None, None) => break,
             };
-            let Some((seq, payload)) = heads[i].take() else { break };
-            if !out.replayed(Delivery::new(payload, Some(seq), true)).await {
-                gone = true;
+            let Some(msg) = heads[i].take() else { break };
+            let seq = msg.sequence;
+            if !out.replayed(Delivery::new(msg.payload, Some(seq), true)).await {
                 break;
             }
             done.count += 1;
             done.last_pos = seq;
-            heads[i] = cursors[i].next(&self.gets, upto).await?;
-        }
-        if !gone {
-            for (i, c) in cursors.iter_mut().enumerate() {
-                done.after_since[i] = c.finish().await?;
+            if seq > since {
+                done.after_since[i] += 1;
             }
+            heads[i] = Self::next_on(&stream, &subjects[i], seq + 1, upto).await?;
         }
         metrics::counter!("switchyard_edge_replayed_total").increment(done.count);
         Ok(done)
@@ -244,230 +288,16 @@ impl DeliveryLog {
 }
 
 /// Whether `replayed` (reads done before `state` was read) saw everything
-/// stored after `since`. Pure, for tests.
+/// stored after `since` that the stream's front (age and size limits) and
+/// the subjects it read in full can tell. Pure, for tests.
 pub fn recovered_from(state: &LogState, since: u64, replayed: &Replayed) -> bool {
     // Age and size limits evict from the front of the whole stream.
     if state.first_seq > since.saturating_add(1) {
         return false;
     }
-    // A per-subject limit evicts a subject's oldest first: a subject with
-    // as many messages after `since` as the limit may have lost older ones.
+    // A per-subject limit evicts a subject's oldest first: a subject read
+    // with as many messages after `since` as the limit may have lost older ones.
     state.max_per_subject <= 0 || replayed.after_since.iter().all(|&n| n < state.max_per_subject as u64)
-}
-
-/// One subject's read: pages of a batched direct get, in sequence order.
-struct Cursor {
-    stream: String,
-    subject: String,
-    since: u64,
-    page: Option<Page>,
-    /// The next sequence to ask from when this page ends.
-    next_seq: u64,
-    /// Messages read with a sequence after `since`.
-    after_since: u64,
-    /// Messages the last end-of-batch said are left after the last page.
-    left: u64,
-    /// No more pages to ask for.
-    exhausted: bool,
-}
-
-impl Cursor {
-    async fn start(gets: &Arc<DirectGets>, stream: &str, subject: &str, from: u64, since: u64) -> Result<Cursor, LogError> {
-        let page = gets.request(stream, subject, from).await?;
-        Ok(Cursor {
-            stream: stream.to_string(),
-            subject: subject.to_string(),
-            since,
-            page: Some(page),
-            next_seq: from,
-            after_since: 0,
-            left: 0,
-            exhausted: false,
-        })
-    }
-
-    /// The next message at or below `upto`; `None` once past it or at the end.
-    async fn next(&mut self, gets: &Arc<DirectGets>, upto: u64) -> Result<Option<(u64, bytes::Bytes)>, LogError> {
-        loop {
-            let Some(page) = self.page.as_mut() else {
-                return Ok(None);
-            };
-            match page.next().await? {
-                Reply::Message { seq, payload } => {
-                    self.next_seq = seq + 1;
-                    if seq > self.since {
-                        self.after_since += 1;
-                    }
-                    if seq <= upto {
-                        return Ok(Some((seq, payload)));
-                    }
-                    // Past what this resume replays: the rest is live.
-                    self.exhausted = true;
-                }
-                Reply::End { left } => {
-                    self.left = left;
-                    self.page = None;
-                    if left == 0 || self.exhausted || self.next_seq > upto {
-                        self.exhausted = true;
-                        return Ok(None);
-                    }
-                    self.page = Some(gets.request(&self.stream, &self.subject, self.next_seq).await?);
-                }
-                Reply::NotFound => {
-                    self.left = 0;
-                    self.page = None;
-                    self.exhausted = true;
-                    return Ok(None);
-                }
-            }
-        }
-    }
-
-    /// Reads what is left of the current page (bounded by [`PAGE`]); the
-    /// number of messages stored after `since` on this subject.
-    async fn finish(&mut self) -> Result<u64, LogError> {
-        while let Some(page) = self.page.as_mut() {
-            match page.next().await? {
-                Reply::Message { seq, .. } => {
-                    if seq > self.since {
-                        self.after_since += 1;
-                    }
-                }
-                Reply::End { left } => {
-                    self.left = left;
-                    self.page = None;
-                }
-                Reply::NotFound => self.page = None,
-            }
-        }
-        Ok(self.after_since + self.left)
-    }
-}
-
-/// One item of a batched direct get's answer.
-enum Reply {
-    Message { seq: u64, payload: bytes::Bytes },
-    /// End of batch: this many more messages match after the last one sent.
-    End { left: u64 },
-    /// Nothing matched at all.
-    NotFound,
-}
-
-/// The replies to one batched direct get; unregisters itself when dropped.
-struct Page {
-    rx: mpsc::Receiver<Message>,
-    token: u64,
-    gets: Arc<DirectGets>,
-}
-
-impl Page {
-    async fn next(&mut self) -> Result<Reply, LogError> {
-        let msg = match tokio::time::timeout(REPLAY_STALL, self.rx.recv()).await {
-            Err(_) | Ok(None) => return Err(LogError::Timeout),
-            Ok(Some(m)) => m,
-        };
-        match msg.status {
-            Some(StatusCode::NOT_FOUND) => Ok(Reply::NotFound),
-            Some(s) if s.as_u16() == 204 => Ok(Reply::End {
-                left: header_u64(&msg, "Nats-Num-Pending")?,
-            }),
-            Some(s) if s != StatusCode::OK => Err(request_error(RequestFailure::Status {
-                status: s.as_u16(),
-                description: msg.description.clone().unwrap_or_default(),
-            })),
-            _ => Ok(Reply::Message {
-                seq: header_u64(&msg, "Nats-Sequence")?,
-                payload: msg.payload,
-            }),
-        }
-    }
-}
-
-impl Drop for Page {
-    fn drop(&mut self) {
-        self.gets.waiting.lock().expect("direct gets lock").remove(&self.token);
-    }
-}
-
-fn header_u64(msg: &Message, name: &'static str) -> Result<u64, LogError> {
-    msg.headers
-        .as_ref()
-        .and_then(|h| h.get(name))
-        .and_then(|v| v.as_str().parse().ok())
-        .ok_or(request_error(RequestFailure::Header(name)))
-}
-
-/// Batched direct gets with their replies on one subscription per edge:
-/// each request gets a token, and the dispatcher routes replies by it.
-pub struct DirectGets {
-    client: async_nats::Client,
-    /// `<inbox>.` : replies come to `<inbox>.<token>`.
-    reply_prefix: String,
-    next_token: AtomicU64,
-    waiting: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
-}
-
-impl DirectGets {
-    async fn start(client: async_nats::Client, cancel: CancellationToken) -> Result<Arc<DirectGets>, async_nats::SubscribeError> {
-        let inbox = client.new_inbox();
-        let mut sub = client.subscribe(format!("{inbox}.*")).await?;
-        let gets = Arc::new(DirectGets {
-            client,
-            reply_prefix: format!("{inbox}."),
-            next_token: AtomicU64::new(1),
-            waiting: Mutex::new(HashMap::new()),
-        });
-        let routes = gets.clone();
-        tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    m = sub.next() => match m {
-                        Some(m) => m,
-                        None => return,
-                    },
-                };
-                let token = msg
-                    .subject
-                    .as_str()
-                    .rsplit('.')
-                    .next()
-                    .and_then(|t| t.parse::<u64>().ok());
-                let Some(token) = token else { continue };
-                let tx = routes.waiting.lock().expect("direct gets lock").get(&token).cloned();
-                // Room for a whole page is reserved per request; a reply to a
-                // request nobody waits for any more is dropped.
-                if let Some(tx) = tx {
-                    let _ = tx.try_send(msg);
-                }
-            }
-        });
-        Ok(gets)
-    }
-
-    /// Asks for up to [`PAGE`] messages on `subject` from sequence `from`.
-    async fn request(self: &Arc<DirectGets>, stream: &str, subject: &str, from: u64) -> Result<Page, LogError> {
-        // At most PAGE messages and one end-of-batch (or one not-found).
-        let (tx, rx) = mpsc::channel(PAGE + 1);
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        self.waiting.lock().expect("direct gets lock").insert(token, tx);
-        let page = Page {
-            rx,
-            token,
-            gets: self.clone(),
-        };
-        let body = serde_json::json!({ "seq": from, "next_by_subj": subject, "batch": PAGE });
-        metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get_batch").increment(1);
-        self.client
-            .publish_with_reply(
-                format!("$JS.API.DIRECT.GET.{stream}"),
-                format!("{}{token}", self.reply_prefix),
-                body.to_string().into(),
-            )
-            .await
-            .map_err(request_error)?;
-        Ok(page)
-    }
 }
 
 /// Log stream states, read at most once per round however many resumes
@@ -579,13 +409,22 @@ mod tests {
     #[test]
     fn recovered_only_when_nothing_after_since_can_have_been_evicted() {
         assert!(recovered_from(&state(1, 0), 0, &replayed([5, 0])));
-        assert!(recovered_from(&state(11, 0), 10, &replayed([5, 0])), "the first kept is since + 1");
-        assert!(!recovered_from(&state(12, 0), 10, &replayed([5, 0])), "since + 1 was evicted");
+        assert!(
+            recovered_from(&state(11, 0), 10, &replayed([5, 0])),
+            "the first kept is since + 1"
+        );
+        assert!(
+            !recovered_from(&state(12, 0), 10, &replayed([5, 0])),
+            "since + 1 was evicted"
+        );
         assert!(recovered_from(&state(1, 10), 0, &replayed([9, 9])));
         assert!(
             !recovered_from(&state(1, 10), 0, &replayed([10, 0])),
             "a full subject may have lost its oldest"
         );
-        assert!(!recovered_from(&state(1, 10), 0, &replayed([0, 10])), "the broadcast subject too");
+        assert!(
+            !recovered_from(&state(1, 10), 0, &replayed([0, 10])),
+            "the broadcast subject too"
+        );
     }
 }

@@ -269,13 +269,16 @@ async fn start_delivery(
             let more = node.log.replay(&log, from, from, upto, conn).await?;
             replayed.count += more.count;
             replayed.last_pos = more.last_pos;
-            // A subject that filled up after `from` may have lost messages
-            // the first read counted but this one had to read.
+            // Disjoint ranges: what each subject holds after `since` adds up.
             for (n, m) in replayed.after_since.iter_mut().zip(more.after_since) {
-                *n = (*n).max(m);
+                *n += m;
             }
         }
-        let recovered = same_epoch && node.log.recovered(&log, resume.since, reg.pos, &replayed).await?;
+        let recovered = same_epoch
+            && node
+                .log
+                .recovered(&log, resume.since, reg.pos, &replayed, conn.held_durable())
+                .await?;
         Ok::<_, LogError>((replayed, upto, recovered))
     };
     let Some(read) = reader.while_reading(reads).await else {

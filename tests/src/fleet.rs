@@ -252,9 +252,30 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, St
         .context("no status line")?
         .parse()
         .context("bad status")?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((out.as_str(), ""));
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked")
+    });
+    let body = if chunked { dechunk(body)? } else { body.to_string() };
     Ok((status, body))
+}
+
+/// The body of a `Transfer-Encoding: chunked` response (nats-server's
+/// monitoring endpoint sends larger pages so).
+fn dechunk(mut rest: &str) -> Result<String> {
+    use anyhow::Context;
+    let mut body = String::new();
+    loop {
+        let (size, tail) = rest.split_once("\r\n").context("chunk size line")?;
+        let size = usize::from_str_radix(size.trim(), 16).context("chunk size")?;
+        if size == 0 {
+            return Ok(body);
+        }
+        let chunk = tail.get(..size).context("chunk shorter than its size")?;
+        body.push_str(chunk);
+        rest = tail
+            .get(size..)
+            .and_then(|t| t.strip_prefix("\r\n"))
+            .context("chunk end")?;
+    }
 }

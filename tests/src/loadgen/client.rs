@@ -28,6 +28,8 @@ use super::wire::{self, Kind};
 pub struct ClientSpec {
     /// Its user index.
     pub user: usize,
+    /// Stays connected through storms (its latency then is the bystanders').
+    pub bystander: bool,
     /// The edge to connect to.
     pub edge: SocketAddr,
     /// The loopback source address.
@@ -59,6 +61,8 @@ pub struct Shared {
     pub counters: Counters,
     /// Latencies.
     pub latency: Latency,
+    /// Latencies of bystanders' live events during a storm.
+    pub bystander_latency: Latency,
     /// Caps connection attempts in flight.
     pub connect_slots: Semaphore,
     /// Bumped to make every client drop its socket and reconnect with resume.
@@ -132,6 +136,7 @@ async fn until_op(ws: &mut Ws, op: &str, shared: &Shared, state: &mut State, tim
 /// A client's accounting while it runs.
 struct State {
     user: usize,
+    bystander: bool,
     seen: Seen,
     scratch: Vec<wire::Seen>,
 }
@@ -159,6 +164,14 @@ impl State {
                     window,
                     self.scratch.iter().map(|s| (s.t_us, now.saturating_sub(s.t_us))),
                 );
+                if self.bystander {
+                    let window = shared.bystander_latency.window();
+                    shared.bystander_latency.record(
+                        self.user,
+                        window,
+                        self.scratch.iter().map(|s| (s.t_us, now.saturating_sub(s.t_us))),
+                    );
+                }
             }
             Kind::Dropped { count, rate_limited } => {
                 let c = if *rate_limited {
@@ -201,6 +214,7 @@ fn backoff(user: usize, attempt: u32) -> Duration {
 pub async fn run(spec: ClientSpec, shared: Arc<Shared>) -> ClientReport {
     let mut state = State {
         user: spec.user,
+        bystander: spec.bystander,
         seen: Seen::default(),
         scratch: Vec::with_capacity(64),
     };
@@ -303,6 +317,9 @@ async fn session(spec: &ClientSpec, shared: &Shared, state: &mut State, report: 
                 changed = storm.changed() => {
                     if changed.is_err() {
                         return Ok(());
+                    }
+                    if spec.bystander {
+                        continue;
                     }
                     // Drop the socket without a close frame: a lost network, not a goodbye.
                     drop(ws);

@@ -142,6 +142,21 @@ pub struct LoadConfig {
     /// Seconds of traffic after every client is back (w4).
     #[arg(long, default_value_t = 3.0)]
     pub storm_tail_s: f64,
+    /// The storm's moment as unix milliseconds (w4), instead of
+    /// `--storm-after-s`: load generators side by side drop together.
+    #[arg(long)]
+    pub storm_at_ms: Option<u64>,
+    /// Percent of clients that stay connected through the storm (w4): the
+    /// bystanders, whose live latency during the storm is reported apart.
+    #[arg(long, default_value_t = 0)]
+    pub storm_bystanders_pct: u8,
+    /// nats-server's monitoring address (w4): JetStream API requests and
+    /// messages in during the storm, from `/jsz` and `/varz`.
+    #[arg(long)]
+    pub nats_monitor: Option<SocketAddr>,
+    /// The edges' admin addresses (w4): their log reads during the storm.
+    #[arg(long = "edge-admin", value_delimiter = ',')]
+    pub edge_admin: Vec<SocketAddr>,
     /// Processes to watch, `name=pid` (CPU seconds and RSS are reported per name).
     #[arg(long = "watch", value_delimiter = ',')]
     pub watch: Vec<String>,
@@ -171,8 +186,8 @@ enum Targets {
     Ticks(Vec<Vec<u32>>),
     /// Symbol rank → (user, subscription) pairs naming it, and every user's subscriptions.
     Alerts(Vec<Vec<(u32, u16)>>, Vec<Vec<AlertSub>>),
-    /// Users by group.
-    Groups(Vec<Vec<u32>>),
+    /// Users by group, and the groups' name prefix (disjoint per load generator).
+    Groups(Vec<Vec<u32>>, String),
     /// No events.
     None,
 }
@@ -220,13 +235,16 @@ fn subscribe_frames(cfg: &LoadConfig, zipf: &Zipf) -> (Vec<Vec<Value>>, Targets)
         Scenario::W4 => {
             let g = cfg.groups.max(1);
             let mut groups = vec![Vec::new(); g];
+            // Load generators side by side have disjoint users: their groups
+            // are disjoint too, so each one's producer reaches only its own.
+            let prefix = format!("g{}-", cfg.user_offset);
             let frames = (0..n)
                 .map(|u| {
                     groups[u % g].push(u as u32);
-                    vec![json!({"op":"subscribe","sub":"storm","type":"storm","filters":{"group":[format!("g{}", u % g)]}})]
+                    vec![json!({"op":"subscribe","sub":"storm","type":"storm","filters":{"group":[format!("{prefix}{}", u % g)]}})]
                 })
                 .collect();
-            (frames, Targets::Groups(groups))
+            (frames, Targets::Groups(groups, prefix))
         }
     }
 }
@@ -328,7 +346,7 @@ impl Producer {
                 w_str(buf, "durable");
                 let _ = rmp::encode::write_bool(buf, true);
             }
-            (Targets::Groups(groups), _) => {
+            (Targets::Groups(groups, prefix), _) => {
                 let g = (seq % groups.len() as u64) as usize;
                 users.extend_from_slice(&groups[g]);
                 let _ = rmp::encode::write_map_len(buf, 2);
@@ -341,7 +359,7 @@ impl Producer {
                 w_str(buf, "match");
                 let _ = rmp::encode::write_map_len(buf, 1);
                 w_str(buf, "group");
-                w_str(buf, &format!("g{g}"));
+                w_str(buf, &format!("{prefix}{g}"));
                 w_str(buf, "durable");
                 let _ = rmp::encode::write_bool(buf, true);
             }
@@ -464,6 +482,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
     let shared = Arc::new(Shared {
         counters: Counters::default(),
         latency: Latency::default(),
+        bystander_latency: Latency::default(),
         connect_slots: Semaphore::new(cfg.connect_concurrency.max(1)),
         storm: storm_rx,
         resumed: AtomicU64::new(0),
@@ -482,9 +501,13 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
         bail!("--conns-per-user is for w3 only");
     }
     let per_user = cfg.conns_per_user.max(1);
+    let mut bystanders = 0u64;
     for (u, subscribe) in frames.into_iter().enumerate() {
+        let bystander = cfg.scenario == Scenario::W4 && (u % 100) < usize::from(cfg.storm_bystanders_pct);
+        bystanders += u64::from(bystander);
         let spec = ClientSpec {
             user: u,
+            bystander,
             edge: cfg.edge[(cfg.user_offset + u) % cfg.edge.len()],
             source: Ipv4Addr::new(
                 127,
@@ -628,25 +651,80 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
             shared.latency.set_window(now_us(), u64::MAX);
             let producer = producer.take().context("producer")?;
             let ptask = tokio::spawn(producer.run(stop_producer.clone()));
-            tokio::time::sleep(Duration::from_secs_f64(cfg.storm_after_s)).await;
+            match cfg.storm_at_ms {
+                Some(at) => {
+                    let wait = at.saturating_sub(now_us() / 1000);
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                None => tokio::time::sleep(Duration::from_secs_f64(cfg.storm_after_s)).await,
+            }
+            let m0 = monitor_sample(&cfg).await;
             let s0 = sample_all(&procs, ticks);
             let t0 = Instant::now();
+            let t0_us = now_us();
+            shared.bystander_latency.set_window(t0_us, u64::MAX);
             storm_tx.send_replace(1);
-            let back = wait_until(Duration::from_secs_f64(cfg.storm_timeout_s), &shared.stop, || {
-                shared.resumed.load(Ordering::Relaxed) + Counters::get(&c.failed) >= connected
-            })
-            .await;
+            // Who must come back: every client that was connected and drops.
+            let dropping = connected.saturating_sub(bystanders);
+            let deadline = t0 + Duration::from_secs_f64(cfg.storm_timeout_s);
+            let mut timeline = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            let back = loop {
+                tick.tick().await;
+                let n = shared.resumed.load(Ordering::Relaxed);
+                timeline.push(json!([round(t0.elapsed().as_secs_f64(), 2), n]));
+                if n + Counters::get(&c.failed) >= dropping {
+                    break true;
+                }
+                if Instant::now() >= deadline || shared.stop.is_cancelled() {
+                    break false;
+                }
+            };
             let storm_s = t0.elapsed().as_secs_f64();
+            shared.bystander_latency.set_window(t0_us, now_us());
             let s1 = sample_all(&procs, ticks);
+            let m1 = monitor_sample(&cfg).await;
             let (cpu, _) = cpu_delta(&procs, &s0, &s1);
             tokio::time::sleep(Duration::from_secs_f64(cfg.storm_tail_s)).await;
             stop_producer.cancel();
             ptask.await??;
+            let resumed = shared.resumed.load(Ordering::Relaxed);
+            let per_resume = |d: f64| {
+                if resumed > 0 {
+                    json!(round(d / resumed as f64, 2))
+                } else {
+                    json!(null)
+                }
+            };
+            let requests = match (m0, m1) {
+                (Some(m0), Some(m1)) => {
+                    let d = |i: usize| m1[i] - m0[i];
+                    json!({
+                        "js_api": d(0),
+                        "nats_in_msgs": d(1),
+                        "edge_direct_gets": d(2),
+                        "edge_stream_infos": d(3),
+                        "edge_subject_counts": d(4),
+                        "js_api_per_resume": per_resume(d(0)),
+                        "edge_log_requests_per_resume": per_resume(d(2) + d(3) + d(4)),
+                        "nats_in_msgs_per_resume": per_resume(d(1)),
+                    })
+                }
+                _ => json!(null),
+            };
             summary["storm"] = json!({
                 "all_back": back,
-                "resumed": shared.resumed.load(Ordering::Relaxed),
+                "dropped": dropping,
+                "bystanders": bystanders,
+                "resumed": resumed,
                 "seconds_until_all_back": round(storm_s, 3),
+                "resumes_per_s": round(resumed as f64 / storm_s.max(1e-3), 1),
+                "resumed_over_time": timeline,
+                "requests": requests,
+                "bystander_latency_us": hist_json(&shared.bystander_latency.window_histogram()),
                 "cpu_seconds": cpu,
+                "rss_kib_before": rss_json(&procs, &s0),
+                "rss_kib_after": rss_json(&procs, &s1),
                 "load_average": stats::load_average(),
             });
         }
@@ -738,6 +816,34 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
     summary["seconds"] = json!(round(started.elapsed().as_secs_f64(), 2));
     summary["load_average_end"] = json!(stats::load_average());
     Ok(summary)
+}
+
+/// Counters read around the storm: JetStream API requests and messages in
+/// (nats-server), direct gets, stream-info reads and subject counts (the edges').
+/// `None` without `--nats-monitor`.
+async fn monitor_sample(cfg: &LoadConfig) -> Option<[f64; 5]> {
+    let mon = cfg.nats_monitor?;
+    let get = |addr, path: &'static str| async move {
+        let (_, body) = crate::fleet::http_get(addr, path).await.ok()?;
+        Some(body)
+    };
+    let jsz: Value = serde_json::from_str(&get(mon, "/jsz").await?).ok()?;
+    let varz: Value = serde_json::from_str(&get(mon, "/varz").await?).ok()?;
+    let mut sample = [jsz["api"]["total"].as_f64()?, varz["in_msgs"].as_f64()?, 0.0, 0.0, 0.0];
+    for &admin in &cfg.edge_admin {
+        let Some(metrics) = get(admin, "/metrics").await else {
+            continue;
+        };
+        for (i, kind) in [(2, "direct_get"), (3, "stream_info"), (4, "subject_count")] {
+            let prefix = format!("switchyard_edge_log_requests_total{{kind=\"{kind}\"}} ");
+            sample[i] += metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    Some(sample)
 }
 
 /// Prints one line a second: connections, publishing and delivery rates,

@@ -132,6 +132,15 @@ impl Wire {
         self.buf.is_empty() && !self.unflushed && !self.failed && self.io.is_some()
     }
 
+    /// Gives back the buffers of a wire with nothing in it.
+    fn release_buffers(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = Vec::new();
+            self.payload = Vec::new();
+            self.batch = Vec::new();
+        }
+    }
+
     /// Whether anything is left to write or flush.
     fn busy(&self) -> bool {
         !self.buf.is_empty() || self.unflushed || self.failed
@@ -592,6 +601,9 @@ impl ConnHandle {
                     self.send(stall_limit).await?;
                     continue;
                 }
+                // About to wait: an idle connection keeps no buffers. A busy
+                // one is written by the dispatcher and rarely gets here.
+                self.wire().release_buffers();
                 tokio::select! {
                     biased;
                     c = control.recv() => match c {

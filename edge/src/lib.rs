@@ -31,6 +31,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod broadcasts;
 pub mod config;
 pub mod conn;
 #[cfg(feature = "demo")]

@@ -37,6 +37,7 @@ use futures::TryStreamExt;
 use switchyard_common::subject::Subjects;
 use tokio::sync::watch;
 
+use crate::broadcasts::{Broadcasts, Lookup};
 use crate::conn::{ConnHandle, Delivery};
 use crate::intake::Registration;
 
@@ -89,6 +90,8 @@ pub struct LogState {
 /// The two subjects of one user's history.
 #[derive(Debug, Clone)]
 pub struct UserLog {
+    /// The log's epoch (sequences are comparable only within one).
+    pub epoch: String,
     /// The stream holding them.
     pub stream: String,
     /// The user's own subject and the partition's broadcast subject.
@@ -112,6 +115,8 @@ pub struct DeliveryLog {
     subjects: Subjects,
     partitions: u32,
     states: StateCache,
+    /// What resumes already read of the broadcast subjects, shared.
+    broadcasts: Mutex<Broadcasts>,
 }
 
 impl DeliveryLog {
@@ -136,6 +141,7 @@ impl DeliveryLog {
         }
         Ok(DeliveryLog {
             states: StateCache::new(js.clone()),
+            broadcasts: Mutex::new(Broadcasts::default()),
             js,
             subjects,
             partitions,
@@ -146,6 +152,7 @@ impl DeliveryLog {
     pub fn user_log(&self, user: &str, reg: &Registration) -> UserLog {
         let p = switchyard_common::fanout::user_partition(user, self.partitions);
         UserLog {
+            epoch: reg.epoch.clone(),
             stream: reg.stream.clone(),
             subjects: [self.subjects.deliver(p, user), self.subjects.deliver_all(p)],
         }
@@ -221,19 +228,72 @@ impl DeliveryLog {
         subject: &str,
         from: u64,
         upto: u64,
-    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, LogError> {
+    ) -> Result<Option<(u64, bytes::Bytes)>, LogError> {
         if from > upto {
             return Ok(None);
         }
-        metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get").increment(1);
         let get = stream.direct_get_next_for_subject(subject, Some(from));
         match tokio::time::timeout(REPLAY_STALL, get).await {
             Err(_) => Err(LogError::Timeout),
-            Ok(Ok(m)) if m.sequence <= upto => Ok(Some(m)),
+            Ok(Ok(m)) if m.sequence <= upto => Ok(Some((m.sequence, m.payload))),
             Ok(Ok(_)) => Ok(None),
             Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Ok(Err(e)) => Err(request_error(e)),
         }
+    }
+
+    /// The first message of the user's own subject in `from..=upto`.
+    async fn next_user(
+        &self,
+        stream: &Stream<()>,
+        subject: &str,
+        from: u64,
+        upto: u64,
+    ) -> Result<Option<(u64, bytes::Bytes)>, LogError> {
+        if from <= upto {
+            metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get").increment(1);
+        }
+        Self::next_on(stream, subject, from, upto).await
+    }
+
+    /// The first message of the partition's broadcast subject in
+    /// `after + 1 ..= upto`, from what earlier resumes read when they
+    /// already did (see [`crate::broadcasts`]).
+    async fn next_broadcast(
+        &self,
+        stream: &Stream<()>,
+        log: &UserLog,
+        after: u64,
+        upto: u64,
+    ) -> Result<Option<(u64, bytes::Bytes)>, LogError> {
+        let subject = &log.subjects[1];
+        // At most two rounds: a read from the end of the known range makes
+        // the whole question known.
+        for _ in 0..2 {
+            let lookup = self
+                .broadcasts
+                .lock()
+                .expect("broadcasts lock")
+                .range(&log.epoch, subject)
+                .next(after, upto);
+            let from = match lookup {
+                Lookup::Known(m) => return Ok(m),
+                Lookup::ReadFrom(from) if from > upto => return Ok(None),
+                Lookup::ReadFrom(from) => from,
+            };
+            metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get_broadcast").increment(1);
+            let found = Self::next_on(stream, subject, from, upto).await?;
+            self.broadcasts
+                .lock()
+                .expect("broadcasts lock")
+                .range(&log.epoch, subject)
+                .learn(from, upto, found.clone());
+            if from == after + 1 {
+                return Ok(found);
+            }
+        }
+        metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get_broadcast").increment(1);
+        Self::next_on(stream, subject, after + 1, upto).await
     }
 
     /// Sends the user's durable events with `after < pos <= upto`, in order,
@@ -259,20 +319,19 @@ impl DeliveryLog {
         let subjects = &log.subjects;
         // Both subjects' first reads go out at once.
         let (a, b) = tokio::join!(
-            Self::next_on(&stream, &subjects[0], after + 1, upto),
-            Self::next_on(&stream, &subjects[1], after + 1, upto)
+            self.next_user(&stream, &subjects[0], after + 1, upto),
+            self.next_broadcast(&stream, log, after, upto)
         );
         let mut heads = [a?, b?];
         loop {
             let i = match (&heads[0], &heads[1]) {
-                (Some(a), Some(b)) => usize::from(b.sequence < a.sequence),
+                (Some(a), Some(b)) => usize::from(b.0 < a.0),
                 (Some(_), None) => 0,
                 (None, Some(_)) => 1,
                 (None, None) => break,
             };
-            let Some(msg) = heads[i].take() else { break };
-            let seq = msg.sequence;
-            if !out.replayed(Delivery::new(msg.payload, Some(seq), true)).await {
+            let Some((seq, payload)) = heads[i].take() else { break };
+            if !out.replayed(Delivery::new(payload, Some(seq), true)).await {
                 break;
             }
             done.count += 1;
@@ -280,7 +339,11 @@ impl DeliveryLog {
             if seq > since {
                 done.after_since[i] += 1;
             }
-            heads[i] = Self::next_on(&stream, &subjects[i], seq + 1, upto).await?;
+            heads[i] = if i == 0 {
+                self.next_user(&stream, &subjects[0], seq + 1, upto).await?
+            } else {
+                self.next_broadcast(&stream, log, seq, upto).await?
+            };
         }
         metrics::counter!("switchyard_edge_replayed_total").increment(done.count);
         Ok(done)

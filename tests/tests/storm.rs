@@ -54,13 +54,17 @@ async fn js_api_total(fleet: &Fleet) -> anyhow::Result<u64> {
 async fn edge_log_requests(fleet: &Fleet) -> anyhow::Result<(u64, u64, u64)> {
     let (status, body) = http_get(fleet.edge_admin(), "/metrics").await?;
     anyhow::ensure!(status == 200, "/metrics answered {status}");
-    let count = |kind: &str| {
+    let count = |kind: &str| -> u64 {
         let prefix = format!("switchyard_edge_log_requests_total{{kind=\"{kind}\"}} ");
         body.lines()
             .find_map(|l| l.strip_prefix(&prefix))
             .map_or(0, |v| v.trim().parse::<f64>().unwrap_or(0.0) as u64)
     };
-    Ok((count("direct_get"), count("stream_info"), count("subject_count")))
+    Ok((
+        count("direct_get") + count("direct_get_broadcast"),
+        count("stream_info"),
+        count("subject_count"),
+    ))
 }
 
 /// Connects `user`, resuming from `since` in `epoch` when given.
@@ -183,6 +187,62 @@ async fn a_storm_of_resumes_loses_nothing_and_costs_a_few_requests_each() -> R {
     assert!(
         api <= CLIENTS as u64,
         "JetStream API requests during the storm (the edge's stream-info reads and the routers' own): {api}"
+    );
+    fleet.shutdown().await;
+    Ok(())
+}
+
+/// Broadcast reads at the edge so far.
+async fn broadcast_reads(fleet: &Fleet) -> anyhow::Result<u64> {
+    let (_, body) = http_get(fleet.edge_admin(), "/metrics").await?;
+    let prefix = "switchyard_edge_log_requests_total{kind=\"direct_get_broadcast\"} ";
+    Ok(body
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap_or(0.0) as u64))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_in_one_partition_share_their_broadcast_reads() -> R {
+    let fleet = Fleet::start().await?;
+    // Two users of the same user partition (the fleet runs the default 8).
+    let partitions = switchyard_edge::EdgeConfig::embedded("nats://127.0.0.1:1", "x").user_partitions;
+    let p = |u: &str| switchyard_common::fanout::user_partition(u, partitions);
+    let a = "bc-a".to_string();
+    let b = (0..1000)
+        .map(|i| format!("bc-b{i}"))
+        .find(|u| p(u) == p(&a))
+        .context("a user in the same partition")?;
+    let all = |i: u64| json!({"data": {"i": i}, "target": {"all": true}});
+
+    let (mut ca, ready) = connect(&fleet, &a, None).await?;
+    let (mut cb, _) = connect(&fleet, &b, None).await?;
+    let epoch = ready["epoch"].as_str().context("ready.epoch")?.to_string();
+    fleet.publish("news", &all(0)).await?;
+    let since_a = pos(&ca.take_events(1).await?[0]);
+    let since_b = pos(&cb.take_events(1).await?[0]);
+    drop((ca, cb));
+    for i in 1..=3 {
+        fleet.publish("news", &all(i)).await?;
+    }
+    fleet.settle().await?;
+
+    let before = broadcast_reads(&fleet).await?;
+    let (mut ca, _) = connect(&fleet, &a, Some((&epoch, since_a))).await?;
+    let (evs, resumed) = replay(&mut ca).await?;
+    assert_eq!(is(&evs), [1, 2, 3]);
+    assert_eq!(resumed["recovered"], true);
+    let first = broadcast_reads(&fleet).await? - before;
+    assert!(first >= 3, "the first resume reads the broadcasts: {first}");
+
+    let (mut cb, _) = connect(&fleet, &b, Some((&epoch, since_b))).await?;
+    let (evs, resumed) = replay(&mut cb).await?;
+    assert_eq!(is(&evs), [1, 2, 3], "the second resume gets the same events");
+    assert_eq!(resumed["recovered"], true);
+    assert_eq!(
+        broadcast_reads(&fleet).await? - before - first,
+        0,
+        "the second resume in the partition reads no broadcast from NATS"
     );
     fleet.shutdown().await;
     Ok(())

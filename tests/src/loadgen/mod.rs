@@ -834,7 +834,12 @@ async fn monitor_sample(cfg: &LoadConfig) -> Option<[f64; 5]> {
         let Some(metrics) = get(admin, "/metrics").await else {
             continue;
         };
-        for (i, kind) in [(2, "direct_get"), (3, "stream_info"), (4, "subject_count")] {
+        for (i, kind) in [
+            (2, "direct_get"),
+            (2, "direct_get_broadcast"),
+            (3, "stream_info"),
+            (4, "subject_count"),
+        ] {
             let prefix = format!("switchyard_edge_log_requests_total{{kind=\"{kind}\"}} ");
             sample[i] += metrics
                 .lines()

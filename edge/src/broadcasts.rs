@@ -1,0 +1,174 @@
+//! What the edge already read of each partition's broadcast subject, so
+//! that resumes in the same partition share those reads.
+//!
+//! Every resume reads two subjects of the log: the user's own and the
+//! partition's broadcast subject, which is the same for every user of the
+//! partition. In a reconnect storm thousands of resumes read the same
+//! broadcast range; a [`KnownRange`] remembers, for one subject, a
+//! contiguous range of stream sequences in which every message is known
+//! (kept here) and every gap is known empty, so a read inside it needs no
+//! request, and a read past it asks only for what lies beyond.
+//!
+//! Sound because stream sequences are assigned once and in order: a read
+//! bounded by a sequence already assigned (a registration's `pos`, a
+//! stream's last sequence) sees everything that will ever be stored below
+//! it. Entries are keyed by `epoch`, which changes when the log does. Pure:
+//! no I/O, no clock.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+/// Most messages kept per subject; older ones leave the range's front.
+pub const KEEP: usize = 1024;
+
+/// The answer to "the next message after `after`, up to `upto`".
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    /// Known: this message, or none in the range.
+    Known(Option<(u64, Bytes)>),
+    /// Not known: read the subject from this sequence (up to the same
+    /// `upto`) and [`KnownRange::learn`] the answer.
+    ReadFrom(u64),
+}
+
+/// One subject's known range: every message with a sequence in `lo..=hi`.
+#[derive(Debug, Default)]
+pub struct KnownRange {
+    lo: u64,
+    hi: u64,
+    msgs: VecDeque<(u64, Bytes)>,
+}
+
+impl KnownRange {
+    /// Looks up the first message with a sequence in `after + 1 ..= upto`.
+    pub fn next(&self, after: u64, upto: u64) -> Lookup {
+        let from = after + 1;
+        if self.hi == 0 || from < self.lo || from > self.hi + 1 {
+            return Lookup::ReadFrom(from);
+        }
+        let i = self.msgs.partition_point(|(seq, _)| *seq < from);
+        match self.msgs.get(i) {
+            Some((seq, _)) if *seq > upto => Lookup::Known(None),
+            Some(m) => Lookup::Known(Some(m.clone())),
+            None if upto <= self.hi => Lookup::Known(None),
+            None => Lookup::ReadFrom(self.hi + 1),
+        }
+    }
+
+    /// Takes in a read of the subject from `from` up to `upto`: its first
+    /// message there, or none.
+    pub fn learn(&mut self, from: u64, upto: u64, found: Option<(u64, Bytes)>) {
+        if self.hi == 0 || from < self.lo || from > self.hi + 1 {
+            // Not contiguous with what is known: start over from here.
+            self.lo = from;
+            self.hi = from - 1;
+            self.msgs.clear();
+        }
+        match found {
+            Some((seq, payload)) => {
+                if seq > self.hi {
+                    self.msgs.push_back((seq, payload));
+                    self.hi = seq;
+                }
+            }
+            None => self.hi = self.hi.max(upto),
+        }
+        while self.msgs.len() > KEEP {
+            if let Some((seq, _)) = self.msgs.pop_front() {
+                self.lo = seq + 1;
+            }
+        }
+    }
+}
+
+/// The known ranges of every broadcast subject this edge read, by epoch.
+#[derive(Debug, Default)]
+pub struct Broadcasts {
+    ranges: HashMap<(String, String), KnownRange>,
+    epoch: String,
+}
+
+impl Broadcasts {
+    /// The range of `subject` in `epoch` (all ranges of another epoch are dropped).
+    pub fn range(&mut self, epoch: &str, subject: &str) -> &mut KnownRange {
+        if self.epoch != epoch {
+            self.ranges.clear();
+            self.epoch = epoch.to_string();
+        }
+        self.ranges.entry((epoch.to_string(), subject.to_string())).or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64) -> Option<(u64, Bytes)> {
+        Some((seq, Bytes::from(seq.to_string())))
+    }
+
+    #[test]
+    fn an_unknown_subject_is_read_and_then_answered_without_reading() {
+        let mut r = KnownRange::default();
+        assert_eq!(r.next(10, 100), Lookup::ReadFrom(11));
+        r.learn(11, 100, msg(40));
+        assert_eq!(r.next(10, 100), Lookup::Known(msg(40)));
+        // After 40 nothing is known yet: read from 41.
+        assert_eq!(r.next(40, 100), Lookup::ReadFrom(41));
+        r.learn(41, 100, None);
+        assert_eq!(r.next(40, 100), Lookup::Known(None));
+        assert_eq!(r.next(20, 30), Lookup::Known(None), "nothing between 21 and 30");
+        assert_eq!(r.next(20, 50), Lookup::Known(msg(40)));
+        assert_eq!(r.next(20, 39), Lookup::Known(None), "40 is past upto");
+    }
+
+    #[test]
+    fn a_read_past_the_range_asks_only_for_what_lies_beyond() {
+        let mut r = KnownRange::default();
+        r.learn(11, 100, None);
+        assert_eq!(r.next(50, 150), Lookup::ReadFrom(101));
+        r.learn(101, 150, msg(120));
+        assert_eq!(r.next(50, 150), Lookup::Known(msg(120)));
+        assert_eq!(r.next(120, 150), Lookup::ReadFrom(121));
+    }
+
+    #[test]
+    fn a_read_before_the_range_or_after_a_gap_starts_over() {
+        let mut r = KnownRange::default();
+        r.learn(50, 100, msg(60));
+        assert_eq!(r.next(10, 100), Lookup::ReadFrom(11), "11..50 is not known");
+        r.learn(11, 100, msg(20));
+        assert_eq!(r.next(10, 100), Lookup::Known(msg(20)));
+        assert_eq!(
+            r.next(30, 100),
+            Lookup::ReadFrom(31),
+            "what was known after 50 was dropped"
+        );
+        let mut r = KnownRange::default();
+        r.learn(1, 10, None);
+        r.learn(20, 30, msg(25));
+        assert_eq!(r.next(5, 30), Lookup::ReadFrom(6), "11..19 is a gap");
+    }
+
+    #[test]
+    fn the_range_keeps_a_bounded_number_of_messages() {
+        let mut r = KnownRange::default();
+        let mut from = 1;
+        for seq in 1..=(KEEP as u64 + 10) {
+            r.learn(from, u64::MAX, msg(seq));
+            from = seq + 1;
+        }
+        assert_eq!(r.msgs.len(), KEEP);
+        assert_eq!(r.next(0, u64::MAX), Lookup::ReadFrom(1), "the oldest left the front");
+        assert_eq!(r.next(10, u64::MAX), Lookup::Known(msg(11)));
+    }
+
+    #[test]
+    fn another_epoch_forgets_everything() {
+        let mut b = Broadcasts::default();
+        b.range("e1", "s").learn(1, 10, msg(5));
+        assert_eq!(b.range("e1", "s").next(0, 10), Lookup::Known(msg(5)));
+        assert_eq!(b.range("e2", "s").next(0, 10), Lookup::ReadFrom(1));
+    }
+}

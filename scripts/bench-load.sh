@@ -23,7 +23,8 @@
 # and messages in from it, and the edges' log reads from their admin ports.
 #
 # Environment: EDGES (edges to start, default 1), BENCH_NO_BUILD=1 (skip the
-# cargo build), BENCH_OUT (file for the summary), EDGE_ENV (extra
+# cargo build), BENCH_OUT (file for the summary), BENCH_KEEP_LOGS (a directory
+# to copy the servers' logs into), EDGE_ENV (extra
 # "NAME=value ..." for the edges), PERF_EDGE / PERF_ROUTER (a command prefix
 # for that process, e.g. "perf record -g -o /tmp/edge.data").
 # Flow control is opened up on the edges (rate limit and burst 10^6): the
@@ -53,6 +54,7 @@ cleanup() {
         kill -9 "$p" 2>/dev/null || true
     done
     wait 2>/dev/null || true
+    if [[ -n "${BENCH_KEEP_LOGS:-}" ]]; then mkdir -p "$BENCH_KEEP_LOGS" && cp "$DIR"/*.log "$BENCH_KEEP_LOGS"/ 2>/dev/null || true; fi
     rm -rf "$DIR"
 }
 trap cleanup EXIT

@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use switchyard_edge::{start, EdgeConfig};
 
+/// jemalloc with background purging: memory a storm took goes back to the
+/// system within seconds (glibc's malloc kept it: docs/BENCHMARKS.md,
+/// "Reconnect storms").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = EdgeConfig::parse();

@@ -342,6 +342,10 @@ def config_vars(path):
     """SWITCHYARD_* variables of one binary: name -> (rust type, allowed values or None)."""
     with open(os.path.join(ROOT, path)) as f:
         src = f.read()
+    # Options flattened in from the runtime crate (NatsArgs) belong to every binary.
+    if "switchyard_runtime::config::NatsArgs" in src:
+        with open(os.path.join(ROOT, "runtime/src/config.rs")) as f:
+            src += f.read()
     out = dict(EXTRA_VARS.items())
     out = {k: (v, None) for k, v in out.items()}
     for m in re.finditer(r"^\s*#\[arg\((.*)\)\]\s*\n\s*pub \w+: ([^\n]+),\s*$", src, re.M):

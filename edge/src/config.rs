@@ -26,12 +26,9 @@ pub const DEV_JWT_SECRET: &str = "switchyard-dev-secret-do-not-use-in-production
     about = "Switchyard edge: WebSocket termination and per-connection delivery"
 )]
 pub struct EdgeConfig {
-    /// NATS server URL(s), comma separated.
-    #[arg(long, env = "SWITCHYARD_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// Subject prefix shared by producers, routers and edges.
-    #[arg(long, env = "SWITCHYARD_PREFIX", default_value = "sy")]
-    pub prefix: String,
+    /// NATS and the subject prefix (shared with the other tier).
+    #[command(flatten)]
+    pub nats: switchyard_runtime::config::NatsArgs,
     /// WebSocket listen address.
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -227,7 +224,7 @@ impl EdgeConfig {
                 "SWITCHYARD_HANDSHAKE_TIMEOUT_MS must be at least 10",
             ));
         }
-        Ok(Subjects::new(&self.prefix)?)
+        Ok(Subjects::new(&self.nats.prefix)?)
     }
 
     /// Whether any verification key is configured.
@@ -299,7 +296,7 @@ impl EdgeConfig {
     /// A config for embedding (tests): defaults, this NATS URL and secret, ports ephemeral.
     pub fn embedded(nats_url: &str, secret: &str) -> EdgeConfig {
         let mut c = EdgeConfig::parse_from(["switchyard-edge"]);
-        c.nats_url = nats_url.to_string();
+        c.nats.nats_url = nats_url.to_string();
         c.jwt_secret = Some(secret.into());
         c.listen = "127.0.0.1:0".parse().expect("literal address");
         c.admin_listen = "127.0.0.1:0".parse().expect("literal address");

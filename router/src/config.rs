@@ -20,12 +20,9 @@ use switchyard_runtime::nats::Storage;
     about = "Switchyard router: subscription index and targeted deliveries"
 )]
 pub struct RouterConfig {
-    /// NATS server URL(s), comma separated.
-    #[arg(long, env = "SWITCHYARD_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// Subject prefix shared by producers, routers and edges.
-    #[arg(long, env = "SWITCHYARD_PREFIX", default_value = "sy")]
-    pub prefix: String,
+    /// NATS and the subject prefix (shared with the other tier).
+    #[command(flatten)]
+    pub nats: switchyard_runtime::config::NatsArgs,
     /// Admin endpoint (health, readiness, metrics).
     #[arg(long, env = "SWITCHYARD_ADMIN_LISTEN", default_value = "0.0.0.0:9091")]
     pub admin_listen: SocketAddr,
@@ -205,7 +202,7 @@ impl RouterConfig {
                 "SWITCHYARD_PUBLIC_ROOMS: invalid room pattern {bad:?}"
             )));
         }
-        Ok(Subjects::new(&self.prefix)?)
+        Ok(Subjects::new(&self.nats.prefix)?)
     }
 
     /// The per-user limits.
@@ -285,7 +282,7 @@ impl RouterConfig {
     /// A config for embedding (tests): defaults, this NATS URL, admin on an ephemeral port.
     pub fn embedded(nats_url: &str) -> RouterConfig {
         let mut c = RouterConfig::parse_from(["switchyard-router"]);
-        c.nats_url = nats_url.to_string();
+        c.nats.nats_url = nats_url.to_string();
         c.admin_listen = "127.0.0.1:0".parse().expect("literal address");
         c
     }

@@ -150,7 +150,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
                 }
             }
         });
-    let client = switchyard_runtime::nats::connect(options, &config.nats_url)
+    let client = switchyard_runtime::nats::connect(options, &config.nats.nats_url)
         .await
         .map_err(switchyard_runtime::StartError::from)?;
     let js = async_nats::jetstream::new(client.clone());
@@ -246,7 +246,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }
-    tracing::info!(%admin_addr, nats = %config.nats_url, prefix = %subjects.prefix(), "router started");
+    tracing::info!(%admin_addr, nats = %config.nats.nats_url, prefix = %subjects.prefix(), "router started");
     Ok(RunningRouter {
         admin_addr,
         state,

@@ -1,9 +1,23 @@
-//! Parsers for configuration values both tiers share, so that a value is
-//! parsed once, at start, into its type: durations (the env vars keep their
-//! documented units, `_MS` or `_S`, and the code sees a `Duration`).
+//! Configuration both tiers share: the settings they must agree on
+//! ([`NatsArgs`], flattened into each binary's options), and parsers so
+//! that a value is parsed once, at start, into its type: durations (the env
+//! vars keep their documented units, `_MS` or `_S`, and the code sees a
+//! `Duration`).
 
 use std::num::ParseIntError;
 use std::time::Duration;
+
+/// Where a tier finds NATS and the subjects it shares with producers and
+/// the other tier.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, env = "SWITCHYARD_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Subject prefix shared by producers, routers and edges.
+    #[arg(long, env = "SWITCHYARD_PREFIX", default_value = "sy")]
+    pub prefix: String,
+}
 
 /// A whole number of milliseconds (`SWITCHYARD_*_MS`).
 pub fn millis(s: &str) -> Result<Duration, ParseIntError> {

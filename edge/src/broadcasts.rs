@@ -9,11 +9,12 @@
 //! (kept here) and every gap is known empty, so a read inside it needs no
 //! request, and a read past it asks only for what lies beyond.
 //!
-//! Sound because stream sequences are assigned once and in order: a read
-//! bounded by a sequence already assigned (a registration's `pos`, a
-//! stream's last sequence) sees everything that will ever be stored below
-//! it. Entries are keyed by `epoch`, which changes when the log does. Pure:
-//! no I/O, no clock.
+//! Only a message read proves anything: the next message on the subject
+//! after a sequence, found at `m`, shows that nothing of the subject lies
+//! between them, on whichever replica answered (a replica applies the
+//! stream in order). "Not found" proves nothing (a follower may lag) and
+//! is never learned. Entries are keyed by `epoch`, which changes when the
+//! log does. Pure: no I/O, no clock.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -56,23 +57,18 @@ impl KnownRange {
         }
     }
 
-    /// Takes in a read of the subject from `from` up to `upto`: its first
-    /// message there, or none.
-    pub fn learn(&mut self, from: u64, upto: u64, found: Option<(u64, Bytes)>) {
+    /// Takes in a read of the subject from `from`: the next message there,
+    /// at `found.0` (whatever bound the reader had).
+    pub fn learn(&mut self, from: u64, found: (u64, Bytes)) {
         if self.hi == 0 || from < self.lo || from > self.hi + 1 {
             // Not contiguous with what is known: start over from here.
             self.lo = from;
             self.hi = from - 1;
             self.msgs.clear();
         }
-        match found {
-            Some((seq, payload)) => {
-                if seq > self.hi {
-                    self.msgs.push_back((seq, payload));
-                    self.hi = seq;
-                }
-            }
-            None => self.hi = self.hi.max(upto),
+        if found.0 > self.hi {
+            self.hi = found.0;
+            self.msgs.push_back(found);
         }
         while self.msgs.len() > KEEP {
             if let Some((seq, _)) = self.msgs.pop_front() {
@@ -104,50 +100,49 @@ impl Broadcasts {
 mod tests {
     use super::*;
 
-    fn msg(seq: u64) -> Option<(u64, Bytes)> {
-        Some((seq, Bytes::from(seq.to_string())))
+    fn msg(seq: u64) -> (u64, Bytes) {
+        (seq, Bytes::from(seq.to_string()))
     }
 
     #[test]
     fn an_unknown_subject_is_read_and_then_answered_without_reading() {
         let mut r = KnownRange::default();
         assert_eq!(r.next(10, 100), Lookup::ReadFrom(11));
-        r.learn(11, 100, msg(40));
-        assert_eq!(r.next(10, 100), Lookup::Known(msg(40)));
+        r.learn(11, msg(40));
+        assert_eq!(r.next(10, 100), Lookup::Known(Some(msg(40))));
+        assert_eq!(r.next(20, 30), Lookup::Known(None), "nothing between 21 and 39");
+        assert_eq!(r.next(20, 39), Lookup::Known(None), "40 is past upto");
         // After 40 nothing is known yet: read from 41.
         assert_eq!(r.next(40, 100), Lookup::ReadFrom(41));
-        r.learn(41, 100, None);
-        assert_eq!(r.next(40, 100), Lookup::Known(None));
-        assert_eq!(r.next(20, 30), Lookup::Known(None), "nothing between 21 and 30");
-        assert_eq!(r.next(20, 50), Lookup::Known(msg(40)));
-        assert_eq!(r.next(20, 39), Lookup::Known(None), "40 is past upto");
+        r.learn(41, msg(45));
+        assert_eq!(r.next(40, 100), Lookup::Known(Some(msg(45))));
+        assert_eq!(r.next(20, 50), Lookup::Known(Some(msg(40))));
     }
 
     #[test]
-    fn a_read_past_the_range_asks_only_for_what_lies_beyond() {
+    fn a_message_past_upto_still_teaches_the_gap_before_it() {
         let mut r = KnownRange::default();
-        r.learn(11, 100, None);
-        assert_eq!(r.next(50, 150), Lookup::ReadFrom(101));
-        r.learn(101, 150, msg(120));
-        assert_eq!(r.next(50, 150), Lookup::Known(msg(120)));
+        r.learn(11, msg(120));
+        assert_eq!(r.next(50, 100), Lookup::Known(None), "51..=100 holds nothing");
+        assert_eq!(r.next(50, 150), Lookup::Known(Some(msg(120))));
         assert_eq!(r.next(120, 150), Lookup::ReadFrom(121));
     }
 
     #[test]
     fn a_read_before_the_range_or_after_a_gap_starts_over() {
         let mut r = KnownRange::default();
-        r.learn(50, 100, msg(60));
+        r.learn(50, msg(60));
         assert_eq!(r.next(10, 100), Lookup::ReadFrom(11), "11..50 is not known");
-        r.learn(11, 100, msg(20));
-        assert_eq!(r.next(10, 100), Lookup::Known(msg(20)));
+        r.learn(11, msg(20));
+        assert_eq!(r.next(10, 100), Lookup::Known(Some(msg(20))));
         assert_eq!(
             r.next(30, 100),
             Lookup::ReadFrom(31),
             "what was known after 50 was dropped"
         );
         let mut r = KnownRange::default();
-        r.learn(1, 10, None);
-        r.learn(20, 30, msg(25));
+        r.learn(1, msg(10));
+        r.learn(20, msg(25));
         assert_eq!(r.next(5, 30), Lookup::ReadFrom(6), "11..19 is a gap");
     }
 
@@ -156,19 +151,19 @@ mod tests {
         let mut r = KnownRange::default();
         let mut from = 1;
         for seq in 1..=(KEEP as u64 + 10) {
-            r.learn(from, u64::MAX, msg(seq));
+            r.learn(from, msg(seq));
             from = seq + 1;
         }
         assert_eq!(r.msgs.len(), KEEP);
         assert_eq!(r.next(0, u64::MAX), Lookup::ReadFrom(1), "the oldest left the front");
-        assert_eq!(r.next(10, u64::MAX), Lookup::Known(msg(11)));
+        assert_eq!(r.next(10, u64::MAX), Lookup::Known(Some(msg(11))));
     }
 
     #[test]
     fn another_epoch_forgets_everything() {
         let mut b = Broadcasts::default();
-        b.range("e1", "s").learn(1, 10, msg(5));
-        assert_eq!(b.range("e1", "s").next(0, 10), Lookup::Known(msg(5)));
+        b.range("e1", "s").learn(1, msg(5));
+        assert_eq!(b.range("e1", "s").next(0, 10), Lookup::Known(Some(msg(5))));
         assert_eq!(b.range("e2", "s").next(0, 10), Lookup::ReadFrom(1));
     }
 }

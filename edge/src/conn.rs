@@ -33,9 +33,10 @@ use switchyard_common::delivery::{write_batch_frame_skipping, write_event_frame}
 use switchyard_common::{CloseCode, Encoding, ErrorCode};
 use switchyard_runtime::now_ms;
 use tokio::io::AsyncWrite;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::control_queue::ControlQueue;
 pub use crate::outbound::Delivery;
 use crate::outbound::{Fate, OutboundConfig, OutboundQueue};
 use crate::wsframe;
@@ -45,8 +46,7 @@ pub type WriteIo = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Something for the connection's writer to send that is not a delivery.
 ///
-/// Kept to 24 bytes (payloads boxed): every connection's control queue
-/// allocates a block of 32 of these up front.
+/// Kept to 24 bytes (payloads boxed): they sit in the control queue's buffer.
 #[derive(Debug)]
 pub enum Control {
     /// An encoded control frame (reply, error...).
@@ -77,9 +77,6 @@ pub struct Barrier {
     /// Acknowledged once the frame is in the wire, after the queued data.
     pub done: oneshot::Sender<()>,
 }
-
-/// Room for control frames per connection.
-const CONTROL_QUEUE: usize = 64;
 
 /// A wire buffer larger than this is given back once it has been sent, so
 /// a burst (a replay, a storm) leaves no high-water mark behind.
@@ -117,6 +114,10 @@ struct Wire {
     unflushed: bool,
     /// A write failed: the connection is over.
     failed: bool,
+    /// A close frame is in the wire: nothing may follow it.
+    closed: bool,
+    /// Bytes the socket took so far (progress, for the stall deadline).
+    written: u64,
     /// Highest `pos` sent (or the floor set by a barrier): durable events
     /// at or below it are duplicates and are skipped, which keeps `pos`
     /// strictly increasing on the wire.
@@ -129,7 +130,7 @@ struct Wire {
 impl Wire {
     /// Nothing waits to be written: a new frame may go straight to the socket.
     fn idle(&self) -> bool {
-        self.buf.is_empty() && !self.unflushed && !self.failed && self.io.is_some()
+        self.buf.is_empty() && !self.unflushed && !self.failed && !self.closed && self.io.is_some()
     }
 
     /// Gives back the buffers of a wire with nothing in it.
@@ -167,6 +168,7 @@ impl Wire {
                 }
                 Poll::Ready(Ok(n)) => {
                     self.sent += n;
+                    self.written += n as u64;
                     self.unflushed = true;
                 }
                 Poll::Ready(Err(e)) => {
@@ -225,7 +227,7 @@ pub struct ConnHandle {
     user: OnceLock<Arc<str>>,
     /// The connection's encoding (for frames others queue for it).
     pub encoding: Encoding,
-    control: mpsc::Sender<Control>,
+    control: ControlQueue,
     queue: Mutex<OutboundQueue>,
     wire: Mutex<Wire>,
     /// Wakes the writer: there is something to send.
@@ -261,21 +263,14 @@ impl std::fmt::Debug for ConnHandle {
 }
 
 impl ConnHandle {
-    /// A connection writing to `io`, holding live deliveries until
-    /// [`ConnHandle::release`]; the receiver is for its
-    /// [`ConnHandle::write_loop`].
-    pub fn new(
-        id: u64,
-        encoding: Encoding,
-        settings: ConnSettings,
-        io: Option<WriteIo>,
-    ) -> (Arc<ConnHandle>, mpsc::Receiver<Control>) {
-        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
-        let conn = Arc::new(ConnHandle {
+    /// A connection writing to `io` (once its [`ConnHandle::write_loop`]
+    /// runs), holding live deliveries until [`ConnHandle::release`].
+    pub fn new(id: u64, encoding: Encoding, settings: ConnSettings, io: Option<WriteIo>) -> Arc<ConnHandle> {
+        Arc::new(ConnHandle {
             id,
             user: OnceLock::new(),
             encoding,
-            control,
+            control: ControlQueue::default(),
             queue: Mutex::new(OutboundQueue::new(settings.outbound)),
             wire: Mutex::new(Wire {
                 io,
@@ -284,6 +279,8 @@ impl ConnHandle {
                 sent: 0,
                 unflushed: false,
                 failed: false,
+                closed: false,
+                written: 0,
                 last_pos: 0,
                 batch: Vec::new(),
                 payload: Vec::new(),
@@ -305,8 +302,7 @@ impl ConnHandle {
             exp_s: AtomicU64::new(u64::MAX),
             closing: AtomicBool::new(false),
             registered: AtomicBool::new(false),
-        });
-        (conn, control_rx)
+        })
     }
 
     /// Records who authenticated on this connection (once; before it
@@ -358,7 +354,7 @@ impl ConnHandle {
     /// Sends what is queued now if the socket is idle and takes it without
     /// waiting; otherwise (or for what is left) wakes the writer.
     pub fn write_now(&self) {
-        if !self.direct_writes || self.control.capacity() < self.control.max_capacity() {
+        if !self.direct_writes || !self.control.is_empty() {
             self.wake.notify_one();
             return;
         }
@@ -426,16 +422,21 @@ impl ConnHandle {
         std::mem::take(&mut self.hold.lock().expect("hold lock").overflowed)
     }
 
-    /// Ends holding: queues what was held, in order, then lets deliveries through.
+    /// Ends holding: queues what was held, in order, then lets deliveries
+    /// through. Durable deliveries at or below `floor` (what `ready` or the
+    /// replay already covered) are left out, so they spend no rate limit.
     ///
     /// Returns whether a durable delivery did not fit the hold since the
     /// last [`ConnHandle::take_hold_overflow`]: the connection has then
     /// missed it live and must resume from the log instead of going on.
     #[must_use]
-    pub fn release(&self) -> bool {
+    pub fn release(&self, floor: u64) -> bool {
         let mut hold = self.hold.lock().expect("hold lock");
         let mut wake = false;
         for d in hold.items.drain(..) {
+            if d.pos.is_some_and(|pos| pos <= floor) {
+                continue;
+            }
             wake |= self.push(d);
         }
         hold.active = false;
@@ -459,7 +460,9 @@ impl ConnHandle {
             let room = self.room.notified();
             {
                 let mut q = self.queue();
-                if q.len() < (q.config().max_events / 2).max(1) {
+                // Below half of both bounds, so a replayed event is never
+                // dropped for room.
+                if q.len() < (q.config().max_events / 2).max(1) && q.bytes() < q.config().max_bytes / 2 {
                     let outcome = q.push(d, Instant::now());
                     drop(q);
                     if outcome.wake {
@@ -481,7 +484,7 @@ impl ConnHandle {
     /// them would otherwise keep room for the channel's send future in the
     /// connection's task for the connection's whole life.
     pub async fn control(&self, c: Control) -> bool {
-        Box::pin(self.control.send(c)).await.is_ok()
+        Box::pin(self.control.push(c)).await
     }
 
     /// Writes `frame` after everything queued so far and waits until it is in the wire.
@@ -489,10 +492,9 @@ impl ConnHandle {
         let (done, written) = oneshot::channel();
         Box::pin(
             self.control
-                .send(Control::Barrier(Box::new(Barrier { frame, floor, done }))),
+                .push(Control::Barrier(Box::new(Barrier { frame, floor, done }))),
         )
         .await
-        .is_ok()
             && written.await.is_ok()
     }
 
@@ -510,7 +512,7 @@ impl ConnHandle {
 
     /// Queues a control frame without waiting (used by shared tasks such as the sweeper).
     pub fn try_control(&self, c: Control) -> bool {
-        self.control.try_send(c).is_ok()
+        self.control.try_push(c)
     }
 
     /// Asks the writer for a `dropped` notice, unless one is already queued,
@@ -541,21 +543,18 @@ impl ConnHandle {
         if self.closing.swap(true, Ordering::Relaxed) {
             return;
         }
-        let needed = 1 + usize::from(frame.is_some());
-        let Ok(mut permits) = self.control.try_reserve_many(needed) else {
+        let queued = match frame {
+            Some(f) => self.control.try_push_all([
+                Control::Frame(f.into_boxed_slice()),
+                Control::Close(code.code(), reason),
+            ]),
+            None => self.control.try_push(Control::Close(code.code(), reason)),
+        };
+        if !queued {
             self.closing.store(false, Ordering::Relaxed);
             return;
-        };
-        metrics::counter!("switchyard_edge_closed_total", "reason" => reason).increment(1);
-        for control in frame
-            .map(|f| Control::Frame(f.into_boxed_slice()))
-            .into_iter()
-            .chain([Control::Close(code.code(), reason)])
-        {
-            if let Some(permit) = permits.next() {
-                permit.send(control);
-            }
         }
+        metrics::counter!("switchyard_edge_closed_total", "reason" => reason).increment(1);
     }
 
     /// Records that the client sent something.
@@ -575,15 +574,17 @@ impl ConnHandle {
     /// close frame can get through a full socket; the client resumes).
     pub async fn write_loop(
         &self,
-        mut control: mpsc::Receiver<Control>,
         conn_done: &CancellationToken,
         node_cancel: &CancellationToken,
         stall_limit: Duration,
         linger: Option<Duration>,
     ) -> WriterEnd {
+        // However the writer ends (even dropped), sends fail from then on.
+        let _closed = CloseOnDrop(&self.control);
+        let control = &self.control;
         let result: io::Result<WriterEnd> = async {
             loop {
-                if let Ok(c) = control.try_recv() {
+                if let Some(c) = control.try_pop() {
                     if let Some(end) = self.put_control(c) {
                         self.send(stall_limit).await?;
                         return Ok(end);
@@ -592,7 +593,10 @@ impl ConnHandle {
                 }
                 let busy = {
                     let mut wire = self.wire();
-                    if wire.buf.is_empty() {
+                    // A batch of nothing but duplicates writes nothing: go on
+                    // until something is written or the queue is empty, or
+                    // the writer would wait with events queued.
+                    while wire.buf.is_empty() && !wire.closed && !self.queue().is_empty() {
                         self.fill(&mut wire);
                     }
                     wire.busy()
@@ -606,7 +610,7 @@ impl ConnHandle {
                 self.wire().release_buffers();
                 tokio::select! {
                     biased;
-                    c = control.recv() => match c {
+                    c = control.pop() => match c {
                         Some(c) => {
                             if let Some(end) = self.put_control(c) {
                                 self.send(stall_limit).await?;
@@ -616,7 +620,11 @@ impl ConnHandle {
                         None => return Ok(WriterEnd::done("session ended")),
                     },
                     _ = node_cancel.cancelled() => {
-                        wsframe::put_close(&mut self.wire().buf, CloseCode::GoingAway.code(), "server shutting down");
+                        {
+                            let mut wire = self.wire();
+                            wsframe::put_close(&mut wire.buf, CloseCode::GoingAway.code(), "server shutting down");
+                            wire.closed = true;
+                        }
                         self.send(stall_limit).await?;
                         return Ok(WriterEnd { sent_close: true, reason: "server shutting down" });
                     }
@@ -648,18 +656,26 @@ impl ConnHandle {
     }
 
     /// Writes the wire out, failing after `stall_limit` without progress.
+    /// The deadline restarts whenever the socket takes bytes: a slow but
+    /// reading client is not cut off, one that reads nothing is.
     async fn send(&self, stall_limit: Duration) -> io::Result<()> {
-        let send = std::future::poll_fn(|cx| self.wire().poll_send(cx));
-        match tokio::time::timeout(stall_limit, send).await {
-            Ok(r) => r,
-            Err(_) => {
+        loop {
+            let before = self.wire().written;
+            let send = std::future::poll_fn(|cx| self.wire().poll_send(cx));
+            if let Ok(r) = tokio::time::timeout(stall_limit, send).await {
+                return r;
+            }
+            if self.wire().written != before {
+                continue;
+            }
+            {
                 metrics::counter!("switchyard_edge_closed_total", "reason" => "socket stalled").increment(1);
                 tracing::debug!(
                     conn = self.id,
                     "socket write stalled past the slow-consumer deadline; dropping the connection"
                 );
                 self.wire().failed = true;
-                Err(io::ErrorKind::TimedOut.into())
+                return Err(io::ErrorKind::TimedOut.into());
             }
         }
     }
@@ -694,10 +710,12 @@ impl ConnHandle {
             }
             Control::CloseEcho(p) => {
                 wsframe::put_frame(&mut wire.buf, wsframe::CLOSE, &p);
+                wire.closed = true;
                 return Some(WriterEnd::done("client closed"));
             }
             Control::Close(code, reason) => {
                 wsframe::put_close(&mut wire.buf, code, reason);
+                wire.closed = true;
                 return Some(WriterEnd {
                     sent_close: true,
                     reason,
@@ -799,6 +817,15 @@ impl ConnHandle {
     }
 }
 
+/// Closes the control queue when the writer ends, however it ends.
+struct CloseOnDrop<'a>(&'a ControlQueue);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// The data opcode of the connection's encoding (binary for MessagePack, text for JSON).
 fn data_opcode(encoding: Encoding) -> u8 {
     match encoding {
@@ -838,10 +865,10 @@ mod tests {
         }
     }
 
-    fn handle() -> (Arc<ConnHandle>, mpsc::Receiver<Control>) {
-        let (conn, rx) = ConnHandle::new(1, Encoding::MsgPack, settings(), None);
+    fn handle() -> Arc<ConnHandle> {
+        let conn = ConnHandle::new(1, Encoding::MsgPack, settings(), None);
         conn.authenticated("alice", u64::MAX);
-        (conn, rx)
+        conn
     }
 
     fn body(n: u8) -> Bytes {
@@ -886,24 +913,20 @@ mod tests {
     }
 
     /// Runs `conn`'s writer; cancel the token to end it.
-    fn spawn_writer(
-        conn: &Arc<ConnHandle>,
-        control: mpsc::Receiver<Control>,
-    ) -> (tokio::task::JoinHandle<WriterEnd>, CancellationToken) {
+    fn spawn_writer(conn: &Arc<ConnHandle>) -> (tokio::task::JoinHandle<WriterEnd>, CancellationToken) {
         let done = CancellationToken::new();
         let conn = conn.clone();
         let token = done.clone();
         let writer = tokio::spawn(async move {
             let cancel = CancellationToken::new();
-            conn.write_loop(control, &token, &cancel, Duration::from_secs(30), None)
-                .await
+            conn.write_loop(&token, &cancel, Duration::from_secs(30), None).await
         });
         (writer, done)
     }
 
     #[test]
     fn control_items_stay_small() {
-        // The control queue allocates room for 32 of them per connection.
+        // They sit in the control queue's buffer.
         assert!(
             std::mem::size_of::<Control>() <= 24,
             "{}",
@@ -914,8 +937,8 @@ mod tests {
     #[tokio::test]
     async fn an_idle_socket_gets_a_live_delivery_from_the_dispatcher_itself() {
         let (wr, mut rd) = tokio::io::duplex(64 * 1024);
-        let (conn, _control) = ConnHandle::new(1, Encoding::MsgPack, settings(), Some(Box::new(wr)));
-        assert!(!conn.release());
+        let conn = ConnHandle::new(1, Encoding::MsgPack, settings(), Some(Box::new(wr)));
+        assert!(!conn.release(0));
         assert!(conn.deliver(Delivery::new(body(1), Some(5), false)));
         conn.write_now();
         // No writer runs in this test: the frame can only have come from write_now.
@@ -937,13 +960,13 @@ mod tests {
         // A pipe that holds less than one frame: the dispatcher's write is
         // partial, and the writer finishes it before anything else.
         let (wr, mut rd) = tokio::io::duplex(8);
-        let (conn, control) = ConnHandle::new(1, Encoding::MsgPack, settings(), Some(Box::new(wr)));
-        assert!(!conn.release());
+        let conn = ConnHandle::new(1, Encoding::MsgPack, settings(), Some(Box::new(wr)));
+        assert!(!conn.release(0));
         assert!(conn.deliver(Delivery::new(body(1), Some(1), false)));
         conn.write_now();
         assert!(conn.deliver(Delivery::new(body(2), Some(2), false)));
         conn.write_now();
-        let (writer, done) = spawn_writer(&conn, control);
+        let (writer, done) = spawn_writer(&conn);
         let mut got = Vec::new();
         while got.len() < 2 {
             let (op, payload) = read_frame(&mut rd).await;
@@ -978,11 +1001,11 @@ mod tests {
     #[tokio::test]
     async fn a_held_connection_writes_nothing_until_released_and_control_goes_first() {
         let (wr, mut rd) = tokio::io::duplex(64 * 1024);
-        let (conn, control) = ConnHandle::new(1, Encoding::MsgPack, settings(), Some(Box::new(wr)));
+        let conn = ConnHandle::new(1, Encoding::MsgPack, settings(), Some(Box::new(wr)));
         assert!(!conn.deliver(Delivery::new(body(1), Some(1), false)), "held");
-        let (writer, done) = spawn_writer(&conn, control);
+        let (writer, done) = spawn_writer(&conn);
         assert!(conn.barrier(b"ready".to_vec(), Some(0)).await);
-        assert!(!conn.release());
+        assert!(!conn.release(0));
         let (_, first) = read_frame(&mut rd).await;
         assert_eq!(first, b"ready");
         let (_, second) = read_frame(&mut rd).await;
@@ -1001,23 +1024,70 @@ mod tests {
         drop(done);
     }
 
+    #[tokio::test]
+    async fn a_batch_of_only_duplicates_does_not_put_the_writer_to_sleep() {
+        let (wr, mut rd) = tokio::io::duplex(64 * 1024);
+        let writer_only = ConnSettings {
+            direct_writes: false,
+            ..settings()
+        };
+        let conn = ConnHandle::new(1, Encoding::MsgPack, writer_only, Some(Box::new(wr)));
+        let (writer, done) = spawn_writer(&conn);
+        assert!(conn.barrier(b"ready".to_vec(), Some(100)).await);
+        assert!(!conn.release(100));
+        assert_eq!(read_frame(&mut rd).await.1, b"ready");
+        // A redo sends 60 positions this connection already has (more than
+        // one batch), then a new one: the new one must still go out.
+        for pos in 1..=60 {
+            let _ = conn.deliver(Delivery::new(body(0), Some(pos), false));
+        }
+        let _ = conn.deliver(Delivery::new(body(7), Some(101), false));
+        conn.write_now();
+        let (_, payload) = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut rd))
+            .await
+            .expect("the new event arrives");
+        assert_eq!(event_data(&payload), (7, Some(101)));
+        done.cancel();
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn nothing_follows_a_close_frame() {
+        let (wr, mut rd) = tokio::io::duplex(64 * 1024);
+        let conn = ConnHandle::new(1, Encoding::MsgPack, settings(), Some(Box::new(wr)));
+        let (writer, _done) = spawn_writer(&conn);
+        assert!(!conn.release(0));
+        conn.close_once(CloseCode::SlowConsumer, "slow consumer", None);
+        assert!(writer.await.unwrap().sent_close);
+        // A live delivery after the close (the connection is still in the
+        // user table during the close grace) must not reach the socket.
+        assert!(conn.deliver(Delivery::new(body(1), Some(1), false)));
+        conn.write_now();
+        conn.detach();
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut rd, &mut rest).await.unwrap();
+        assert_eq!(rest[0] & 0x0f, wsframe::CLOSE, "the close frame first");
+        assert_eq!(rest.len(), 2 + rest[1] as usize, "and nothing after it: {rest:?}");
+    }
+
     #[test]
     fn a_close_that_finds_the_control_queue_full_is_retried_not_lost() {
-        let (conn, mut control) = handle();
-        for _ in 0..CONTROL_QUEUE {
+        let conn = handle();
+        let control = &conn.control;
+        for _ in 0..crate::control_queue::CAPACITY {
             assert!(conn.try_control(Control::Pong(Box::default())));
         }
         conn.close_once(CloseCode::SlowConsumer, "slow consumer", Some(vec![1]));
         // Room for one of the two frames is not enough: nothing goes in.
-        assert!(control.try_recv().is_ok());
+        assert!(control.try_pop().is_some());
         conn.close_once(CloseCode::SlowConsumer, "slow consumer", Some(vec![1]));
-        assert!(control.try_recv().is_ok());
+        assert!(control.try_pop().is_some());
         conn.close_once(CloseCode::SlowConsumer, "slow consumer", Some(vec![2]));
         let mut tail = Vec::new();
-        while let Ok(c) = control.try_recv() {
+        while let Some(c) = control.try_pop() {
             tail.push(c);
         }
-        assert_eq!(tail.len(), CONTROL_QUEUE - 2 + 2, "{tail:?}");
+        assert_eq!(tail.len(), crate::control_queue::CAPACITY - 2 + 2, "{tail:?}");
         assert!(
             matches!(&tail[tail.len() - 2], Control::Frame(f) if f[..] == [2]),
             "{tail:?}"
@@ -1028,24 +1098,25 @@ mod tests {
         );
         // Once queued, a close is not repeated.
         conn.close_once(CloseCode::SlowConsumer, "slow consumer", None);
-        assert!(control.try_recv().is_err());
+        assert!(control.try_pop().is_none());
     }
 
     #[test]
     fn the_sweeper_queues_at_most_one_ping_and_one_notice_until_the_writer_takes_them() {
-        let (conn, mut control) = handle();
+        let conn = handle();
+        let control = &conn.control;
         for _ in 0..10 {
             conn.request_ping();
             conn.request_dropped_notice();
         }
-        let ping = control.try_recv().unwrap();
+        let ping = control.try_pop().unwrap();
         assert!(matches!(ping, Control::Ping));
-        assert!(matches!(control.try_recv(), Ok(Control::DroppedNotice)));
-        assert!(control.try_recv().is_err());
+        assert!(matches!(control.try_pop(), Some(Control::DroppedNotice)));
+        assert!(control.try_pop().is_none());
         conn.request_ping();
-        assert!(control.try_recv().is_err(), "the writer has not taken the first ping");
+        assert!(control.try_pop().is_none(), "the writer has not taken the first ping");
         assert!(conn.put_control(ping).is_none());
         conn.request_ping();
-        assert!(matches!(control.try_recv(), Ok(Control::Ping)));
+        assert!(matches!(control.try_pop(), Some(Control::Ping)));
     }
 }

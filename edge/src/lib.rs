@@ -34,6 +34,7 @@ pub mod backend;
 pub mod broadcasts;
 pub mod config;
 pub mod conn;
+pub mod control_queue;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod hub;

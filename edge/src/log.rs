@@ -222,21 +222,13 @@ impl DeliveryLog {
         self.js.get_stream_no_info(&log.stream).await.map_err(request_error)
     }
 
-    /// The first message on `subject` with a sequence in `from..=upto`.
-    async fn next_on(
-        stream: &Stream<()>,
-        subject: &str,
-        from: u64,
-        upto: u64,
-    ) -> Result<Option<(u64, bytes::Bytes)>, LogError> {
-        if from > upto {
-            return Ok(None);
-        }
+    /// The first message on `subject` from sequence `from` on (`None`:
+    /// not found, on the replica that answered).
+    async fn next_on(stream: &Stream<()>, subject: &str, from: u64) -> Result<Option<(u64, bytes::Bytes)>, LogError> {
         let get = stream.direct_get_next_for_subject(subject, Some(from));
         match tokio::time::timeout(REPLAY_STALL, get).await {
             Err(_) => Err(LogError::Timeout),
-            Ok(Ok(m)) if m.sequence <= upto => Ok(Some((m.sequence, m.payload))),
-            Ok(Ok(_)) => Ok(None),
+            Ok(Ok(m)) => Ok(Some((m.sequence, m.payload))),
             Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Ok(Err(e)) => Err(request_error(e)),
         }
@@ -250,10 +242,13 @@ impl DeliveryLog {
         from: u64,
         upto: u64,
     ) -> Result<Option<(u64, bytes::Bytes)>, LogError> {
-        if from <= upto {
-            metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get").increment(1);
+        if from > upto {
+            return Ok(None);
         }
-        Self::next_on(stream, subject, from, upto).await
+        metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get").increment(1);
+        Ok(Self::next_on(stream, subject, from)
+            .await?
+            .filter(|(seq, _)| *seq <= upto))
     }
 
     /// The first message of the partition's broadcast subject in
@@ -282,18 +277,27 @@ impl DeliveryLog {
                 Lookup::ReadFrom(from) => from,
             };
             metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get_broadcast").increment(1);
-            let found = Self::next_on(stream, subject, from, upto).await?;
+            // Only a message found is learned: "not found" may come from a
+            // lagging replica and proves nothing for later readers.
+            let Some(found) = Self::next_on(stream, subject, from).await? else {
+                return Ok(None);
+            };
             self.broadcasts
                 .lock()
                 .expect("broadcasts lock")
                 .range(&log.epoch, subject)
-                .learn(from, upto, found.clone());
+                .learn(from, found.clone());
             if from == after + 1 {
-                return Ok(found);
+                return Ok(Some(found).filter(|(seq, _)| *seq <= upto));
             }
         }
+        if after >= upto {
+            return Ok(None);
+        }
         metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get_broadcast").increment(1);
-        Self::next_on(stream, subject, after + 1, upto).await
+        Ok(Self::next_on(stream, subject, after + 1)
+            .await?
+            .filter(|(seq, _)| *seq <= upto))
     }
 
     /// Sends the user's durable events with `after < pos <= upto`, in order,
@@ -376,12 +380,14 @@ struct StateSlot {
     fetching: AtomicBool,
 }
 
-/// Clears [`StateSlot::fetching`] even when the fetching resume is dropped.
-struct Fetching<'a>(&'a AtomicBool);
+/// Clears [`StateSlot::fetching`] and wakes the waiters however the fetch
+/// ends (done, failed, or its resume dropped), so one of them takes over.
+struct Fetching<'a>(&'a StateSlot);
 
 impl Drop for Fetching<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.fetching.store(false, Ordering::Release);
+        self.0.latest.send_modify(|_| {});
     }
 }
 
@@ -413,6 +419,7 @@ impl StateCache {
         let asked = Instant::now();
         let slot = self.slot(stream);
         let mut rx = slot.latest.subscribe();
+        let mut waits = 0;
         loop {
             if let Some((at, state)) = rx.borrow_and_update().as_ref() {
                 if *at >= asked {
@@ -420,16 +427,19 @@ impl StateCache {
                 }
             }
             if !slot.fetching.swap(true, Ordering::AcqRel) {
-                let _fetching = Fetching(&slot.fetching);
+                let _fetching = Fetching(&slot);
                 let sent = Instant::now();
                 let state = self.fetch(stream).await?;
                 slot.latest.send_replace(Some((sent, state.clone())));
                 return Ok(state);
             }
-            // Someone else's request is on its way; if it started before us
-            // we go round again and send the next one.
+            // Someone else's request is on its way; if it started before us,
+            // failed or was dropped, we go round again and send the next one.
             if tokio::time::timeout(REPLAY_STALL, rx.changed()).await.is_err() {
-                return Err(LogError::Timeout);
+                waits += 1;
+                if waits >= 3 {
+                    return Err(LogError::Timeout);
+                }
             }
         }
     }

@@ -78,7 +78,7 @@ pub async fn run(
     // (frames as bytes that the dispatcher can also push): fastwebsockets
     // only did the handshake.
     let (rd, wr) = tokio::io::split(ws.into_inner());
-    let (conn, control) = ConnHandle::new(
+    let conn = ConnHandle::new(
         node.next_conn_id(),
         encoding,
         conn_settings(&node.config),
@@ -98,7 +98,7 @@ pub async fn run(
         ops: node.config.op_limiter(),
         early: VecDeque::new(),
     };
-    let writer = conn.write_loop(control, &conn_done, &node.cancel, stall_limit, linger);
+    let writer = conn.write_loop(&conn_done, &node.cancel, stall_limit, linger);
     let session = session(&mut reader, pre_auth);
     tokio::pin!(writer, session);
     let reason = tokio::select! {
@@ -180,7 +180,7 @@ async fn session(reader: &mut Reader, pre_auth: Option<PreAuth>) {
     };
     conn.mark_registered();
     let conn_name = format!("{}-{}", node.node_id, conn.id);
-    if let Err(e) = Box::pin(start_delivery(
+    let started = Box::pin(start_delivery(
         &node,
         reader,
         &conn,
@@ -190,18 +190,23 @@ async fn session(reader: &mut Reader, pre_auth: Option<PreAuth>) {
         resume,
         auth_id,
     ))
-    .await
-    {
-        tracing::warn!(error = %e, conn = %conn_name, user = %claims.sub, "cannot start delivery");
-        reader
-            .reply_error(
-                None,
-                ErrorCode::Unavailable,
-                "delivery log unavailable; reconnect later",
-            )
-            .await;
-        conn.control(Control::Close(1011, "delivery log unavailable")).await;
-        return;
+    .await;
+    match started {
+        Ok(true) => {}
+        // The client left while its resume was read: nothing to serve.
+        Ok(false) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, conn = %conn_name, user = %claims.sub, "cannot start delivery");
+            reader
+                .reply_error(
+                    None,
+                    ErrorCode::Unavailable,
+                    "delivery log unavailable; reconnect later",
+                )
+                .await;
+            conn.control(Control::Close(1011, "delivery log unavailable")).await;
+            return;
+        }
     }
     tracing::debug!(conn = %conn_name, user = %claims.sub, "connection ready");
     Box::pin(reader.serve(claims)).await;
@@ -209,6 +214,7 @@ async fn session(reader: &mut Reader, pre_auth: Option<PreAuth>) {
 
 /// Sends `ready`, replays the log when a resume was asked, sends `resumed`,
 /// and then lets live deliveries through: the order docs/PROTOCOL.md promises ("What follows `ready`").
+/// Ok(false) when the client left on the way.
 ///
 /// The registration's `pos` is the floor: everything of the user's up to it
 /// is in the log, everything after reaches this connection live (held
@@ -224,7 +230,7 @@ async fn start_delivery(
     reg: &Registration,
     resume: Option<Resume>,
     auth_id: Option<u32>,
-) -> Result<(), LogError> {
+) -> Result<bool, LogError> {
     let ready = ServerFrame::Ready {
         id: auth_id,
         conn: conn_name,
@@ -238,10 +244,10 @@ async fn start_delivery(
     let Some(resume) = resume else {
         // No resume: live events after `ready.pos`.
         reader.barrier(&ready, Some(reg.pos)).await;
-        if conn.release() {
+        if conn.release(reg.pos) {
             resume_instead(reader, conn).await;
         }
-        return Ok(());
+        return Ok(true);
     };
     reader.barrier(&ready, None).await;
     let same_epoch = resume.epoch == reg.epoch;
@@ -283,7 +289,7 @@ async fn start_delivery(
     };
     let Some(read) = reader.while_reading(reads).await else {
         // The connection ended while it waited.
-        return Ok(());
+        return Ok(false);
     };
     let (replayed, upto, recovered) = read?;
     let floor = upto.max(replayed.last_pos);
@@ -296,11 +302,11 @@ async fn start_delivery(
             Some(floor),
         )
         .await;
-    if conn.release() {
+    if conn.release(floor) {
         resume_instead(reader, conn).await;
     }
     tracing::debug!(conn = %conn_name, replayed = replayed.count, recovered, "resumed");
-    Ok(())
+    Ok(true)
 }
 
 /// Live durable deliveries overflowed the hold while `ready` (and the

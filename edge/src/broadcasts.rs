@@ -28,8 +28,8 @@ pub const KEEP: usize = 1024;
 pub enum Lookup {
     /// Known: this message, or none in the range.
     Known(Option<(u64, Bytes)>),
-    /// Not known: read the subject from this sequence (up to the same
-    /// `upto`) and [`KnownRange::learn`] the answer.
+    /// Not known from this sequence on (nothing lies between `after` and
+    /// it): the next message read from here is the answer; [`KnownRange::learn`] it.
     ReadFrom(u64),
 }
 

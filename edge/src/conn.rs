@@ -130,7 +130,7 @@ struct Wire {
 impl Wire {
     /// Nothing waits to be written: a new frame may go straight to the socket.
     fn idle(&self) -> bool {
-        self.buf.is_empty() && !self.unflushed && !self.failed && !self.closed && self.io.is_some()
+        !self.busy() && !self.closed && self.io.is_some()
     }
 
     /// Gives back the buffers of a wire with nothing in it.
@@ -368,7 +368,7 @@ impl ConnHandle {
             self.wake.notify_one();
             return;
         }
-        self.fill(&mut wire);
+        let more = self.fill(&mut wire);
         let mut cx = Context::from_waker(Waker::noop());
         let done = matches!(wire.poll_send(&mut cx), Poll::Ready(Ok(())));
         drop(wire);
@@ -378,7 +378,7 @@ impl ConnHandle {
         // Pending: the no-op waker took the socket's write interest, so the
         // writer must poll again; an error ends the connection there; and a
         // queue longer than one batch still has more.
-        if !done || !self.queue().is_empty() {
+        if !done || more {
             self.wake.notify_one();
         }
     }
@@ -593,10 +593,7 @@ impl ConnHandle {
                 }
                 let busy = {
                     let mut wire = self.wire();
-                    // A batch of nothing but duplicates writes nothing: go on
-                    // until something is written or the queue is empty, or
-                    // the writer would wait with events queued.
-                    while wire.buf.is_empty() && !wire.closed && !self.queue().is_empty() {
+                    if wire.buf.is_empty() && !wire.closed {
                         self.fill(&mut wire);
                     }
                     wire.busy()
@@ -688,9 +685,7 @@ impl ConnHandle {
             Control::Frame(bytes) => wsframe::put_frame(&mut wire.buf, data_op, &bytes),
             Control::Barrier(b) => {
                 let Barrier { frame, floor, done } = *b;
-                while !self.queue().is_empty() {
-                    self.fill(&mut wire);
-                }
+                while self.fill(&mut wire) {}
                 wsframe::put_frame(&mut wire.buf, data_op, &frame);
                 if let Some(floor) = floor {
                     wire.last_pos = wire.last_pos.max(floor);
@@ -743,17 +738,32 @@ impl ConnHandle {
         }
     }
 
+    /// Moves batches from the queue into the wire until one puts bytes in
+    /// it or the queue is empty: a batch of nothing but positions already
+    /// sent puts none, and stopping there would leave events queued with
+    /// nobody woken for them. Whether the queue still holds more.
+    fn fill(&self, wire: &mut Wire) -> bool {
+        let start = wire.buf.len();
+        loop {
+            let more = self.fill_batch(wire);
+            if !more || wire.buf.len() > start {
+                return more;
+            }
+        }
+    }
+
     /// Moves one batch (up to the batch caps) from the queue into the wire
     /// as one `event` or `batch` frame, after any `dropped` notices due.
-    fn fill(&self, wire: &mut Wire) {
-        let dropped = {
+    /// Whether the queue still holds more.
+    fn fill_batch(&self, wire: &mut Wire) -> bool {
+        let (dropped, more) = {
             let mut queue = self.queue();
             if queue.is_empty() && self.extra_slow.load(Ordering::Relaxed) == 0 {
-                return;
+                return false;
             }
             wire.batch.clear();
             queue.drain_batch(&mut wire.batch);
-            queue.take_dropped()
+            (queue.take_dropped(), !queue.is_empty())
         };
         self.room.notify_one();
         self.put_dropped(wire, dropped);
@@ -776,7 +786,7 @@ impl ConnHandle {
             None => true,
         });
         if batch.is_empty() {
-            return;
+            return more;
         }
         payload.clear();
         // Each event converts on its own: one that cannot (a JSON client,
@@ -814,6 +824,7 @@ impl ConnHandle {
             record_latency(batch);
             wsframe::put_frame(buf, data_op, payload);
         }
+        more
     }
 }
 
@@ -854,7 +865,7 @@ fn record_latency(batch: &[Delivery]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use crate::test_support::body;
     use tokio::io::AsyncReadExt;
 
     fn settings() -> ConnSettings {
@@ -869,17 +880,6 @@ mod tests {
         let conn = ConnHandle::new(1, Encoding::MsgPack, settings(), None);
         conn.authenticated("alice", u64::MAX);
         conn
-    }
-
-    fn body(n: u8) -> Bytes {
-        let v = rmpv::Value::Map(vec![
-            ("type".into(), "t".into()),
-            ("data".into(), rmpv::Value::from(n)),
-            ("ts".into(), rmpv::Value::from(0)),
-        ]);
-        let mut b = Vec::new();
-        rmpv::encode::write_value(&mut b, &v).unwrap();
-        Bytes::from(b)
     }
 
     /// Reads one server frame (unmasked, short) off `rd`: opcode and payload.

@@ -133,7 +133,6 @@ impl ControlQueue {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::time::Duration;
 
     #[test]
     fn bounded_all_or_nothing_and_empty_holds_no_buffer() {
@@ -159,7 +158,9 @@ mod tests {
             let q = q.clone();
             tokio::spawn(async move { q.push(Control::DroppedNotice).await })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // One runtime thread (tokio::test): yielding lets the spawned task
+        // run until it waits.
+        tokio::task::yield_now().await;
         assert!(!sender.is_finished(), "full: the sender waits");
         assert!(matches!(q.pop().await, Some(Control::Ping)));
         assert!(sender.await.unwrap(), "room was made");
@@ -171,7 +172,9 @@ mod tests {
             let q = q.clone();
             tokio::spawn(async move { q.pop().await })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // One runtime thread (tokio::test): yielding lets the spawned task
+        // run until it waits.
+        tokio::task::yield_now().await;
         assert!(q.try_push(Control::Ping));
         assert!(matches!(writer.await.unwrap(), Some(Control::Ping)));
     }
@@ -186,7 +189,9 @@ mod tests {
             let q = q.clone();
             tokio::spawn(async move { q.push(Control::Ping).await })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // One runtime thread (tokio::test): yielding lets the spawned task
+        // run until it waits.
+        tokio::task::yield_now().await;
         q.close();
         assert!(!sender.await.unwrap());
         assert!(q.pop().await.is_none());

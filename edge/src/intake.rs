@@ -322,6 +322,7 @@ mod tests {
     use super::*;
     use crate::conn::ConnSettings;
     use crate::outbound::OutboundConfig;
+    use crate::test_support::body;
     use switchyard_common::fanout::{encode_sync_request, EdgeBatchWriter};
     use switchyard_common::Encoding;
 
@@ -344,18 +345,6 @@ mod tests {
         out.into_iter().map(|d| (d.body, d.pos)).collect()
     }
 
-    fn body(n: u8) -> Vec<u8> {
-        // A minimal delivery body: {"type": "t", "data": n, "ts": 0}.
-        let v = rmpv::Value::Map(vec![
-            ("type".into(), "t".into()),
-            ("data".into(), rmpv::Value::from(n)),
-            ("ts".into(), rmpv::Value::from(0)),
-        ]);
-        let mut b = Vec::new();
-        rmpv::encode::write_value(&mut b, &v).unwrap();
-        b
-    }
-
     #[test]
     fn items_reach_the_named_users_connections_and_broadcasts_the_whole_partition() {
         let table = UserTable::new(1);
@@ -373,10 +362,10 @@ mod tests {
         w.broadcast(two, None);
         let msg = w.take(0);
         dispatch_one(&table, &msg, &mut DispatchScratch::default());
-        let want_alice = vec![(Bytes::from(body(1)), Some(7)), (Bytes::from(body(2)), None)];
+        let want_alice = vec![(body(1), Some(7)), (body(2), None)];
         assert_eq!(queued(&qa1), want_alice);
         assert_eq!(queued(&qa2), want_alice, "every connection of the user");
-        assert_eq!(queued(&qb), vec![(Bytes::from(body(2)), None)]);
+        assert_eq!(queued(&qb), vec![(body(2), None)]);
         // Gone connections get nothing more.
         table.remove(&a1);
         let mut w = EdgeBatchWriter::new(0);
@@ -384,7 +373,7 @@ mod tests {
         w.user("alice", three, Some(9));
         dispatch_one(&table, &w.take(0), &mut DispatchScratch::default());
         assert!(queued(&qa1).is_empty());
-        assert_eq!(queued(&qa2), vec![(Bytes::from(body(3)), Some(9))]);
+        assert_eq!(queued(&qa2), vec![(body(3), Some(9))]);
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub mod outbound;
 pub mod presence;
 pub mod server;
 pub mod session;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 pub mod wsframe;
 pub mod wsread;

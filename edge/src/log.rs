@@ -262,42 +262,31 @@ impl DeliveryLog {
         upto: u64,
     ) -> Result<Option<(u64, bytes::Bytes)>, LogError> {
         let subject = &log.subjects[1];
-        // At most two rounds: a read from the end of the known range makes
-        // the whole question known.
-        for _ in 0..2 {
-            let lookup = self
-                .broadcasts
-                .lock()
-                .expect("broadcasts lock")
-                .range(&log.epoch, subject)
-                .next(after, upto);
-            let from = match lookup {
-                Lookup::Known(m) => return Ok(m),
-                Lookup::ReadFrom(from) if from > upto => return Ok(None),
-                Lookup::ReadFrom(from) => from,
-            };
-            metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get_broadcast").increment(1);
-            // Only a message found is learned: "not found" may come from a
-            // lagging replica and proves nothing for later readers.
-            let Some(found) = Self::next_on(stream, subject, from).await? else {
-                return Ok(None);
-            };
+        let lookup = self
+            .broadcasts
+            .lock()
+            .expect("broadcasts lock")
+            .range(&log.epoch, subject)
+            .next(after, upto);
+        // Reading from past the known range is enough: what lies between
+        // `after` and it is known to hold nothing.
+        let from = match lookup {
+            Lookup::Known(m) => return Ok(m),
+            Lookup::ReadFrom(from) if from > upto => return Ok(None),
+            Lookup::ReadFrom(from) => from,
+        };
+        metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get_broadcast").increment(1);
+        let found = Self::next_on(stream, subject, from).await?;
+        // Only a message found is learned: "not found" may come from a
+        // lagging replica and proves nothing for later readers.
+        if let Some(m) = &found {
             self.broadcasts
                 .lock()
                 .expect("broadcasts lock")
                 .range(&log.epoch, subject)
-                .learn(from, found.clone());
-            if from == after + 1 {
-                return Ok(Some(found).filter(|(seq, _)| *seq <= upto));
-            }
+                .learn(from, m.clone());
         }
-        if after >= upto {
-            return Ok(None);
-        }
-        metrics::counter!("switchyard_edge_log_requests_total", "kind" => "direct_get_broadcast").increment(1);
-        Ok(Self::next_on(stream, subject, after + 1)
-            .await?
-            .filter(|(seq, _)| *seq <= upto))
+        Ok(found.filter(|(seq, _)| *seq <= upto))
     }
 
     /// Sends the user's durable events with `after < pos <= upto`, in order,

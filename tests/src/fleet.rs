@@ -99,6 +99,26 @@ impl Fleet {
         crate::tokens::token(TEST_SECRET, sub, 3600, extra)
     }
 
+    /// Connects `user` to the edge at `url` with a bearer token, resuming
+    /// from `since` in `epoch` when given; the client and its `ready`.
+    pub async fn connect(
+        &self,
+        url: &str,
+        user: &str,
+        resume: Option<(&str, u64)>,
+    ) -> Result<(crate::ws_client::WsClient, Value)> {
+        let opts = crate::ws_client::Connect {
+            bearer: Some(self.token(user, serde_json::json!({}))),
+            protocols: vec![],
+            query: resume.map(|(epoch, since)| format!("epoch={epoch}&since={since}")),
+        };
+        let mut c = crate::ws_client::WsClient::connect(url, &opts)
+            .await
+            .map_err(|e| anyhow::anyhow!("{user}: {e:?}"))?;
+        let ready = c.expect_op("ready").await?;
+        Ok((c, ready))
+    }
+
     /// Publishes a producer event given as JSON, encoded as MessagePack, on `sy.events.<subject_tail>`.
     pub async fn publish(&self, subject_tail: &str, event: &Value) -> Result<()> {
         let mut payload = Vec::new();
@@ -210,6 +230,14 @@ pub struct TestCertificate {
     pub der: rustls::pki_types::CertificateDer<'static>,
 }
 
+impl TestCertificate {
+    /// Makes an edge configuration serve WSS with this certificate.
+    pub fn serve(&self, c: &mut EdgeConfig) {
+        c.tls_cert = Some(self.cert_path.clone());
+        c.tls_key = Some(self.key_path.clone().into());
+    }
+}
+
 /// User partitions and log streams of a router with default settings.
 pub const USER_PARTITIONS: u32 = 8;
 /// See [`USER_PARTITIONS`].
@@ -235,6 +263,15 @@ pub async fn stored_deliveries(js: &async_nats::jetstream::Context) -> Result<u6
             .messages;
     }
     Ok(n)
+}
+
+/// The value of one series (`name{labels}` exactly as exported, or a bare
+/// name) in a Prometheus text page; 0 when absent.
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// `GET path` on an HTTP endpoint (the admin ports): status and body.

@@ -286,6 +286,21 @@ impl WsClient {
         Ok(out)
     }
 
+    /// Reads a resume's replay after `ready`: events (batches flattened)
+    /// until `resumed`, and the `resumed` frame; any other frame is an error.
+    pub async fn replay(&mut self) -> Result<(Vec<Value>, Value)> {
+        let mut evs = Vec::new();
+        loop {
+            let f = self.frame().await?;
+            match f["op"].as_str() {
+                Some("event") => evs.push(f),
+                Some("batch") => evs.extend(f["events"].as_array().cloned().unwrap_or_default()),
+                Some("resumed") => return Ok((evs, f)),
+                _ => bail!("unexpected frame during replay: {f}"),
+            }
+        }
+    }
+
     /// Waits for the server to close; returns the close code.
     pub async fn expect_close(&mut self) -> Result<u16> {
         loop {
@@ -295,6 +310,16 @@ impl WsClient {
             }
         }
     }
+}
+
+/// An event's `pos` (panics when it has none: for durable events).
+pub fn event_pos(e: &Value) -> u64 {
+    e["pos"].as_u64().unwrap_or_else(|| panic!("no pos in {e}"))
+}
+
+/// The `data.i` of each event: the tests number their events so.
+pub fn data_i(evs: &[Value]) -> Vec<u64> {
+    evs.iter().map(|e| e["data"]["i"].as_u64().expect("data.i")).collect()
 }
 
 /// Why a connection attempt failed.

@@ -49,7 +49,7 @@ async fn a_killed_edge_is_forgotten_and_its_users_resume_elsewhere_without_loss(
     let until = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let (_, metrics) = switchyard_tests::fleet::http_get(admin, "/metrics").await?;
-        if metrics.lines().any(|l| l == "switchyard_router_edges 1") {
+        if switchyard_tests::fleet::metric(&metrics, "switchyard_router_edges") == 1.0 {
             break;
         }
         if tokio::time::Instant::now() > until {

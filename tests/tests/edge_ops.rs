@@ -21,10 +21,8 @@ async fn http_status(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<u
 async fn wss_with_a_certificate_generated_at_test_time() -> R {
     let dir = tempfile::tempdir()?;
     let cert = switchyard_tests::fleet::write_test_certificate(dir.path())?;
-    let (cert_path, key_path) = (cert.cert_path.clone(), cert.key_path.clone());
     let fleet = Fleet::start_with(|c| {
-        c.tls_cert = Some(cert_path.clone());
-        c.tls_key = Some(key_path.clone().into());
+        cert.serve(c);
     })
     .await?;
     let port = fleet.edge.as_ref().unwrap().ws_addr.port();

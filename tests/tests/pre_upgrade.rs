@@ -83,10 +83,8 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_handshake_timeout() -
 async fn a_tls_handshake_never_started_is_closed_after_the_handshake_timeout() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cert = switchyard_tests::fleet::write_test_certificate(dir.path())?;
-    let (cert_path, key_path) = (cert.cert_path.clone(), cert.key_path.clone());
     let fleet = Fleet::start_with(|c| {
-        c.tls_cert = Some(cert_path.clone());
-        c.tls_key = Some(key_path.clone().into());
+        cert.serve(c);
         c.handshake_timeout = Duration::from_millis(300);
     })
     .await?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use switchyard_tests::fleet::Fleet;
-use switchyard_tests::ws_client::{Connect, WsClient};
+use switchyard_tests::ws_client::{data_i, event_pos, Connect, WsClient};
 
 type R = anyhow::Result<()>;
 
@@ -14,50 +14,14 @@ fn direct(user: &str, i: u64) -> Value {
     json!({"data": {"i": i}, "target": {"users": [user]}})
 }
 
-fn is(evs: &[Value]) -> Vec<u64> {
-    evs.iter().map(|e| e["data"]["i"].as_u64().expect("data.i")).collect()
-}
-
-fn pos(e: &Value) -> u64 {
-    e["pos"].as_u64().unwrap_or_else(|| panic!("no pos in {e}"))
-}
-
 fn assert_increasing(evs: &[Value]) {
     for w in evs.windows(2) {
-        assert!(pos(&w[0]) < pos(&w[1]), "pos not increasing: {} then {}", w[0], w[1]);
-    }
-}
-
-async fn resume_url(
-    fleet: &Fleet,
-    url: &str,
-    user: &str,
-    epoch: &str,
-    since: u64,
-) -> anyhow::Result<(WsClient, Value)> {
-    let opts = Connect {
-        bearer: Some(fleet.token(user, json!({}))),
-        protocols: vec![],
-        query: Some(format!("epoch={epoch}&since={since}")),
-    };
-    let mut c = WsClient::connect(url, &opts)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let ready = c.expect_op("ready").await?;
-    Ok((c, ready))
-}
-
-/// Reads the replay after `ready`: events until `resumed`.
-async fn replay(c: &mut WsClient) -> anyhow::Result<(Vec<Value>, Value)> {
-    let mut evs = Vec::new();
-    loop {
-        let f = c.frame().await?;
-        match f["op"].as_str() {
-            Some("event") => evs.push(f),
-            Some("batch") => evs.extend(f["events"].as_array().cloned().unwrap_or_default()),
-            Some("resumed") => return Ok((evs, f)),
-            _ => bail!("unexpected frame during replay: {f}"),
-        }
+        assert!(
+            event_pos(&w[0]) < event_pos(&w[1]),
+            "pos not increasing: {} then {}",
+            w[0],
+            w[1]
+        );
     }
 }
 
@@ -75,10 +39,10 @@ async fn resume_on_the_same_and_another_edge_gets_exactly_the_missed_events() ->
         fleet.publish("direct", &direct("alice", i)).await?;
     }
     let first = c.take_events(5).await?;
-    assert_eq!(is(&first), [0, 1, 2, 3, 4]);
+    assert_eq!(data_i(&first), [0, 1, 2, 3, 4]);
     assert_increasing(&first);
-    assert!(pos(&first[0]) > ready["pos"].as_u64().unwrap());
-    let seen = pos(&first[4]);
+    assert!(event_pos(&first[0]) > ready["pos"].as_u64().unwrap());
+    let seen = event_pos(&first[4]);
     drop(c);
 
     for i in 5..10 {
@@ -86,18 +50,18 @@ async fn resume_on_the_same_and_another_edge_gets_exactly_the_missed_events() ->
     }
     // Resume on the other edge, by URL.
     fleet.settle().await?;
-    let (mut c, ready) = resume_url(&fleet, &url_b, "alice", &epoch, seen).await?;
+    let (mut c, ready) = fleet.connect(&url_b, "alice", Some((&epoch, seen))).await?;
     assert_eq!(ready["epoch"], epoch.as_str());
-    let (evs, resumed) = replay(&mut c).await?;
-    assert_eq!(is(&evs), [5, 6, 7, 8, 9]);
+    let (evs, resumed) = c.replay().await?;
+    assert_eq!(data_i(&evs), [5, 6, 7, 8, 9]);
     assert_increasing(&evs);
-    assert!(pos(&evs[0]) > seen);
+    assert!(event_pos(&evs[0]) > seen);
     assert_eq!(resumed, json!({"op":"resumed","recovered":true,"replayed":5}));
     fleet.publish("direct", &direct("alice", 10)).await?;
     let live = c.take_events(1).await?;
-    assert_eq!(is(&live), [10]);
-    let seen = pos(&live[0]);
-    assert!(seen > pos(&evs[4]));
+    assert_eq!(data_i(&live), [10]);
+    let seen = event_pos(&live[0]);
+    assert!(seen > event_pos(&evs[4]));
     drop(c);
 
     for i in 11..13 {
@@ -117,15 +81,15 @@ async fn resume_on_the_same_and_another_edge_gets_exactly_the_missed_events() ->
     c.send(&json!({"op":"auth","id":1,"token":fleet.token("alice", json!({})),"epoch":epoch,"since":seen}))
         .await?;
     assert_eq!(c.expect_op("ready").await?["id"], 1);
-    let (evs, resumed) = replay(&mut c).await?;
-    assert_eq!(is(&evs), [11, 12]);
+    let (evs, resumed) = c.replay().await?;
+    assert_eq!(data_i(&evs), [11, 12]);
     assert_eq!(resumed["recovered"], true);
     assert_eq!(resumed["replayed"], 2);
     fleet.publish("direct", &direct("alice", 13)).await?;
-    assert_eq!(is(&c.take_events(1).await?), [13]);
+    assert_eq!(data_i(&c.take_events(1).await?), [13]);
     // And nothing else in between: the next event is the next one published.
     fleet.publish("direct", &direct("alice", 14)).await?;
-    assert_eq!(is(&c.take_events(1).await?), [14]);
+    assert_eq!(data_i(&c.take_events(1).await?), [14]);
     edge_b.shutdown().await;
     fleet.shutdown().await;
     Ok(())
@@ -176,7 +140,7 @@ async fn ten_thousand_events_arrive_in_strictly_increasing_pos_order_on_every_co
     for evs in [ea?, eb?] {
         assert_increasing(&evs);
         // Each subject keeps its order; the two subjects have none between them.
-        let got = is(&evs);
+        let got = data_i(&evs);
         for subject_of in [|i: &u64| i % 3 == 1, |i: &u64| i % 3 != 1] {
             let one: Vec<u64> = got.iter().copied().filter(subject_of).collect();
             assert!(one.windows(2).all(|w| w[0] < w[1]), "a subject's events out of order");
@@ -198,38 +162,38 @@ async fn wrong_epoch_trimmed_history_and_a_future_since_are_not_recovered() -> R
     for i in 0..3 {
         fleet.publish("direct", &direct("alice", i)).await?;
     }
-    let seen = pos(&c.take_events(3).await?[2]);
+    let seen = event_pos(&c.take_events(3).await?[2]);
     drop(c);
     for i in 3..13 {
         fleet.publish("direct", &direct("alice", i)).await?;
     }
     // Trimmed: only the last 5 are kept.
     fleet.settle().await?;
-    let (mut c, _) = resume_url(&fleet, &url, "alice", &epoch, seen).await?;
-    let (evs, resumed) = replay(&mut c).await?;
-    assert_eq!(is(&evs), [8, 9, 10, 11, 12]);
+    let (mut c, _) = fleet.connect(&url, "alice", Some((&epoch, seen))).await?;
+    let (evs, resumed) = c.replay().await?;
+    assert_eq!(data_i(&evs), [8, 9, 10, 11, 12]);
     assert_eq!(resumed["recovered"], false);
     assert_eq!(resumed["replayed"], 5);
-    let last = pos(&evs[4]);
+    let last = event_pos(&evs[4]);
     drop(c);
     // Wrong epoch: everything the log holds, not recovered.
     fleet.settle().await?;
-    let (mut c, _) = resume_url(&fleet, &url, "alice", "bogus-epoch", last).await?;
-    let (evs, resumed) = replay(&mut c).await?;
-    assert_eq!(is(&evs), [8, 9, 10, 11, 12]);
+    let (mut c, _) = fleet.connect(&url, "alice", Some(("bogus-epoch", last))).await?;
+    let (evs, resumed) = c.replay().await?;
+    assert_eq!(data_i(&evs), [8, 9, 10, 11, 12]);
     assert_eq!(resumed["recovered"], false);
     drop(c);
     // Beyond the log: nothing, not recovered.
     fleet.settle().await?;
-    let (mut c, _) = resume_url(&fleet, &url, "alice", &epoch, last + 1000).await?;
-    let (evs, resumed) = replay(&mut c).await?;
+    let (mut c, _) = fleet.connect(&url, "alice", Some((&epoch, last + 1000))).await?;
+    let (evs, resumed) = c.replay().await?;
     assert!(evs.is_empty());
     assert_eq!(resumed, json!({"op":"resumed","recovered":false,"replayed":0}));
     drop(c);
     // Up to date: nothing to replay, recovered.
     fleet.settle().await?;
-    let (mut c, _) = resume_url(&fleet, &url, "alice", &epoch, last).await?;
-    let (evs, resumed) = replay(&mut c).await?;
+    let (mut c, _) = fleet.connect(&url, "alice", Some((&epoch, last))).await?;
+    let (evs, resumed) = c.replay().await?;
     assert!(evs.is_empty());
     assert_eq!(resumed, json!({"op":"resumed","recovered":true,"replayed":0}));
     fleet.shutdown().await;
@@ -274,10 +238,10 @@ async fn offline_users_find_their_events_waiting() -> R {
     fleet.publish("direct", &direct("carol", 5)).await?;
 
     fleet.settle().await?;
-    let (mut c, _) = resume_url(&fleet, &url, "bob", &epoch, kept).await?;
-    let (evs, resumed) = replay(&mut c).await?;
+    let (mut c, _) = fleet.connect(&url, "bob", Some((&epoch, kept))).await?;
+    let (evs, resumed) = c.replay().await?;
     // Four subjects: in `pos` order, but no publish order among them.
-    let mut got = is(&evs);
+    let mut got = data_i(&evs);
     got.sort_unstable();
     assert_eq!(got, [1, 2, 3, 4]);
     assert_increasing(&evs);
@@ -286,12 +250,12 @@ async fn offline_users_find_their_events_waiting() -> R {
     assert_eq!(resumed["recovered"], true);
 
     fleet.settle().await?;
-    let (mut c, _) = resume_url(&fleet, &url, "carol", &epoch, 0).await?;
-    let (evs, resumed) = replay(&mut c).await?;
+    let (mut c, _) = fleet.connect(&url, "carol", Some((&epoch, 0))).await?;
+    let (evs, resumed) = c.replay().await?;
     // Carol gets her event and the durable broadcast; since 0 asks for
     // everything. They were published on different subjects, so docs/PROTOCOL.md
     // promises no order between them: compared as a set, in `pos` order.
-    let mut got = is(&evs);
+    let mut got = data_i(&evs);
     got.sort_unstable();
     assert_eq!(got, [4, 5]);
     assert_increasing(&evs);
@@ -318,9 +282,9 @@ async fn non_durable_events_are_live_only() -> R {
     fleet.publish("tick", &tick(4)).await?;
     fleet.publish("direct", &direct("alice", 5)).await?;
     fleet.settle().await?;
-    let (mut c, _) = resume_url(&fleet, &url, "alice", &epoch, 0).await?;
-    let (evs, _) = replay(&mut c).await?;
-    assert_eq!(is(&evs), [1, 3, 5]);
+    let (mut c, _) = fleet.connect(&url, "alice", Some((&epoch, 0))).await?;
+    let (evs, _) = c.replay().await?;
+    assert_eq!(data_i(&evs), [1, 3, 5]);
     fleet.shutdown().await;
     Ok(())
 }
@@ -347,7 +311,7 @@ async fn resume_stays_correct_across_a_nats_server_restart() -> R {
     for i in 0..3 {
         fleet.publish("direct", &direct("alice", i)).await?;
     }
-    let seen = pos(&c.take_events(3).await?[2]);
+    let seen = event_pos(&c.take_events(3).await?[2]);
     drop(c);
 
     fleet.nats.restart()?;
@@ -367,12 +331,12 @@ async fn resume_stays_correct_across_a_nats_server_restart() -> R {
         fleet.publish("direct", &direct("alice", i)).await?;
     }
     fleet.settle().await?;
-    let (mut c, ready) = resume_url(&fleet, &url, "alice", &epoch, seen).await?;
-    let (evs, resumed) = replay(&mut c).await?;
+    let (mut c, ready) = fleet.connect(&url, "alice", Some((&epoch, seen))).await?;
+    let (evs, resumed) = c.replay().await?;
     if ready["epoch"] == epoch.as_str() {
         // File storage kept the log: exactly the missed events, recovered.
-        assert_eq!(is(&evs), [3, 4, 5]);
-        assert!(pos(&evs[0]) > seen);
+        assert_eq!(data_i(&evs), [3, 4, 5]);
+        assert!(event_pos(&evs[0]) > seen);
         assert_eq!(resumed["recovered"], true);
     } else {
         // A new incarnation must say so.
@@ -390,7 +354,7 @@ async fn after_a_nats_reconnect_clients_are_told_to_resume_and_lose_nothing() ->
     let (mut c, ready) = WsClient::connect_ready(&url, &fleet.token("alice", json!({})), &[]).await?;
     let epoch = ready["epoch"].as_str().unwrap().to_string();
     fleet.publish("direct", &direct("alice", 0)).await?;
-    let seen = pos(&c.take_events(1).await?[0]);
+    let seen = event_pos(&c.take_events(1).await?[0]);
 
     // While the edge's NATS connection is down, its live subscriptions miss
     // whatever is published: the edge cannot know what, so it asks every
@@ -411,9 +375,9 @@ async fn after_a_nats_reconnect_clients_are_told_to_resume_and_lose_nothing() ->
     }
     fleet.publish("direct", &direct("alice", 1)).await?;
     fleet.settle().await?;
-    let (mut c, _) = resume_url(&fleet, &url, "alice", &epoch, seen).await?;
-    let (evs, resumed) = replay(&mut c).await?;
-    assert_eq!(is(&evs), [1]);
+    let (mut c, _) = fleet.connect(&url, "alice", Some((&epoch, seen))).await?;
+    let (evs, resumed) = c.replay().await?;
+    assert_eq!(data_i(&evs), [1]);
     assert_eq!(resumed["recovered"], true);
     fleet.shutdown().await;
     Ok(())
@@ -430,15 +394,15 @@ async fn a_since_ahead_of_the_log_is_not_recovered_and_live_events_still_flow() 
     fleet.publish("direct", &direct("dora", 1)).await?;
     fleet.settle().await?;
     // A position from nowhere (corrupted, or another deployment's).
-    let (mut c, _) = resume_url(&fleet, &url, "dora", &epoch, pos + 1_000_000).await?;
-    let (evs, resumed) = replay(&mut c).await?;
+    let (mut c, _) = fleet.connect(&url, "dora", Some((&epoch, pos + 1_000_000))).await?;
+    let (evs, resumed) = c.replay().await?;
     assert!(evs.is_empty(), "nothing after a position beyond the log: {evs:?}");
     assert_eq!(resumed["recovered"], false);
     assert_eq!(resumed["replayed"], 0);
     // Live durable events are not held back by the bogus position.
     fleet.publish("direct", &direct("dora", 2)).await?;
     let got = c.take_events(1).await?;
-    assert_eq!(is(&got), [2]);
+    assert_eq!(data_i(&got), [2]);
     fleet.shutdown().await;
     Ok(())
 }

@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use futures::future::join_all;
 use serde_json::{json, Value};
-use switchyard_tests::fleet::{http_get, Fleet};
-use switchyard_tests::ws_client::{Connect, WsClient};
+use switchyard_tests::fleet::{http_get, metric, Fleet};
+use switchyard_tests::ws_client::{data_i, event_pos};
 
 type R = anyhow::Result<()>;
 
@@ -34,14 +34,6 @@ fn event(i: u64) -> Value {
     json!({"data": {"i": i}, "target": {"users": everyone()}})
 }
 
-fn is(evs: &[Value]) -> Vec<u64> {
-    evs.iter().map(|e| e["data"]["i"].as_u64().expect("data.i")).collect()
-}
-
-fn pos(e: &Value) -> u64 {
-    e["pos"].as_u64().unwrap_or_else(|| panic!("no pos in {e}"))
-}
-
 /// The JetStream API requests nats-server has served.
 async fn js_api_total(fleet: &Fleet) -> anyhow::Result<u64> {
     let (status, body) = http_get(fleet.nats.monitor_addr(), "/jsz").await?;
@@ -50,49 +42,29 @@ async fn js_api_total(fleet: &Fleet) -> anyhow::Result<u64> {
     jsz["api"]["total"].as_u64().context("no api.total in /jsz")
 }
 
-/// The edge's log reads so far: (direct gets, stream-info reads, subject counts).
-async fn edge_log_requests(fleet: &Fleet) -> anyhow::Result<(u64, u64, u64)> {
-    let (status, body) = http_get(fleet.edge_admin(), "/metrics").await?;
+/// The edge's log reads so far, by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LogReads {
+    /// Direct gets on users' own subjects.
+    user_gets: u64,
+    /// Direct gets on partitions' broadcast subjects.
+    broadcast_gets: u64,
+    /// Stream-state reads.
+    infos: u64,
+    /// Per-subject counts.
+    counts: u64,
+}
+
+async fn log_reads(fleet: &Fleet) -> anyhow::Result<LogReads> {
+    let (status, page) = http_get(fleet.edge_admin(), "/metrics").await?;
     anyhow::ensure!(status == 200, "/metrics answered {status}");
-    let count = |kind: &str| -> u64 {
-        let prefix = format!("switchyard_edge_log_requests_total{{kind=\"{kind}\"}} ");
-        body.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .map_or(0, |v| v.trim().parse::<f64>().unwrap_or(0.0) as u64)
-    };
-    Ok((
-        count("direct_get") + count("direct_get_broadcast"),
-        count("stream_info"),
-        count("subject_count"),
-    ))
-}
-
-/// Connects `user`, resuming from `since` in `epoch` when given.
-async fn connect(fleet: &Fleet, user: &str, resume: Option<(&str, u64)>) -> anyhow::Result<(WsClient, Value)> {
-    let opts = Connect {
-        bearer: Some(fleet.token(user, json!({}))),
-        protocols: vec![],
-        query: resume.map(|(epoch, since)| format!("epoch={epoch}&since={since}")),
-    };
-    let mut c = WsClient::connect(&fleet.ws_url(), &opts)
-        .await
-        .map_err(|e| anyhow::anyhow!("{user}: {e:?}"))?;
-    let ready = c.expect_op("ready").await?;
-    Ok((c, ready))
-}
-
-/// Reads the replay after `ready`: events until `resumed`.
-async fn replay(c: &mut WsClient) -> anyhow::Result<(Vec<Value>, Value)> {
-    let mut evs = Vec::new();
-    loop {
-        let f = c.frame().await?;
-        match f["op"].as_str() {
-            Some("event") => evs.push(f),
-            Some("batch") => evs.extend(f["events"].as_array().cloned().unwrap_or_default()),
-            Some("resumed") => return Ok((evs, f)),
-            _ => bail!("unexpected frame during replay: {f}"),
-        }
-    }
+    let kind = |k: &str| metric(&page, &format!("switchyard_edge_log_requests_total{{kind=\"{k}\"}}")) as u64;
+    Ok(LogReads {
+        user_gets: kind("direct_get"),
+        broadcast_gets: kind("direct_get_broadcast"),
+        infos: kind("stream_info"),
+        counts: kind("subject_count"),
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,10 +78,10 @@ async fn a_storm_of_resumes_loses_nothing_and_costs_a_few_requests_each() -> R {
     .await?;
 
     // Plain connects: no log request from the edge, whatever the number.
-    let before_connects = edge_log_requests(&fleet).await?;
+    let before_connects = log_reads(&fleet).await?;
     let connected = join_all((0..CLIENTS).map(|i| {
         let fleet = &fleet;
-        async move { connect(fleet, &user(i), None).await }
+        async move { fleet.connect(&fleet.ws_url(), &user(i), None).await }
     }))
     .await;
     let mut clients = Vec::with_capacity(CLIENTS);
@@ -117,7 +89,7 @@ async fn a_storm_of_resumes_loses_nothing_and_costs_a_few_requests_each() -> R {
         clients.push(c?);
     }
     assert_eq!(
-        edge_log_requests(&fleet).await?,
+        log_reads(&fleet).await?,
         before_connects,
         "a plain connect reads nothing from the log"
     );
@@ -128,8 +100,8 @@ async fn a_storm_of_resumes_loses_nothing_and_costs_a_few_requests_each() -> R {
     }
     let seen = join_all(clients.iter_mut().map(|(c, _)| async move {
         let evs = c.take_events(BEFORE as usize).await?;
-        anyhow::ensure!(is(&evs) == (0..BEFORE).collect::<Vec<_>>(), "live: {evs:?}");
-        Ok(pos(&evs[evs.len() - 1]))
+        anyhow::ensure!(data_i(&evs) == (0..BEFORE).collect::<Vec<_>>(), "live: {evs:?}");
+        Ok(event_pos(&evs[evs.len() - 1]))
     }))
     .await
     .into_iter()
@@ -143,23 +115,23 @@ async fn a_storm_of_resumes_loses_nothing_and_costs_a_few_requests_each() -> R {
     fleet.settle().await?;
 
     let api_before = js_api_total(&fleet).await?;
-    let (gets_before, infos_before, counts_before) = edge_log_requests(&fleet).await?;
+    let reads_before = log_reads(&fleet).await?;
     let resumed = join_all(seen.iter().enumerate().map(|(i, &since)| {
         let fleet = &fleet;
         let epoch = epoch.as_str();
         async move {
-            let (mut c, _) = connect(fleet, &user(i), Some((epoch, since))).await?;
-            let (evs, resumed) = tokio::time::timeout(Duration::from_secs(60), replay(&mut c)).await??;
+            let (mut c, _) = fleet.connect(&fleet.ws_url(), &user(i), Some((epoch, since))).await?;
+            let (evs, resumed) = tokio::time::timeout(Duration::from_secs(60), c.replay()).await??;
             Ok::<_, anyhow::Error>((i, since, evs, resumed))
         }
     }))
     .await;
     for r in resumed {
         let (i, since, evs, resumed) = r?;
-        assert_eq!(is(&evs), (BEFORE..BEFORE + AWAY).collect::<Vec<_>>(), "{}", user(i));
-        assert!(pos(&evs[0]) > since, "{}: replay starts after since", user(i));
+        assert_eq!(data_i(&evs), (BEFORE..BEFORE + AWAY).collect::<Vec<_>>(), "{}", user(i));
+        assert!(event_pos(&evs[0]) > since, "{}: replay starts after since", user(i));
         for w in evs.windows(2) {
-            assert!(pos(&w[0]) < pos(&w[1]), "{}: pos order", user(i));
+            assert!(event_pos(&w[0]) < event_pos(&w[1]), "{}: pos order", user(i));
         }
         assert_eq!(
             resumed,
@@ -169,8 +141,9 @@ async fn a_storm_of_resumes_loses_nothing_and_costs_a_few_requests_each() -> R {
         );
     }
     let api = js_api_total(&fleet).await? - api_before;
-    let (gets, infos, counts) = edge_log_requests(&fleet).await?;
-    let (gets, infos, counts) = (gets - gets_before, infos - infos_before, counts - counts_before);
+    let (reads, b) = (log_reads(&fleet).await?, reads_before);
+    let gets = reads.user_gets + reads.broadcast_gets - b.user_gets - b.broadcast_gets;
+    let (infos, counts) = (reads.infos - b.infos, reads.counts - b.counts);
     eprintln!(
         "{CLIENTS} resumes: {gets} direct gets, {infos} stream-info reads, {counts} subject counts at the edge; {api} JetStream API requests at the server"
     );
@@ -192,16 +165,6 @@ async fn a_storm_of_resumes_loses_nothing_and_costs_a_few_requests_each() -> R {
     Ok(())
 }
 
-/// Broadcast reads at the edge so far.
-async fn broadcast_reads(fleet: &Fleet) -> anyhow::Result<u64> {
-    let (_, body) = http_get(fleet.edge_admin(), "/metrics").await?;
-    let prefix = "switchyard_edge_log_requests_total{kind=\"direct_get_broadcast\"} ";
-    Ok(body
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap_or(0.0) as u64))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resumes_in_one_partition_share_their_broadcast_reads() -> R {
     let fleet = Fleet::start().await?;
@@ -215,32 +178,32 @@ async fn resumes_in_one_partition_share_their_broadcast_reads() -> R {
         .context("a user in the same partition")?;
     let all = |i: u64| json!({"data": {"i": i}, "target": {"all": true}});
 
-    let (mut ca, ready) = connect(&fleet, &a, None).await?;
-    let (mut cb, _) = connect(&fleet, &b, None).await?;
+    let (mut ca, ready) = fleet.connect(&fleet.ws_url(), &a, None).await?;
+    let (mut cb, _) = fleet.connect(&fleet.ws_url(), &b, None).await?;
     let epoch = ready["epoch"].as_str().context("ready.epoch")?.to_string();
     fleet.publish("news", &all(0)).await?;
-    let since_a = pos(&ca.take_events(1).await?[0]);
-    let since_b = pos(&cb.take_events(1).await?[0]);
+    let since_a = event_pos(&ca.take_events(1).await?[0]);
+    let since_b = event_pos(&cb.take_events(1).await?[0]);
     drop((ca, cb));
     for i in 1..=3 {
         fleet.publish("news", &all(i)).await?;
     }
     fleet.settle().await?;
 
-    let before = broadcast_reads(&fleet).await?;
-    let (mut ca, _) = connect(&fleet, &a, Some((&epoch, since_a))).await?;
-    let (evs, resumed) = replay(&mut ca).await?;
-    assert_eq!(is(&evs), [1, 2, 3]);
+    let before = log_reads(&fleet).await?.broadcast_gets;
+    let (mut ca, _) = fleet.connect(&fleet.ws_url(), &a, Some((&epoch, since_a))).await?;
+    let (evs, resumed) = ca.replay().await?;
+    assert_eq!(data_i(&evs), [1, 2, 3]);
     assert_eq!(resumed["recovered"], true);
-    let first = broadcast_reads(&fleet).await? - before;
+    let first = log_reads(&fleet).await?.broadcast_gets - before;
     assert!(first >= 3, "the first resume reads the broadcasts: {first}");
 
-    let (mut cb, _) = connect(&fleet, &b, Some((&epoch, since_b))).await?;
-    let (evs, resumed) = replay(&mut cb).await?;
-    assert_eq!(is(&evs), [1, 2, 3], "the second resume gets the same events");
+    let (mut cb, _) = fleet.connect(&fleet.ws_url(), &b, Some((&epoch, since_b))).await?;
+    let (evs, resumed) = cb.replay().await?;
+    assert_eq!(data_i(&evs), [1, 2, 3], "the second resume gets the same events");
     assert_eq!(resumed["recovered"], true);
     assert_eq!(
-        broadcast_reads(&fleet).await? - before - first,
+        log_reads(&fleet).await?.broadcast_gets - before - first,
         0,
         "the second resume in the partition reads no broadcast from NATS"
     );

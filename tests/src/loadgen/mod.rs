@@ -840,12 +840,10 @@ async fn monitor_sample(cfg: &LoadConfig) -> Option<[f64; 5]> {
             (3, "stream_info"),
             (4, "subject_count"),
         ] {
-            let prefix = format!("switchyard_edge_log_requests_total{{kind=\"{kind}\"}} ");
-            sample[i] += metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(&prefix))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0);
+            sample[i] += crate::fleet::metric(
+                &metrics,
+                &format!("switchyard_edge_log_requests_total{{kind=\"{kind}\"}}"),
+            );
         }
     }
     Some(sample)

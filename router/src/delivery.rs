@@ -233,6 +233,7 @@ impl Worker {
         }
         let mut edges = self.shared.edges.clone();
         let known = edges.borrow_and_update().clone();
+        let asked = std::time::Instant::now();
         self.ask_to_sync(&known).await;
         let deadline = tokio::time::Instant::now() + self.shared.sync_wait;
         while !known.iter().all(|id| self.presence.knows(id)) {
@@ -248,10 +249,14 @@ impl Worker {
                 },
             }
         }
+        let rebuilt = asked.elapsed();
+        metrics::histogram!("switchyard_router_presence_rebuild_seconds").record(rebuilt.as_secs_f64());
         let mut messages = self.consumer().await?;
         tracing::info!(
             partition = self.partition,
             edges = known.len(),
+            users = self.presence.user_count(),
+            presence_rebuilt_ms = rebuilt.as_millis() as u64,
             pos = self.pos,
             "delivering for user partition"
         );

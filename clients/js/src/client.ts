@@ -5,20 +5,25 @@
  * reconnects with capped, fully jittered exponential backoff (or after the
  * delay a draining node advises), refreshes the token before `exp`, and
  * watches the connection's heartbeat. Requests are promises resolved by the
- * reply carrying their `id`.
+ * reply carrying their `id`. It listens to the platform's network and page
+ * visibility: no attempts while offline, an attempt at once when the network
+ * comes back or a page returns to a connection that went quiet.
  */
 
 import { backoffDelay, type BackoffOptions } from "./backoff.js";
 import { codecFor, type Codec, type Frame } from "./codec.js";
 import { Emitter, reportListenerError } from "./emitter.js";
+import { browserNetwork, browserVisibility } from "./environment.js";
 import { refreshDelay, tokenTimes, type TokenProvider } from "./token.js";
 import type { Transport, TransportFactory } from "./transport.js";
 import {
   CloseCodes,
+  MAX_THROTTLE_MS,
   SUBPROTOCOLS,
   type DroppedInfo,
   type Encoding,
   type LocalErrorCode,
+  type NetworkSource,
   type PongInfo,
   type Position,
   type ProtocolErrorCode,
@@ -27,6 +32,7 @@ import {
   type ResumedInfo,
   type Subscription,
   type SwitchyardEvent,
+  type VisibilitySource,
 } from "./types.js";
 
 /** An `error` frame from the edge, or a local failure (timeout, disconnect, close). */
@@ -90,6 +96,34 @@ export interface ClientOptions {
   heartbeatMs?: number;
   /** Random source for backoff jitter (tests). */
   random?: () => number;
+  /**
+   * Whether the device is online. Default: `navigator.onLine` with the
+   * `online`/`offline` events where the platform has them (browsers,
+   * workers); pass one for React Native (NetInfo), or `false` to ignore the
+   * network. While offline the client makes no attempts; when the network
+   * comes back it connects at once (no backoff wait) and resumes.
+   */
+  network?: NetworkSource | false;
+  /**
+   * Whether the page is visible. Default: `document.visibilityState` with
+   * `visibilitychange` in browsers; pass one for React Native (AppState), or
+   * `false` to ignore it. A page visible again after being hidden longer than
+   * one heartbeat interval checks its connection: one on which nothing
+   * arrived for that long is replaced at once (with resume), and a pending
+   * backoff wait is cut short.
+   */
+  visibility?: VisibilitySource | false;
+}
+
+/** Checks the fields a `subscribe` may carry that the edge would refuse anyway; the message, or `null`. */
+export function subscriptionProblem(s: Subscription): string | null {
+  if (!s || typeof s !== "object") return "a subscription must be an object";
+  if (s.snapshot !== undefined && typeof s.snapshot !== "boolean") return "snapshot must be a boolean";
+  const t = s.throttle_ms;
+  if (t !== undefined && (typeof t !== "number" || !Number.isInteger(t) || t < 1 || t > MAX_THROTTLE_MS)) {
+    return `throttle_ms must be an integer from 1 to ${MAX_THROTTLE_MS}`;
+  }
+  return null;
 }
 
 /** The union of typed events for an event map `E` (type name → `data` type). */
@@ -101,8 +135,10 @@ export interface CloseInfo {
   reason: string;
   /** Whether the client will connect again. */
   willReconnect: boolean;
-  /** Delay before the next attempt, when it will. */
+  /** Delay before the next attempt, when it will (absent while waiting for the network). */
   delayMs?: number;
+  /** The device is offline: the next attempt waits for the network to come back. */
+  waitingForNetwork?: boolean;
 }
 
 /** Counters since the client was created. */
@@ -126,6 +162,8 @@ export interface ClientStats {
   replayed: number;
   /** Events the edge reported as not sent, by reason. */
   dropped: Record<string, number>;
+  /** Snapshot events (`snapshot: true`) among the delivered ones. */
+  snapshots: number;
   /** Durable events at or below the current position (the edge promises none). */
   duplicatesSkipped: number;
   /** Connections closed by the heartbeat watchdog. */
@@ -152,6 +190,8 @@ export interface ClientEvents<E> {
   error: SwitchyardError;
   /** The resume position changed. */
   position: Position;
+  /** The platform reported the network going away or coming back. */
+  network: { online: boolean };
 }
 
 type Timer = ReturnType<typeof setTimeout>;
@@ -176,6 +216,8 @@ interface Conn {
   pingSent: boolean;
   advice?: ReconnectAdvice;
   lastError?: string;
+  /** The device went offline while this connection was up: it may be dead without knowing it. */
+  offlineSeen: boolean;
   timers: Set<Timer>;
   intervals: Set<ReturnType<typeof setInterval>>;
 }
@@ -205,6 +247,7 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
     recovered: 0,
     replayed: 0,
     dropped: {},
+    snapshots: 0,
     duplicatesSkipped: 0,
     heartbeatTimeouts: 0,
   };
@@ -223,6 +266,14 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
   private reconnectTimer: Timer | undefined;
   private readyWaiters: { resolve: (r: ReadyInfo) => void; reject: (e: SwitchyardError) => void }[] = [];
   private lastReady: ReadyInfo | null = null;
+  private readonly network: NetworkSource | null;
+  private readonly visibility: VisibilitySource | null;
+  /** Removes the network and visibility listeners (set while connecting or connected). */
+  private detachEnvironment: (() => void) | null = null;
+  /** Offline: the next attempt waits for the network to come back. */
+  private waitingForNetwork = false;
+  /** When the page was hidden, while it is. */
+  private hiddenAt: number | undefined;
 
   constructor(options: ClientOptions, defaults: EntryDefaults) {
     super();
@@ -233,6 +284,13 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
     this.authMode = options.auth ?? defaults.auth;
     this.codec = codecFor(options.encoding ?? "msgpack");
     this.positionValue = options.position ? { ...options.position } : null;
+    this.network = options.network === false ? null : (options.network ?? browserNetwork());
+    this.visibility = options.visibility === false ? null : (options.visibility ?? browserVisibility());
+  }
+
+  /** Whether the platform says the device is online (always `true` without a network source). */
+  get online(): boolean {
+    return !this.offline();
   }
 
   /** The current connection state. */
@@ -268,7 +326,13 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
     });
     if (this.stateValue === "idle" || this.stateValue === "closed") {
       this.attempt = 0;
-      void this.open();
+      this.attachEnvironment();
+      if (this.offline()) {
+        this.waitingForNetwork = true;
+        this.setState("connecting");
+      } else {
+        void this.open();
+      }
     }
     return p;
   }
@@ -279,6 +343,7 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
     if (prev === "closed") return;
     clearTimeout(this.reconnectTimer);
     this.reconnectTimer = undefined;
+    this.stopEnvironment();
     const conn = this.conn;
     this.conn = null;
     if (conn) {
@@ -315,8 +380,14 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
     };
   }
 
-  /** Creates or replaces the named subscription. */
+  /**
+   * Creates or replaces the named subscription. `snapshot` and `throttle_ms`
+   * (protocol 1.1) are checked here first: a bad value rejects with
+   * `invalid_filter` without a round trip.
+   */
   async subscribe(subscription: Subscription): Promise<void> {
+    const problem = subscriptionProblem(subscription);
+    if (problem) throw new SwitchyardError("invalid_filter", problem);
     await this.request({ op: "subscribe", ...subscription });
   }
 
@@ -426,6 +497,7 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
       resume: this.positionValue ? { ...this.positionValue } : null,
       lastRecv: Date.now(),
       pingSent: false,
+      offlineSeen: false,
       timers: new Set(),
       intervals: new Set(),
     };
@@ -540,6 +612,7 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
     if (this.stateValue === "closed") return;
     const rc = this.opts.reconnect;
     if (rc === false) {
+      this.stopEnvironment();
       this.failPending(() => true, "closed", "connection lost and reconnect is off");
       for (const w of this.readyWaiters.splice(0)) w.reject(new SwitchyardError("closed", "connection lost"));
       this.setState("closed");
@@ -550,6 +623,13 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
     // A connection that stayed ready for a while proves the path: start the backoff over.
     if (conn.readyAt !== undefined && Date.now() - conn.readyAt >= (backoff.stableAfterMs ?? 10_000)) {
       this.attempt = 0;
+    }
+    if (this.offline()) {
+      // No attempts while offline (they would fail and grow the backoff): the network's return starts the next one.
+      this.waitingForNetwork = true;
+      this.emit("close", { code, reason, willReconnect: true, waitingForNetwork: true });
+      this.setState("reconnecting");
+      return;
     }
     let delayMs: number;
     if (immediate) {
@@ -563,10 +643,116 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
     }
     this.emit("close", { code, reason, willReconnect: true, delayMs });
     this.setState("reconnecting");
+    if (immediate) {
+      if (this.stateValue === "reconnecting") void this.open();
+      return;
+    }
     this.reconnectTimer = setTimeout(() => {
       this.reconnectTimer = undefined;
-      if (this.stateValue === "reconnecting") void this.open();
+      if (this.stateValue !== "reconnecting") return;
+      if (this.offline()) this.waitingForNetwork = true;
+      else void this.open();
     }, delayMs);
+  }
+
+  // ---- network and page visibility ----
+
+  /** Whether the network source says offline (a source that throws counts as online). */
+  private offline(): boolean {
+    if (!this.network) return false;
+    try {
+      return this.network.isOnline() === false;
+    } catch (err) {
+      reportListenerError(err);
+      return false;
+    }
+  }
+
+  private attachEnvironment(): void {
+    if (this.detachEnvironment) return;
+    const offs: (() => void)[] = [];
+    try {
+      if (this.network) offs.push(this.network.subscribe((online) => this.onNetwork(online)));
+      if (this.visibility) {
+        this.hiddenAt = this.visibility.isVisible() ? undefined : Date.now();
+        offs.push(this.visibility.subscribe((visible) => this.onVisibility(visible)));
+      }
+    } catch (err) {
+      // A broken source must not stop the connection; it is reported like a listener error.
+      reportListenerError(err);
+    }
+    this.detachEnvironment = () => {
+      for (const off of offs) {
+        try {
+          off();
+        } catch (err) {
+          reportListenerError(err);
+        }
+      }
+    };
+  }
+
+  private stopEnvironment(): void {
+    const detach = this.detachEnvironment;
+    this.detachEnvironment = null;
+    this.waitingForNetwork = false;
+    this.hiddenAt = undefined;
+    detach?.();
+  }
+
+  private onNetwork(online: boolean): void {
+    if (this.stateValue === "closed" || this.stateValue === "idle") return;
+    this.emit("network", { online });
+    if (!online) {
+      // A pending backoff wait becomes a wait for the network; an open socket is kept (it may still work).
+      if (this.reconnectTimer !== undefined) {
+        clearTimeout(this.reconnectTimer);
+        this.reconnectTimer = undefined;
+        this.waitingForNetwork = true;
+      }
+      if (this.conn) this.conn.offlineSeen = true;
+      return;
+    }
+    if (this.offline()) return;
+    this.attempt = 0;
+    this.reconnectNow("network back");
+  }
+
+  private onVisibility(visible: boolean): void {
+    if (!visible) {
+      this.hiddenAt ??= Date.now();
+      return;
+    }
+    const hiddenAt = this.hiddenAt;
+    this.hiddenAt = undefined;
+    if (hiddenAt === undefined || this.stateValue === "closed" || this.stateValue === "idle") return;
+    const hb = this.heartbeatInterval();
+    if (Date.now() - hiddenAt <= hb || this.offline()) return;
+    this.reconnectNow("page visible again", hb);
+  }
+
+  /**
+   * Connects at once when the client is waiting (for the network, or out a
+   * backoff delay), or replaces the socket when it may be dead: it went
+   * through an offline period, or nothing arrived on it for `quietMs`.
+   */
+  private reconnectNow(why: string, quietMs?: number): void {
+    if (this.waitingForNetwork || this.reconnectTimer !== undefined) {
+      clearTimeout(this.reconnectTimer);
+      this.reconnectTimer = undefined;
+      this.waitingForNetwork = false;
+      if (this.stateValue === "connecting" && !this.conn) void this.open();
+      else if (this.stateValue === "reconnecting") void this.open();
+      return;
+    }
+    const conn = this.conn;
+    if (!conn?.ready || conn.done) return;
+    const stale = conn.offlineSeen || (quietMs !== undefined && Date.now() - conn.lastRecv >= quietMs);
+    if (stale) this.lose(conn, CloseCodes.normal, `${why}: reconnecting`, true);
+  }
+
+  private heartbeatInterval(): number {
+    return Math.max(100, this.opts.heartbeatMs ?? this.lastReady?.heartbeatMs ?? 25_000);
   }
 
   // ---- incoming frames ----
@@ -674,7 +860,7 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
       this.setPosition({ epoch: ready.epoch, pos: ready.pos });
       this.setState("open");
     }
-    this.startWatchdog(conn, ready, frame.server_time !== undefined ? ready.serverTime - now : 0);
+    this.startWatchdog(conn, frame.server_time !== undefined ? ready.serverTime - now : 0);
     for (const p of this.pending.values()) if (!p.sent) this.sendPending(conn, p);
     for (const w of this.readyWaiters.splice(0)) w.resolve(ready);
     this.emit("ready", ready);
@@ -684,7 +870,10 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
     const { op: _op, ...fields } = raw as Frame;
     void _op;
     const ev = fields as unknown as SwitchyardEvent;
-    if (typeof ev.pos === "number") {
+    if (ev.snapshot === true) {
+      // A key's latest value, sent on subscribing: not part of the log's order, so it never moves the position.
+      this.stats.snapshots++;
+    } else if (typeof ev.pos === "number") {
       const cur = this.positionValue;
       if (cur && ev.pos <= cur.pos && this.conn?.ready && cur.epoch === this.conn.ready.epoch) {
         this.stats.duplicatesSkipped++;
@@ -735,8 +924,8 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
    * intervals should reconnect. Browsers cannot see pings, so after one quiet
    * interval the client sends a `ping` frame, whose `pong` proves the path.
    */
-  private startWatchdog(conn: Conn, ready: ReadyInfo, skewMs: number): void {
-    const hb = Math.max(100, this.opts.heartbeatMs ?? ready.heartbeatMs);
+  private startWatchdog(conn: Conn, skewMs: number): void {
+    const hb = this.heartbeatInterval();
     const i = setInterval(() => {
       if (conn.done) return;
       const quiet = Date.now() - conn.lastRecv;

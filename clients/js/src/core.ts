@@ -1,6 +1,6 @@
 /**
  * Everything both entry points share: the client core, protocol types,
- * codecs, backoff and token helpers, transports.
+ * codecs, backoff and token helpers, transports, network and visibility sources.
  */
 
 export {
@@ -14,7 +14,15 @@ export {
   type EntryDefaults,
   type EventOf,
   type ReconnectOptions,
+  subscriptionProblem,
 } from "./client.js";
+export {
+  browserNetwork,
+  browserVisibility,
+  type EventTargetLike,
+  type NetworkGlobals,
+  type VisibilityDocument,
+} from "./environment.js";
 export { codecFor, type Codec, type Frame } from "./codec.js";
 export { backoffCeiling, backoffDelay, type BackoffOptions } from "./backoff.js";
 export { refreshDelay, tokenTimes, type TokenProvider, type TokenTimes } from "./token.js";

@@ -63,6 +63,13 @@ export interface SwitchyardEvent<K extends string = string, T = unknown> {
   prio?: Priority;
   /** Names of this user's subscriptions that matched (subscription matches only). */
   sub?: string[];
+  /**
+   * `true` on a snapshot (protocol 1.1): the latest event of a key, sent
+   * because a `subscribe` asked for `snapshot: true`. It has no `pos` and
+   * never moves the resume position; keep the last event per (`type`, `key`)
+   * and snapshots and live events end at the latest value.
+   */
+  snapshot?: boolean;
 }
 
 /** Limits announced in `ready`. */
@@ -136,6 +143,40 @@ export interface Subscription {
   max?: Record<string, number>;
   /** Top-level payload keys to receive. */
   fields?: string[];
+  /**
+   * Protocol 1.1: also send, for every key of `type` whose latest keyed event
+   * matches, that event (marked `snapshot: true`, without `pos`).
+   */
+  snapshot?: boolean;
+  /**
+   * Protocol 1.1: at most one event per (`type`, `key`) every `throttle_ms`
+   * milliseconds on each connection, latest value wins (integer 1..3600000).
+   * Events without a key, `critical` and replayed events are not throttled,
+   * nor events that also match a subscription without `throttle_ms`.
+   */
+  throttle_ms?: number;
+}
+
+/** The largest `throttle_ms` the protocol allows (one hour). */
+export const MAX_THROTTLE_MS = 3_600_000;
+
+/**
+ * Where the client learns whether the device has a network (a browser's
+ * `online`/`offline` events, React Native's NetInfo, ...).
+ */
+export interface NetworkSource {
+  /** Whether the device is online now. */
+  isOnline(): boolean;
+  /** Calls `cb` on every change; returns a function that stops it. */
+  subscribe(cb: (online: boolean) => void): () => void;
+}
+
+/** Where the client learns whether the page (or app) is in the foreground. */
+export interface VisibilitySource {
+  /** Whether the page is visible now. */
+  isVisible(): boolean;
+  /** Calls `cb` on every change; returns a function that stops it. */
+  subscribe(cb: (visible: boolean) => void): () => void;
 }
 
 /** Reply to `ping`. */

@@ -1,12 +1,15 @@
 // The library against a real edge, router and nats-server (child processes
 // on free loopback ports): both auth modes and encodings, every op, batches
 // and dropped notices, resume across an edge restart with reconnect advice,
-// the heartbeat watchdog against a frozen edge, token refresh.
+// the heartbeat watchdog against a frozen edge, token refresh, the network
+// going away and coming back (a TCP proxy cut while the client is told it is
+// offline).
 
 import assert from "node:assert/strict";
+import { createServer, connect as tcpConnect } from "node:net";
 import { after, before, describe, test } from "node:test";
 import { encode } from "@msgpack/msgpack";
-import { SwitchyardClient } from "../dist/node.js";
+import { SwitchyardClient, wsTransport } from "../dist/node.js";
 import { sleep, startFleet, waitFor } from "./fleet.mjs";
 
 let fleet;
@@ -38,6 +41,60 @@ function collect(c) {
   const events = [];
   c.on("event", (e) => events.push(e));
   return events;
+}
+
+/** A loopback TCP proxy to `port` whose connections can all be cut at once (a network that goes away). */
+function tcpProxy(port) {
+  const open = new Set();
+  const proxy = { accepted: 0, url: "", cut, close: () => new Promise((ok) => (cut(), server.close(() => ok()))) };
+  function cut() {
+    for (const s of open) s.destroy();
+    open.clear();
+  }
+  const server = createServer((down) => {
+    proxy.accepted++;
+    const up = tcpConnect(port, "127.0.0.1");
+    for (const s of [down, up]) {
+      open.add(s);
+      s.on("error", () => {});
+      s.on("close", () => {
+        open.delete(s);
+        down.destroy();
+        up.destroy();
+      });
+    }
+    down.pipe(up);
+    up.pipe(down);
+  });
+  return new Promise((ok) =>
+    server.listen(0, "127.0.0.1", () => {
+      proxy.url = `ws://127.0.0.1:${server.address().port}/ws`;
+      ok(proxy);
+    }),
+  );
+}
+
+/** A network source the test switches (what NetInfo or `online`/`offline` events would say). */
+function fakeNetwork() {
+  let online = true;
+  const cbs = new Set();
+  return {
+    isOnline: () => online,
+    subscribe(cb) {
+      cbs.add(cb);
+      return () => cbs.delete(cb);
+    },
+    set(value) {
+      online = value;
+      for (const cb of [...cbs]) cb(value);
+    },
+    listeners: () => cbs.size,
+  };
+}
+
+/** An event for `user` on a subject without a key token: never conflated, so a burst arrives whole. */
+function unkeyed(user, seq) {
+  return fleet.publish("alert", { data: { seq }, target: { users: [user] } });
 }
 
 /** Publishes an event for `user` with a sequence number. */
@@ -206,6 +263,66 @@ describe("resilience", () => {
     assert.deepEqual(seqs, [1, 2, 3, 4, 5]);
     assert.ok(c.stats.resumes >= 1);
     c.close();
+  });
+
+  test("the network goes away: no attempts while offline, then back at once with resume, no gap", async () => {
+    const proxy = await tcpProxy(Number(new URL(fleet.wsUrl).port));
+    const network = fakeNetwork();
+    let attempts = 0;
+    const ws = wsTransport();
+    const saved = [];
+    const c = newClient("gina", {
+      url: proxy.url,
+      network,
+      // Without the network check, this backoff would retry every 100 ms at most.
+      reconnect: { initialDelayMs: 50, maxDelayMs: 100 },
+      transport: (req, h) => {
+        attempts++;
+        return ws(req, h);
+      },
+      onPosition: (p) => saved.push(p),
+    });
+    const seqs = [];
+    c.onEvent("alert", (e) => seqs.push(e.data.seq));
+    const closes = [];
+    c.on("close", (x) => closes.push(x));
+    const resumed = [];
+    c.on("resumed", (r) => resumed.push(r));
+    try {
+      await c.connect();
+      for (let i = 1; i <= 5; i++) await unkeyed("gina", i);
+      await fleet.flush();
+      await waitFor(() => seqs.length === 5, "events before going offline");
+
+      network.set(false);
+      proxy.cut();
+      await waitFor(() => closes.length === 1, "the socket's end seen");
+      assert.equal(closes[0].waitingForNetwork, true, JSON.stringify(closes[0]));
+      assert.equal(c.state, "reconnecting");
+      // Published while the device is offline: kept in the delivery log.
+      for (let i = 6; i <= 10; i++) await unkeyed("gina", i);
+      await fleet.flush();
+      await sleep(1000); // ten backoff periods
+      assert.equal(attempts, 1, "no attempt while offline");
+      assert.equal(proxy.accepted, 1);
+
+      network.set(true);
+      assert.equal(c.state, "connecting", "an attempt at once on `online`, no backoff wait");
+      await waitFor(() => resumed.length === 1 && seqs.length === 10, "resumed with the events published while offline");
+      assert.equal(attempts, 2);
+      assert.equal(resumed[0].recovered, true);
+      await unkeyed("gina", 11);
+      await fleet.flush();
+      await waitFor(() => seqs.length === 11, "live again");
+      assert.deepEqual(seqs, Array.from({ length: 11 }, (_, i) => i + 1), "every event once, in order, no gap");
+      assert.equal(c.stats.duplicatesSkipped, 0);
+      assert.deepEqual(saved.at(-1), c.position, "the persistence hook has the last position");
+      c.close();
+      assert.equal(network.listeners(), 0, "close() removes the network listener");
+    } finally {
+      c.close();
+      await proxy.close();
+    }
   });
 
   test("a short-lived token is refreshed before exp and the connection stays", async () => {

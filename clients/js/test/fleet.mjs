@@ -15,6 +15,7 @@ import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { encode } from "@msgpack/msgpack";
 import { connect as natsConnect } from "nats";
+import WebSocket from "ws";
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const repoRoot = resolve(here, "..", "..", "..");
@@ -264,5 +265,46 @@ export async function startFleet(options = {}) {
   } catch (err) {
     await fleet.stop().catch(() => {});
     throw err;
+  }
+}
+
+/**
+ * Which protocol 1.1 subscription fields the fleet's edge implements. A
+ * server that knows `snapshot` and `throttle_ms` refuses bad values with
+ * `invalid_filter` (PROTOCOL.md, "Client ops"); one that does not ignores
+ * them like any unknown field and answers `ok`. Probed over a raw JSON
+ * connection, since the client library refuses such values itself.
+ * Returns `{ snapshot, throttle, detail }` (booleans, and what was answered).
+ */
+export async function probeFeatures(fleet) {
+  const ws = new WebSocket(fleet.wsUrl, ["switchyard.v1.json"], {
+    headers: { Authorization: `Bearer ${fleet.token("feature-probe")}` },
+  });
+  const replies = new Map();
+  let ready = false;
+  ws.on("message", (data) => {
+    const f = JSON.parse(data.toString("utf8"));
+    if (f.op === "ready") ready = true;
+    else if (typeof f.id === "number") replies.set(f.id, f);
+  });
+  ws.on("error", () => {});
+  try {
+    await waitFor(() => ready, "probe connection ready", 10_000);
+    const send = (f) => ws.send(JSON.stringify(f));
+    send({ op: "subscribe", id: 1, sub: "probe_snapshot", type: "probe", snapshot: "not-a-boolean" });
+    send({ op: "subscribe", id: 2, sub: "probe_throttle", type: "probe", throttle_ms: 0 });
+    await waitFor(() => replies.has(1) && replies.has(2), "probe replies", 10_000);
+    send({ op: "unsubscribe", id: 3, sub: "probe_snapshot" });
+    send({ op: "unsubscribe", id: 4, sub: "probe_throttle" });
+    await waitFor(() => replies.has(3) && replies.has(4), "probe cleanup", 10_000);
+    const refused = (r) => r.op === "error" && r.code === "invalid_filter";
+    const show = (r) => (r.op === "error" ? `error ${r.code}: ${r.message}` : r.op);
+    return {
+      snapshot: refused(replies.get(1)),
+      throttle: refused(replies.get(2)),
+      detail: `snapshot: "not-a-boolean" -> ${show(replies.get(1))}; throttle_ms: 0 -> ${show(replies.get(2))}`,
+    };
+  } finally {
+    ws.terminate();
   }
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -135,14 +136,14 @@ async def test_rpc_replicas_share_the_work(fleet: Fleet, sy: Switchyard) -> None
     try:
         for name, client in (("a", sy), ("b", other)):
 
-            def make(n: str) -> object:
+            def make(n: str) -> Callable[[RpcRequest], Awaitable[str]]:
                 async def handler(req: RpcRequest) -> str:
                     counts[n] += 1
                     return n
 
                 return handler
 
-            client.rpc("shared.work")(make(name))  # type: ignore[arg-type]
+            client.rpc("shared.work")(make(name))
             await client.start()
         c = await fleet.client(unique("rpc"))
         try:

@@ -435,7 +435,8 @@ class Switchyard:
         except nats.errors.TimeoutError as e:
             raise ApiTimeout("unavailable", f"no reply on {subject} within {wait:g} s") from e
         try:
-            reply = decode_map(msg.data, "json" if is_json(msg.headers) else "msgpack")
+            # The reply uses the request's encoding (a header saying JSON is honoured too).
+            reply = decode_map(msg.data, "json" if enc == "json" or is_json(msg.headers) else "msgpack")
         except DecodeError as e:
             raise InternalError("internal", f"undecodable reply on {subject}: {e}") from e
         return api.unwrap_reply(reply)

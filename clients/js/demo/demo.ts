@@ -1,8 +1,13 @@
-// The demo page: a live watchlist of ticks and a list of pattern alerts with
-// filter controls, over the library's browser bundle (global `Switchyard`).
+// The demo page: a live watchlist of ticks (each symbol's last price at once,
+// by snapshot), a "1 update/s" panel (throttle_ms) and a list of pattern
+// alerts with filter controls, over the library's browser bundle (global
+// `Switchyard`).
 //
 // Query parameters: `user` (default: one per browser, kept in localStorage),
-// `encoding` (`msgpack` or `json`), `symbols` (comma separated).
+// `encoding` (`msgpack` or `json`), `symbols` (the live watchlist, comma
+// separated), `slow` (the throttled panel's symbols; those not in the
+// watchlist: an event that also matches an unthrottled subscription is not
+// throttled).
 // Tokens come from the edge's dev endpoint (`/demo/token`, dev mode only), or
 // from `#token=<jwt>` in the URL for an edge with a real key.
 
@@ -36,11 +41,17 @@ interface DemoState {
   /** Alert ids (producer `id`, else `pos`) in arrival order. */
   alertIds: string[];
   ticks: number;
+  /** Ticks received per symbol (both panels). */
+  tickCounts: Record<string, number>;
+  /** Snapshot events received (a key's last value, sent on subscribing). */
+  snapshots: number;
   subscriptionsApplied: number;
   log: string[];
 }
 
 const SYMBOLS = ["AAPL", "TSLA", "NVDA", "MSFT", "AMZN", "META"];
+/** The throttled panel's interval: one update per symbol per second at most. */
+const SLOW_THROTTLE_MS = 1000;
 const TIERS = ["intraday", "daily", "weekly"];
 const MAX_ALERT_ROWS = 200;
 
@@ -66,10 +77,16 @@ function demoUser(): string {
 
 const user = demoUser();
 const encoding: SY.Encoding = params.get("encoding") === "json" ? "json" : "msgpack";
-const watchlist = (params.get("symbols") ?? SYMBOLS.join(","))
-  .split(",")
-  .map((s) => s.trim().toUpperCase())
-  .filter((s) => /^[A-Z0-9._-]{1,16}$/.test(s));
+function symbolList(text: string): string[] {
+  return text
+    .split(",")
+    .map((s) => s.trim().toUpperCase())
+    .filter((s) => /^[A-Z0-9._-]{1,16}$/.test(s));
+}
+const watchlist = symbolList(params.get("symbols") ?? SYMBOLS.slice(0, 4).join(","));
+const slowlist = symbolList(params.get("slow") ?? SYMBOLS.slice(4).join(",")).filter((s) => !watchlist.includes(s));
+/** Alerts can be about any symbol on the page. */
+const alertSymbols = [...watchlist, ...slowlist];
 const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
 const positionKey = `switchyard-demo-pos:${user}`;
 
@@ -109,7 +126,7 @@ const client = new Switchyard.SwitchyardClient<DemoEvents>({
   onPosition: (p) => localStorage.setItem(positionKey, JSON.stringify(p)),
 });
 
-const state: DemoState = { client, alertIds: [], ticks: 0, subscriptionsApplied: 0, log: [] };
+const state: DemoState = { client, alertIds: [], ticks: 0, tickCounts: {}, snapshots: 0, subscriptionsApplied: 0, log: [] };
 (window as unknown as { switchyardDemo: DemoState }).switchyardDemo = state;
 
 // ---- connection status, counters, log ----
@@ -185,12 +202,12 @@ function renderCounters(): void {
 }
 setInterval(renderCounters, 250);
 
-// ---- watchlist ----
+// ---- watchlist (live) and the "1 update/s" panel (throttled) ----
 
 const rows = new Map<string, { tr: HTMLTableRowElement; last?: number; count: number }>();
-{
-  const body = el("watchlist").querySelector("tbody")!;
-  for (const sym of watchlist) {
+function fillTable(table: string, symbols: string[]): void {
+  const body = el(table).querySelector("tbody")!;
+  for (const sym of symbols) {
     const tr = document.createElement("tr");
     tr.dataset.symbol = sym;
     tr.innerHTML = `<td>${sym}</td><td class="price">–</td><td class="chg">–</td><td class="n">0</td><td class="at">–</td>`;
@@ -198,11 +215,15 @@ const rows = new Map<string, { tr: HTMLTableRowElement; last?: number; count: nu
     rows.set(sym, { tr, count: 0 });
   }
 }
+fillTable("watchlist", watchlist);
+fillTable("slowlist", slowlist);
 
 client.onEvent("tick", (e) => {
   const row = rows.get(e.data.symbol);
   if (!row) return;
   state.ticks++;
+  state.tickCounts[e.data.symbol] = (state.tickCounts[e.data.symbol] ?? 0) + 1;
+  if (e.snapshot) state.snapshots++;
   row.count++;
   const cells = row.tr.children;
   const chg = cells[2] as HTMLElement;
@@ -214,7 +235,8 @@ client.onEvent("tick", (e) => {
   row.last = e.data.price;
   cells[1]!.textContent = e.data.price.toFixed(2);
   cells[3]!.textContent = String(row.count);
-  cells[4]!.textContent = new Date(e.ts).toLocaleTimeString();
+  // A snapshot is the symbol's last price from before the page subscribed.
+  cells[4]!.textContent = `${new Date(e.ts).toLocaleTimeString()}${e.snapshot ? " (last)" : ""}`;
   row.tr.classList.remove("flash");
   void row.tr.offsetWidth;
   row.tr.classList.add("flash");
@@ -252,7 +274,7 @@ function checkboxes(container: string, name: string, values: string[]): void {
     c.append(label);
   }
 }
-checkboxes("f-symbols", "symbol", watchlist);
+checkboxes("f-symbols", "symbol", alertSymbols);
 checkboxes("f-tiers", "tier", TIERS);
 
 function checked(name: string): string[] {
@@ -265,6 +287,27 @@ function subStatus(text: string, cls: "" | "ok" | "err"): void {
   s.className = `sub-status ${cls}`;
 }
 
+/**
+ * The two tick panels. `snapshot` gives each symbol's last price at once,
+ * even for one that has not ticked since; the slow panel's symbols are in no
+ * unthrottled subscription, so `throttle_ms` holds for them.
+ */
+let ticksSubscribed = false;
+async function subscribeTicks(): Promise<void> {
+  await client.subscribe({ sub: "watchlist", type: "tick", filters: { symbol: watchlist }, snapshot: true });
+  if (slowlist.length > 0) {
+    await client.subscribe({ sub: "slow", type: "tick", filters: { symbol: slowlist }, snapshot: true, throttle_ms: SLOW_THROTTLE_MS });
+  }
+  ticksSubscribed = true;
+}
+// The edge keeps subscriptions across reconnects, but ticks are not durable: after
+// a reconnect, ask again for the last prices missed while away.
+client.on("ready", (r) => {
+  if (r.resuming && ticksSubscribed) {
+    subscribeTicks().catch((err: unknown) => log(`tick subscriptions: ${String(err)}`));
+  }
+});
+
 let applying = Promise.resolve();
 /** Sends the subscriptions the controls describe (the same names replace the old ones). */
 function applySubscriptions(): Promise<void> {
@@ -274,7 +317,7 @@ function applySubscriptions(): Promise<void> {
     const min = Number(el<HTMLInputElement>("f-min").value);
     el("f-min-out").textContent = min.toFixed(2);
     try {
-      await client.subscribe({ sub: "watchlist", type: "tick", filters: { symbol: watchlist } });
+      if (!ticksSubscribed) await subscribeTicks();
       if (symbols.length === 0 || tiers.length === 0) {
         await client.unsubscribe("alerts");
         subStatus("subscription: alerts off (no symbol or tier selected)", "ok");

@@ -1,6 +1,8 @@
 // The demo page end to end in headless Chromium (Debian's package, driven by
 // playwright-core): the edge serves the page and mints its dev token, ticks
-// fill the watchlist, the filter controls change the subscription, and when
+// fill the watchlist and the "1 update/s" panel (throttle_ms, checked when
+// the edge implements it; snapshots likewise), the filter controls change
+// the subscription, and when
 // the edge restarts while durable alerts keep flowing the page resumes with
 // every alert exactly once.
 //
@@ -13,21 +15,26 @@ import { dirname, join } from "node:path";
 import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
-import { sleep, startFleet, waitFor } from "./fleet.mjs";
+import { probeFeatures, sleep, startFleet, waitFor } from "./fleet.mjs";
 
 const demoDir = join(dirname(fileURLToPath(import.meta.url)), "..", "dist", "demo");
 const executablePath = process.env.SWITCHYARD_CHROMIUM ?? "/usr/bin/chromium";
 const SYMBOLS = ["AAPL", "TSLA", "NVDA", "MSFT", "AMZN", "META"];
 const TIERS = ["intraday", "daily", "weekly"];
+// The page's default panels: a live watchlist and a throttled one.
+const WATCHLIST = SYMBOLS.slice(0, 4);
+const SLOW = SYMBOLS.slice(4);
 
 let fleet;
 let browser;
 let shotDir;
+let features;
 
 before(async () => {
   assert.ok(existsSync(join(demoDir, "index.html")), "build the package first (npm run build)");
   assert.ok(existsSync(executablePath), `no browser at ${executablePath} (apt-get install chromium)`);
   fleet = await startFleet({ dev: true, demoDir });
+  features = await probeFeatures(fleet);
   shotDir = process.env.SWITCHYARD_SHOT_DIR ?? fleet.dir;
   mkdirSync(shotDir, { recursive: true });
   browser = await chromium.launch({
@@ -78,6 +85,8 @@ const demoState = (page) =>
       state: d.client.state,
       alertIds: d.alertIds,
       ticks: d.ticks,
+      tickCounts: { ...d.tickCounts },
+      snapshots: d.snapshots,
       applied: d.subscriptionsApplied,
       stats: d.client.stats,
       log: d.log,
@@ -106,6 +115,34 @@ test("the demo page shows ticks, filters alerts, and resumes without loss across
     await page.waitForFunction(() => window.switchyardDemo.ticks >= 12, null, { timeout: 15_000 });
     const prices = await page.$$eval("#watchlist td.price", (tds) => tds.map((td) => td.textContent));
     assert.ok(prices.filter((p) => p !== "–").length >= 3, `prices: ${prices}`);
+    assert.deepEqual(await page.$$eval("#watchlist tr[data-symbol]", (trs) => trs.map((tr) => tr.dataset.symbol)), WATCHLIST);
+    // The "1 update/s" panel gets its symbols too.
+    assert.deepEqual(await page.$$eval("#slowlist tr[data-symbol]", (trs) => trs.map((tr) => tr.dataset.symbol)), SLOW);
+    await page.waitForFunction(() => [...document.querySelectorAll("#slowlist td.price")].every((td) => td.textContent !== "–"), null, {
+      timeout: 15_000,
+    });
+    if (features.snapshot) {
+      // Ticks flowed before the page opened: it got the last price of its symbols on subscribing.
+      await page.waitForFunction(() => window.switchyardDemo.snapshots >= 1, null, { timeout: 15_000 });
+    } else {
+      t.diagnostic(`snapshot not checked: the edge ignores it (${features.detail})`);
+    }
+    if (features.throttle) {
+      // Each slow symbol ticks about four times a second; throttled, at most once a second (+1 for the window's edges, +1 margin).
+      const started = Date.now();
+      const before = (await demoState(page)).tickCounts;
+      await sleep(3000);
+      const now = (await demoState(page)).tickCounts;
+      const windowS = (Date.now() - started) / 1000;
+      for (const sym of SLOW) {
+        const n = (now[sym] ?? 0) - (before[sym] ?? 0);
+        assert.ok(n <= Math.ceil(windowS) + 2, `${sym}: ${n} updates in ${windowS.toFixed(1)} s`);
+      }
+      const live = WATCHLIST.reduce((a, sym) => a + (now[sym] ?? 0) - (before[sym] ?? 0), 0);
+      assert.ok(live > 0, "the live watchlist keeps ticking");
+    } else {
+      t.diagnostic(`throttle_ms not checked: the edge ignores it (${features.detail})`);
+    }
 
     // Filter controls change the subscription: no weekly tier, confidence ≥ 0.5.
     await page.uncheck('input[name="tier"][value="weekly"]');

@@ -45,8 +45,8 @@ step "pip install ./clients/python[test]"
 "$VENV/bin/pip" install --quiet --disable-pip-version-check "$ROOT/clients/python[test]"
 
 cd "$ROOT/clients/python"
-step "mypy --strict (clients/python: package and tests)"
-"$VENV/bin/mypy" --strict src/switchyard tests
+step "mypy --strict (clients/python: package and tests; examples/python)"
+"$VENV/bin/mypy" --strict src/switchyard tests ../../examples/python
 
 step "pytest (clients/python/tests: unit, then a real nats-server + router + edge)"
 "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider "$@"

@@ -1,14 +1,19 @@
-"""A Switchyard producer in Python: market ticks and pattern alerts on NATS.
+"""A Switchyard producer in Python: market ticks and pattern alerts, with the SDK.
 
-Ticks go to ``<prefix>.events.tick.<SYMBOL>``: live only (``durable: false``),
-keyed by symbol, so a backlogged connection keeps only the latest price.
+Ticks go to ``<prefix>.events.tick.<SYMBOL>``: live only (``durable=False``),
+keyed by symbol, so a backlogged connection keeps only the latest price;
+plain NATS publishes (``ack=False``), as many as the rate asks.
 Alerts go to ``<prefix>.events.pattern`` with no key token: durable (kept in
 the delivery log for resume and offline users), never conflated, and in
-order, since they share one subject. Payloads are MessagePack maps in the
-shape docs/PROTOCOL.md gives ("Producers").
+order, since they share one subject; each is acknowledged by JetStream
+(``ack=True``) and has an ``id``, so a retried publish is stored once.
+The SDK (clients/python) builds the envelope docs/PROTOCOL.md gives
+("Producers").
 
     bash examples/python/run.sh --rate 10 --alert-every-ms 2000
 """
+
+from __future__ import annotations
 
 import argparse
 import asyncio
@@ -17,8 +22,7 @@ import random
 import signal
 import time
 
-import msgpack
-import nats
+from switchyard import Switchyard, to_match
 
 SYMBOLS = ["AAPL", "TSLA", "NVDA", "MSFT", "AMZN", "META"]
 PATTERNS = ["BreakoutBO", "HeadShoulders", "DoubleBottom", "BullFlag"]
@@ -37,7 +41,7 @@ def parse_args() -> argparse.Namespace:
 
 async def main() -> None:
     a = parse_args()
-    nc = await nats.connect(a.nats_url, name="switchyard-python-producer")
+    sy = await Switchyard.connect(a.nats_url, prefix=a.prefix, name="switchyard-python-producer")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -52,50 +56,54 @@ async def main() -> None:
     alert_every = a.alert_every_ms / 1000.0
     next_tick = next_alert = time.monotonic()
     ticks = alerts = 0
-    print(f"python producer: ~{a.rate:g} ticks/s, an alert every {a.alert_every_ms} ms, to {a.nats_url} (prefix {a.prefix})", flush=True)
-    while not stop.is_set():
-        now = time.monotonic()
-        if now >= next_tick:
-            next_tick += tick_every
-            sym = rng.choice(SYMBOLS)
-            prices[sym] *= 1 + (rng.random() - 0.5) * 0.002
-            ticks += 1
-            event = {
-                "data": {"symbol": sym, "price": round(prices[sym], 2), "seq": ticks},
-                "target": {"match": {"symbol": sym}},
-                "durable": False,
-            }
-            await nc.publish(f"{a.prefix}.events.tick.{sym}", msgpack.packb(event))
-        if now >= next_alert:
-            next_alert += alert_every
-            alerts += 1
-            sym, pattern, tier = rng.choice(SYMBOLS), rng.choice(PATTERNS), rng.choice(TIERS)
-            confidence = round(rng.random(), 2)
-            event = {
-                "id": f"{run}-{alerts}",
-                "prio": "high",
-                "data": {
-                    "symbol": sym,
-                    "pattern": pattern,
-                    "tier": tier,
-                    "confidence": confidence,
-                    "price": round(prices[sym], 2),
-                    "seq": alerts,
-                },
-                "target": {
-                    "match": {"symbol": sym, "pattern_type": pattern, "tier": tier},
-                    "values": {"confidence": confidence},
-                },
-            }
-            await nc.publish(f"{a.prefix}.events.pattern", msgpack.packb(event))
-        wait = min(next_tick, next_alert) - time.monotonic()
-        if wait > 0:
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=wait)
-            except asyncio.TimeoutError:
-                pass
-    await nc.flush()
-    await nc.close()
+    print(
+        f"python producer: ~{a.rate:g} ticks/s, an alert every {a.alert_every_ms} ms, to {a.nats_url} (prefix {a.prefix})",
+        flush=True,
+    )
+    async with sy:
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick += tick_every
+                sym = rng.choice(SYMBOLS)
+                prices[sym] *= 1 + (rng.random() - 0.5) * 0.002
+                ticks += 1
+                await sy.publish(
+                    "tick",
+                    {"symbol": sym, "price": round(prices[sym], 2), "seq": ticks},
+                    target=to_match({"symbol": sym}),
+                    key=sym,
+                    durable=False,
+                    ack=False,
+                )
+            if now >= next_alert:
+                next_alert += alert_every
+                alerts += 1
+                sym, pattern, tier = rng.choice(SYMBOLS), rng.choice(PATTERNS), rng.choice(TIERS)
+                confidence = round(rng.random(), 2)
+                await sy.publish(
+                    "pattern",
+                    {
+                        "symbol": sym,
+                        "pattern": pattern,
+                        "tier": tier,
+                        "confidence": confidence,
+                        "price": round(prices[sym], 2),
+                        "seq": alerts,
+                    },
+                    target=to_match(
+                        {"symbol": sym, "pattern_type": pattern, "tier": tier}, values={"confidence": confidence}
+                    ),
+                    id=f"{run}-{alerts}",
+                    prio="high",
+                )
+            wait = min(next_tick, next_alert) - time.monotonic()
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=wait)
+                except asyncio.TimeoutError:
+                    pass
+        await sy.flush()
     print(f"python producer: published {ticks} ticks and {alerts} alerts", flush=True)
 
 

@@ -4,6 +4,7 @@
 
 import { createElement as h, StrictMode, useState } from "react";
 import { createRoot } from "react-dom/client";
+import { SwitchyardClient } from "../dist/index.js";
 import { SwitchyardProvider, useSubscription, useSwitchyard } from "../dist/react.js";
 
 const config = window.reactTestConfig;
@@ -38,16 +39,31 @@ function Ticker({ spec }) {
   );
 }
 
+// With `sharedClient`, the page makes the client (counting its subscribes) and hands it to the provider.
+const options = { url: config.url, token: config.token, encoding: "json" };
+const shared = config.sharedClient ? new SwitchyardClient(options) : null;
+const subscribes = [];
+if (shared) {
+  const subscribe = shared.subscribe.bind(shared);
+  shared.subscribe = (spec) => {
+    subscribes.push(spec);
+    return subscribe(spec);
+  };
+}
+
 function App() {
   const [spec, setSpec] = useState(config.spec);
   setSpecOutside = setSpec;
-  return h(SwitchyardProvider, { options: { url: config.url, token: config.token, encoding: "json" } }, spec === undefined ? null : h(Ticker, { spec }));
+  const child = spec === undefined ? null : h(Ticker, { spec });
+  return shared ? h(SwitchyardProvider, { client: shared }, child) : h(SwitchyardProvider, { options }, child);
 }
 
 const root = createRoot(document.getElementById("root"));
 window.reactTest = {
   events: [],
   renders,
+  client: shared,
+  subscribes,
   setSpec: (spec) => setSpecOutside(spec),
   unmount: () => root.unmount(),
 };

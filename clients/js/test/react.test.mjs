@@ -2,8 +2,9 @@
 // React 19 against a real edge, router and nats-server: the provider
 // connects, useSwitchyard re-renders on state changes, useSubscription
 // subscribes on mount, renders the latest event per key, subscribes again
-// when its spec changes and unsubscribes on unmount (seen from a second,
-// Node client of the same user: subscriptions belong to the user).
+// when its spec changes (and, for a snapshot spec, after a reconnect) and
+// unsubscribes on unmount (seen from a second, Node client of the same
+// user: subscriptions belong to the user).
 // The page (test/react-app.mjs) is bundled here with esbuild.
 
 import assert from "node:assert/strict";
@@ -14,7 +15,7 @@ import { fileURLToPath } from "node:url";
 import * as esbuild from "esbuild";
 import { chromium } from "playwright-core";
 import { SwitchyardClient } from "../dist/node.js";
-import { probeFeatures, startFleet, waitFor } from "./fleet.mjs";
+import { probeFeatures, sleep, startFleet, waitFor } from "./fleet.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const executablePath = process.env.SWITCHYARD_CHROMIUM ?? "/usr/bin/chromium";
@@ -52,7 +53,7 @@ function px(symbol, price) {
   return fleet.publish(`px.${symbol}`, { data: { symbol, price }, target: { match: { symbol } }, durable: false });
 }
 
-async function openApp(user, spec) {
+async function openApp(user, spec, extra = {}) {
   const page = await browser.newPage();
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
@@ -62,7 +63,7 @@ async function openApp(user, spec) {
   await page.setContent('<!doctype html><html><body><div id="root"></div></body></html>');
   await page.evaluate((c) => {
     window.reactTestConfig = c;
-  }, { url: fleet.wsUrl, token: fleet.token(user), spec });
+  }, { url: fleet.wsUrl, token: fleet.token(user), spec, ...extra });
   await page.addScriptTag({ content: bundle });
   return { page, errors };
 }
@@ -125,6 +126,31 @@ test("provider, useSwitchyard and useSubscription against a real edge", async ()
     assert.deepEqual(errors, []);
   } finally {
     observer.close();
+    await page.close();
+  }
+});
+
+test("a shared client: a snapshot spec is sent again after a reconnect (values missed while away)", async () => {
+  const spec = { sub: "ui", type: "px", filters: { symbol: ["IBM"] }, snapshot: true };
+  const { page, errors } = await openApp("remy", spec, { sharedClient: true });
+  try {
+    await page.waitForFunction(() => document.querySelector("#status")?.textContent === "active", null, { timeout: 15_000 });
+    const first = await page.evaluate(() => window.reactTest.subscribes.length);
+    await page.evaluate(() => window.reactTest.client.reconnect());
+    await page.waitForFunction((n) => window.reactTest.subscribes.length > n, first, { timeout: 15_000 });
+    await page.waitForFunction(() => document.querySelector("#status")?.textContent === "active" && document.querySelector("#conn")?.textContent === "open", null, {
+      timeout: 15_000,
+    });
+    const sent = await page.evaluate(() => window.reactTest.subscribes);
+    assert.deepEqual(sent.at(-1), spec, "the same spec, snapshot included");
+    assert.ok((await page.evaluate(() => window.reactTest.client.stats.connects)) >= 2);
+    // The provider does not close a client it was given.
+    await page.evaluate(() => window.reactTest.unmount());
+    await sleep(50);
+    assert.equal(await page.evaluate(() => window.reactTest.client.state), "open");
+    await page.evaluate(() => window.reactTest.client.close());
+    assert.deepEqual(errors, []);
+  } finally {
     await page.close();
   }
 });

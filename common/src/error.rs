@@ -71,6 +71,8 @@ pub enum CloseCode {
     HeartbeatTimeout = 4000,
     /// Missing, bad or late token; refresh for another user.
     Unauthorized = 4001,
+    /// Disconnected by the application (application API `disconnect`).
+    Disconnected = 4003,
     /// Frame over the size limit, bad-frame budget spent, too many connections.
     PolicyViolation = 4008,
     /// Outbound queue stayed full past the deadline.

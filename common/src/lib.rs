@@ -14,11 +14,16 @@
 //! - [`delivery`]: the pre-targeted delivery body routers publish and edges turn into `event`/`batch` frames.
 //! - [`fanout`]: the router tier's own messages: hand-off to delivery partitions, live batches per edge, presence.
 //! - [`control`]: edge ↔ router request/reply messages for subscription changes.
+//! - [`api`]: the application API's requests (checked) and replies.
+//! - [`command`]: router → every-edge commands behind the application API.
+//! - [`revocation`]: token revocations, as stored and as checked.
 //! - [`transcode`]: byte-level MessagePack helpers (skip, trim, to JSON).
 //! - [`secret`]: a config value whose `Debug` is `<redacted>`.
 //! - [`hash`]: FNV-1a, the stable hash routers and edges must agree on.
 
+pub mod api;
 pub mod client;
+pub mod command;
 pub mod control;
 pub mod delivery;
 pub mod error;
@@ -26,6 +31,7 @@ pub mod event;
 pub mod fanout;
 pub mod hash;
 pub mod ids;
+pub mod revocation;
 pub mod secret;
 pub mod subject;
 pub mod subscription;

@@ -225,6 +225,36 @@ impl Subjects {
         format!("{}.control", self.prefix)
     }
 
+    /// Application API requests for `method` (docs/PROTOCOL.md, "Application API").
+    pub fn api(&self, method: &str) -> String {
+        format!("{}.api.{method}", self.prefix)
+    }
+
+    /// Every application API method (the routers' queue subscription).
+    pub fn api_wildcard(&self) -> String {
+        format!("{}.api.*", self.prefix)
+    }
+
+    /// Commands every edge answers (the fleet-wide half of the API).
+    pub fn edges_command(&self) -> String {
+        format!("{}.edges.command", self.prefix)
+    }
+
+    /// Questions every router answers (the delivery stage's presence counts).
+    pub fn routers_command(&self) -> String {
+        format!("{}.routers.command", self.prefix)
+    }
+
+    /// Presence events: a user's first connection opened (`online`) or last closed.
+    pub fn presence_event(&self, online: bool) -> String {
+        format!("{}.presence.{}", self.prefix, if online { "online" } else { "offline" })
+    }
+
+    /// The key-value bucket holding token revocations.
+    pub fn revocation_bucket(&self) -> String {
+        format!("{}_REVOKED", self.asset_base())
+    }
+
     /// Application RPC requests for `method`.
     pub fn rpc(&self, method: &str) -> String {
         format!("{}.rpc.{method}", self.prefix)

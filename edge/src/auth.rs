@@ -76,12 +76,28 @@ pub struct Claims {
     /// Not before, unix seconds, when present.
     #[serde(default)]
     pub nbf: Option<u64>,
+    /// Issued at, unix seconds, when present (user revocations compare it).
+    #[serde(default)]
+    pub iat: Option<u64>,
+    /// Token id, when present (token revocations name it).
+    #[serde(default)]
+    pub jti: Option<String>,
     /// Application roles, passed to rpc handlers.
     #[serde(default)]
     pub roles: Vec<String>,
     /// Rooms the user may join (names or `prefix:*` patterns).
     #[serde(default)]
     pub rooms: Vec<String>,
+}
+
+impl Claims {
+    /// What a revocation may name in this token.
+    pub fn token_id(&self) -> crate::conn::TokenId {
+        crate::conn::TokenId {
+            iat: self.iat,
+            jti: self.jti.as_deref().map(Box::from),
+        }
+    }
 }
 
 /// Why a token was refused.
@@ -96,6 +112,9 @@ pub enum AuthError {
     /// The `sub` claim is not a valid user id.
     #[error("invalid sub claim")]
     BadSubject,
+    /// The application revoked the token (application API `revoke`).
+    #[error("revoked token")]
+    Revoked,
     /// The token has no `kid` and the JWKS holds several keys.
     #[error("token without kid, and the key set holds several keys")]
     MissingKid,
@@ -110,6 +129,7 @@ impl AuthError {
         match self {
             AuthError::Missing => "missing",
             AuthError::BadSubject => "bad_sub",
+            AuthError::Revoked => "revoked",
             AuthError::MissingKid => "missing_kid",
             AuthError::UnknownKid => "unknown_kid",
             AuthError::Invalid(e) => match e.kind() {

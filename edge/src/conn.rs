@@ -201,6 +201,15 @@ impl Wire {
     }
 }
 
+/// What a revocation can name in a connection's current token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenId {
+    /// `iat`, unix seconds.
+    pub iat: Option<u64>,
+    /// `jti`.
+    pub jti: Option<Box<str>>,
+}
+
 /// How the writer stopped, for the connection's end and its log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterEnd {
@@ -248,6 +257,9 @@ pub struct ConnHandle {
     pub last_rx_ms: AtomicU64,
     /// Token expiry, unix seconds (set at authentication, updated by refresh).
     pub exp_s: AtomicU64,
+    /// The current token's `iat` and `jti`, for revocations that arrive
+    /// while the connection is open (see `crate::revocations`).
+    token: Mutex<TokenId>,
     closing: AtomicBool,
     registered: AtomicBool,
 }
@@ -300,16 +312,30 @@ impl ConnHandle {
             ping_queued: AtomicBool::new(false),
             last_rx_ms: AtomicU64::new(now_ms()),
             exp_s: AtomicU64::new(u64::MAX),
+            token: Mutex::new(TokenId::default()),
             closing: AtomicBool::new(false),
             registered: AtomicBool::new(false),
         })
     }
 
     /// Records who authenticated on this connection (once; before it
-    /// joins the user table) and when the token expires.
-    pub fn authenticated(&self, user: &str, exp_s: u64) {
+    /// joins the user table) and its token: when it expires, and what a
+    /// revocation may name (set again by every refresh).
+    pub fn authenticated(&self, user: &str, exp_s: u64, token: TokenId) {
         let _ = self.user.set(Arc::from(user));
         self.exp_s.store(exp_s, Ordering::Relaxed);
+        *self.token.lock().expect("token lock") = token;
+    }
+
+    /// A refresh replaced the token.
+    pub fn refreshed(&self, exp_s: u64, token: TokenId) {
+        self.exp_s.store(exp_s, Ordering::Relaxed);
+        *self.token.lock().expect("token lock") = token;
+    }
+
+    /// The current token's `iat` and `jti`.
+    pub fn token(&self) -> TokenId {
+        self.token.lock().expect("token lock").clone()
     }
 
     /// The authenticated user ("" before authentication; only
@@ -533,15 +559,15 @@ impl ConnHandle {
     }
 
     /// Closes the connection with `code` (after `frame`, if any), once;
-    /// later calls do nothing. Counted in `switchyard_edge_closed_total`.
+    /// later calls do nothing. Whether this call closed it. Counted in `switchyard_edge_closed_total`.
     ///
     /// When the control queue has no room for the frames (a writer stuck on
     /// a full socket while the sweeper keeps queueing notices), nothing is
     /// queued and the connection is not marked closing, so the caller's next
     /// round tries again instead of the close being lost.
-    pub fn close_once(&self, code: CloseCode, reason: &'static str, frame: Option<Vec<u8>>) {
+    pub fn close_once(&self, code: CloseCode, reason: &'static str, frame: Option<Vec<u8>>) -> bool {
         if self.closing.swap(true, Ordering::Relaxed) {
-            return;
+            return false;
         }
         let queued = match frame {
             Some(f) => self.control.try_push_all([
@@ -552,9 +578,10 @@ impl ConnHandle {
         };
         if !queued {
             self.closing.store(false, Ordering::Relaxed);
-            return;
+            return false;
         }
         metrics::counter!("switchyard_edge_closed_total", "reason" => reason).increment(1);
+        true
     }
 
     /// Records that the client sent something.
@@ -878,7 +905,7 @@ mod tests {
 
     fn handle() -> Arc<ConnHandle> {
         let conn = ConnHandle::new(1, Encoding::MsgPack, settings(), None);
-        conn.authenticated("alice", u64::MAX);
+        conn.authenticated("alice", u64::MAX, TokenId::default());
         conn
     }
 

@@ -179,6 +179,23 @@ impl UserTable {
         out
     }
 
+    /// The connections of `user` on this node now.
+    pub fn connections_of(&self, user: &str) -> Vec<Arc<ConnHandle>> {
+        let shard = self.shard(self.partition_of(user));
+        shard.users.get(user).cloned().unwrap_or_default()
+    }
+
+    /// How many connections `user` has on this node.
+    pub fn connection_count_of(&self, user: &str) -> usize {
+        let shard = self.shard(self.partition_of(user));
+        shard.users.get(user).map_or(0, Vec::len)
+    }
+
+    /// Connections in the table now.
+    pub fn connections_now(&self) -> usize {
+        *self.connections.borrow()
+    }
+
     /// Watches the number of connections in the table.
     pub fn connection_count(&self) -> watch::Receiver<usize> {
         self.connections.subscribe()
@@ -334,7 +351,7 @@ mod tests {
             direct_writes: false,
         };
         let c = ConnHandle::new(id, Encoding::MsgPack, settings, None);
-        c.authenticated(user, u64::MAX);
+        c.authenticated(user, u64::MAX, crate::conn::TokenId::default());
         assert!(!c.release(0), "nothing overflowed");
         (c.clone(), c)
     }

@@ -20,6 +20,8 @@
 //! - [`presence`]: announcing this node's users to their delivery partitions (batched), heartbeats.
 //! - [`log`]: the delivery log: replay on resume, `recovered`.
 //! - [`backend`]: requests to the router tier and rpc applications.
+//! - [`revocations`]: the token revocations in force, watched from their bucket.
+//! - [`commands`]: the router tier's commands to every edge (application API: disconnect, counts).
 //! - [`node`]: what all connections share (limits, drain flag).
 //! - [`tls`]: rustls for `wss://`.
 //! - `demo`: the optional demo page under `/demo/` and its dev-token endpoint
@@ -32,6 +34,7 @@
 pub mod auth;
 pub mod backend;
 pub mod broadcasts;
+pub mod commands;
 pub mod config;
 pub mod conn;
 pub mod control_queue;
@@ -44,6 +47,7 @@ pub mod node;
 pub mod op_limit;
 pub mod outbound;
 pub mod presence;
+pub mod revocations;
 pub mod server;
 pub mod session;
 #[cfg(test)]
@@ -78,6 +82,9 @@ pub enum StartError {
     /// The TLS certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The revocations in force could not be loaded.
+    #[error(transparent)]
+    Revocations(#[from] revocations::RevocationError),
 }
 
 impl StartError {
@@ -194,6 +201,19 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         config.log_wait,
     )
     .await?;
+    // Nobody is served before the revocations in force are known.
+    let (revocations, keep_revocations) = revocations::load(
+        &async_nats::jetstream::new(client.clone()),
+        switchyard_runtime::nats::revocation_bucket(
+            subjects.revocation_bucket(),
+            switchyard_runtime::nats::Storage::File,
+            1,
+        ),
+        table.clone(),
+        cancel.clone(),
+    )
+    .await?;
+    tasks.spawn(keep_revocations);
     let backend = backend::Backend::new(client.clone(), subjects.clone(), config.request_timeout);
     let (listener, ws_addr) = switchyard_runtime::bind(config.listen).await?;
     let (admin_listener, admin_addr) = switchyard_runtime::bind(config.admin_listen).await?;
@@ -207,6 +227,7 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         hub,
         backend,
         log,
+        revocations.clone(),
         client.clone(),
         cancel.clone(),
         tasks.clone(),
@@ -234,6 +255,17 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         tracing::warn!(error = %e, "flush after subscribing failed");
     }
     tasks.spawn(intake::dispatch(intake_sub, table.clone(), cancel.clone()));
+    let command_sub = client
+        .subscribe(subjects.edges_command())
+        .await
+        .map_err(switchyard_runtime::StartError::from)?;
+    let commands = commands::Commands {
+        client: client.clone(),
+        edge: node.node_id.clone(),
+        table: table.clone(),
+        revocations,
+    };
+    tasks.spawn(commands.serve(command_sub, cancel.clone()));
     tasks.spawn(presence::run(
         client.clone(),
         subjects.clone(),

@@ -10,11 +10,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Verifier;
+use crate::auth::{AuthError, Claims, Verifier};
 use crate::backend::Backend;
 use crate::config::EdgeConfig;
 use crate::hub::Hub;
 use crate::log::DeliveryLog;
+use crate::revocations::Revocations;
 
 /// Connections that may read the delivery log at once (see [`Node::log_slots`]).
 pub const LOG_READERS: usize = 64;
@@ -31,6 +32,8 @@ pub struct Node {
     pub backend: Backend,
     /// The delivery log (positions, replay).
     pub log: DeliveryLog,
+    /// The token revocations in force.
+    pub revocations: Arc<Revocations>,
     /// The node's NATS client.
     pub client: async_nats::Client,
     /// Connection slots of this node (a permit per connection).
@@ -63,6 +66,7 @@ impl Node {
         hub: Hub,
         backend: Backend,
         log: DeliveryLog,
+        revocations: Arc<Revocations>,
         client: async_nats::Client,
         cancel: CancellationToken,
         tasks: TaskTracker,
@@ -82,6 +86,7 @@ impl Node {
             hub,
             backend,
             log,
+            revocations,
             client,
             node_id,
             cancel,
@@ -95,6 +100,15 @@ impl Node {
             draining: AtomicBool::new(false),
             log_slots: Semaphore::new(LOG_READERS),
         }
+    }
+
+    /// Verifies a token, and refuses it when the application revoked it.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let claims = self.verifier.verify(token)?;
+        if self.revocations.is_revoked(&claims.sub, &claims.token_id()) {
+            return Err(AuthError::Revoked);
+        }
+        Ok(claims)
     }
 
     /// A fresh connection id.

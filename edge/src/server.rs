@@ -312,7 +312,7 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>, slot: &SlotC
     };
     let pre_auth = match header_token.or(query_token) {
         None => None,
-        Some(token) => match node.verifier.verify(token) {
+        Some(token) => match node.verify(token) {
             Ok(claims) => {
                 let Some(slot) = node.user_slots.try_acquire(&claims.sub) else {
                     return refuse(

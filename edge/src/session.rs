@@ -14,7 +14,6 @@
 //! it against the connection's end.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -166,7 +165,7 @@ async fn session(reader: &mut Reader, pre_auth: Option<PreAuth>) {
     let Some((claims, resume, auth_id, _slot)) = auth else {
         return;
     };
-    conn.authenticated(&claims.sub, claims.exp);
+    conn.authenticated(&claims.sub, claims.exp, claims.token_id());
     let registration = match Box::pin(node.hub.register(conn.clone(), node.config.register_timeout)).await {
         Ok(r) => r,
         Err(e) => {
@@ -179,6 +178,12 @@ async fn session(reader: &mut Reader, pre_auth: Option<PreAuth>) {
         }
     };
     conn.mark_registered();
+    // A revocation that arrived after the token was checked and before the
+    // connection was in the user table did not see it (crate::revocations).
+    if node.revocations.is_revoked(&claims.sub, &conn.token()) {
+        crate::revocations::close_revoked(&conn);
+        return;
+    }
     let conn_name = format!("{}-{}", node.node_id, conn.id);
     let started = Box::pin(start_delivery(
         &node,
@@ -478,7 +483,7 @@ impl Reader {
             .await;
             return None;
         };
-        match self.node.verifier.verify(&token) {
+        match self.node.verify(&token) {
             Ok(claims) => Some((claims, resume, frame.id)),
             Err(e) => {
                 tracing::debug!(reason = e.reason(), "frame auth refused");
@@ -592,10 +597,15 @@ impl Reader {
                 return None;
             }
             ClientOp::Auth { token, .. } => {
-                match self.node.verifier.verify(&token) {
+                match self.node.verify(&token) {
                     Ok(fresh) if fresh.sub == claims.sub => {
-                        conn.exp_s.store(fresh.exp, Ordering::Relaxed);
+                        conn.refreshed(fresh.exp, fresh.token_id());
                         *claims = fresh;
+                        // As at connect: a revocation may have landed between the check and now.
+                        if self.node.revocations.is_revoked(&claims.sub, &conn.token()) {
+                            crate::revocations::close_revoked(conn);
+                            return Some(End::Closed);
+                        }
                         self.send(&ServerFrame::Ok { id }).await;
                     }
                     Ok(_) => {

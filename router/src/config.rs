@@ -82,6 +82,14 @@ pub struct RouterConfig {
     /// How long a dead router's partitions wait before another router takes them, in ms.
     #[arg(long = "lease-ttl-ms", env = "SWITCHYARD_LEASE_TTL_MS", value_parser = config::millis, default_value = "5000")]
     pub lease_ttl: Duration,
+    /// The longest token lifetime the operator's issuers give (`exp - iat`),
+    /// in seconds: a user revocation is kept this long after its `before`.
+    #[arg(long = "max-token-lifetime-s", env = "SWITCHYARD_MAX_TOKEN_LIFETIME_S", value_parser = config::secs, default_value = "86400")]
+    pub max_token_lifetime: Duration,
+    /// How long an application API request waits for every edge (or
+    /// router) to answer before it answers `unavailable`, in ms.
+    #[arg(long = "api-wait-ms", env = "SWITCHYARD_API_WAIT_MS", value_parser = config::millis, default_value = "2000")]
+    pub api_wait: Duration,
     /// Longest an event waits in its stream for a router, in seconds.
     #[arg(long = "events-max-age-s", env = "SWITCHYARD_EVENTS_MAX_AGE_S", value_parser = config::secs, default_value = "86400")]
     pub events_max_age: Duration,

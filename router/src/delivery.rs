@@ -56,6 +56,10 @@ const WAVE: usize = 256;
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// An edge that does not announce itself after a sync request is asked again after this long.
 const SYNC_RETRY: Duration = Duration::from_secs(1);
+/// How often presence changes become presence events (and the partition's
+/// user count is published for `stats`): users who leave and come back
+/// within one interval produce no event.
+const PRESENCE_EVENTS_EVERY: Duration = Duration::from_millis(500);
 
 /// Why a worker stopped before it was told to.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +114,9 @@ pub struct Shared {
     /// would drop as already seen. The next worker treats every edge as
     /// late, so the partition's live clients resume from the log.
     pub failed_stores: std::sync::Mutex<std::collections::HashSet<u32>>,
+    /// Users with a connection in each user partition this router delivers
+    /// for (the application API's `stats`).
+    pub present_users: std::sync::Mutex<std::collections::HashMap<u32, u64>>,
 }
 
 /// One delivery whose live copy goes out once it is stored.
@@ -162,6 +169,41 @@ pub struct Worker {
     event_no: u64,
     asked: std::collections::HashMap<String, Instant>,
     msg_id: String,
+}
+
+/// A presence event (`<prefix>.presence.online` / `.offline`).
+#[derive(serde::Serialize)]
+struct PresenceEvent<'a> {
+    user: &'a str,
+    ts: u64,
+}
+
+/// This router's entry in [`Shared::present_users`] while a worker
+/// delivers for the partition; removed when it stops.
+struct PresentUsers<'a> {
+    shared: &'a Shared,
+    partition: u32,
+}
+
+impl<'a> PresentUsers<'a> {
+    fn new(shared: &'a Shared, partition: u32, users: usize) -> PresentUsers<'a> {
+        shared
+            .present_users
+            .lock()
+            .expect("present users lock")
+            .insert(partition, users as u64);
+        PresentUsers { shared, partition }
+    }
+}
+
+impl Drop for PresentUsers<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .present_users
+            .lock()
+            .expect("present users lock")
+            .remove(&self.partition);
+    }
 }
 
 /// The hand-off consumer name of a user partition.
@@ -260,6 +302,12 @@ impl Worker {
             pos = self.pos,
             "delivering for user partition"
         );
+        // From here on, users who come and go are announced.
+        self.presence.track_changes();
+        let shared = self.shared.clone();
+        let _counted = PresentUsers::new(&shared, self.partition, self.presence.user_count());
+        let mut presence_events = tokio::time::interval(PRESENCE_EVENTS_EVERY);
+        presence_events.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending: FuturesOrdered<_> = FuturesOrdered::new();
         let mut stores = 0usize;
         // A sync request can be lost; edges this partition does not know yet are asked again.
@@ -290,6 +338,7 @@ impl Worker {
                     let now = edges.borrow().clone();
                     self.ask_to_sync(&now).await;
                 }
+                _ = presence_events.tick() => self.announce_presence().await,
                 changed = edges.changed() => {
                     if changed.is_ok() {
                         let now = edges.borrow_and_update().clone();
@@ -346,6 +395,36 @@ impl Worker {
             }
         }
         result
+    }
+
+    /// Publishes a presence event for each user whose first connection on
+    /// the fleet opened or last one closed since the last call, and the
+    /// partition's user count.
+    async fn announce_presence(&mut self) {
+        let changes = self.presence.take_changes();
+        if let Some(n) = self
+            .shared
+            .present_users
+            .lock()
+            .expect("present users lock")
+            .get_mut(&self.partition)
+        {
+            *n = self.presence.user_count() as u64;
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let ts = switchyard_runtime::clock::now_ms();
+        for (user, online) in changes {
+            let event = PresenceEvent { user: &user, ts };
+            let payload = rmp_serde::to_vec_named(&event).expect("a plain struct encodes");
+            let subject = self.shared.subjects.presence_event(online);
+            if let Err(e) = self.shared.client.publish(subject, payload.into()).await {
+                tracing::warn!(error = %e, "presence event not published");
+            }
+            metrics::counter!("switchyard_router_presence_events_total", "kind" => if online { "online" } else { "offline" })
+                .increment(1);
+        }
     }
 
     /// Asks the edges in `ids` that this partition does not know to announce their users.

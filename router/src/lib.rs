@@ -12,6 +12,8 @@
 //! - [`store`]: subscriptions and memberships persisted in a JetStream bucket, watched.
 //! - [`authz`]: who may join which room and use which subscription type.
 //! - [`control`]: the NATS service answering edges' subscription requests.
+//! - [`api`]: the application API (disconnect, revoke, subscriptions, presence, stats) and the routers' answers to it.
+//! - [`gather`]: one request to every live edge or router, every answer awaited.
 //! - [`events`]: the partitioned event streams producers publish into.
 //! - [`lease`]: which router processes which partition, with failover.
 //! - [`ingest`]: the match stage: producer events → targets per user partition, one worker per owned event partition.
@@ -20,7 +22,7 @@
 //! - [`delivery`]: the delivery stage: stores each user's deliveries and sends live copies per edge, one worker per owned user partition.
 //! - [`presence`]: which edges hold which users of a partition (pure).
 //! - [`batches`]: live batches per edge, bodies once, cut below NATS' max payload (pure).
-//! - [`edges`]: which edges are alive (their heartbeats).
+//! - [`edges`]: which edges and routers are alive (their heartbeats).
 //! - [`log`]: the delivery log streams and the hand-off stream (JetStream).
 //! - [`fault`]: crash injection for failover tests (cargo feature `fault-injection` only).
 //! - [`workqueue`]: taking over a slice of a work-queue stream (the consumer both stages use).
@@ -31,6 +33,7 @@
 //! [`start`] runs all of it in the current tokio runtime, so tests can embed
 //! a router; `main.rs` is a thin wrapper.
 
+pub mod api;
 pub mod authz;
 pub mod batches;
 pub mod change;
@@ -41,6 +44,7 @@ pub mod edges;
 pub mod events;
 pub mod fast_index;
 pub mod fault;
+pub mod gather;
 pub mod handoff;
 pub mod index;
 pub mod ingest;
@@ -80,6 +84,9 @@ pub enum StartError {
     /// The lease bucket could not be opened.
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
+    /// The revocation bucket could not be opened.
+    #[error(transparent)]
+    Revocations(#[from] switchyard_runtime::nats::KvOpenError),
 }
 
 impl StartError {
@@ -174,16 +181,16 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         "subscription index rebuilt"
     );
 
-    let control = control::ControlService {
+    let control = Arc::new(control::ControlService {
         client: client.clone(),
         state: state.clone(),
         store: store.clone(),
         authz: authz::Authz::new(config.authz_settings(), client.clone(), subjects.clone()),
-    };
+    });
     let control_sub = control::subscribe(&client, &subjects)
         .await
         .map_err(switchyard_runtime::StartError::from)?;
-    tasks.spawn(control.serve(control_sub, cancel.clone()));
+    tasks.spawn(control.clone().serve(control_sub, cancel.clone()));
 
     let ttl = config.lease_ttl;
     let lease_bucket = lease::bucket_config(&subjects, ttl, config.log_replicas, config.log_storage);
@@ -218,13 +225,51 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         edges_known_at: tokio::time::Instant::now() + EDGE_HEARTBEAT + Duration::from_millis(300),
         crash: fault::CrashAfter::from_env(),
         failed_stores: Default::default(),
+        present_users: Default::default(),
     });
     let units = events::Partition::all(config.partitions)
         .into_iter()
         .map(lease::Unit::Events)
         .chain((0..config.user_partitions).map(lease::Unit::Users))
         .collect();
-    let supervisor = lease::Supervisor::new(config.router_id(), leases, lease_bucket, shared, delivery, units, ttl);
+    let router_id = config.router_id();
+    let (router_set, router_tracker) = edges::track_routers(client.clone(), &subjects, ttl, cancel.clone())
+        .await
+        .map_err(switchyard_runtime::StartError::from)?;
+    tasks.spawn(router_tracker);
+    tasks.spawn(api::serve_router_questions(
+        client.clone(),
+        subjects.clone(),
+        router_id.clone(),
+        delivery.clone(),
+        cancel.clone(),
+    ));
+    let revocations = switchyard_runtime::nats::open_or_create_kv(
+        &js,
+        &switchyard_runtime::nats::revocation_bucket(
+            subjects.revocation_bucket(),
+            config.log_storage,
+            config.log_replicas,
+        ),
+    )
+    .await?;
+    let api_service = api::ApiService {
+        client: client.clone(),
+        subjects: subjects.clone(),
+        control: control.clone(),
+        revocations,
+        js: js.clone(),
+        max_token_lifetime: config.max_token_lifetime,
+        wait: config.api_wait,
+        edges: delivery.edges.clone(),
+        routers: router_set,
+        edges_known_at: delivery.edges_known_at,
+    };
+    let api_sub = api::subscribe(&client, &subjects)
+        .await
+        .map_err(switchyard_runtime::StartError::from)?;
+    tasks.spawn(api_service.serve(api_sub, cancel.clone()));
+    let supervisor = lease::Supervisor::new(router_id, leases, lease_bucket, shared, delivery, units, ttl);
     let heartbeats = supervisor.heartbeats().await?;
     tasks.spawn(supervisor.run(heartbeats, reconnects.clone(), cancel.clone()));
     tasks.spawn(count_malformed_subjects(

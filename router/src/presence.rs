@@ -44,6 +44,10 @@ pub struct Presence {
     edges: Vec<Option<Edge>>,
     by_id: HashMap<String, EdgeSlot>,
     users: HashMap<Arc<str>, Vec<EdgeSlot>>,
+    /// Users touched since [`Presence::take_changes`], with whether they
+    /// were present before the first touch; `None` while changes are not
+    /// tracked (a new owner rebuilding the table announces nobody).
+    touched: Option<HashMap<Arc<str>, bool>>,
 }
 
 impl Presence {
@@ -79,6 +83,7 @@ impl Presence {
             (None, _, _) => self.add_edge(&update.edge, subject(&update.edge)),
         };
         for (user, present) in &update.users {
+            self.touch(user);
             if *present {
                 let slots = self.users.entry(Arc::from(user.as_str())).or_default();
                 if !slots.contains(&slot) {
@@ -163,6 +168,42 @@ impl Presence {
         self.users.len()
     }
 
+    /// Starts tracking which users come and go (for presence events), from
+    /// the table as it is now.
+    pub fn track_changes(&mut self) {
+        self.touched.get_or_insert_with(HashMap::new);
+    }
+
+    /// Users whose presence changed since the last call, with whether they
+    /// are present now. A user who left and came back (or the reverse) in
+    /// between is not listed: nothing changed.
+    pub fn take_changes(&mut self) -> Vec<(Arc<str>, bool)> {
+        let Some(touched) = self.touched.as_mut() else {
+            return Vec::new();
+        };
+        let users = &self.users;
+        touched
+            .drain()
+            .filter_map(|(user, before)| {
+                let now = users.contains_key(&user);
+                (now != before).then_some((user, now))
+            })
+            .collect()
+    }
+
+    fn touch(&mut self, user: &str) {
+        let Some(touched) = self.touched.as_mut() else {
+            return;
+        };
+        if !touched.contains_key(user) {
+            let (user, before) = match self.users.get_key_value(user) {
+                Some((u, _)) => (u.clone(), true),
+                None => (Arc::from(user), false),
+            };
+            touched.insert(user, before);
+        }
+    }
+
     fn edge_ref(&self, slot: EdgeSlot) -> &Edge {
         self.edges[slot as usize].as_ref().expect("slot in use")
     }
@@ -197,7 +238,13 @@ impl Presence {
         if self.edges[slot as usize].as_ref().is_some_and(|e| e.users == 0) {
             return;
         }
-        self.users.retain(|_, slots| {
+        let touched = &mut self.touched;
+        self.users.retain(|user, slots| {
+            if let Some(touched) = touched.as_mut() {
+                if slots.contains(&slot) && !touched.contains_key(user) {
+                    touched.insert(user.clone(), true);
+                }
+            }
             slots.retain(|s| *s != slot);
             !slots.is_empty()
         });
@@ -316,5 +363,38 @@ mod tests {
         p.apply(&update("e1", false, &[("carol", false)]), subject, false);
         assert_eq!(p.user_count(), 0);
         assert_eq!(p.edges_with_users().count(), 0);
+    }
+
+    fn sorted(mut changes: Vec<(Arc<str>, bool)>) -> Vec<(String, bool)> {
+        changes.sort();
+        changes.into_iter().map(|(u, on)| (u.to_string(), on)).collect()
+    }
+
+    #[test]
+    fn changes_are_first_and_last_connections_fleet_wide() {
+        let mut p = Presence::new();
+        // Rebuilding the table (a new owner) announces nobody.
+        p.apply(&update("e1", true, &[("alice", true), ("bob", true)]), subject, false);
+        p.track_changes();
+        assert!(p.take_changes().is_empty());
+        // carol arrives; alice gets a second edge (no change); bob leaves.
+        p.apply(&update("e1", false, &[("carol", true), ("bob", false)]), subject, false);
+        p.apply(&update("e2", true, &[("alice", true)]), subject, false);
+        assert_eq!(
+            sorted(p.take_changes()),
+            vec![("bob".to_string(), false), ("carol".to_string(), true)]
+        );
+        // Gone and back between two looks: nothing to announce.
+        p.apply(&update("e1", false, &[("carol", false)]), subject, false);
+        p.apply(&update("e2", false, &[("carol", true)]), subject, false);
+        assert!(p.take_changes().is_empty());
+        // An edge resending its whole set changes nobody; one that dies takes
+        // away only the users it alone held.
+        p.apply(&update("e1", true, &[("alice", true)]), subject, false);
+        assert!(p.take_changes().is_empty());
+        p.forget("e2");
+        assert_eq!(sorted(p.take_changes()), vec![("carol".to_string(), false)]);
+        p.forget("e1");
+        assert_eq!(sorted(p.take_changes()), vec![("alice".to_string(), false)]);
     }
 }

@@ -66,6 +66,22 @@ impl Rooms {
         removed
     }
 
+    /// The rooms `user` is in, sorted (a scan of every room: for the
+    /// application API's `list`, not for delivery).
+    pub fn rooms_of_user(&self, user: &str) -> Vec<String> {
+        if !self.joined.contains_key(user) {
+            return Vec::new();
+        }
+        let mut rooms: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, set)| set.contains(user))
+            .map(|(room, _)| room.clone())
+            .collect();
+        rooms.sort();
+        rooms
+    }
+
     /// Calls `f` for each member of `room`.
     pub fn for_each_member(&self, room: &str, mut f: impl FnMut(&Arc<str>)) {
         if let Some(set) = self.members.get(room) {

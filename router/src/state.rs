@@ -262,6 +262,26 @@ impl RouterState {
     pub fn subscription_count(&self) -> usize {
         self.index.read().expect("index lock").len()
     }
+
+    /// The rooms `user` is in, sorted.
+    pub fn rooms_of(&self, user: &str) -> Vec<String> {
+        self.rooms.read().expect("rooms lock").rooms_of_user(user)
+    }
+
+    /// The members of `room`.
+    pub fn members(&self, room: &str) -> Vec<std::sync::Arc<str>> {
+        let mut members = Vec::new();
+        self.rooms
+            .read()
+            .expect("rooms lock")
+            .for_each_member(room, |m| members.push(m.clone()));
+        members
+    }
+
+    /// Rooms with at least one member.
+    pub fn room_count(&self) -> usize {
+        self.rooms.read().expect("rooms lock").len()
+    }
 }
 
 #[cfg(test)]

@@ -92,3 +92,24 @@ pub async fn open_or_create_kv(js: &jetstream::Context, config: &kv::Config) -> 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// How long a revocation's delete marker stays after the revocation expires
+/// (edges watching the bucket see it and forget the revocation).
+const REVOCATION_MARKER_TTL: Duration = Duration::from_secs(300);
+
+/// The token revocation bucket (application API `revoke`): one key per
+/// revoked user or token, each written with its own TTL (when no token it
+/// covers can still be valid), so the bucket holds no more than the
+/// operator's longest token lifetime allows. Routers create it; an edge
+/// that starts first creates the same.
+pub fn revocation_bucket(name: String, storage: Storage, replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket: name,
+        description: "Switchyard token revocations".into(),
+        history: 1,
+        num_replicas: replicas,
+        storage: storage.into(),
+        limit_markers: Some(REVOCATION_MARKER_TTL),
+        ..Default::default()
+    }
+}

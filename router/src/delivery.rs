@@ -59,7 +59,7 @@ const SYNC_RETRY: Duration = Duration::from_secs(1);
 /// How often presence changes become presence events (and the partition's
 /// user count is published for `stats`): users who leave and come back
 /// within one interval produce no event.
-const PRESENCE_EVENTS_EVERY: Duration = Duration::from_millis(500);
+const PRESENCE_EVENTS_EVERY: Duration = Duration::from_secs(1);
 
 /// Why a worker stopped before it was told to.
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,9 @@
 # Env: SWITCHYARD_NATS_SERVER (default: scripts/install-nats.sh installs it),
 # SWITCHYARD_BIN_DIR (router and edge binaries; default $CARGO_TARGET_DIR/debug
 # or target/debug, which must be built already), SWITCHYARD_PY_VENV (default
-# clients/python/.venv, git-ignored), SWITCHYARD_REQUIRE_API=1 (fail instead of
-# skip the application API tests when the binaries do not answer sy.api.*).
+# clients/python/.venv, git-ignored), SWITCHYARD_REQUIRE_API (default 1: the
+# application API tests fail, rather than skip, when the binaries do not answer
+# sy.api.*; 0 to run against binaries from before the API).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +29,7 @@ if [[ -z "${SWITCHYARD_BIN_DIR:-}" ]]; then
     SWITCHYARD_BIN_DIR="$target_dir/debug"
 fi
 export SWITCHYARD_BIN_DIR
+export SWITCHYARD_REQUIRE_API="${SWITCHYARD_REQUIRE_API:-1}"
 for bin in switchyard-router switchyard-edge; do
     [[ -x "$SWITCHYARD_BIN_DIR/$bin" ]] || die "no $SWITCHYARD_BIN_DIR/$bin: build it (cargo build -p switchyard-router -p switchyard-edge --bins) or set SWITCHYARD_BIN_DIR"
 done

@@ -4,7 +4,8 @@
 # Installs nats-server (integration tests run against a real one), then runs
 # the k8s manifest checks (scripts/validate-k8s.sh), rustfmt check, clippy with
 # warnings denied, the whole workspace's tests, then
-# the JS client's build and tests (scripts/test-js.sh; SWITCHYARD_SKIP_JS=1 skips them).
+# the JS client's build and tests (scripts/test-js.sh; SWITCHYARD_SKIP_JS=1 skips them),
+# then the Python SDK's type check and tests (scripts/test-python.sh; SWITCHYARD_SKIP_PY=1 skips them).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,3 +45,4 @@ cargo test --workspace "$@"
 # A plain `cargo test --workspace` (no extra arguments) has built both binaries.
 bins_built=$([[ $# -eq 0 ]] && echo 1 || echo 0)
 [[ "${SWITCHYARD_SKIP_JS:-}" == 1 ]] || SWITCHYARD_BINS_BUILT=$bins_built bash scripts/test-js.sh  # JS client, demo page in Chromium, examples
+[[ "${SWITCHYARD_SKIP_PY:-}" == 1 ]] || bash scripts/test-python.sh  # Python SDK: mypy --strict, unit tests, tests against a real fleet

@@ -180,7 +180,7 @@ pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
                 nats_event(event)
             }
         });
-    let client = switchyard_runtime::nats::connect(options, &config.nats.nats_url)
+    let client = switchyard_runtime::nats::connect(options, &config.nats)
         .await
         .map_err(switchyard_runtime::StartError::from)?;
     let connected = client.connection_state() == async_nats::connection::State::Connected;

@@ -157,7 +157,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
                 }
             }
         });
-    let client = switchyard_runtime::nats::connect(options, &config.nats.nats_url)
+    let client = switchyard_runtime::nats::connect(options, &config.nats)
         .await
         .map_err(switchyard_runtime::StartError::from)?;
     let js = async_nats::jetstream::new(client.clone());

@@ -7,6 +7,8 @@
 use std::num::ParseIntError;
 use std::time::Duration;
 
+use switchyard_common::secret::Secret;
+
 /// Where a tier finds NATS and the subjects it shares with producers and
 /// the other tier.
 #[derive(Debug, Clone, clap::Args)]
@@ -17,6 +19,16 @@ pub struct NatsArgs {
     /// Subject prefix shared by producers, routers and edges.
     #[arg(long, env = "SWITCHYARD_PREFIX", default_value = "sy")]
     pub prefix: String,
+    /// NATS user, for a server with authorization (with
+    /// `SWITCHYARD_NATS_PASSWORD`). A `user:password@` in the URL does the same.
+    #[arg(long, env = "SWITCHYARD_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// The NATS user's password.
+    #[arg(long, env = "SWITCHYARD_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<Secret<String>>,
+    /// A NATS credentials file (user JWT and NKey seed), for decentralized authorization.
+    #[arg(long, env = "SWITCHYARD_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
 }
 
 /// A whole number of milliseconds (`SWITCHYARD_*_MS`).

@@ -31,9 +31,9 @@ pub use clock::now_ms;
 /// own `StartError` wraps it.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// NATS could not be reached.
+    /// NATS could not be reached (or logged in to).
     #[error("cannot connect to NATS")]
-    Nats(#[from] async_nats::ConnectError),
+    Nats(#[from] nats::NatsConnectError),
     /// A NATS subscription failed.
     #[error("cannot subscribe")]
     Subscribe(#[from] async_nats::SubscribeError),

@@ -30,18 +30,45 @@ impl From<Storage> for StorageType {
     }
 }
 
-/// Connects with `options` to `urls` (comma separated, as
-/// `SWITCHYARD_NATS_URL` takes them), retrying the first connection in the
+/// Why NATS could not be connected to.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsConnectError {
+    /// The connection failed.
+    #[error(transparent)]
+    Connect(#[from] async_nats::ConnectError),
+    /// The credentials file could not be read.
+    #[error("cannot read the NATS credentials file")]
+    Credentials(#[source] std::io::Error),
+}
+
+/// Connects with `options` to the URL(s) of `nats` (comma separated),
+/// logging in as it says (user and password, from the settings or the
+/// URL, or a credentials file), retrying the first connection in the
 /// background, and waits up to [`FIRST_CONNECT_WAIT`] for it. A client that
 /// is not connected by then is returned all the same: readiness reports it.
 pub async fn connect(
     options: async_nats::ConnectOptions,
-    urls: &str,
-) -> Result<async_nats::Client, async_nats::ConnectError> {
-    let client = options
-        .retry_on_initial_connect()
-        .connect(urls.split(',').map(str::trim).collect::<Vec<_>>())
-        .await?;
+    nats: &crate::config::NatsArgs,
+) -> Result<async_nats::Client, NatsConnectError> {
+    let urls: Vec<&str> = nats.nats_url.split(',').map(str::trim).collect();
+    let options = match (&nats.nats_creds, &nats.nats_user, user_in_url(&urls)) {
+        (Some(path), _, _) => options
+            .credentials_file(path)
+            .await
+            .map_err(NatsConnectError::Credentials)?,
+        (None, Some(user), _) => {
+            let password = nats
+                .nats_password
+                .as_ref()
+                .map(|p| p.expose().clone())
+                .unwrap_or_default();
+            options.user_and_password(user.clone(), password)
+        }
+        // async-nats does not log in with the URL's user itself.
+        (None, None, Some((user, password))) => options.user_and_password(user, password),
+        (None, None, None) => options,
+    };
+    let client = options.retry_on_initial_connect().connect(urls).await?;
     let connected = async {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         while client.connection_state() != async_nats::connection::State::Connected {
@@ -52,6 +79,16 @@ pub async fn connect(
         tracing::warn!("not connected to NATS yet; continuing while the client retries");
     }
     Ok(client)
+}
+
+/// The first `user:password@` among `urls` (percent-decoding is left to
+/// the operator: write the password as it is).
+fn user_in_url(urls: &[&str]) -> Option<(String, String)> {
+    urls.iter().find_map(|u| {
+        let addr: async_nats::ServerAddr = u.parse().ok()?;
+        let user = addr.username()?.to_string();
+        Some((user, addr.password().unwrap_or_default().to_string()))
+    })
 }
 
 /// Tries of [`open_or_create_kv`] before it gives up.

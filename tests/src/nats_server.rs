@@ -62,6 +62,8 @@ pub struct NatsServer {
     /// The monitoring port (`/varz`, `/jsz`), chosen free at start and kept across restarts.
     monitor: u16,
     store: PathBuf,
+    /// A configuration file (`-c`) and the environment it reads, if any.
+    config: Option<(PathBuf, Vec<(String, String)>)>,
     // Last field: the directory is removed after `Drop::drop` killed the process.
     dir: TempDir,
 }
@@ -84,6 +86,14 @@ impl NatsServer {
     /// `PATH`. Fails, quoting the tail of the server log, if the server exits
     /// or is not ready within 10 seconds.
     pub fn start() -> Result<NatsServer> {
+        NatsServer::start_with_config(None)
+    }
+
+    /// Starts like [`NatsServer::start`], also reading the configuration
+    /// file `config` (e.g. an authorization block) with environment `env`
+    /// (nats-server resolves `$NAME` in it from there). Flags the harness
+    /// passes (address, ports, JetStream store) override the file.
+    pub fn start_with_config(config: Option<(&Path, &[(&str, &str)])>) -> Result<NatsServer> {
         let bin = nats_server_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("switchyard-nats-")
@@ -103,6 +113,10 @@ impl NatsServer {
             port: 0,
             monitor,
             store,
+            config: config.map(|(path, env)| {
+                let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                (path.to_path_buf(), env)
+            }),
             dir,
         };
         // From here on an early return drops `server`, which kills the process.
@@ -222,7 +236,11 @@ impl NatsServer {
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
         let log_err = log.try_clone().context("duplicating the log file handle")?;
-        Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some((path, env)) = &self.config {
+            command.arg("-c").arg(path).envs(env.iter().map(|(k, v)| (k, v)));
+        }
+        command
             .arg("-a")
             .arg("127.0.0.1")
             .arg("-p")

@@ -285,6 +285,7 @@ mod tests {
             min: None,
             max: None,
             fields: None,
+            throttle_ms: None,
         }
     }
 
@@ -348,6 +349,7 @@ mod tests {
             min: None,
             max: None,
             fields: None,
+            throttle_ms: None,
         }
     }
 

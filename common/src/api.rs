@@ -230,6 +230,7 @@ pub fn parse_request(method: &str, enc: Encoding, payload: &[u8]) -> Result<ApiR
                 min: fields.optional("min"),
                 max: fields.optional("max"),
                 fields: fields.optional("fields"),
+                throttle_ms: fields.optional("throttle_ms"),
             }),
         },
         "unsubscribe" => ApiRequest::Unsubscribe {

@@ -34,6 +34,9 @@ pub struct Resume {
 
 /// The operations a client may send.
 #[derive(Debug, Clone, PartialEq)]
+// One per client op, never stored in bulk: boxing the subscription would
+// save nothing that matters and cost an allocation per op.
+#[allow(clippy::large_enum_variant)]
 pub enum ClientOp {
     /// Authenticate (first frame) or refresh the token (later).
     Auth {
@@ -179,6 +182,7 @@ pub fn decode_client_frame(enc: Encoding, buf: &[u8]) -> Result<ClientFrame, Fra
             min: optional("min"),
             max: optional("max"),
             fields: optional("fields"),
+            throttle_ms: optional("throttle_ms"),
         }),
         "unsubscribe" => ClientOp::Unsubscribe { sub: required("sub")? },
         "list" => ClientOp::List,

@@ -28,6 +28,9 @@ pub struct ControlRequest {
 /// The operation requested.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+// One per client op, never stored in bulk: boxing the subscription would
+// save nothing that matters and cost an allocation per op.
+#[allow(clippy::large_enum_variant)]
 pub enum ControlOp {
     /// Create or replace a subscription.
     Subscribe(RawSubscription),
@@ -97,6 +100,7 @@ mod tests {
                 min: None,
                 max: None,
                 fields: None,
+                throttle_ms: Some(Value::from(250)),
             }),
         };
         assert_eq!(decode::<ControlRequest>(&encode(&req)).unwrap(), req);

@@ -8,9 +8,36 @@
 //! prepending `op` (and `pos`), so a MessagePack client gets the producer's
 //! bytes with no decode and no re-encode on the edge.
 
+use std::num::NonZeroU32;
+
 use crate::event::{Prio, ProducerEvent};
 use crate::transcode::{self, TranscodeError};
 use crate::Encoding;
+
+/// What a delivery body carries for the edge beyond the event itself.
+///
+/// The router knows it when it targets the event for a user (which of the
+/// user's subscriptions matched); the edge reads it with [`peek_meta`] and
+/// the frame writers never show it to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BodyExtras {
+    /// The effective throttle for this user (docs/PROTOCOL.md, "Throttling"):
+    /// the smallest `throttle_ms` of the matching subscriptions, `None` when
+    /// the event has no key, is `critical`, or any matching subscription is
+    /// unthrottled.
+    pub throttle_ms: Option<NonZeroU32>,
+}
+
+/// The map header that marks a body carrying the internal trailer: a
+/// `map32` header, which [`encode_delivery`] never writes otherwise (a body
+/// has at most 8 client-visible entries, a `fixmap`). So telling the two
+/// kinds apart costs the edge one byte comparison.
+const INTERNAL_HEADER: u8 = 0xdf;
+/// The internal trailer's key (`fixstr` "~t", a name no client field can
+/// have) and the `uint32` marker of its value; 4 value bytes follow.
+const TRAILER_TAG: [u8; 4] = [0xa2, b'~', b't', 0xce];
+/// Bytes of the internal trailer: the tag and a big-endian u32.
+const TRAILER_LEN: usize = TRAILER_TAG.len() + 4;
 
 /// Writes a delivery body for one user.
 ///
@@ -18,13 +45,39 @@ use crate::Encoding;
 /// when the user's subscriptions asked for `fields`); `subs` names the user's
 /// matching subscriptions (empty for direct, room and broadcast targets).
 pub fn encode_delivery(event: &ProducerEvent, ts_ms: u64, subs: &[&str], data: &[u8], out: &mut Vec<u8>) {
+    encode_delivery_with(event, ts_ms, subs, data, BodyExtras::default(), out)
+}
+
+/// [`encode_delivery`] with what only the edge reads ([`BodyExtras`]).
+///
+/// A throttle is written as the last map entry under a reserved key, after
+/// a `map32` header: the edge finds it without walking the map, and cuts it
+/// off (entry count and bytes) when it builds frames, so clients never see
+/// it, on live deliveries and on replays from the log alike. Without extras
+/// the body is exactly what [`encode_delivery`] always wrote.
+pub fn encode_delivery_with(
+    event: &ProducerEvent,
+    ts_ms: u64,
+    subs: &[&str],
+    data: &[u8],
+    extras: BodyExtras,
+    out: &mut Vec<u8>,
+) {
     let n = 3
         + u32::from(event.id.is_some())
         + u32::from(event.key.is_some())
         + u32::from(event.prio != Prio::Normal)
         + u32::from(!subs.is_empty());
-    // Writes into a Vec cannot fail.
-    let _ = rmp::encode::write_map_len(out, n);
+    match extras.throttle_ms {
+        // Writes into a Vec cannot fail.
+        None => {
+            let _ = rmp::encode::write_map_len(out, n);
+        }
+        Some(_) => {
+            out.push(INTERNAL_HEADER);
+            out.extend_from_slice(&(n + 1).to_be_bytes());
+        }
+    }
     write_str(out, "type");
     write_str(out, &event.event_type);
     write_str(out, "data");
@@ -50,6 +103,10 @@ pub fn encode_delivery(event: &ProducerEvent, ts_ms: u64, subs: &[&str], data: &
             write_str(out, s);
         }
     }
+    if let Some(ms) = extras.throttle_ms {
+        out.extend_from_slice(&TRAILER_TAG);
+        out.extend_from_slice(&ms.get().to_be_bytes());
+    }
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {
@@ -64,12 +121,21 @@ pub struct DeliveryMeta {
     pub prio: Prio,
     /// Hash of (`type`, `key`) when the event has a key: its conflation identity.
     pub conflation_key: Option<u64>,
+    /// The effective throttle the router computed for this user (see [`BodyExtras`]).
+    pub throttle_ms: Option<NonZeroU32>,
 }
 
-/// Reads priority and conflation identity from a delivery body.
+/// Reads priority, conflation identity and throttle from a delivery body.
 pub fn peek_meta(body: &[u8]) -> Result<DeliveryMeta, TranscodeError> {
-    let Body { entries, mut rest } = split_body(body)?;
-    let mut meta = DeliveryMeta::default();
+    let Body {
+        entries,
+        mut rest,
+        throttle_ms,
+    } = split_body(body)?;
+    let mut meta = DeliveryMeta {
+        throttle_ms,
+        ..DeliveryMeta::default()
+    };
     let mut ty: &[u8] = &[];
     let mut key: Option<&[u8]> = None;
     for _ in 0..entries {
@@ -101,7 +167,7 @@ pub fn peek_meta(body: &[u8]) -> Result<DeliveryMeta, TranscodeError> {
 /// Reads the `ts` field (unix ms at publish) from a delivery body, without
 /// decoding `data`. The edge uses it for its delivery-latency histogram.
 pub fn peek_ts(body: &[u8]) -> Option<u64> {
-    let Body { entries, mut rest } = split_body(body).ok()?;
+    let Body { entries, mut rest, .. } = split_body(body).ok()?;
     for _ in 0..entries {
         let klen = transcode::value_len(rest).ok()?;
         let (k, after_key) = rest.split_at(klen);
@@ -134,17 +200,50 @@ fn str_payload(v: &[u8]) -> Option<&[u8]> {
     rest.get(..len)
 }
 
-/// A delivery body whose map header has been read.
+/// A delivery body whose map header has been read: its client-visible
+/// entries (the internal trailer, if any, already cut off) and the throttle
+/// that trailer held.
 struct Body<'a> {
     entries: u32,
     rest: &'a [u8],
+    throttle_ms: Option<NonZeroU32>,
 }
 
 fn split_body(body: &[u8]) -> Result<Body<'_>, TranscodeError> {
+    if body.first() == Some(&INTERNAL_HEADER) {
+        if let Some(b) = split_internal(body) {
+            return Ok(b);
+        }
+    }
     let mut rd = body;
     let entries =
         rmp::decode::read_map_len(&mut rd).map_err(|_| TranscodeError::Invalid("delivery body is not a map"))?;
-    Ok(Body { entries, rest: rd })
+    Ok(Body {
+        entries,
+        rest: rd,
+        throttle_ms: None,
+    })
+}
+
+/// A body written with [`BodyExtras`]: `map32` header, entries, trailer.
+/// `None` when the bytes do not end with a trailer (then the body is read
+/// as the plain map its header says it is).
+fn split_internal(body: &[u8]) -> Option<Body<'_>> {
+    let entries = u32::from_be_bytes(body.get(1..5)?.try_into().ok()?);
+    let at = body
+        .len()
+        .checked_sub(TRAILER_LEN)
+        .filter(|&at| at >= 5 && entries > 0)?;
+    let (front, trailer) = body.split_at(at);
+    let (tag, ms) = trailer.split_at(TRAILER_TAG.len());
+    if tag != TRAILER_TAG {
+        return None;
+    }
+    Some(Body {
+        entries: entries - 1,
+        rest: &front[5..],
+        throttle_ms: NonZeroU32::new(u32::from_be_bytes(ms.try_into().ok()?)),
+    })
 }
 
 fn write_msgpack_entries(body: &Body<'_>, extra: u32, pos: Option<u64>, out: &mut Vec<u8>) {
@@ -160,7 +259,8 @@ fn write_msgpack_entries(body: &Body<'_>, extra: u32, pos: Option<u64>, out: &mu
 /// The body must be a map with at least one entry (every delivery has
 /// `type`, `data` and `ts`), or the spliced text would not be JSON.
 fn write_json_entries(body: &[u8], pos: Option<u64>, out: &mut Vec<u8>) -> Result<(), TranscodeError> {
-    if split_body(body)?.entries == 0 {
+    let b = split_body(body)?;
+    if b.entries == 0 {
         return Err(TranscodeError::Invalid("empty delivery body"));
     }
     if let Some(pos) = pos {
@@ -168,10 +268,9 @@ fn write_json_entries(body: &[u8], pos: Option<u64>, out: &mut Vec<u8>) -> Resul
         out.extend_from_slice(pos.to_string().as_bytes());
         out.push(b',');
     }
-    let at = out.len();
-    transcode::msgpack_to_json(body, out)?;
-    // The transcoded body starts with '{'; drop it so the fields continue the open map.
-    out.remove(at);
+    // The entries continue the map the caller opened.
+    transcode::map_entries_to_json(b.entries, b.rest, out)?;
+    out.push(b'}');
     Ok(())
 }
 
@@ -392,7 +491,8 @@ mod tests {
             peek_meta(&body).unwrap(),
             DeliveryMeta {
                 prio: Prio::Normal,
-                conflation_key: None
+                conflation_key: None,
+                throttle_ms: None
             }
         );
         ev.key = Some("AAPL".into());
@@ -412,6 +512,64 @@ mod tests {
         encode_delivery(&ev, 2, &[], &ev.data, &mut c);
         assert_ne!(ma.conflation_key, peek_meta(&c).unwrap().conflation_key);
         assert!(peek_meta(&[0x01]).is_err());
+    }
+
+    #[test]
+    fn the_internal_trailer_is_read_by_the_edge_and_never_sent() {
+        let mut ev = event();
+        ev.key = Some("AAPL".into());
+        ev.id = Some("e1".into());
+        let extras = BodyExtras {
+            throttle_ms: NonZeroU32::new(250),
+        };
+        for subs in [&[][..], &["s1", "s2"][..]] {
+            let mut plain = Vec::new();
+            encode_delivery(&ev, 5, subs, &ev.data, &mut plain);
+            let mut internal = Vec::new();
+            encode_delivery_with(&ev, 5, subs, &ev.data, extras, &mut internal);
+            assert_eq!(internal[0], INTERNAL_HEADER);
+            assert_eq!(internal.len(), plain.len() + 4 + TRAILER_LEN);
+            let (mp, mi) = (peek_meta(&plain).unwrap(), peek_meta(&internal).unwrap());
+            assert_eq!(mp.throttle_ms, None);
+            assert_eq!(mi.throttle_ms, NonZeroU32::new(250));
+            assert_eq!((mp.prio, mp.conflation_key), (mi.prio, mi.conflation_key));
+            assert_eq!(peek_ts(&internal), Some(5));
+            for enc in [Encoding::Json, Encoding::MsgPack] {
+                for pos in [None, Some(3)] {
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    write_event_frame(enc, &plain, pos, &mut a).unwrap();
+                    write_event_frame(enc, &internal, pos, &mut b).unwrap();
+                    assert_eq!(a, b, "{enc:?} event frame");
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    write_batch_frame(enc, [(&plain[..], pos), (&plain[..], None)].into_iter(), &mut a).unwrap();
+                    write_batch_frame(enc, [(&internal[..], pos), (&plain[..], None)].into_iter(), &mut b).unwrap();
+                    assert_eq!(a, b, "{enc:?} batch frame");
+                }
+            }
+            // Still one MessagePack map, with one entry more for a reader
+            // that knows nothing of the trailer.
+            let mut rd = &internal[..];
+            let v = rmpv::decode::read_value(&mut rd).unwrap();
+            assert!(rd.is_empty());
+            let plain_len = rmpv::decode::read_value(&mut &plain[..])
+                .unwrap()
+                .as_map()
+                .unwrap()
+                .len();
+            assert_eq!(v.as_map().unwrap().len(), plain_len + 1);
+        }
+        // A map32 body without the trailer is read as the plain map it is.
+        let m32 = [0xdf, 0, 0, 0, 1, 0xa1, b'a', 0x01];
+        assert_eq!(peek_meta(&m32).unwrap().throttle_ms, None);
+        let mut out = Vec::new();
+        write_event_frame(Encoding::Json, &m32, None, &mut out).unwrap();
+        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"op":"event","a":1}"#);
+        // Too short to hold a trailer, or a trailer with no entry before it.
+        assert!(peek_meta(&[0xdf, 0, 0]).is_err());
+        let mut bare = vec![0xdf, 0, 0, 0, 0];
+        bare.extend_from_slice(&TRAILER_TAG);
+        bare.extend_from_slice(&[0, 0, 0, 9]);
+        assert!(peek_meta(&bare).is_ok());
     }
 
     #[test]

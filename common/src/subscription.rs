@@ -23,6 +23,8 @@ pub const MAX_VALUES_PER_DIMENSION: usize = 1024;
 pub const MAX_FILTER_VALUES: usize = 1024;
 /// Most bound fields (`min` plus `max`) and most `fields` names.
 pub const MAX_FIELDS: usize = 64;
+/// The largest `throttle_ms` (one hour); the smallest is 1.
+pub const MAX_THROTTLE_MS: u32 = 3_600_000;
 
 /// A `subscribe` frame's fields, exactly as the client sent them.
 /// The edge forwards this to the router, which validates it.
@@ -41,6 +43,9 @@ pub struct RawSubscription {
     pub max: Option<Value>,
     /// Top-level payload keys to keep.
     pub fields: Option<Value>,
+    /// At most one event per (`type`, `key`) every this many ms (1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_ms: Option<Value>,
 }
 
 /// A validated subscription, as stored, listed and matched.
@@ -61,6 +66,11 @@ pub struct Subscription {
     /// Top-level payload keys to deliver; `None` delivers the whole payload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fields: Option<Vec<String>>,
+    /// Per (`type`, `key`), at most one event every this many ms on each
+    /// connection (docs/PROTOCOL.md, "Throttling"); `None` is unthrottled.
+    /// Stored and listed only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_ms: Option<u32>,
 }
 
 /// Why a subscription (or a name in unsubscribe/join/leave) was refused.
@@ -163,6 +173,13 @@ impl Subscription {
             }
             Some(_) => return invalid(format!("fields must be an array of 1 to {MAX_FIELDS} names")),
         };
+        let throttle_ms = match &raw.throttle_ms {
+            None => None,
+            Some(v) => match v.as_u64() {
+                Some(n) if (1..=u64::from(MAX_THROTTLE_MS)).contains(&n) => Some(n as u32),
+                _ => return invalid(format!("throttle_ms must be an integer from 1 to {MAX_THROTTLE_MS}")),
+            },
+        };
         Ok(Subscription {
             name,
             sub_type,
@@ -170,6 +187,7 @@ impl Subscription {
             min,
             max,
             fields,
+            throttle_ms,
         })
     }
 
@@ -226,6 +244,7 @@ mod tests {
             min: get("min"),
             max: get("max"),
             fields: get("fields"),
+            throttle_ms: get("throttle_ms"),
         }
     }
 
@@ -291,6 +310,11 @@ mod tests {
             json!({"sub":"s","type":"t","max":[1]}),
             json!({"sub":"s","type":"t","fields":[]}),
             json!({"sub":"s","type":"t","fields":["A"]}),
+            json!({"sub":"s","type":"t","throttle_ms":0}),
+            json!({"sub":"s","type":"t","throttle_ms":-5}),
+            json!({"sub":"s","type":"t","throttle_ms":3_600_001}),
+            json!({"sub":"s","type":"t","throttle_ms":1.5}),
+            json!({"sub":"s","type":"t","throttle_ms":"100"}),
         ];
         for b in bad {
             assert!(Subscription::from_raw(&raw(b.clone())).is_err(), "{b} accepted");
@@ -302,6 +326,11 @@ mod tests {
         assert_eq!(ok.filters["s"], vec!["a", "b"]);
         assert_eq!(ok.max["p"], 3.0);
         assert_eq!(ok.fields, Some(vec!["x".to_string()]));
+        assert_eq!(ok.throttle_ms, None);
+        for n in [1u32, 250, MAX_THROTTLE_MS] {
+            let t = Subscription::from_raw(&raw(json!({"sub":"s","type":"t","throttle_ms":n}))).unwrap();
+            assert_eq!(t.throttle_ms, Some(n));
+        }
     }
 
     #[test]

@@ -351,6 +351,34 @@ pub fn msgpack_to_json(buf: &[u8], out: &mut Vec<u8>) -> Result<usize, Transcode
     result
 }
 
+/// Transcodes `entries` map entries at the start of `buf` (a map's body,
+/// after its header) into JSON `"key":value` pairs separated by commas,
+/// without braces, by the rules of [`msgpack_to_json`] for a map's entries;
+/// returns the input bytes consumed. Lets a caller splice a map's entries
+/// into an object it writes itself (the edge's event frames). On error `out`
+/// is left as it was.
+pub fn map_entries_to_json(entries: u32, buf: &[u8], out: &mut Vec<u8>) -> Result<usize, TranscodeError> {
+    let start = out.len();
+    let mut pos = 0;
+    for i in 0..entries {
+        if i > 0 {
+            out.push(b',');
+        }
+        let r = key_to_json(buf, pos, out, 1).and_then(|p| {
+            out.push(b':');
+            to_json(buf, p, out, 1)
+        });
+        match r {
+            Ok(p) => pos = p,
+            Err(e) => {
+                out.truncate(start);
+                return Err(e);
+            }
+        }
+    }
+    Ok(pos)
+}
+
 /// Appends formatted text; writing into a `Vec<u8>` cannot fail.
 fn push_fmt(out: &mut Vec<u8>, args: std::fmt::Arguments<'_>) {
     let _ = out.write_fmt(args);

@@ -41,6 +41,8 @@ fn delivery(body: &Bytes, pos: u64, prio: Prio, key: Option<u64>) -> Delivery {
         prio,
         conflation_key: key,
         replayed: false,
+        throttle_ms: None,
+        throttle_released: false,
     }
 }
 

@@ -411,8 +411,13 @@ impl ConnHandle {
 
     fn push(&self, d: Delivery) -> bool {
         let outcome = self.queue().push(d, Instant::now());
+        if outcome.rearm {
+            // The writer sleeps until the throttle's due time: a sooner one now.
+            self.wake.notify_one();
+        }
         match outcome.fate {
             Fate::Queued | Fate::Replaced => {}
+            Fate::Throttled => metrics::counter!("switchyard_edge_throttled_total").increment(1),
             Fate::RateLimited => {
                 metrics::counter!("switchyard_edge_dropped_total", "reason" => "rate_limited").increment(1)
             }
@@ -632,6 +637,9 @@ impl ConnHandle {
                 // About to wait: an idle connection keeps no buffers. A busy
                 // one is written by the dispatcher and rarely gets here.
                 self.wire().release_buffers();
+                // Throttled deliveries wait for their key's interval: one
+                // deadline for the connection, only while it has some.
+                let throttle_due = self.queue().throttle_due();
                 tokio::select! {
                     biased;
                     c = control.pop() => match c {
@@ -653,6 +661,10 @@ impl ConnHandle {
                         return Ok(WriterEnd { sent_close: true, reason: "server shutting down" });
                     }
                     _ = conn_done.cancelled() => return Ok(WriterEnd::done("session ended")),
+                    _ = crate::throttle::sleep_until(throttle_due) => {
+                        // The loop's next fill sends what this queued.
+                        let _ = self.queue().release_throttled(Instant::now());
+                    }
                     _ = self.wake.notified() => {
                         if let Some(linger) = linger {
                             // Operators who prefer fewer, larger frames let a batch fill a little.
@@ -785,6 +797,9 @@ impl ConnHandle {
     fn fill_batch(&self, wire: &mut Wire) -> bool {
         let (dropped, more) = {
             let mut queue = self.queue();
+            if queue.throttle_due().is_some_and(|due| due <= Instant::now()) {
+                let _ = queue.release_throttled(Instant::now());
+            }
             if queue.is_empty() && self.extra_slow.load(Ordering::Relaxed) == 0 {
                 return false;
             }
@@ -801,7 +816,13 @@ impl ConnHandle {
             last_pos,
             ..
         } = wire;
-        batch.retain(|d| match d.pos {
+        batch.retain_mut(|d| match d.pos {
+            Some(_) if d.throttle_released && d.pos <= Some(*last_pos) => {
+                // Held by the throttle while later positions went out: it
+                // goes without `pos`, which the client is past already.
+                d.pos = None;
+                true
+            }
             Some(pos) if pos <= *last_pos => {
                 metrics::counter!("switchyard_edge_duplicates_skipped_total").increment(1);
                 false

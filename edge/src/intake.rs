@@ -303,6 +303,8 @@ pub fn dispatch_one(table: &UserTable, payload: &Bytes, scratch: &mut DispatchSc
                 prio: meta.prio,
                 conflation_key: meta.conflation_key,
                 replayed: false,
+                throttle_ms: meta.throttle_ms,
+                throttle_released: false,
             });
             if woke {
                 ready.push(conn.clone());

@@ -13,6 +13,7 @@
 //! - [`session`]: one connection's reader and writer.
 //! - [`wsread`]: WebSocket message reading (RFC 6455 rules, no buffer between frames).
 //! - [`outbound`]: the per-connection queue policy: rate limit, conflation, slow-consumer drops (pure).
+//! - [`throttle`]: per-key throttling of deliveries for `throttle_ms` subscriptions (pure).
 //! - [`op_limit`]: the per-connection rate limit on client ops (pure).
 //! - [`conn`]: the handle and bounded queues of one connection.
 //! - [`hub`]: the node's connections, registration, draining, the sweeper.
@@ -52,6 +53,7 @@ pub mod server;
 pub mod session;
 #[cfg(test)]
 mod test_support;
+pub mod throttle;
 pub mod tls;
 pub mod wsframe;
 pub mod wsread;

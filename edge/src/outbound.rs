@@ -31,6 +31,18 @@
 //!    and `critical` deliveries (the queue holds no `low` or `normal` one while
 //!    it is over a bound). Drops are counted as `slow_consumer`.
 //!
+//! Before all of these, throttling ([`crate::throttle`]): a delivery that
+//! the router marked with a throttle (a keyed, non-`critical` event that
+//! only throttled subscriptions of the user matched), unless replayed,
+//! passes at most once per interval per conflation key; the newest one
+//! within the interval waits outside the queue and joins it (through the
+//! rules above) when the interval has passed, at the next push or when the
+//! writer calls [`OutboundQueue::release_throttled`] at
+//! [`OutboundQueue::throttle_due`]. Merged-away deliveries are not drops.
+//! A delivery of the same key that is not throttled drops an older waiting
+//! one, so nothing stale follows a newer value. The throttle table exists
+//! only while a connection has throttled deliveries within their interval.
+//!
 //! Every operation is O(1) (expected, for the key map) apart from
 //! [`OutboundQueue::drain_batch`], which is O(events moved). Storage is a slab
 //! of entries threaded on intrusive lists (queue order, and one list per
@@ -39,10 +51,13 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchyard_common::event::Prio;
+
+use crate::throttle::{Offer, Throttle};
 
 /// One event on its way to a connection: the delivery body (see
 /// `switchyard_common::delivery`) and what flow control needs to know
@@ -57,8 +72,16 @@ pub struct Delivery {
     pub prio: Prio,
     /// Hash of the event's (`type`, `key`) when it has a key: the conflation identity.
     pub conflation_key: Option<u64>,
-    /// Replayed from the log on resume: never rate limited, never conflated.
+    /// Replayed from the log on resume: never rate limited, conflated or throttled.
     pub replayed: bool,
+    /// The throttle the router computed for this user (a keyed event that
+    /// only throttled subscriptions matched); `None` for most deliveries.
+    pub throttle_ms: Option<NonZeroU32>,
+    /// Held back by the throttle and released later: it may follow a
+    /// delivery with a higher `pos`, and then goes without its `pos` (the
+    /// client's resume point is past it already) instead of being skipped
+    /// as a duplicate.
+    pub throttle_released: bool,
 }
 
 impl Delivery {
@@ -71,6 +94,8 @@ impl Delivery {
             prio: meta.prio,
             conflation_key: meta.conflation_key,
             replayed,
+            throttle_ms: meta.throttle_ms,
+            throttle_released: false,
         }
     }
 }
@@ -120,6 +145,8 @@ pub enum Fate {
     RateLimited,
     /// Dropped: no room, even after dropping what it may displace (counted as `slow_consumer`).
     SlowConsumer,
+    /// Kept back by the throttle (it waits for its key's interval); not a drop.
+    Throttled,
 }
 
 /// The result of one [`OutboundQueue::push`].
@@ -134,6 +161,9 @@ pub struct PushOutcome {
     /// unreported drop is now [`DROPPED_NOTICE_WITHIN`] old (reported once
     /// per notice).
     pub wake: bool,
+    /// The throttle's next due time moved earlier: a writer sleeping until
+    /// [`OutboundQueue::throttle_due`] must look again.
+    pub rearm: bool,
 }
 
 /// Drops not yet reported to the client, per `dropped` reason.
@@ -200,7 +230,7 @@ enum Slot {
 /// Conflation keys are already 64-bit hashes (FNV-1a of type and key); one
 /// folded multiply spreads them over the map's buckets, far cheaper than SipHash.
 #[derive(Debug, Default, Clone, Copy)]
-struct KeyHasher(u64);
+pub(crate) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
@@ -299,6 +329,10 @@ pub struct OutboundQueue {
     total_rate_limited: u64,
     total_slow_consumer: u64,
     total_conflated: u64,
+    /// Throttled deliveries waiting for their key's interval; `None` (no
+    /// memory) on a connection without throttled deliveries in flight.
+    throttle: Option<Box<Throttle>>,
+    total_throttled: u64,
 }
 
 impl OutboundQueue {
@@ -319,6 +353,8 @@ impl OutboundQueue {
             total_rate_limited: 0,
             total_slow_consumer: 0,
             total_conflated: 0,
+            throttle: None,
+            total_throttled: 0,
         }
     }
 
@@ -370,10 +406,109 @@ impl OutboundQueue {
         self.total_conflated
     }
 
-    /// Applies the flow-control policy to `d` at `now`: conflation, rate
-    /// limit, slow-consumer bound (see the module documentation).
-    pub fn push(&mut self, mut d: Delivery, now: Instant) -> PushOutcome {
+    /// Deliveries the throttle merged away (a newer one of the key came
+    /// within the interval) since the queue was created.
+    pub fn total_throttled(&self) -> u64 {
+        self.total_throttled
+    }
+
+    /// When the throttle next needs [`OutboundQueue::release_throttled`]:
+    /// a waiting delivery is due, or the table can be let go. `None` when
+    /// the connection has no throttle table.
+    pub fn throttle_due(&self) -> Option<Instant> {
+        self.throttle.as_ref().map(|t| t.next_due())
+    }
+
+    /// Queues the throttled deliveries due at `now` (and lets the throttle
+    /// table go once it holds nothing). Whether the writer needs waking:
+    /// the queue went from empty to non-empty.
+    pub fn release_throttled(&mut self, now: Instant) -> bool {
         let was_empty = self.is_empty();
+        self.release_due(now);
+        was_empty && !self.is_empty()
+    }
+
+    /// Applies the flow-control policy to `d` at `now`: throttle,
+    /// conflation, rate limit, slow-consumer bound (see the module
+    /// documentation).
+    pub fn push(&mut self, d: Delivery, now: Instant) -> PushOutcome {
+        let was_empty = self.is_empty();
+        let (fate, evicted, rearm) = if d.throttle_ms.is_none() && self.throttle.is_none() {
+            let (fate, evicted) = self.enqueue(d, now);
+            (fate, evicted, false)
+        } else {
+            let due_before = self.throttle_due();
+            // What is due goes first: it is older than `d`.
+            let released_evicted = self.release_due(now);
+            let (fate, evicted) = match self.throttle_step(d, now) {
+                Some(d) => self.enqueue(d, now),
+                None => (Fate::Throttled, 0),
+            };
+            let rearm = match (due_before, self.throttle_due()) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(before), Some(after)) => after < before,
+            };
+            (fate, evicted + released_evicted, rearm)
+        };
+        let notice_due = !self.notice_woken
+            && self
+                .pending_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= DROPPED_NOTICE_WITHIN);
+        self.notice_woken |= notice_due;
+        PushOutcome {
+            fate,
+            evicted,
+            wake: (was_empty && !self.is_empty()) || notice_due,
+            rearm,
+        }
+    }
+
+    /// The throttle's step: `Some` when `d` goes on to the queue now.
+    fn throttle_step(&mut self, d: Delivery, now: Instant) -> Option<Delivery> {
+        let Some(key) = d.conflation_key else {
+            return Some(d);
+        };
+        match d.throttle_ms {
+            Some(ms) if d.prio != Prio::Critical && !d.replayed => {
+                let t = self.throttle.get_or_insert_with(|| Box::new(Throttle::new(now)));
+                match t.offer(d, key, ms, now) {
+                    Offer::Pass(d) => Some(d),
+                    Offer::Held { merged } => {
+                        self.total_throttled += u64::from(merged);
+                        None
+                    }
+                }
+            }
+            _ => {
+                if let Some(t) = self.throttle.as_mut() {
+                    self.total_throttled += u64::from(t.supersede(key, &d));
+                }
+                Some(d)
+            }
+        }
+    }
+
+    /// Queues what the throttle has due at `now`; returns how many queued
+    /// deliveries that evicted. Lets the table go when it holds nothing.
+    fn release_due(&mut self, now: Instant) -> usize {
+        let Some(mut t) = self.throttle.take() else {
+            return 0;
+        };
+        let mut evicted = 0;
+        if t.next_due() <= now {
+            // Their own cuts (rate limit, room) are counted in the queue's
+            // totals and the `dropped` notices like any other delivery's.
+            t.release_due(now, |d| evicted += self.enqueue(d, now).1);
+        }
+        if !t.is_expired(now) {
+            self.throttle = Some(t);
+        }
+        evicted
+    }
+
+    /// Conflation, rate limit and slow-consumer bound for `d` at `now`.
+    fn enqueue(&mut self, mut d: Delivery, now: Instant) -> (Fate, usize) {
         let superseded = conflatable_key(&d).and_then(|k| self.keys.get(&k).copied());
         let (fate, evicted) = match superseded {
             Some(slot) => {
@@ -388,16 +523,7 @@ impl OutboundQueue {
             }
             None => self.admit(d, None, now),
         };
-        let notice_due = !self.notice_woken
-            && self
-                .pending_since
-                .is_some_and(|t| now.saturating_duration_since(t) >= DROPPED_NOTICE_WITHIN);
-        self.notice_woken |= notice_due;
-        PushOutcome {
-            fate,
-            evicted,
-            wake: (was_empty && !self.is_empty()) || notice_due,
-        }
+        (fate, evicted)
     }
 
     /// Moves the next deliveries, in queue order, to the end of `out`: at
@@ -644,7 +770,23 @@ mod tests {
             prio,
             conflation_key: key,
             replayed: false,
+            throttle_ms: None,
+            throttle_released: false,
         }
+    }
+
+    /// A throttled delivery (`throttle_ms`) with conflation key `key`.
+    fn thr(id: u64, prio: Prio, key: u64, throttle_ms: u32) -> Delivery {
+        Delivery {
+            throttle_ms: NonZeroU32::new(throttle_ms),
+            ..ev(id, prio, Some(key), 10)
+        }
+    }
+
+    fn drained(q: &mut OutboundQueue) -> Vec<u64> {
+        let mut out = Vec::new();
+        while q.drain_batch(&mut out) > 0 {}
+        out.iter().map(id_of).collect()
     }
 
     fn id_of(d: &Delivery) -> u64 {
@@ -748,6 +890,93 @@ mod tests {
         fn droppable_len(&self) -> usize {
             self.classes[LOW].len + self.classes[NORMAL].len
         }
+    }
+
+    #[test]
+    fn throttle_latest_wins_and_the_interval_is_honoured() {
+        let t0 = Instant::now();
+        let mut q = OutboundQueue::new(OutboundConfig::default());
+        assert_eq!(q.throttle_due(), None, "no table before a throttled delivery");
+        let o = q.push(thr(1, Prio::Normal, 7, 100), t0);
+        assert_eq!(o.fate, Fate::Queued);
+        assert!(o.rearm, "the writer learns of the table");
+        for (i, id) in (2..=5).enumerate() {
+            let o = q.push(thr(id, Prio::Normal, 7, 100), t0 + ms(10 * i as u64 + 10));
+            assert_eq!(o.fate, Fate::Throttled);
+            assert!(!o.wake);
+        }
+        assert_eq!(drained(&mut q), [1]);
+        assert_eq!(q.total_throttled(), 3, "2, 3 and 4 merged away");
+        assert_eq!(q.take_dropped(), None, "merged-away deliveries are not drops");
+        assert_eq!(q.throttle_due(), Some(t0 + ms(100)));
+        assert!(!q.release_throttled(t0 + ms(99)));
+        assert!(q.release_throttled(t0 + ms(100)));
+        let mut out = Vec::new();
+        q.drain_batch(&mut out);
+        assert_eq!(out.iter().map(id_of).collect::<Vec<_>>(), [5], "the latest value");
+        assert!(out[0].throttle_released);
+        // Due again 100 ms after the release; then the table goes.
+        assert_eq!(q.throttle_due(), Some(t0 + ms(200)));
+        assert!(!q.release_throttled(t0 + ms(200)));
+        assert_eq!(q.throttle_due(), None, "an expired table is let go");
+        assert_eq!(q.push(thr(6, Prio::Normal, 7, 100), t0 + ms(201)).fate, Fate::Queued);
+    }
+
+    #[test]
+    fn a_due_delivery_goes_before_the_next_push() {
+        let t0 = Instant::now();
+        let mut q = OutboundQueue::new(OutboundConfig::default());
+        let _ = q.push(thr(1, Prio::Normal, 7, 100), t0);
+        assert_eq!(drained(&mut q), [1]);
+        let _ = q.push(thr(2, Prio::Normal, 7, 100), t0 + ms(1));
+        // No writer ran the timer: the next push releases 2 first, then
+        // 3 finds the interval restarted and waits.
+        let o = q.push(thr(3, Prio::Normal, 7, 100), t0 + ms(150));
+        assert_eq!(o.fate, Fate::Throttled);
+        assert_eq!(drained(&mut q), [2]);
+    }
+
+    #[test]
+    fn unkeyed_critical_and_replayed_deliveries_are_not_throttled() {
+        let t0 = Instant::now();
+        let mut q = OutboundQueue::new(OutboundConfig::default());
+        let _ = q.push(thr(1, Prio::Normal, 7, 1000), t0);
+        let unkeyed = Delivery {
+            conflation_key: None,
+            ..thr(2, Prio::Normal, 7, 1000)
+        };
+        assert_eq!(q.push(unkeyed, t0).fate, Fate::Queued);
+        assert_eq!(q.push(thr(3, Prio::Critical, 7, 1000), t0).fate, Fate::Queued);
+        let replayed = Delivery {
+            replayed: true,
+            ..thr(4, Prio::Normal, 7, 1000)
+        };
+        assert_eq!(q.push(replayed, t0).fate, Fate::Queued);
+        assert_eq!(drained(&mut q), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_newer_unthrottled_delivery_of_the_key_drops_the_waiting_one() {
+        let t0 = Instant::now();
+        let mut q = OutboundQueue::new(OutboundConfig::default());
+        let _ = q.push(thr(1, Prio::Normal, 7, 100), t0);
+        assert_eq!(q.push(thr(2, Prio::Normal, 7, 100), t0).fate, Fate::Throttled);
+        // The same key matched an unthrottled subscription too: not throttled.
+        assert_eq!(q.push(ev(3, Prio::Normal, Some(7), 10), t0).fate, Fate::Replaced);
+        assert!(!q.release_throttled(t0 + ms(100)));
+        assert_eq!(drained(&mut q), [3], "2 would be stale after 3");
+    }
+
+    #[test]
+    fn throttled_keys_are_independent() {
+        let t0 = Instant::now();
+        let mut q = OutboundQueue::new(OutboundConfig::default());
+        for (i, key) in [1u64, 2, 1, 2, 1, 2].into_iter().enumerate() {
+            let _ = q.push(thr(i as u64 + 1, Prio::Normal, key, 100), t0 + ms(i as u64));
+        }
+        assert_eq!(drained(&mut q), [1, 2]);
+        assert!(q.release_throttled(t0 + ms(101)));
+        assert_eq!(drained(&mut q), [5, 6], "each key's latest, in arrival order");
     }
 
     #[test]
@@ -1288,6 +1517,7 @@ mod tests {
                                 prop_assert_eq!(out.evicted, 0);
                             }
                             Fate::Queued => prop_assert!(target.is_none()),
+                            Fate::Throttled => prop_assert!(false, "nothing here is throttled"),
                         }
                         if !bypass && target.is_none() && matches!(out.fate, Fate::Queued | Fate::SlowConsumer) {
                             tokens_taken += 1;

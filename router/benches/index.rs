@@ -198,6 +198,7 @@ impl Workload {
             min,
             max: BTreeMap::new(),
             fields: None,
+            throttle_ms: None,
         };
         (user, sub)
     }

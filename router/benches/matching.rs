@@ -92,6 +92,7 @@ fn subscription(rng: &mut XorShift, name: String) -> Subscription {
         min,
         max: BTreeMap::new(),
         fields: None,
+        throttle_ms: None,
     }
 }
 

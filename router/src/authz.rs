@@ -386,6 +386,7 @@ mod tests {
             min: BTreeMap::new(),
             max: BTreeMap::new(),
             fields: None,
+            throttle_ms: None,
         }
     }
 

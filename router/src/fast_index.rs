@@ -437,7 +437,7 @@ impl FastIndex {
             field |= MORE_BOUNDS;
         }
         Slot {
-            sub: SubRef::with_tail(&sub.name, sub.fields.as_deref(), &tail),
+            sub: SubRef::with_tail(sub, &tail),
             user,
             field,
             lo: first.lo,
@@ -523,6 +523,7 @@ impl FastIndex {
             min,
             max,
             fields: slot.sub.fields().map(|f| f.map(str::to_string).collect()),
+            throttle_ms: slot.sub.throttle_ms().map(std::num::NonZeroU32::get),
         }
     }
 
@@ -773,6 +774,7 @@ mod tests {
             min: BTreeMap::new(),
             max: BTreeMap::new(),
             fields: None,
+            throttle_ms: None,
         }
     }
 

@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use switchyard_common::subscription::{MatchQuery, Subscription};
@@ -56,27 +57,31 @@ pub trait SubscriptionIndex: Send + Sync {
     }
 }
 
-/// A matched subscription as delivery sees it: its name and `fields`.
+/// A matched subscription as delivery sees it: its name, `fields` and
+/// `throttle_ms`.
 ///
 /// One thin reference-counted allocation (an 8-byte pointer; cloning it is one
 /// atomic increment, no allocation), so a matcher can collect handles under
 /// the index's read lock and use them after releasing it. The bytes are the
-/// name, then `fields`, then an opaque tail that the index that made the
-/// handle may use for its own bookkeeping; each part is length-prefixed
-/// (LEB128), so `name()` reads one byte of header for names under 128 bytes.
+/// name, then `fields`, then the throttle, then an opaque tail that the index
+/// that made the handle may use for its own bookkeeping; each part is
+/// length-prefixed or a number (LEB128), so `name()` reads one byte of header
+/// for names under 128 bytes.
 #[derive(Clone)]
 pub struct SubRef(ThinArc<(), u8>);
 
 impl SubRef {
-    /// A handle holding `name` and `fields` only.
-    pub fn new(name: &str, fields: Option<&[String]>) -> SubRef {
-        SubRef::with_tail(name, fields, &[])
+    /// A handle holding what delivery needs of `sub` only.
+    pub fn new(sub: &Subscription) -> SubRef {
+        SubRef::with_tail(sub, &[])
     }
 
-    /// A handle holding `name`, `fields` and `tail` (bytes private to the index).
-    pub(crate) fn with_tail(name: &str, fields: Option<&[String]>, tail: &[u8]) -> SubRef {
+    /// A handle holding what delivery needs of `sub`, and `tail` (bytes
+    /// private to the index).
+    pub(crate) fn with_tail(sub: &Subscription, tail: &[u8]) -> SubRef {
+        let (name, fields) = (&sub.name, sub.fields.as_deref());
         let fields_len: usize = fields.map_or(0, |f| f.iter().map(|s| 5 + s.len()).sum());
-        let mut bytes = Vec::with_capacity(10 + name.len() + fields_len + tail.len());
+        let mut bytes = Vec::with_capacity(15 + name.len() + fields_len + tail.len());
         put_uint(&mut bytes, name.len());
         bytes.extend_from_slice(name.as_bytes());
         match fields {
@@ -89,6 +94,8 @@ impl SubRef {
                 }
             }
         }
+        // 0: unthrottled (a throttle is at least 1 ms).
+        put_uint(&mut bytes, sub.throttle_ms.map_or(0, |t| t as usize));
         bytes.extend_from_slice(tail);
         SubRef(ThinArc::from_header_and_slice((), &bytes))
     }
@@ -118,13 +125,25 @@ impl SubRef {
         }
     }
 
-    /// The index's private bytes after the name and fields.
-    pub(crate) fn tail(&self) -> &[u8] {
+    /// The reader positioned after the fields (at the throttle).
+    fn after_fields(&self) -> Reader<'_> {
         let (_, mut r) = self.split_name();
         match r.uint() {
-            0 => r.0,
-            n => Fields { left: n - 1, r }.rest(),
+            0 => r,
+            n => Reader(Fields { left: n - 1, r }.rest()),
         }
+    }
+
+    /// The subscription's `throttle_ms`; `None` when unthrottled.
+    pub fn throttle_ms(&self) -> Option<NonZeroU32> {
+        NonZeroU32::new(self.after_fields().uint() as u32)
+    }
+
+    /// The index's private bytes after the name, fields and throttle.
+    pub(crate) fn tail(&self) -> &[u8] {
+        let mut r = self.after_fields();
+        r.uint();
+        r.0
     }
 
     /// Heap bytes of the allocation: the reference count, the length and the bytes.
@@ -138,6 +157,7 @@ impl fmt::Debug for SubRef {
         f.debug_struct("SubRef")
             .field("name", &self.name())
             .field("fields", &self.fields().map(|f| f.collect::<Vec<_>>()))
+            .field("throttle_ms", &self.throttle_ms())
             .finish()
     }
 }
@@ -261,7 +281,7 @@ impl SubscriptionIndex for ScanIndex {
             Some(old) => self.detach(user, &old),
             None => self.count += 1,
         }
-        let handle = SubRef::new(&sub.name, sub.fields.as_deref());
+        let handle = SubRef::new(&sub);
         self.by_type
             .entry(sub.sub_type.clone())
             .or_default()
@@ -337,6 +357,7 @@ mod tests {
             min: BTreeMap::new(),
             max: BTreeMap::new(),
             fields: None,
+            throttle_ms: None,
         }
     }
 
@@ -394,18 +415,28 @@ mod tests {
     fn sub_ref_round_trips_name_fields_and_tail() {
         let long = "n".repeat(300);
         let fields = ["a".to_string(), "b".repeat(200), String::new()];
-        for (name, fields, tail) in [
-            ("s", None, &[][..]),
-            ("s", Some(&fields[..]), &[1, 2, 3][..]),
-            (long.as_str(), Some(&fields[..0]), &[0x80, 0][..]),
-            ("", None, &[7][..]),
+        for (name, fields, throttle, tail) in [
+            ("s", None, None, &[][..]),
+            ("s", Some(&fields[..]), Some(1), &[1, 2, 3][..]),
+            (long.as_str(), Some(&fields[..0]), Some(3_600_000), &[0x80, 0][..]),
+            ("", None, Some(200), &[7][..]),
         ] {
-            let r = SubRef::with_tail(name, fields, tail);
+            let sub = Subscription {
+                name: name.to_string(),
+                sub_type: "t".into(),
+                filters: BTreeMap::new(),
+                min: BTreeMap::new(),
+                max: BTreeMap::new(),
+                fields: fields.map(|f| f.to_vec()),
+                throttle_ms: throttle,
+            };
+            let r = SubRef::with_tail(&sub, tail);
             assert_eq!(r.name(), name);
             assert_eq!(
                 r.fields().map(|f| f.collect::<Vec<_>>()),
                 fields.map(|f| f.iter().map(String::as_str).collect())
             );
+            assert_eq!(r.throttle_ms().map(NonZeroU32::get), throttle);
             assert_eq!(r.tail(), tail);
             assert_eq!(r.clone().name(), name);
         }

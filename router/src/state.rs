@@ -305,6 +305,7 @@ mod tests {
             min: None,
             max: None,
             fields: None,
+            throttle_ms: None,
         }
     }
 
@@ -368,6 +369,7 @@ mod tests {
             min: None,
             max: None,
             fields: None,
+            throttle_ms: None,
         }
     }
 

@@ -550,6 +550,7 @@ mod tests {
             min: BTreeMap::new(),
             max: BTreeMap::new(),
             fields: None,
+            throttle_ms: None,
         }
     }
 

@@ -8,12 +8,13 @@
 //! no awaiting, so it is tested on its own ([`crate::ingest`] sends what it
 //! produces). Locks are held only while reading.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use switchyard_common::delivery::encode_delivery;
-use switchyard_common::event::{ProducerEvent, Target};
+use switchyard_common::delivery::{encode_delivery_with, BodyExtras};
+use switchyard_common::event::{Prio, ProducerEvent, Target};
 use switchyard_common::subscription::MatchQuery;
 use switchyard_common::transcode;
 
@@ -21,8 +22,9 @@ use crate::handoff::Fanout;
 use crate::index::SubRef;
 use crate::state::RouterState;
 
-/// One body of an event: the subscription names and `fields` it was made for, and its bytes.
-type Variant<'a> = (Vec<&'a str>, Option<Vec<&'a str>>, Bytes);
+/// One body of an event: the subscription names, `fields` and throttle it
+/// was made for, and its bytes.
+type Variant<'a> = (Vec<&'a str>, Option<Vec<&'a str>>, Option<NonZeroU32>, Bytes);
 
 /// Distinct bodies of one event compared before a user's body is encoded anew.
 const MAX_VARIANTS: usize = 32;
@@ -104,25 +106,31 @@ impl Targeter {
         matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name().cmp(b.1.name())));
         let mut delivered = 0;
         let mut names: Vec<&str> = Vec::new();
-        // Bodies of this event so far: (names, fields, bytes).
+        // Bodies of this event so far: (names, fields, throttle, bytes).
         let mut variants: Vec<Variant<'_>> = Vec::new();
+        let throttleable = event.key.is_some() && event.prio != Prio::Critical;
         for group in matches.chunk_by(|a, b| a.0 == b.0) {
             names.clear();
             names.extend(group.iter().map(|(_, s)| s.name()));
             let fields = fields_union(group.iter().map(|(_, s)| s));
+            let throttle = if throttleable {
+                effective_throttle(group.iter().map(|(_, s)| s))
+            } else {
+                None
+            };
             let found = variants
                 .iter()
                 .take(MAX_VARIANTS)
-                .position(|(n, f, _)| *n == names && *f == fields);
+                .position(|(n, f, t, _)| *n == names && *f == fields && *t == throttle);
             let v = match found {
                 Some(v) => v,
                 None => {
-                    let body = self.body(event, ts, &names, fields.as_deref());
-                    variants.push((names.clone(), fields, body));
+                    let body = self.body_with(event, ts, &names, fields.as_deref(), throttle);
+                    variants.push((names.clone(), fields, throttle, body));
                     variants.len() - 1
                 }
             };
-            fanout.to_user(&group[0].0, v as u32, &variants[v].2);
+            fanout.to_user(&group[0].0, v as u32, &variants[v].3);
             delivered += 1;
         }
         drop(variants);
@@ -133,6 +141,18 @@ impl Targeter {
 
     /// Encodes one delivery body, trimming `data` to `fields` when asked.
     fn body(&mut self, event: &ProducerEvent, ts: u64, subs: &[&str], fields: Option<&[&str]>) -> Bytes {
+        self.body_with(event, ts, subs, fields, None)
+    }
+
+    /// [`Targeter::body`] carrying the user's effective throttle to the edge.
+    fn body_with(
+        &mut self,
+        event: &ProducerEvent,
+        ts: u64,
+        subs: &[&str],
+        fields: Option<&[&str]>,
+        throttle_ms: Option<NonZeroU32>,
+    ) -> Bytes {
         let mut trimmed = std::mem::take(&mut self.scratch);
         trimmed.clear();
         let use_trimmed = match fields {
@@ -146,15 +166,22 @@ impl Targeter {
             },
         };
         let data: &[u8] = if use_trimmed { &trimmed } else { &event.data };
-        let body = self.scratch_body(event, ts, subs, data);
+        let body = self.scratch_body(event, ts, subs, data, BodyExtras { throttle_ms });
         self.scratch = trimmed;
         body
     }
 
-    fn scratch_body(&mut self, event: &ProducerEvent, ts: u64, subs: &[&str], data: &[u8]) -> Bytes {
+    fn scratch_body(
+        &mut self,
+        event: &ProducerEvent,
+        ts: u64,
+        subs: &[&str],
+        data: &[u8],
+        extras: BodyExtras,
+    ) -> Bytes {
         let mut body = std::mem::take(&mut self.body_buf);
         body.clear();
-        encode_delivery(event, ts, subs, data, &mut body);
+        encode_delivery_with(event, ts, subs, data, extras, &mut body);
         if self.out.capacity() < body.len() {
             self.out.reserve(body.len().max(64 * 1024));
         }
@@ -162,6 +189,19 @@ impl Targeter {
         self.body_buf = body;
         self.out.split().freeze()
     }
+}
+
+/// The throttle of an event (with a key, not `critical`) for a user whose
+/// matching subscriptions are `subs`: the smallest `throttle_ms` among them,
+/// or `None` when any of them is unthrottled (docs/PROTOCOL.md: an event
+/// that also matches an unthrottled subscription is not throttled).
+fn effective_throttle<'a>(subs: impl Iterator<Item = &'a SubRef>) -> Option<NonZeroU32> {
+    let mut min: Option<NonZeroU32> = None;
+    for s in subs {
+        let t = s.throttle_ms()?;
+        min = Some(min.map_or(t, |m| m.min(t)));
+    }
+    min
 }
 
 /// The union of `fields` over a user's matching subscriptions; `None` when
@@ -194,6 +234,17 @@ mod tests {
     }
 
     fn subscribe(state: &RouterState, user: &str, name: &str, region: &str, fields: Option<&[&str]>) {
+        subscribe_throttled(state, user, name, region, fields, None)
+    }
+
+    fn subscribe_throttled(
+        state: &RouterState,
+        user: &str,
+        name: &str,
+        region: &str,
+        fields: Option<&[&str]>,
+        throttle_ms: Option<u32>,
+    ) {
         let sub = Subscription {
             name: name.into(),
             sub_type: "price".into(),
@@ -203,6 +254,7 @@ mod tests {
             min: BTreeMap::new(),
             max: BTreeMap::new(),
             fields: fields.map(|f| f.iter().map(|s| s.to_string()).collect()),
+            throttle_ms,
         };
         state.apply_change(&Change::Subscribe { user: user.into(), sub });
     }
@@ -215,6 +267,13 @@ mod tests {
 
     /// Per user (or `*` for a broadcast): the user partition and the body, decoded.
     fn targets(state: &RouterState, event: &ProducerEvent) -> (usize, BTreeMap<String, (u32, rmpv::Value)>) {
+        let (n, raw) = raw_targets(state, event);
+        let decode = |b: &Bytes| rmpv::decode::read_value(&mut &b[..]).unwrap();
+        (n, raw.into_iter().map(|(u, (p, b))| (u, (p, decode(&b)))).collect())
+    }
+
+    /// Per user (or `*` for a broadcast): the user partition and the body.
+    fn raw_targets(state: &RouterState, event: &ProducerEvent) -> (usize, BTreeMap<String, (u32, Bytes)>) {
         let mut fanout = Fanout::new(PARTITIONS);
         fanout.begin("st:1", true);
         let n = Targeter::default().target(state, event, 7, &mut fanout);
@@ -227,13 +286,12 @@ mod tests {
             let p = *p;
             let mut r = HandoffReader::new(msg).unwrap();
             while let Some(e) = r.next_event(&mut bodies, &mut users).unwrap() {
-                let decode = |b: &Bytes| rmpv::decode::read_value(&mut &b[..]).unwrap();
                 if e.broadcast {
-                    out.insert("*".to_string(), (p, decode(&bodies[0])));
+                    out.insert("*".to_string(), (p, bodies[0].clone()));
                 }
                 for (u, i) in &users {
                     assert_eq!(switchyard_common::fanout::user_partition(u, PARTITIONS), p, "{u}");
-                    out.insert(u.to_string(), (p, decode(&bodies[*i as usize])));
+                    out.insert(u.to_string(), (p, bodies[*i as usize].clone()));
                 }
             }
         }
@@ -317,5 +375,50 @@ mod tests {
         // a's subscriptions together want the whole payload; b's only `p`.
         assert_eq!(data_keys(&out["a"].1), ["p", "q"].map(String::from).into());
         assert_eq!(data_keys(&out["b"].1), ["p"].map(String::from).into());
+    }
+
+    #[test]
+    fn the_effective_throttle_is_the_smallest_unless_one_match_is_unthrottled() {
+        let s = state();
+        // a: two throttled matches → the smaller; b: one throttled and one
+        // not → unthrottled; c: unthrottled only; d: throttled, other region.
+        subscribe_throttled(&s, "a", "slow", "eu", None, Some(1000));
+        subscribe_throttled(&s, "a", "fast", "eu", None, Some(250));
+        subscribe_throttled(&s, "b", "slow", "eu", None, Some(1000));
+        subscribe(&s, "b", "all", "eu", None);
+        subscribe(&s, "c", "all", "eu", None);
+        subscribe_throttled(&s, "d", "slow", "us", None, Some(1000));
+        let throttles = |ev: &ProducerEvent| -> BTreeMap<String, Option<u32>> {
+            raw_targets(&s, ev)
+                .1
+                .into_iter()
+                .map(|(u, (_, b))| {
+                    let meta = switchyard_common::delivery::peek_meta(&b).unwrap();
+                    (u, meta.throttle_ms.map(NonZeroU32::get))
+                })
+                .collect()
+        };
+        let mut keyed = event(serde_json::json!({"match": {"region": "eu"}}));
+        keyed.key = Some("AAPL".into());
+        let got = throttles(&keyed);
+        assert_eq!(got["a"], Some(250));
+        assert_eq!(got["b"], None, "b also matches an unthrottled subscription");
+        assert_eq!(got["c"], None);
+        assert!(!got.contains_key("d"));
+        // Without a key, or critical: never throttled.
+        let unkeyed = event(serde_json::json!({"match": {"region": "eu"}}));
+        assert_eq!(throttles(&unkeyed)["a"], None);
+        keyed.prio = Prio::Critical;
+        assert_eq!(throttles(&keyed)["a"], None);
+        // The internal entry never changes what clients see: a's body
+        // decodes to the same fields as an unthrottled one would have.
+        keyed.prio = Prio::Normal;
+        let body = &raw_targets(&s, &keyed).1["a"].1;
+        let mut frame = Vec::new();
+        switchyard_common::delivery::write_event_frame(switchyard_common::Encoding::Json, body, None, &mut frame)
+            .unwrap();
+        let text = std::str::from_utf8(&frame).unwrap();
+        assert!(!text.contains("~t"), "{text}");
+        assert!(text.contains(r#""sub":["fast","slow"]"#), "{text}");
     }
 }

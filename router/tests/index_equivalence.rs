@@ -66,8 +66,9 @@ fn subscription() -> impl Strategy<Value = Subscription> {
         bounds(),
         bounds(),
         prop::option::of(subsequence(vec!["p", "q", "r"], 0..=2)),
+        prop::option::of(1..=3_600_000u32),
     )
-        .prop_map(|(name, ty, mut filters, (x, y), min, max, fields)| {
+        .prop_map(|(name, ty, mut filters, (x, y), min, max, fields, throttle_ms)| {
             // Every subscription of t0 names x and y (as every one names
             // `symbol` in practice), so some dimensions have no wildcard part.
             if ty == "t0" {
@@ -81,6 +82,7 @@ fn subscription() -> impl Strategy<Value = Subscription> {
                 min,
                 max,
                 fields: fields.map(|f| f.into_iter().map(String::from).collect()),
+                throttle_ms,
             }
         })
 }
@@ -109,8 +111,8 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// A match as delivery sees it: user, subscription name and `fields`.
-type Match = (String, String, Option<Vec<String>>);
+/// A match as delivery sees it: user, subscription name, `fields` and throttle.
+type Match = (String, String, Option<Vec<String>>, Option<u32>);
 
 /// Every match an index reports, sorted, duplicates kept.
 fn matched(idx: &dyn SubscriptionIndex, q: &MatchQuery<'_>) -> Vec<Match> {
@@ -120,6 +122,7 @@ fn matched(idx: &dyn SubscriptionIndex, q: &MatchQuery<'_>) -> Vec<Match> {
             u.to_string(),
             s.name().to_string(),
             s.fields().map(|f| f.map(String::from).collect()),
+            s.throttle_ms().map(|t| t.get()),
         ))
     });
     out.sort();
@@ -159,7 +162,7 @@ proptest! {
                     let want: Vec<Match> = model
                         .iter()
                         .filter(|(_, s)| s.matches(&q))
-                        .map(|((u, n), s)| (u.clone(), n.clone(), s.fields.clone()))
+                        .map(|((u, n), s)| (u.clone(), n.clone(), s.fields.clone(), s.throttle_ms))
                         .collect();
                     prop_assert_eq!(&matched(&scan, &q), &want);
                     prop_assert_eq!(&matched(&fast, &q), &want, "event {:?}", ev);

@@ -513,6 +513,7 @@ async fn thousands_of_durable_deliveries_in_one_batch_are_all_stored() -> R {
                 min: None,
                 max: None,
                 fields: None,
+                throttle_ms: None,
             }),
         };
         let reply = fleet

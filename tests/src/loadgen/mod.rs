@@ -130,6 +130,14 @@ pub struct LoadConfig {
     /// Alert subscriptions per user (w2).
     #[arg(long, default_value_t = 5)]
     pub subs_per_user: usize,
+    /// w1: subscribe with this `throttle_ms` and give every tick its symbol
+    /// as `key` (throttling acts on keyed events only).
+    #[arg(long)]
+    pub throttle_ms: Option<u32>,
+    /// w1: give every tick its symbol as `key` (without `--throttle-ms`: the
+    /// keyed, unthrottled reference).
+    #[arg(long)]
+    pub keyed: bool,
     /// Groups in the storm workload: each event goes to one group of users (w4).
     #[arg(long, default_value_t = 100)]
     pub groups: usize,
@@ -204,7 +212,11 @@ fn subscribe_frames(cfg: &LoadConfig, zipf: &Zipf) -> (Vec<Vec<Value>>, Targets)
                         by_symbol[s].push(u as u32);
                     }
                     let names: Vec<String> = syms.iter().map(|&s| plan::symbol(s)).collect();
-                    vec![json!({"op":"subscribe","sub":"ticks","type":"tick","filters":{"symbol": names}})]
+                    let mut f = json!({"op":"subscribe","sub":"ticks","type":"tick","filters":{"symbol": names}});
+                    if let Some(t) = cfg.throttle_ms {
+                        f["throttle_ms"] = json!(t);
+                    }
+                    vec![f]
                 })
                 .collect();
             (frames, Targets::Ticks(by_symbol))
@@ -273,6 +285,8 @@ struct Producer {
     expected: Arc<Vec<AtomicU64>>,
     shared: Arc<Shared>,
     rate: f64,
+    /// w1 ticks carry their symbol as `key`.
+    keyed: bool,
 }
 
 impl Producer {
@@ -280,7 +294,8 @@ impl Producer {
         buf.clear();
         users.clear();
         let t = now_us();
-        let _ = rmp::encode::write_map_len(buf, 3);
+        let keyed = self.keyed && matches!(self.targets, Targets::Ticks(_));
+        let _ = rmp::encode::write_map_len(buf, 3 + u32::from(keyed));
         w_str(buf, "data");
         match (&self.targets, self.scenario) {
             (Targets::Ticks(by_symbol), _) => {
@@ -304,6 +319,10 @@ impl Producer {
                 w_str(buf, &sym);
                 w_str(buf, "durable");
                 let _ = rmp::encode::write_bool(buf, false);
+                if keyed {
+                    w_str(buf, "key");
+                    w_str(buf, &sym);
+                }
             }
             (Targets::Alerts(by_symbol, subs), _) => {
                 let e = plan::alert_event(self.seed, seq, &self.zipf);
@@ -573,6 +592,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
             expected: expected.clone(),
             shared: shared.clone(),
             rate: cfg.rate,
+            keyed: cfg.keyed || cfg.throttle_ms.is_some(),
         }),
     };
     let stop_producer = CancellationToken::new();

@@ -231,6 +231,7 @@ pub fn parse_request(method: &str, enc: Encoding, payload: &[u8]) -> Result<ApiR
                 max: fields.optional("max"),
                 fields: fields.optional("fields"),
                 throttle_ms: fields.optional("throttle_ms"),
+                snapshot: fields.optional("snapshot"),
             }),
         },
         "unsubscribe" => ApiRequest::Unsubscribe {

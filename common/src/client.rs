@@ -183,6 +183,7 @@ pub fn decode_client_frame(enc: Encoding, buf: &[u8]) -> Result<ClientFrame, Fra
             max: optional("max"),
             fields: optional("fields"),
             throttle_ms: optional("throttle_ms"),
+            snapshot: optional("snapshot"),
         }),
         "unsubscribe" => ClientOp::Unsubscribe { sub: required("sub")? },
         "list" => ClientOp::List,

@@ -35,6 +35,23 @@ pub enum EdgeCommand {
         /// The revocation bucket's revision of the write.
         revision: u64,
     },
+    /// A subscription of `user` with a snapshot is about to be made: keep
+    /// its snapshot in order with its live events on each connection.
+    ExpectSnapshot {
+        /// The user id.
+        user: String,
+        /// The subscription's name.
+        sub: String,
+    },
+    /// The snapshot of that subscription, for each of the user's connections.
+    Snapshot {
+        /// The user id.
+        user: String,
+        /// The subscription's name.
+        sub: String,
+        /// Delivery bodies marked `snapshot`.
+        bodies: Vec<serde_bytes::ByteBuf>,
+    },
 }
 
 /// One edge's answer.
@@ -63,6 +80,8 @@ pub enum EdgeOutcome {
     },
     /// The revocations are in force.
     Applied,
+    /// Connections the command was carried out on.
+    Connections(u64),
     /// It could not do it (e.g. the revocations did not arrive in time).
     Failed(String),
 }
@@ -104,6 +123,11 @@ mod tests {
             },
             EdgeCommand::Stats,
             EdgeCommand::Revoked { revision: 7 },
+            EdgeCommand::Snapshot {
+                user: "u".into(),
+                sub: "s".into(),
+                bodies: vec![serde_bytes::ByteBuf::from(vec![0x80u8])],
+            },
         ] {
             assert_eq!(decode::<EdgeCommand>(&encode(&cmd)).unwrap(), cmd);
         }

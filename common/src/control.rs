@@ -68,6 +68,9 @@ pub enum ControlReply {
     },
     /// The user's subscriptions.
     Subs(Vec<Subscription>),
+    /// Applied, and the snapshot the subscribe asked for: delivery bodies
+    /// marked `snapshot` (docs/PROTOCOL.md, "Snapshots").
+    Snapshot(Vec<serde_bytes::ByteBuf>),
 }
 
 /// Encodes a request or reply.
@@ -101,6 +104,7 @@ mod tests {
                 max: None,
                 fields: None,
                 throttle_ms: Some(Value::from(250)),
+                snapshot: Some(Value::from(true)),
             }),
         };
         assert_eq!(decode::<ControlRequest>(&encode(&req)).unwrap(), req);
@@ -113,5 +117,12 @@ mod tests {
             decode::<ControlReply>(&encode(&ControlReply::Ok)).unwrap(),
             ControlReply::Ok
         );
+        let snap = ControlReply::Snapshot(vec![serde_bytes::ByteBuf::from(vec![0x80u8, 1, 2])]);
+        let bytes = encode(&snap);
+        assert!(
+            bytes.windows(2).any(|w| w == [0xc4, 3]),
+            "bodies travel as MessagePack bin"
+        );
+        assert_eq!(decode::<ControlReply>(&bytes).unwrap(), snap);
     }
 }

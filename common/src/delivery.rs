@@ -26,6 +26,9 @@ pub struct BodyExtras {
     /// the event has no key, is `critical`, or any matching subscription is
     /// unthrottled.
     pub throttle_ms: Option<NonZeroU32>,
+    /// A snapshot (docs/PROTOCOL.md, "Snapshots"): the client sees
+    /// `"snapshot": true`, and the body has no `pos` ever.
+    pub snapshot: bool,
 }
 
 /// The map header that marks a body carrying the internal trailer: a
@@ -67,7 +70,8 @@ pub fn encode_delivery_with(
         + u32::from(event.id.is_some())
         + u32::from(event.key.is_some())
         + u32::from(event.prio != Prio::Normal)
-        + u32::from(!subs.is_empty());
+        + u32::from(!subs.is_empty())
+        + u32::from(extras.snapshot);
     match extras.throttle_ms {
         // Writes into a Vec cannot fail.
         None => {
@@ -102,6 +106,10 @@ pub fn encode_delivery_with(
         for s in subs {
             write_str(out, s);
         }
+    }
+    if extras.snapshot {
+        write_str(out, "snapshot");
+        let _ = rmp::encode::write_bool(out, true);
     }
     if let Some(ms) = extras.throttle_ms {
         out.extend_from_slice(&TRAILER_TAG);
@@ -162,6 +170,41 @@ pub fn peek_meta(body: &[u8]) -> Result<DeliveryMeta, TranscodeError> {
         meta.conflation_key = Some(h);
     }
     Ok(meta)
+}
+
+/// Whether the body's `sub` list names `name` (the edge uses it to tell a
+/// new subscription's live events while that subscription's snapshot is
+/// on its way).
+pub fn body_has_sub(body: &[u8], name: &str) -> bool {
+    let Ok(Body { entries, mut rest, .. }) = split_body(body) else {
+        return false;
+    };
+    for _ in 0..entries {
+        let Ok(klen) = transcode::value_len(rest) else {
+            return false;
+        };
+        let (k, after_key) = rest.split_at(klen);
+        let Ok(vlen) = transcode::value_len(after_key) else {
+            return false;
+        };
+        let (mut v, after_value) = after_key.split_at(vlen);
+        if str_payload(k) == Some(b"sub") {
+            let Ok(n) = rmp::decode::read_array_len(&mut v) else {
+                return false;
+            };
+            for _ in 0..n {
+                let Ok(len) = transcode::value_len(v) else { return false };
+                let (s, next) = v.split_at(len);
+                if str_payload(s) == Some(name.as_bytes()) {
+                    return true;
+                }
+                v = next;
+            }
+            return false;
+        }
+        rest = after_value;
+    }
+    false
 }
 
 /// Reads the `ts` field (unix ms at publish) from a delivery body, without
@@ -521,6 +564,7 @@ mod tests {
         ev.id = Some("e1".into());
         let extras = BodyExtras {
             throttle_ms: NonZeroU32::new(250),
+            ..BodyExtras::default()
         };
         for subs in [&[][..], &["s1", "s2"][..]] {
             let mut plain = Vec::new();
@@ -719,5 +763,29 @@ mod tests {
             assert!(write_event_frame(Encoding::Json, body, Some(1), &mut out).is_err());
             assert!(out.is_empty());
         }
+    }
+
+    #[test]
+    fn snapshot_bodies_say_so_and_name_their_subscription() {
+        let mut ev = event();
+        ev.key = Some("AAPL".into());
+        let extras = BodyExtras {
+            snapshot: true,
+            ..BodyExtras::default()
+        };
+        let mut body = Vec::new();
+        encode_delivery_with(&ev, 5, &["watch"], &ev.data, extras, &mut body);
+        let mut frame = Vec::new();
+        write_event_frame(Encoding::Json, &body, None, &mut frame).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(v["snapshot"], true);
+        assert_eq!(v["sub"], serde_json::json!(["watch"]));
+        assert!(v.get("pos").is_none());
+        assert!(body_has_sub(&body, "watch"));
+        assert!(!body_has_sub(&body, "watc"));
+        let mut plain = Vec::new();
+        encode_delivery(&ev, 5, &[], &ev.data, &mut plain);
+        assert!(!body_has_sub(&plain, "watch"));
+        assert!(!body_has_sub(b"\xc1", "watch"));
     }
 }

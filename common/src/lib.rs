@@ -16,6 +16,7 @@
 //! - [`control`]: edge ↔ router request/reply messages for subscription changes.
 //! - [`api`]: the application API's requests (checked) and replies.
 //! - [`command`]: router → every-edge commands behind the application API.
+//! - [`latest`]: the latest keyed event per (type, key), as kept for snapshots.
 //! - [`revocation`]: token revocations, as stored and as checked.
 //! - [`transcode`]: byte-level MessagePack helpers (skip, trim, to JSON).
 //! - [`secret`]: a config value whose `Debug` is `<redacted>`.
@@ -31,6 +32,7 @@ pub mod event;
 pub mod fanout;
 pub mod hash;
 pub mod ids;
+pub mod latest;
 pub mod revocation;
 pub mod secret;
 pub mod subject;

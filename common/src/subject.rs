@@ -250,6 +250,22 @@ impl Subjects {
         format!("{}.presence.{}", self.prefix, if online { "online" } else { "offline" })
     }
 
+    /// The stream keeping the latest keyed event of each (type, key) for snapshots.
+    pub fn latest_stream(&self) -> String {
+        format!("{}_LATEST", self.asset_base())
+    }
+
+    /// The latest-event subject of subscription type `sub_type` (an
+    /// event's target type) and key token `token` (see `crate::latest::key_token`).
+    pub fn latest(&self, sub_type: &str, token: &str) -> String {
+        format!("{}.latest.{sub_type}.{token}", self.prefix)
+    }
+
+    /// Every latest-event subject.
+    pub fn latest_wildcard(&self) -> String {
+        format!("{}.latest.>", self.prefix)
+    }
+
     /// The key-value bucket holding token revocations.
     pub fn revocation_bucket(&self) -> String {
         format!("{}_REVOKED", self.asset_base())

@@ -46,6 +46,21 @@ pub struct RawSubscription {
     /// At most one event per (`type`, `key`) every this many ms (1.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throttle_ms: Option<Value>,
+    /// Also send the latest keyed event of each matching key (1.1); part of
+    /// the request, not of the stored subscription.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<Value>,
+}
+
+impl RawSubscription {
+    /// Whether the request asks for a snapshot (`snapshot` must be a boolean).
+    pub fn wants_snapshot(&self) -> Result<bool, InvalidFilter> {
+        match &self.snapshot {
+            None | Some(Value::Nil) => Ok(false),
+            Some(Value::Boolean(b)) => Ok(*b),
+            Some(_) => invalid("snapshot must be a boolean"),
+        }
+    }
 }
 
 /// A validated subscription, as stored, listed and matched.
@@ -116,6 +131,7 @@ fn bounds(v: &Option<Value>, what: &str) -> Result<BTreeMap<String, f64>, Invali
 impl Subscription {
     /// Validates a client's subscription against the protocol's rules.
     pub fn from_raw(raw: &RawSubscription) -> Result<Subscription, InvalidFilter> {
+        raw.wants_snapshot()?;
         let name = name_field(&raw.sub, "subscription name", ids::is_valid_sub_name)?.to_string();
         let sub_type = name_field(&raw.sub_type, "subscription type", ids::is_valid_type_name)?.to_string();
         let mut filters = BTreeMap::new();
@@ -245,6 +261,7 @@ mod tests {
             max: get("max"),
             fields: get("fields"),
             throttle_ms: get("throttle_ms"),
+            snapshot: get("snapshot"),
         }
     }
 
@@ -311,6 +328,8 @@ mod tests {
             json!({"sub":"s","type":"t","fields":[]}),
             json!({"sub":"s","type":"t","fields":["A"]}),
             json!({"sub":"s","type":"t","throttle_ms":0}),
+            json!({"sub":"s","type":"t","snapshot":"yes"}),
+            json!({"sub":"s","type":"t","snapshot":1}),
             json!({"sub":"s","type":"t","throttle_ms":-5}),
             json!({"sub":"s","type":"t","throttle_ms":3_600_001}),
             json!({"sub":"s","type":"t","throttle_ms":1.5}),

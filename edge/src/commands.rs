@@ -83,6 +83,22 @@ impl Commands {
                 connections: self.table.connections_now() as u64,
                 users: self.table.user_count() as u64,
             },
+            EdgeCommand::ExpectSnapshot { user, sub } => {
+                let conns = self.table.connections_of(&user);
+                for conn in &conns {
+                    conn.expect_snapshot(&sub);
+                }
+                EdgeOutcome::Connections(conns.len() as u64)
+            }
+            EdgeCommand::Snapshot { user, sub, bodies } => {
+                let bodies: Vec<bytes::Bytes> = bodies.into_iter().map(|b| bytes::Bytes::from(b.into_vec())).collect();
+                let conns = self.table.connections_of(&user);
+                for conn in &conns {
+                    let sent = conn.snapshot_arrived(&sub, &bodies);
+                    metrics::counter!("switchyard_edge_snapshot_events_total").increment(sent as u64);
+                }
+                EdgeOutcome::Connections(conns.len() as u64)
+            }
             EdgeCommand::Revoked { revision } => {
                 if self.revocations.wait_applied(revision, REVOCATION_WAIT).await {
                     EdgeOutcome::Applied

@@ -435,6 +435,26 @@ impl ConnHandle {
         outcome.wake
     }
 
+    /// The subscribe of `sub` asked for a snapshot: keep it in order with
+    /// the subscription's live events from now on (see `crate::snapshot`).
+    pub fn expect_snapshot(&self, sub: &str) {
+        self.queue().expect_snapshot(sub, Instant::now());
+    }
+
+    /// The snapshot of `sub` arrived: queues what may still be sent; how many.
+    pub fn snapshot_arrived(&self, sub: &str, bodies: &[bytes::Bytes]) -> usize {
+        let (n, wake) = {
+            let mut q = self.queue();
+            let was_empty = q.is_empty();
+            let n = q.snapshot_arrived(sub, bodies, Instant::now());
+            (n, was_empty && !q.is_empty())
+        };
+        if wake {
+            self.write_now();
+        }
+        n
+    }
+
     fn count_dropped(&self, n: u64) {
         metrics::counter!("switchyard_edge_dropped_total", "reason" => "slow_consumer").increment(n);
         self.extra_slow.fetch_add(n, Ordering::Relaxed);

@@ -14,6 +14,7 @@
 //! - [`wsread`]: WebSocket message reading (RFC 6455 rules, no buffer between frames).
 //! - [`outbound`]: the per-connection queue policy: rate limit, conflation, slow-consumer drops (pure).
 //! - [`throttle`]: per-key throttling of deliveries for `throttle_ms` subscriptions (pure).
+//! - [`snapshot`]: keeping a subscription's snapshot in order with its live events (pure).
 //! - [`op_limit`]: the per-connection rate limit on client ops (pure).
 //! - [`conn`]: the handle and bounded queues of one connection.
 //! - [`hub`]: the node's connections, registration, draining, the sweeper.
@@ -51,6 +52,7 @@ pub mod presence;
 pub mod revocations;
 pub mod server;
 pub mod session;
+pub mod snapshot;
 #[cfg(test)]
 mod test_support;
 pub mod throttle;

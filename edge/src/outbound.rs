@@ -57,6 +57,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use switchyard_common::event::Prio;
 
+use crate::snapshot::SnapshotWatches;
 use crate::throttle::{Offer, Throttle};
 
 /// One event on its way to a connection: the delivery body (see
@@ -333,6 +334,9 @@ pub struct OutboundQueue {
     /// memory) on a connection without throttled deliveries in flight.
     throttle: Option<Box<Throttle>>,
     total_throttled: u64,
+    /// Snapshots on their way (`crate::snapshot`); `None` (no memory) on
+    /// a connection waiting for none.
+    snapshots: Option<Box<SnapshotWatches>>,
 }
 
 impl OutboundQueue {
@@ -355,7 +359,33 @@ impl OutboundQueue {
             total_conflated: 0,
             throttle: None,
             total_throttled: 0,
+            snapshots: None,
         }
+    }
+
+    /// Starts keeping the snapshot of subscription `sub` in order with its
+    /// live events (see `crate::snapshot`).
+    pub fn expect_snapshot(&mut self, sub: &str, now: Instant) {
+        self.snapshots.get_or_insert_with(Default::default).begin(sub, now);
+    }
+
+    /// Queues the snapshot of `sub` (entries of keys whose live events came
+    /// first are left out); how many entries were queued. Snapshot entries
+    /// are not rate limited, conflated or throttled, like a replay.
+    pub fn snapshot_arrived(&mut self, sub: &str, bodies: &[Bytes], now: Instant) -> usize {
+        let Some(watches) = self.snapshots.as_deref_mut() else {
+            return 0;
+        };
+        let deliveries: Vec<Delivery> = bodies.iter().map(|b| Delivery::new(b.clone(), None, true)).collect();
+        let sent = watches.finish(sub, deliveries.iter().map(|d| (d.conflation_key, &d.body)));
+        if watches.is_empty() {
+            self.snapshots = None;
+        }
+        let n = sent.len();
+        for body in sent {
+            let _ = self.push(Delivery::new(body, None, true), now);
+        }
+        n
     }
 
     /// The limits this queue applies.
@@ -432,6 +462,9 @@ impl OutboundQueue {
     /// conflation, rate limit, slow-consumer bound (see the module
     /// documentation).
     pub fn push(&mut self, d: Delivery, now: Instant) -> PushOutcome {
+        if let (Some(watches), false) = (self.snapshots.as_deref_mut(), d.replayed) {
+            watches.observe(d.conflation_key, &d.body, now);
+        }
         let was_empty = self.is_empty();
         let (fate, evicted, rearm) = if d.throttle_ms.is_none() && self.throttle.is_none() {
             let (fate, evicted) = self.enqueue(d, now);
@@ -1163,6 +1196,44 @@ mod tests {
         assert_eq!(drain_ids(&mut q), [2, 3]);
         // Once sent, a key no longer conflates.
         assert_eq!(q.push(ev(4, Prio::Normal, Some(7), 10), t0).fate, Fate::Queued);
+    }
+
+    #[test]
+    fn a_snapshot_entry_never_follows_a_live_event_of_its_key() {
+        use switchyard_common::delivery::{encode_delivery_with, BodyExtras};
+        use switchyard_common::event::{ProducerEvent, Target};
+        let body = |key: &str, n: u8, snapshot: bool| {
+            let ev = ProducerEvent {
+                event_type: "tick".into(),
+                data: Bytes::from(vec![n]),
+                id: None,
+                target: Target::All,
+                prio: Prio::Normal,
+                key: Some(key.into()),
+                durable: false,
+            };
+            let mut out = Vec::new();
+            let extras = BodyExtras {
+                snapshot,
+                ..BodyExtras::default()
+            };
+            encode_delivery_with(&ev, 1, &["w"], &ev.data, extras, &mut out);
+            Bytes::from(out)
+        };
+        let t0 = Instant::now();
+        let mut q = OutboundQueue::new(small(10, 10_000));
+        q.expect_snapshot("w", t0);
+        // K1's live tick arrives before the snapshot answer.
+        let _ = q.push(Delivery::new(body("K1", 5, false), None, false), t0);
+        let sent = q.snapshot_arrived("w", &[body("K1", 4, true), body("K2", 4, true)], t0);
+        assert_eq!(sent, 1, "K1's older snapshot entry is left out");
+        let mut out = Vec::new();
+        q.drain_batch(&mut out);
+        let got: Vec<Bytes> = out.into_iter().map(|d| d.body).collect();
+        assert_eq!(got, vec![body("K1", 5, false), body("K2", 4, true)]);
+        // An answer nobody waits for any more is not sent.
+        assert_eq!(q.snapshot_arrived("w", &[body("K3", 1, true)], t0), 0);
+        assert!(q.snapshots.is_none(), "no memory kept once answered");
     }
 
     #[test]

@@ -587,6 +587,7 @@ impl Reader {
         claims: &mut Claims,
     ) -> Option<End> {
         let id = frame.id;
+        let mut snapshot_of: Option<String> = None;
         let control_op = match frame.op {
             ClientOp::Ping => {
                 self.send(&ServerFrame::Pong {
@@ -644,7 +645,16 @@ impl Reader {
                 }
                 return None;
             }
-            ClientOp::Subscribe(raw) => ControlOp::Subscribe(raw),
+            ClientOp::Subscribe(raw) => {
+                // Noted before the router can apply the subscription.
+                if raw.wants_snapshot() == Ok(true) {
+                    if let Some(name) = raw.sub.as_str() {
+                        conn.expect_snapshot(name);
+                        snapshot_of = Some(name.to_string());
+                    }
+                }
+                ControlOp::Subscribe(raw)
+            }
             ClientOp::Unsubscribe { sub } => ControlOp::Unsubscribe { sub },
             ClientOp::List => ControlOp::List,
             ClientOp::Join { room } => ControlOp::Join { room },
@@ -658,6 +668,14 @@ impl Reader {
         .await
         {
             Ok(ControlReply::Ok) => self.send(&ServerFrame::Ok { id }).await,
+            Ok(ControlReply::Snapshot(bodies)) => {
+                let bodies: Vec<Bytes> = bodies.into_iter().map(|b| Bytes::from(b.into_vec())).collect();
+                if let Some(name) = &snapshot_of {
+                    let sent = conn.snapshot_arrived(name, &bodies);
+                    metrics::counter!("switchyard_edge_snapshot_events_total").increment(sent as u64);
+                }
+                self.send(&ServerFrame::Ok { id }).await
+            }
             Ok(ControlReply::Subs(subs)) => self.send(&ServerFrame::Subs { id, subs: &subs }).await,
             Ok(ControlReply::Error { code, message }) => self.reply_error(id, code, &message).await,
             Err(e) => {

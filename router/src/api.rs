@@ -25,7 +25,7 @@ use switchyard_common::command::{self, EdgeAnswer, EdgeCommand, EdgeOutcome, Rou
 use switchyard_common::control::{ControlOp, ControlReply, ControlRequest};
 use switchyard_common::revocation::{self as revoked, Entry};
 use switchyard_common::subject::{Subjects, ROUTER_QUEUE_GROUP};
-use switchyard_common::subscription::Subscription;
+use switchyard_common::subscription::{RawSubscription, Subscription};
 use switchyard_common::{Encoding, ErrorCode};
 use switchyard_runtime::clock::now_ms;
 use tokio::sync::watch;
@@ -155,7 +155,7 @@ impl ApiService {
                 Ok(api::encode_result(enc, &Empty {}))
             }
             ApiRequest::Subscribe { user, raw } => {
-                self.control(user, ControlOp::Subscribe(*raw), true).await?;
+                self.subscribe(user, *raw).await?;
                 Ok(api::encode_result(enc, &Empty {}))
             }
             ApiRequest::Unsubscribe { user, sub } => {
@@ -245,6 +245,34 @@ impl ApiService {
             }),
             reply => Ok(reply),
         }
+    }
+
+    /// `subscribe`; with `snapshot`, the snapshot goes to each connection
+    /// the user has now, kept in order with the subscription's live events
+    /// (the edges start watching before the subscription is written).
+    async fn subscribe(&self, user: String, raw: RawSubscription) -> Result<(), ApiError> {
+        let snapshot_of = match (raw.wants_snapshot(), raw.sub.as_str()) {
+            (Ok(true), Some(name)) if switchyard_common::ids::is_valid_sub_name(name) => Some(name.to_string()),
+            _ => None,
+        };
+        if let Some(sub) = &snapshot_of {
+            let expect = EdgeCommand::ExpectSnapshot {
+                user: user.clone(),
+                sub: sub.clone(),
+            };
+            self.ask_edges(&expect).await?;
+        }
+        let reply = self.control(user.clone(), ControlOp::Subscribe(raw), true).await;
+        let Some(sub) = snapshot_of else {
+            return reply.map(|_| ());
+        };
+        // Sent even when the subscribe failed: it ends the edges' watch.
+        let bodies = match &reply {
+            Ok(ControlReply::Snapshot(bodies)) => bodies.clone(),
+            _ => Vec::new(),
+        };
+        self.ask_edges(&EdgeCommand::Snapshot { user, sub, bodies }).await?;
+        reply.map(|_| ())
     }
 
     /// Connections per user, fleet-wide, for users with at least one.

@@ -90,6 +90,13 @@ pub struct RouterConfig {
     /// router) to answer before it answers `unavailable`, in ms.
     #[arg(long = "api-wait-ms", env = "SWITCHYARD_API_WAIT_MS", value_parser = config::millis, default_value = "2000")]
     pub api_wait: Duration,
+    /// How long the latest keyed event of each key is kept for snapshots, in seconds.
+    #[arg(long = "snapshot-retention-s", env = "SWITCHYARD_SNAPSHOT_RETENTION_S", value_parser = config::secs, default_value = "86400")]
+    pub snapshot_retention: Duration,
+    /// Most keys per subscription type whose latest event is kept for
+    /// snapshots; events of further keys are not kept (until some expire).
+    #[arg(long, env = "SWITCHYARD_SNAPSHOT_MAX_KEYS", default_value_t = 100_000)]
+    pub snapshot_max_keys: usize,
     /// Longest an event waits in its stream for a router, in seconds.
     #[arg(long = "events-max-age-s", env = "SWITCHYARD_EVENTS_MAX_AGE_S", value_parser = config::secs, default_value = "86400")]
     pub events_max_age: Duration,
@@ -272,6 +279,16 @@ impl RouterConfig {
             let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             format!("{host}-{}-{n}", std::process::id())
         })
+    }
+
+    /// The latest-event store's settings (snapshots).
+    pub fn latest_settings(&self) -> crate::latest::LatestSettings {
+        crate::latest::LatestSettings {
+            retention: self.snapshot_retention,
+            max_keys_per_type: self.snapshot_max_keys,
+            storage: self.log_storage,
+            replicas: self.log_replicas,
+        }
     }
 
     /// The delivery log settings.

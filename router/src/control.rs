@@ -53,6 +53,8 @@ pub struct ControlService {
     pub store: Store,
     /// Join and type authorization.
     pub authz: Authz,
+    /// The latest keyed events, for snapshots.
+    pub latest: Arc<crate::latest::Latest>,
 }
 
 /// Subscribes to control requests (in the routers' queue group).
@@ -130,6 +132,7 @@ impl ControlService {
                         }
                     }
                     self.state.check_type_dimensions(&sub)?;
+                    let snapshot = raw.wants_snapshot().unwrap_or(false);
                     let name = sub.name.clone();
                     let change = Change::Subscribe {
                         user: user.to_string(),
@@ -138,7 +141,14 @@ impl ControlService {
                     self.add(&change, || {
                         self.state.check_room_for(user, &name).map(|()| Admit::Write)
                     })
-                    .await
+                    .await?;
+                    match (&change, snapshot) {
+                        // After the subscription is written: see crate::latest.
+                        (Change::Subscribe { sub, .. }, true) => {
+                            Ok(ControlReply::Snapshot(self.latest.snapshot(sub).await))
+                        }
+                        _ => Ok(ControlReply::Ok),
+                    }
                 }
                 ControlOp::Unsubscribe { sub } => {
                     let name = name_field(sub, "subscription name", ids::is_valid_sub_name)

@@ -112,6 +112,8 @@ pub struct Shared {
     pub dedup: DedupCache,
     /// User partitions of the delivery stage.
     pub user_partitions: u32,
+    /// The latest keyed event per key, for snapshots.
+    pub latest: Arc<crate::latest::Latest>,
 }
 
 /// An event whose durable deliveries are on their way to the log.
@@ -134,6 +136,8 @@ pub struct Worker {
     durable_out: Fanout,
     /// Live-only events' hand-offs (sent per fetched batch).
     live_out: Fanout,
+    /// Reused for latest-event entries.
+    latest_buf: Vec<u8>,
 }
 
 /// Waits for an event's durable deliveries to be stored.
@@ -174,6 +178,17 @@ impl<F: Future<Output = (InFlight, Result<(), PublishError>)>> Pipeline<F> {
     }
 }
 
+/// An event's stream sequence and publish time (unix ms).
+fn published(msg: &async_nats::jetstream::Message) -> (u64, u64) {
+    match msg.info() {
+        Ok(info) => (
+            info.stream_sequence,
+            (info.published.unix_timestamp_nanos() / 1_000_000) as u64,
+        ),
+        Err(_) => (0, now_ms()),
+    }
+}
+
 /// The consumer name of a partition (one per partition, shared by routers over time).
 pub fn consumer_name(partition: Partition) -> String {
     format!("router-{}", partition.name())
@@ -189,6 +204,7 @@ impl Worker {
             event_ref: String::new(),
             durable_out: Fanout::new(shared.user_partitions),
             live_out: Fanout::new(shared.user_partitions),
+            latest_buf: Vec::new(),
             shared,
         }
     }
@@ -285,6 +301,18 @@ impl Worker {
         Ok(())
     }
 
+    /// Forgets the ids of a batch's events that were deduplicated but will
+    /// not be handled (the worker is failing): their redo must not look
+    /// like a duplicate.
+    fn forget_rest(
+        &self,
+        rest: impl Iterator<Item = (async_nats::jetstream::Message, Option<ProducerEvent>, u64, u64)>,
+    ) {
+        for (_, event, _, _) in rest {
+            self.forget(event.as_ref().and_then(|e| e.id.as_deref()));
+        }
+    }
+
     fn forget(&self, id: Option<&str>) {
         if let Some(id) = id {
             self.shared.dedup.invalidate(id);
@@ -311,12 +339,27 @@ impl Worker {
     {
         let mut events = Vec::with_capacity(batch.len());
         let mut needs_index = false;
+        let mut latest_acks = Vec::new();
         for msg in batch.drain(..) {
-            let event = self.decode(&msg);
+            // Duplicates are dropped here, before they could make an older
+            // event the latest of its key again.
+            let event = self.decode(&msg).filter(|e| self.fresh(e));
+            let (seq, ts) = published(&msg);
             if let Some(e) = &event {
                 needs_index |= matches!(e.target, Target::Room(_) | Target::Match { .. });
+                if let Some(ack) = self.shared.latest.write(e, ts, &mut self.latest_buf).await {
+                    latest_acks.push(ack);
+                }
             }
-            events.push((msg, event));
+            events.push((msg, event, seq, ts));
+        }
+        // Keyed events are the latest of their key before this batch is
+        // matched (crate::latest: a snapshot misses nothing the live path did).
+        for ack in latest_acks {
+            if let Err(e) = ack.await {
+                metrics::counter!("switchyard_router_latest_write_errors_total").increment(1);
+                tracing::warn!(error = %e, "storing a latest event failed");
+            }
         }
         // The promise behind `ok`: every change stored before this batch was
         // fetched is in the index before the batch is matched.
@@ -325,12 +368,17 @@ impl Worker {
                 tracing::warn!(error = %e, "matching with an index that may lag the subscription bucket");
             }
         }
-        for (msg, event) in events {
+        let mut events = events.into_iter();
+        while let Some((msg, event, seq, ts)) = events.next() {
             while pipeline.outstanding >= MAX_ACKS_IN_FLIGHT {
                 let Some((done, r)) = pipeline.pending.next().await else {
                     break;
                 };
-                self.complete(pipeline, done, r).await?;
+                if let Err(e) = self.complete(pipeline, done, r).await {
+                    self.forget(event.as_ref().and_then(|e| e.id.as_deref()));
+                    self.forget_rest(events);
+                    return Err(e);
+                }
             }
             let mut f = InFlight {
                 msg,
@@ -339,25 +387,17 @@ impl Worker {
             };
             let mut id = None;
             if let Some(mut event) = event {
-                if self.fresh(&event) {
-                    let (seq, ts) = match f.msg.info() {
-                        Ok(info) => (
-                            info.stream_sequence,
-                            (info.published.unix_timestamp_nanos() / 1_000_000) as u64,
-                        ),
-                        Err(_) => (0, now_ms()),
-                    };
-                    metrics::histogram!("switchyard_router_event_lag_seconds")
-                        .record(now_ms().saturating_sub(ts) as f64 / 1000.0);
-                    let delivered = self.deliver(&event, ts, seq, &mut f.acks).await;
-                    f.durable = f.acks.len();
-                    id = event.id.take();
-                    match delivered {
-                        Ok(n) => metrics::counter!("switchyard_router_deliveries_total").increment(n as u64),
-                        Err(e) => {
-                            self.forget(id.as_deref());
-                            return Err(e);
-                        }
+                metrics::histogram!("switchyard_router_event_lag_seconds")
+                    .record(now_ms().saturating_sub(ts) as f64 / 1000.0);
+                let delivered = self.deliver(&event, ts, seq, &mut f.acks).await;
+                f.durable = f.acks.len();
+                id = event.id.take();
+                match delivered {
+                    Ok(n) => metrics::counter!("switchyard_router_deliveries_total").increment(n as u64),
+                    Err(e) => {
+                        self.forget(id.as_deref());
+                        self.forget_rest(events);
+                        return Err(e);
                     }
                 }
             }

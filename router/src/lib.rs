@@ -23,6 +23,7 @@
 //! - [`presence`]: which edges hold which users of a partition (pure).
 //! - [`batches`]: live batches per edge, bodies once, cut below NATS' max payload (pure).
 //! - [`edges`]: which edges and routers are alive (their heartbeats).
+//! - [`latest`]: the latest keyed event per key (a stream, copied into memory), for snapshots.
 //! - [`log`]: the delivery log streams and the hand-off stream (JetStream).
 //! - [`fault`]: crash injection for failover tests (cargo feature `fault-injection` only).
 //! - [`workqueue`]: taking over a slice of a work-queue stream (the consumer both stages use).
@@ -48,6 +49,7 @@ pub mod gather;
 pub mod handoff;
 pub mod index;
 pub mod ingest;
+pub mod latest;
 pub mod lease;
 pub mod log;
 pub mod presence;
@@ -84,6 +86,9 @@ pub enum StartError {
     /// The lease bucket could not be opened.
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
+    /// The latest-event store could not be set up.
+    #[error(transparent)]
+    Latest(#[from] latest::LatestError),
     /// The revocation bucket could not be opened.
     #[error(transparent)]
     Revocations(#[from] switchyard_runtime::nats::KvOpenError),
@@ -181,7 +186,11 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         "subscription index rebuilt"
     );
 
+    let (latest, copy_latest) =
+        latest::Latest::start(js.clone(), subjects.clone(), config.latest_settings(), cancel.clone()).await?;
+    tasks.spawn(copy_latest);
     let control = Arc::new(control::ControlService {
+        latest: latest.clone(),
         client: client.clone(),
         state: state.clone(),
         store: store.clone(),
@@ -207,6 +216,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, StartError> {
         store: store.clone(),
         dedup: ingest::dedup_cache(config.dedup_window),
         user_partitions: config.user_partitions,
+        latest,
     });
     let (edge_set, edge_tracker) = edges::track(client.clone(), &subjects, config.edge_timeout, cancel.clone())
         .await

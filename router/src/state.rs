@@ -306,6 +306,7 @@ mod tests {
             max: None,
             fields: None,
             throttle_ms: None,
+            snapshot: None,
         }
     }
 
@@ -370,6 +371,7 @@ mod tests {
             max: None,
             fields: None,
             throttle_ms: None,
+            snapshot: None,
         }
     }
 

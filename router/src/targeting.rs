@@ -166,7 +166,16 @@ impl Targeter {
             },
         };
         let data: &[u8] = if use_trimmed { &trimmed } else { &event.data };
-        let body = self.scratch_body(event, ts, subs, data, BodyExtras { throttle_ms });
+        let body = self.scratch_body(
+            event,
+            ts,
+            subs,
+            data,
+            BodyExtras {
+                throttle_ms,
+                ..BodyExtras::default()
+            },
+        );
         self.scratch = trimmed;
         body
     }

@@ -407,3 +407,33 @@ async fn presence_events_follow_the_first_and_last_connection() -> Result<()> {
     assert_eq!(subject, "sy.presence.offline");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_asked_by_the_application_reaches_every_connection_of_the_user() -> Result<()> {
+    let fleet = Fleet::start().await?;
+    let edge2 = fleet.start_edge().await?;
+    let tick = |px: u64| json!({"data": {"px": px}, "target": {"match": {"symbol": "AAPL"}}, "durable": false});
+    fleet.publish("tick.AAPL", &tick(1)).await?;
+    fleet.publish("tick.AAPL", &tick(2)).await?;
+    fleet.settle().await?;
+    let (mut c1, _) = fleet.connect(&fleet.ws_url(), "alice", None).await?;
+    let (mut c2, _) = fleet.connect(&ws_url(&edge2), "alice", None).await?;
+    let sub = json!({"user": "alice", "sub": "px", "type": "tick", "filters": {"symbol": ["AAPL"]}, "snapshot": true});
+    assert_eq!(ok(&fleet, "subscribe", sub).await?, json!({}));
+    for c in [&mut c1, &mut c2] {
+        let evs = c.take_events(1).await?;
+        assert_eq!(evs[0]["snapshot"], true);
+        assert_eq!(evs[0]["data"]["px"], 2);
+        assert_eq!(evs[0]["sub"], json!(["px"]));
+    }
+    // For a user with no connection, the subscription is made all the same.
+    let offline = json!({"user": "bob", "sub": "px", "type": "tick", "snapshot": true});
+    assert_eq!(ok(&fleet, "subscribe", offline).await?, json!({}));
+    assert_eq!(
+        ok(&fleet, "list", json!({"user": "bob"})).await?["subs"][0]["sub"],
+        "px"
+    );
+    let bad = json!({"user": "bob", "sub": "px", "type": "tick", "snapshot": 1});
+    assert_eq!(refused(&fleet, "subscribe", bad).await?, "invalid_filter");
+    Ok(())
+}

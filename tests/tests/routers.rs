@@ -514,6 +514,7 @@ async fn thousands_of_durable_deliveries_in_one_batch_are_all_stored() -> R {
                 max: None,
                 fields: None,
                 throttle_ms: None,
+                snapshot: None,
             }),
         };
         let reply = fleet

@@ -26,7 +26,11 @@
 # cargo build), BENCH_OUT (file for the summary), BENCH_KEEP_LOGS (a directory
 # to copy the servers' logs into), EDGE_ENV (extra
 # "NAME=value ..." for the edges), PERF_EDGE / PERF_ROUTER (a command prefix
-# for that process, e.g. "perf record -g -o /tmp/edge.data").
+# for that process, e.g. "perf record -g -o /tmp/edge.data"), ROUTER_ENV (extra
+# "NAME=value ..." for the router), BESIDE (a command run beside the scenario
+# once the fleet is up, with SWITCHYARD_NATS_URL and SY_WS_URL set, e.g.
+# "target/release/switchyard-snapshot-bench --delay-s 5"; its output is printed
+# on stderr at the end).
 # Flow control is opened up on the edges (rate limit and burst 10^6): the
 # benchmarks measure the delivery path, not the per-connection limits.
 set -euo pipefail
@@ -73,7 +77,8 @@ NATS_PID=$!
 pids+=("$NATS_PID")
 wait_port "$NATS_PORT"
 export SWITCHYARD_NATS_URL="nats://127.0.0.1:$NATS_PORT" SWITCHYARD_LOG="${SWITCHYARD_LOG:-warn}"
-SWITCHYARD_ADMIN_LISTEN=127.0.0.1:19091 ${PERF_ROUTER:-} "$BIN/switchyard-router" >"$DIR/router.log" 2>&1 &
+# shellcheck disable=SC2086
+env SWITCHYARD_ADMIN_LISTEN=127.0.0.1:19091 ${ROUTER_ENV:-} ${PERF_ROUTER:-} "$BIN/switchyard-router" >"$DIR/router.log" 2>&1 &
 ROUTER_PID=$!
 pids+=("$ROUTER_PID")
 wait_port 19091
@@ -154,10 +159,20 @@ if [[ "${LOADGENS:-1}" -gt 1 ]]; then
     exit 0
 fi
 echo "bench-load: $SCENARIO on $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), edges ${edges[*]}" >&2
+beside=""
+if [[ -n "${BESIDE:-}" ]]; then
+    # shellcheck disable=SC2086
+    SY_WS_URL="ws://${edges[0]}/ws" $BESIDE >"$DIR/beside.log" 2>&1 &
+    beside=$!
+fi
 status=0
 "$BIN/switchyard-loadgen" --scenario "$SCENARIO" --edge "$(IFS=,; echo "${edges[*]}")" \
     --nats-url "$SWITCHYARD_NATS_URL" --watch "$watch" "${monitor_args[@]}" "$@" >"$DIR/summary.json" || status=$?
 cat "$DIR/summary.json"
+if [[ -n "$beside" ]]; then
+    wait "$beside" || echo "bench-load: the BESIDE command failed" >&2
+    echo "bench-load: beside: $(tail -n 3 "$DIR/beside.log")" >&2
+fi
 if [[ -n "${BENCH_OUT:-}" ]]; then cp "$DIR/summary.json" "$BENCH_OUT"; fi
 if [[ $status -ne 0 ]]; then
     echo "bench-load: loadgen exit $status; last server log lines:" >&2

@@ -95,6 +95,7 @@ pub struct RouterConfig {
     pub snapshot_retention: Duration,
     /// Most keys per subscription type whose latest event is kept for
     /// snapshots; events of further keys are not kept (until some expire).
+    /// 0 turns snapshots off (nothing is stored; snapshots are empty).
     #[arg(long, env = "SWITCHYARD_SNAPSHOT_MAX_KEYS", default_value_t = 100_000)]
     pub snapshot_max_keys: usize,
     /// Longest an event waits in its stream for a router, in seconds.

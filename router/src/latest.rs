@@ -48,7 +48,8 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 pub struct LatestSettings {
     /// How long a key's latest event is kept (and offered in snapshots).
     pub retention: Duration,
-    /// Most keys kept per type; events of further keys are not kept.
+    /// Most keys kept per type; events of further keys are not kept. 0
+    /// keeps nothing (snapshots are then always empty).
     pub max_keys_per_type: usize,
     /// Stream storage.
     pub storage: Storage,
@@ -141,6 +142,10 @@ impl Latest {
         let (Target::Match { sub_type, .. }, Some(key)) = (&event.target, event.key.as_deref()) else {
             return None;
         };
+        if self.settings.max_keys_per_type == 0 {
+            // Snapshots turned off.
+            return None;
+        }
         let token = latest::key_token(key);
         if self.full(sub_type, &token) {
             metrics::counter!("switchyard_router_latest_keys_refused_total").increment(1);

@@ -670,8 +670,8 @@ impl Reader {
             Ok(ControlReply::Ok) => self.send(&ServerFrame::Ok { id }).await,
             Ok(ControlReply::Snapshot(bodies)) => {
                 let bodies: Vec<Bytes> = bodies.into_iter().map(|b| Bytes::from(b.into_vec())).collect();
-                if let Some(name) = &snapshot_of {
-                    let sent = conn.snapshot_arrived(name, &bodies);
+                if let Some(name) = snapshot_of.take() {
+                    let sent = conn.snapshot_arrived(&name, &bodies);
                     metrics::counter!("switchyard_edge_snapshot_events_total").increment(sent as u64);
                 }
                 self.send(&ServerFrame::Ok { id }).await
@@ -686,6 +686,10 @@ impl Reader {
                 })
                 .await
             }
+        }
+        if let Some(name) = &snapshot_of {
+            // No snapshot came (refused, or the router did not answer): stop watching.
+            conn.snapshot_arrived(name, &[]);
         }
         None
     }

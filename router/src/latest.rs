@@ -42,6 +42,9 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_SNAPSHOT_BYTES: usize = 900 * 1024;
 /// How long a snapshot waits for this router's copy to catch up with the stream.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+/// How often keys past the retention leave this router's copy (the stream
+/// drops them by itself, without telling its readers).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Operator settings of the latest-event store.
 #[derive(Debug, Clone, Copy)]
@@ -96,7 +99,7 @@ pub async fn ensure_stream(
     subjects: &Subjects,
     settings: &LatestSettings,
 ) -> Result<(), CreateStreamError> {
-    js.get_or_create_stream(Config {
+    js.create_or_update_stream(Config {
         name: subjects.latest_stream(),
         description: Some("Switchyard: the latest keyed event of each (type, key), for snapshots".into()),
         subjects: vec![subjects.latest_wildcard()],
@@ -261,6 +264,8 @@ impl Latest {
     /// the last message of each subject) when the consumer fails.
     async fn copy(self: Arc<Self>, cancel: CancellationToken) {
         let prefix = format!("{}.latest.", self.subjects.prefix());
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let messages = async {
                 let stream = self.js.get_stream_no_info(&self.stream).await.map_err(box_err)?;
@@ -290,6 +295,10 @@ impl Latest {
             loop {
                 let msg = tokio::select! {
                     _ = cancel.cancelled() => return,
+                    _ = prune.tick() => {
+                        self.prune();
+                        continue;
+                    }
                     m = messages.next() => m,
                 };
                 match msg {
@@ -310,6 +319,19 @@ impl Latest {
                 }
             }
         }
+    }
+
+    /// Drops keys past the retention, so they neither count against a
+    /// type's bound nor stay in memory.
+    fn prune(&self) {
+        let oldest = now_ms().saturating_sub(self.settings.retention.as_millis() as u64);
+        let mut kept = self.kept.write().expect("latest lock");
+        for keys in kept.values_mut() {
+            keys.retain(|_, k| k.ts >= oldest);
+        }
+        kept.retain(|_, keys| !keys.is_empty());
+        let n: usize = kept.values().map(HashMap::len).sum();
+        metrics::gauge!("switchyard_router_latest_keys").set(n as f64);
     }
 
     fn apply(&self, tail: Option<&str>, payload: &Bytes) {

@@ -39,6 +39,10 @@ struct Args {
     /// Wait before starting (lets a load scenario warm up), in seconds.
     #[arg(long, default_value_t = 0)]
     delay_s: u64,
+    /// Pause between rounds, in ms (each round is two ops; the edge's op
+    /// rate limit is 20 per second by default).
+    #[arg(long, default_value_t = 110)]
+    pace_ms: u64,
 }
 
 #[tokio::main]
@@ -91,6 +95,7 @@ async fn main() -> Result<()> {
         if got != a.values {
             bail!("round {round}: {got} snapshot events, expected {}", a.values);
         }
+        tokio::time::sleep(Duration::from_millis(a.pace_ms)).await;
         // Unsubscribe so the subscription cap is never reached.
         let r = c.request(json!({"op": "unsubscribe", "sub": format!("r{round}")}), 1_000_000 + round as u32).await?;
         if r["op"] != "ok" {

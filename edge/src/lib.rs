@@ -12,6 +12,7 @@
 //! - [`server`]: HTTP up to the WebSocket upgrade (status-code refusals).
 //! - [`session`]: one connection's reader and writer.
 //! - [`wsread`]: WebSocket message reading (RFC 6455 rules, no buffer between frames).
+//! - [`deflate`]: permessage-deflate (RFC 7692): the offer, compressing and inflating.
 //! - [`outbound`]: the per-connection queue policy: rate limit, conflation, slow-consumer drops (pure).
 //! - [`op_limit`]: the per-connection rate limit on client ops (pure).
 //! - [`conn`]: the handle and bounded queues of one connection.
@@ -35,6 +36,7 @@ pub mod broadcasts;
 pub mod config;
 pub mod conn;
 pub mod control_queue;
+pub mod deflate;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod hub;

@@ -346,6 +346,10 @@ def config_vars(path):
     if "switchyard_runtime::config::NatsArgs" in src:
         with open(os.path.join(ROOT, "runtime/src/config.rs")) as f:
             src += f.read()
+    # The edge's permessage-deflate settings, flattened in from their own module.
+    if "crate::deflate::DeflateSettings" in src:
+        with open(os.path.join(ROOT, "edge/src/deflate/settings.rs")) as f:
+            src += f.read()
     out = dict(EXTRA_VARS.items())
     out = {k: (v, None) for k, v in out.items()}
     for m in re.finditer(r"^\s*#\[arg\((.*)\)\]\s*\n\s*pub \w+: ([^\n]+),\s*$", src, re.M):

@@ -14,7 +14,10 @@
 //!
 //! Frames go into a reused buffer (cleared each time), as the connection's
 //! wire does. Throughput is in payload bytes before compression. The
-//! compressed sizes (the ratio) are printed once at start.
+//! compressed sizes (the ratio) are printed once at start, and so is the
+//! memory a connection's own compressor takes with context takeover: the
+//! growth of this process's RSS over 500 such compressors, each having
+//! compressed two batches (window 15 and window 9).
 
 // `criterion_group!` generates an undocumented `pub fn benches` that no item
 // attribute can reach, and the workspace turns missing docs into warnings.
@@ -78,7 +81,47 @@ fn frame(payload: &[u8], d: Option<&mut FrameDeflater>) -> Vec<u8> {
     buf
 }
 
+/// Resident memory of this process, in bytes (Linux).
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// RSS per connection-owned compressor (context takeover) at `bits`.
+fn takeover_memory(bits: u8, batch: &[u8]) -> Option<u64> {
+    const N: u64 = 500;
+    let s = DeflateSettings {
+        min_bytes: 1,
+        context_takeover: true,
+        window_bits: bits,
+        ..DeflateSettings::default()
+    };
+    let agreed = negotiate([&b"permessage-deflate"[..]], &s).expect("accepted");
+    let before = rss_bytes()?;
+    let mut all: Vec<FrameDeflater> = (0..N).map(|_| FrameDeflater::new(&agreed, &s)).collect();
+    let mut buf = Vec::with_capacity(1 << 16);
+    for d in &mut all {
+        for _ in 0..2 {
+            buf.clear();
+            deflate::put_data_frame(&mut buf, wsframe::BINARY, batch, Some(d));
+        }
+    }
+    let after = rss_bytes()?;
+    drop(all);
+    Some(after.saturating_sub(before) / N)
+}
+
 fn bench(c: &mut Criterion) {
+    let (_, batch) = payloads(Encoding::MsgPack);
+    for bits in [15, 9] {
+        if let Some(per) = takeover_memory(bits, &batch) {
+            eprintln!(
+                "context takeover, window {bits}: {} KiB of RSS per connection's compressor",
+                per / 1024
+            );
+        }
+    }
     for (enc, name) in [(Encoding::MsgPack, "msgpack"), (Encoding::Json, "json")] {
         let (event, batch) = payloads(enc);
         for (what, payload) in [("event", &event), ("batch50", &batch)] {

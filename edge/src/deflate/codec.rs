@@ -390,6 +390,44 @@ mod tests {
         assert_eq!(out, payload);
     }
 
+    proptest::proptest! {
+        /// Whatever the payload, a frame either goes plain (and is the
+        /// payload) or compressed (RSV1, smaller, and inflates back to it),
+        /// with or without context takeover.
+        #[test]
+        fn every_frame_reads_back(
+            chunks in proptest::collection::vec((proptest::collection::vec(0u8..4, 0..300), proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)), 1..6),
+            takeover in proptest::prelude::any::<bool>(),
+        ) {
+            let s = DeflateSettings { min_bytes: 1, context_takeover: takeover, ..DeflateSettings::default() };
+            let mut d = FrameDeflater::new(&agreed("permessage-deflate", &s), &s);
+            let mut client = Decompress::new(false);
+            for (repetitive, noise) in &chunks {
+                let payload: Vec<u8> = repetitive.iter().map(|b| b"abcd"[*b as usize]).chain(noise.iter().copied()).collect();
+                let mut buf = Vec::new();
+                put_data_frame(&mut buf, wsframe::TEXT, &payload, Some(&mut d));
+                let (b0, body) = split(&buf);
+                if b0 & wsframe::RSV1 == 0 {
+                    proptest::prop_assert_eq!(body, &payload[..]);
+                } else {
+                    proptest::prop_assert!(body.len() < payload.len());
+                    if !takeover {
+                        client.reset(false);
+                    }
+                    let mut out = Vec::new();
+                    inflate_into(&mut client, body, 1 << 16, &mut out).unwrap();
+                    proptest::prop_assert_eq!(out, payload);
+                }
+            }
+        }
+
+        /// Arbitrary header text never panics the offer parser.
+        #[test]
+        fn any_offer_header_is_answered_or_declined(h in "[ -~]{0,80}") {
+            let _ = super::super::negotiate([h.as_bytes()], &DeflateSettings::default());
+        }
+    }
+
     #[test]
     fn garbage_is_invalid() {
         for bad in [&[0xff, 0xff, 0xff, 0xff][..], &[0x07], &[0x06, 0x00, 0x00]] {

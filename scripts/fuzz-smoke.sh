@@ -15,7 +15,7 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     exit 1
 fi
 
-targets=(client_frame producer_event msgpack_to_json json_to_msgpack token ws_frames)
+targets=(client_frame producer_event msgpack_to_json json_to_msgpack token ws_frames deflate)
 cargo +nightly fuzz build
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT

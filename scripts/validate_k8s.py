@@ -346,9 +346,14 @@ def config_vars(path):
     if "switchyard_runtime::config::NatsArgs" in src:
         with open(os.path.join(ROOT, "runtime/src/config.rs")) as f:
             src += f.read()
+    # The edge's permessage-deflate settings, flattened in from their own module.
+    if "crate::deflate::DeflateSettings" in src:
+        with open(os.path.join(ROOT, "edge/src/deflate/settings.rs")) as f:
+            src += f.read()
     out = dict(EXTRA_VARS.items())
     out = {k: (v, None) for k, v in out.items()}
-    for m in re.finditer(r"^\s*#\[arg\((.*)\)\]\s*\n\s*pub \w+: ([^\n]+),\s*$", src, re.M):
+    # An attribute may span lines (rustfmt wraps long ones).
+    for m in re.finditer(r"^\s*#\[arg\((.*?)\)\]\s*\n\s*pub \w+: ([^\n]+),\s*$", src, re.M | re.S):
         attrs = m.group(1)
         env = re.search(r'env = "(SWITCHYARD_[A-Z0-9_]+)"', attrs)
         if not env:
@@ -376,7 +381,7 @@ def check_value(ck, loc, name, value, rust_type, allowed):
         return
     if allowed is not None:
         ck.expect(value in allowed, loc, f"{name}={value!r} is not one of {allowed}")
-    elif t in ("u64", "usize", "u32", "u16"):
+    elif t in ("u64", "usize", "u32", "u16", "u8"):
         ck.expect(re.fullmatch(r"[0-9]+", value) is not None, loc, f"{name}={value!r} is not an unsigned integer")
     elif t in ("i64", "i32"):
         ck.expect(re.fullmatch(r"-?[0-9]+", value) is not None, loc, f"{name}={value!r} is not an integer")

@@ -161,6 +161,9 @@ pub struct EdgeConfig {
     /// Log line format: `text` or `json` (one object per line); the filter is `SWITCHYARD_LOG`.
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// permessage-deflate (`SWITCHYARD_DEFLATE*`).
+    #[command(flatten)]
+    pub deflate: crate::deflate::DeflateSettings,
     /// Prometheus handle supplied by an embedding process (tests); the binary installs its own.
     #[arg(skip)]
     pub metrics: Option<PrometheusHandle>,
@@ -182,6 +185,9 @@ pub enum ConfigError {
     /// A numeric setting is out of range.
     #[error("{0}")]
     Range(&'static str),
+    /// A permessage-deflate setting is out of range.
+    #[error(transparent)]
+    Deflate(#[from] crate::deflate::settings::DeflateSettingsError),
     /// The demo page is configured but not built in.
     #[error("SWITCHYARD_DEMO_DIR is set, but this edge was built without the demo page (cargo feature `demo`)")]
     DemoNotBuilt,
@@ -224,6 +230,7 @@ impl EdgeConfig {
                 "SWITCHYARD_HANDSHAKE_TIMEOUT_MS must be at least 10",
             ));
         }
+        self.deflate.validate()?;
         Ok(Subjects::new(&self.nats.prefix)?)
     }
 

@@ -37,6 +37,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::control_queue::ControlQueue;
+use crate::deflate::{self, FrameDeflater};
 pub use crate::outbound::Delivery;
 use crate::outbound::{Fate, OutboundConfig, OutboundQueue};
 use crate::wsframe;
@@ -125,6 +126,9 @@ struct Wire {
     /// Scratch: the batch being encoded, and its frame payload.
     batch: Vec<Delivery>,
     payload: Vec<u8>,
+    /// permessage-deflate, when the connection negotiated it: every data
+    /// frame is framed through [`deflate::put_data_frame`].
+    deflate: Option<FrameDeflater>,
 }
 
 impl Wire {
@@ -296,6 +300,7 @@ impl ConnHandle {
                 last_pos: 0,
                 batch: Vec::new(),
                 payload: Vec::new(),
+                deflate: None,
             }),
             wake: Notify::new(),
             room: Notify::new(),
@@ -343,6 +348,12 @@ impl ConnHandle {
     pub fn user(&self) -> &Arc<str> {
         static NOBODY: OnceLock<Arc<str>> = OnceLock::new();
         self.user.get().unwrap_or_else(|| NOBODY.get_or_init(|| Arc::from("")))
+    }
+
+    /// Compresses this connection's data frames from now on (it negotiated
+    /// permessage-deflate); called before anything is written.
+    pub fn set_deflate(&self, deflater: FrameDeflater) {
+        self.wire().deflate = Some(deflater);
     }
 
     /// Locks the outbound queue (briefly; never across `.await`).
@@ -741,11 +752,15 @@ impl ConnHandle {
         let data_op = data_opcode(self.encoding);
         let mut wire = self.wire();
         match c {
-            Control::Frame(bytes) => wsframe::put_frame(&mut wire.buf, data_op, &bytes),
+            Control::Frame(bytes) => {
+                let w = &mut *wire;
+                deflate::put_data_frame(&mut w.buf, data_op, &bytes, w.deflate.as_mut());
+            }
             Control::Barrier(b) => {
                 let Barrier { frame, floor, done } = *b;
                 while self.fill(&mut wire) {}
-                wsframe::put_frame(&mut wire.buf, data_op, &frame);
+                let w = &mut *wire;
+                deflate::put_data_frame(&mut w.buf, data_op, &frame, w.deflate.as_mut());
                 if let Some(floor) = floor {
                     wire.last_pos = wire.last_pos.max(floor);
                 }
@@ -791,8 +806,10 @@ impl ConnHandle {
                     &ServerFrame::Dropped { count, reason },
                     &mut wire.payload,
                 );
-                let Wire { buf, payload, .. } = wire;
-                wsframe::put_frame(buf, data_opcode(self.encoding), payload);
+                let Wire {
+                    buf, payload, deflate, ..
+                } = wire;
+                deflate::put_data_frame(buf, data_opcode(self.encoding), payload, deflate.as_mut());
             }
         }
     }
@@ -834,6 +851,7 @@ impl ConnHandle {
             batch,
             payload,
             last_pos,
+            deflate,
             ..
         } = wire;
         batch.retain_mut(|d| match d.pos {
@@ -885,12 +903,12 @@ impl ConnHandle {
                 },
                 &mut notice,
             );
-            wsframe::put_frame(buf, data_op, &notice);
+            deflate::put_data_frame(buf, data_op, &notice, deflate.as_mut());
         }
         if written > 0 {
             metrics::counter!("switchyard_edge_deliveries_total").increment(written as u64);
             record_latency(batch);
-            wsframe::put_frame(buf, data_op, payload);
+            deflate::put_data_frame(buf, data_op, payload, deflate.as_mut());
         }
         more
     }

@@ -12,6 +12,7 @@
 //! - [`server`]: HTTP up to the WebSocket upgrade (status-code refusals).
 //! - [`session`]: one connection's reader and writer.
 //! - [`wsread`]: WebSocket message reading (RFC 6455 rules, no buffer between frames).
+//! - [`deflate`]: permessage-deflate (RFC 7692): the offer, compressing and inflating.
 //! - [`outbound`]: the per-connection queue policy: rate limit, conflation, slow-consumer drops (pure).
 //! - [`throttle`]: per-key throttling of deliveries for `throttle_ms` subscriptions (pure).
 //! - [`snapshot`]: keeping a subscription's snapshot in order with its live events (pure).
@@ -40,6 +41,7 @@ pub mod commands;
 pub mod config;
 pub mod conn;
 pub mod control_queue;
+pub mod deflate;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod hub;

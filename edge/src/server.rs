@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use std::sync::atomic::Ordering;
 
-use hyper::header::{HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rmpv::Value;
@@ -349,8 +349,21 @@ fn handle(node: Arc<Node>, mut req: Request<hyper::body::Incoming>, slot: &SlotC
             .headers_mut()
             .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(encoding.subprotocol()));
     }
+    // An offer we cannot take is declined, never refused: no compression.
+    let deflate = crate::deflate::negotiate(
+        req.headers()
+            .get_all(SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .map(HeaderValue::as_bytes),
+        &node.config.deflate,
+    )
+    .and_then(|agreed| {
+        let value = HeaderValue::from_str(&agreed.response()).ok()?;
+        response.headers_mut().insert(SEC_WEBSOCKET_EXTENSIONS, value);
+        Some(agreed)
+    });
     node.tasks
-        .spawn(session::run(node.clone(), upgrade, encoding, pre_auth, permit));
+        .spawn(session::run(node.clone(), upgrade, encoding, deflate, pre_auth, permit));
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, Full::new(Bytes::new()))
 }

@@ -63,6 +63,7 @@ pub async fn run(
     node: Arc<Node>,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     encoding: Encoding,
+    deflate: Option<crate::deflate::Agreed>,
     pre_auth: Option<PreAuth>,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -83,12 +84,16 @@ pub async fn run(
         conn_settings(&node.config),
         Some(Box::new(wr)),
     );
+    let _deflate_count = deflate.map(|agreed| {
+        conn.set_deflate(crate::deflate::FrameDeflater::new(&agreed, &node.config.deflate));
+        crate::deflate::Negotiated::count()
+    });
     let conn_done = node.cancel.child_token();
     metrics::counter!("switchyard_edge_connections_total").increment(1);
     let stall_limit = node.config.write_stall.max(node.config.slow_consumer);
     let linger = (!node.config.linger.is_zero()).then_some(node.config.linger);
     let mut reader = Reader {
-        rd: MessageReader::new(rd, node.config.max_frame_bytes),
+        rd: MessageReader::new(rd, node.config.max_frame_bytes).with_deflate(deflate.is_some()),
         node: node.clone(),
         encoding,
         conn: conn.clone(),

@@ -18,8 +18,39 @@ pub const PING: u8 = 0x9;
 /// A pong frame.
 pub const PONG: u8 = 0xA;
 
+/// The first reserved bit: set on the first frame of a compressed message
+/// (permessage-deflate, RFC 7692), see [`crate::deflate`].
+pub const RSV1: u8 = 0x40;
+
 /// The longest header of a server frame.
 pub const MAX_HEADER: usize = 10;
+
+/// The length of the header of a frame carrying `len` bytes.
+pub fn header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=65_535 => 4,
+        _ => 10,
+    }
+}
+
+/// Writes the header of a frame starting with `first` (FIN, RSV bits,
+/// opcode) and carrying `len` bytes into `out`; returns its length.
+pub fn write_header(first: u8, len: usize, out: &mut [u8; MAX_HEADER]) -> usize {
+    out[0] = first;
+    match header_len(len) {
+        2 => out[1] = len as u8,
+        4 => {
+            out[1] = 126;
+            out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out[1] = 127;
+            out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    header_len(len)
+}
 
 /// Appends the header of a final (unfragmented) frame of `opcode` carrying `len` bytes.
 pub fn put_header(buf: &mut Vec<u8>, opcode: u8, len: usize) {

@@ -12,7 +12,11 @@
 //! It owns every RFC 6455 rule on client frames and on message assembly:
 //! masking, reserved bits, opcodes, control frames (at most 125 bytes, never
 //! fragmented, allowed between fragments), fragment order, UTF-8 of text
-//! messages and close reasons, close codes, and the message size limit. A
+//! messages and close reasons, close codes, and the message size limit.
+//! With permessage-deflate negotiated ([`MessageReader::with_deflate`]),
+//! RSV1 on the first frame of a data message marks it compressed: the
+//! whole message is inflated ([`crate::deflate::codec::inflate`]) within
+//! the same size limit before the UTF-8 check. A
 //! breach comes back as a [`ReadError`] that names the close code to answer
 //! with ([`ReadError::close`]); the caller only sends that close.
 //!
@@ -21,6 +25,8 @@
 //! [`Incoming`] items for the connection's writer to answer.
 
 use fastwebsockets::OpCode;
+
+use crate::deflate::InflateError;
 use switchyard_common::CloseCode;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -52,7 +58,9 @@ pub enum Incoming {
 pub enum Violation {
     /// A client frame without a mask.
     Unmasked,
-    /// A reserved bit set (no extension is ever negotiated).
+    /// A reserved bit set that no negotiated extension defines: any of
+    /// them without permessage-deflate; with it, RSV2 or RSV3, or RSV1 on a
+    /// control frame or a continuation frame.
     ReservedBits,
     /// An opcode RFC 6455 does not define.
     UnknownOpcode(u8),
@@ -114,7 +122,10 @@ pub enum ReadError {
     /// A text message or a close reason that is not valid UTF-8.
     #[error("invalid UTF-8 in a text message or close reason")]
     InvalidUtf8,
-    /// A message (all its fragments together) over the size limit.
+    /// A compressed message that is not valid deflate data.
+    #[error("invalid compressed data in a permessage-deflate message")]
+    InvalidCompressed,
+    /// A message (all its fragments together, or inflated) over the size limit.
     #[error("message over {limit} bytes")]
     TooLarge {
         /// The limit, in bytes.
@@ -130,6 +141,9 @@ impl ReadError {
             ReadError::Io(_) | ReadError::Eof => None,
             ReadError::Protocol(v) => Some((CloseCode::ProtocolError.code(), v.reason())),
             ReadError::InvalidUtf8 => Some((CloseCode::InvalidPayload.code(), "invalid UTF-8")),
+            // RFC 7692 names no code; 1007 is RFC 6455's "data not consistent
+            // with the type of the message", as for bad UTF-8.
+            ReadError::InvalidCompressed => Some((CloseCode::InvalidPayload.code(), "invalid compressed data")),
             ReadError::TooLarge { .. } => Some((CloseCode::PolicyViolation.code(), "frame too large")),
         }
     }
@@ -141,6 +155,7 @@ impl ReadError {
             ReadError::Eof => "eof",
             ReadError::Protocol(_) => "protocol_error",
             ReadError::InvalidUtf8 => "invalid_utf8",
+            ReadError::InvalidCompressed => "invalid_deflate",
             ReadError::TooLarge { .. } => "frame_too_large",
         }
     }
@@ -195,6 +210,10 @@ pub struct MessageReader<S> {
     message: Vec<u8>,
     /// The current control frame's payload so far.
     control: Vec<u8>,
+    /// permessage-deflate was negotiated: RSV1 may mark a data message compressed.
+    deflate: bool,
+    /// The data message being assembled is compressed.
+    compressed: bool,
 }
 
 impl<S: AsyncRead + Unpin> MessageReader<S> {
@@ -209,7 +228,15 @@ impl<S: AsyncRead + Unpin> MessageReader<S> {
             message_kind: None,
             message: Vec::new(),
             control: Vec::new(),
+            deflate: false,
+            compressed: false,
         }
+    }
+
+    /// Accepts compressed messages (permessage-deflate was negotiated).
+    pub fn with_deflate(mut self, deflate: bool) -> MessageReader<S> {
+        self.deflate = deflate;
+        self
     }
 
     /// Bytes of memory held for input that has not made a whole message yet.
@@ -235,11 +262,16 @@ impl<S: AsyncRead + Unpin> MessageReader<S> {
     async fn read_head(&mut self) -> Result<Head, ReadError> {
         self.header_bytes(2).await?;
         let (b0, b1) = (self.header[0], self.header[1]);
-        if b0 & 0b0111_0000 != 0 {
+        let op = opcode(b0 & 0x0f).map_err(ReadError::Protocol)?;
+        let rsv = b0 & 0b0111_0000;
+        // RSV1 starts a compressed message (RFC 7692 §6): only on the first
+        // frame of a data message, and only once deflate was negotiated.
+        let starts_compressed =
+            rsv == crate::wsframe::RSV1 && self.deflate && matches!(op, OpCode::Text | OpCode::Binary);
+        if rsv != 0 && !starts_compressed {
             return Err(ReadError::Protocol(Violation::ReservedBits));
         }
         let fin = b0 & 0b1000_0000 != 0;
-        let op = opcode(b0 & 0x0f).map_err(ReadError::Protocol)?;
         if b1 & 0x80 == 0 {
             return Err(ReadError::Protocol(Violation::Unmasked));
         }
@@ -291,6 +323,7 @@ impl<S: AsyncRead + Unpin> MessageReader<S> {
         }
         if op == OpCode::Text || op == OpCode::Binary {
             self.message_kind = Some(op);
+            self.compressed = starts_compressed;
         }
         Ok(Head {
             fin,
@@ -347,7 +380,13 @@ impl<S: AsyncRead + Unpin> MessageReader<S> {
                 _ if !head.fin => continue,
                 _ => {
                     let kind = self.message_kind.take().unwrap_or(OpCode::Binary);
-                    let message = std::mem::take(&mut self.message);
+                    let mut message = std::mem::take(&mut self.message);
+                    if std::mem::take(&mut self.compressed) {
+                        message = crate::deflate::codec::inflate(&message, self.max_message).map_err(|e| match e {
+                            InflateError::Invalid => ReadError::InvalidCompressed,
+                            InflateError::TooLarge { limit } => ReadError::TooLarge { limit },
+                        })?;
+                    }
                     if kind == OpCode::Text && std::str::from_utf8(&message).is_err() {
                         return Err(ReadError::InvalidUtf8);
                     }
@@ -527,6 +566,77 @@ mod tests {
         assert!(matches!(at, Incoming::Message(OpCode::Binary, m) if m.len() == 1 << 16));
         let split = [frame(0x02, &[0; 1 << 15]), frame(0x80, &[0; 1 << 15])].concat();
         assert!(reader(split).read_message().await.is_ok());
+    }
+
+    /// "Hello" compressed, as in RFC 7692 §7.2.3.1 (tail cut).
+    const HELLO: [u8; 7] = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+
+    fn deflating(bytes: Vec<u8>) -> MessageReader<std::io::Cursor<Vec<u8>>> {
+        reader(bytes).with_deflate(true)
+    }
+
+    #[tokio::test]
+    async fn with_deflate_rsv1_marks_a_compressed_message() {
+        let mut bytes = frame(0xc1, &HELLO);
+        bytes.extend(frame(0x82, b"plain"));
+        // Fragmented: RSV1 on the first frame only, a ping between.
+        bytes.extend(frame(0x42, &HELLO[..3]));
+        bytes.extend(frame(0x89, b"p"));
+        bytes.extend(frame(0x80, &HELLO[3..]));
+        let mut r = deflating(bytes);
+        assert_eq!(
+            r.read_message().await.unwrap(),
+            Incoming::Message(OpCode::Text, b"Hello".to_vec())
+        );
+        assert_eq!(
+            r.read_message().await.unwrap(),
+            Incoming::Message(OpCode::Binary, b"plain".to_vec())
+        );
+        assert_eq!(r.read_message().await.unwrap(), Incoming::Ping(b"p".to_vec()));
+        assert_eq!(
+            r.read_message().await.unwrap(),
+            Incoming::Message(OpCode::Binary, b"Hello".to_vec())
+        );
+        assert_eq!(r.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn with_deflate_other_reserved_bits_and_bad_data_still_close() {
+        let bomb = {
+            use flate2::{Compress, Compression, FlushCompress};
+            let mut c = Compress::new(Compression::best(), false);
+            let mut v = Vec::with_capacity(1 << 16);
+            c.compress_vec(&vec![b'a'; 8 << 20], &mut v, FlushCompress::Sync)
+                .unwrap();
+            v.truncate(v.len() - 4);
+            v
+        };
+        assert!(bomb.len() < 1 << 16, "the bomb itself fits the frame limit");
+        let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+            ("RSV1 on a ping", frame(0xc9, b"x"), 1002),
+            ("RSV1 on a close", frame(0xc8, &[0x03, 0xe8]), 1002),
+            (
+                "RSV1 on a continuation",
+                [frame(0x42, &HELLO[..3]), frame(0xc0, &HELLO[3..])].concat(),
+                1002,
+            ),
+            ("RSV2", frame(0xa2, b"x"), 1002),
+            ("RSV3", frame(0x92, b"x"), 1002),
+            ("RSV1 and RSV2", frame(0xe2, &HELLO), 1002),
+            ("invalid deflate data", frame(0xc2, &[0xff, 0xff, 0xff]), 1007),
+            (
+                "compressed text that is not UTF-8",
+                frame(0xc1, &[0x00, 0x02, 0x00, 0xfd, 0xff, 0xff, 0xfe]),
+                1007,
+            ),
+            ("a bomb", frame(0xc2, &bomb), 4008),
+        ];
+        for (name, bytes, want) in cases {
+            let e = deflating(bytes).read_message().await.unwrap_err();
+            assert_eq!(close_code(&e), Some(want), "{name}: {e:?}");
+        }
+        let e = reader(frame(0xc2, &HELLO)).read_message().await.unwrap_err();
+        assert_eq!(close_code(&e), Some(1002), "RSV1 without deflate negotiated");
     }
 
     #[tokio::test]

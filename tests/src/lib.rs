@@ -12,12 +12,14 @@
 //! - [`churn`]: clients that come and go against a plan of who is owed which durable event.
 //! - [`fleet`]: nats-server + router + edge, wired together, plus a producer helper.
 //! - [`ws_client`]: a small protocol-level WebSocket client (MessagePack or JSON).
+//! - [`deflate_client`]: a raw WebSocket client that offers permessage-deflate (tungstenite cannot).
 //! - [`tokens`]: HS256 test and dev tokens.
 //! - [`processes`]: the router and edge binaries as child processes (SIGTERM, SIGKILL, restart).
 //! - [`nats_cluster`]: a 3-node nats-server cluster with JetStream on loopback.
 //! - [`loadgen`]: the load generator behind `switchyard-loadgen` (scenarios W1–W4).
 
 pub mod churn;
+pub mod deflate_client;
 pub mod fleet;
 pub mod loadgen;
 pub mod nats_cluster;

@@ -86,6 +86,31 @@ async fn market_fan_out_loses_nothing() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn market_fan_out_with_deflate_loses_nothing() -> Result<()> {
+    // A low rate lets the edge batch little; the fast rate below makes
+    // batches (compressed) as well as single events (plain).
+    let s = smoke(
+        "w1",
+        &[
+            "--users",
+            "30",
+            "--symbols",
+            "20",
+            "--symbols-per-user",
+            "5",
+            "--rate",
+            "400",
+            "--deflate",
+        ],
+    )
+    .await?;
+    assert_clean(&s);
+    assert_eq!(s["deflate"], true, "{s}");
+    assert!(s["window"]["wire_bytes"].as_u64().unwrap_or(0) > 0, "{s}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_alerts_lose_nothing() -> Result<()> {
     let s = smoke(
         "w2",

@@ -64,7 +64,10 @@ async fn the_example_permissions_run_a_fleet_and_keep_producers_off_the_api() ->
     assert_eq!(evs[0]["data"]["n"], 1);
     // A keyed tick: the router stores it as its key's latest (for snapshots) with its own rights.
     alice
-        .ok(json!({"op": "subscribe", "sub": "t", "type": "tick", "filters": {"symbol": ["AAPL"]}}), 7)
+        .ok(
+            json!({"op": "subscribe", "sub": "t", "type": "tick", "filters": {"symbol": ["AAPL"]}}),
+            7,
+        )
         .await?;
     let tick = json!({"data": {"px": 5}, "target": {"match": {"symbol": "AAPL"}}, "durable": false});
     producer.publish("sy.events.tick.AAPL", msgpack(&tick).into()).await?;
@@ -75,7 +78,10 @@ async fn the_example_permissions_run_a_fleet_and_keep_producers_off_the_api() ->
     // The `ok` and the snapshot event, in either order.
     let (mut ok, mut px) = (false, None);
     while !ok || px.is_none() {
-        let f = alice.frame().await.context("no snapshot under the example permissions")?;
+        let f = alice
+            .frame()
+            .await
+            .context("no snapshot under the example permissions")?;
         match f["op"].as_str() {
             Some("ok") if f["id"] == 8 => ok = true,
             Some("event") if f["snapshot"] == true => px = Some(f["data"]["px"].clone()),

@@ -74,7 +74,9 @@ async fn main() -> Result<()> {
     let tok = token(DEV_JWT_SECRET, "snapshot-bench", 3600, json!({}));
     let (mut c, _) = WsClient::connect_ready(&a.ws_url, &tok, &[]).await?;
     // Until the routers have stored every key, snapshots are short: wait for a full one.
-    let probe: Vec<String> = (a.keys - a.values.min(a.keys)..a.keys).map(|k| format!("S{k}")).collect();
+    let probe: Vec<String> = (a.keys - a.values.min(a.keys)..a.keys)
+        .map(|k| format!("S{k}"))
+        .collect();
     let until = Instant::now() + Duration::from_secs(60);
     loop {
         if subscribe(&mut c, "probe", &probe, 0).await? == probe.len() {
@@ -97,7 +99,12 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(a.pace_ms)).await;
         // Unsubscribe so the subscription cap is never reached.
-        let r = c.request(json!({"op": "unsubscribe", "sub": format!("r{round}")}), 1_000_000 + round as u32).await?;
+        let r = c
+            .request(
+                json!({"op": "unsubscribe", "sub": format!("r{round}")}),
+                1_000_000 + round as u32,
+            )
+            .await?;
         if r["op"] != "ok" {
             bail!("unsubscribe refused: {r}");
         }

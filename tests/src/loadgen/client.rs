@@ -2,6 +2,11 @@
 //! authenticates with a header token, subscribes, and then reads every
 //! frame, noting each event in its accounting. In the reconnect storm it
 //! drops its socket on signal and comes back with resume.
+//!
+//! With `--deflate` a client offers permessage-deflate and speaks through
+//! the harness's raw client ([`crate::deflate_client`]), which inflates
+//! (tungstenite cannot); its reads are not cancel-safe, which is fine here:
+//! a read is only ever cancelled when the connection is being given up.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -23,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::stats::{Counters, Latency, Seen, Verdict};
 use super::wire::{self, Kind};
+use crate::deflate_client::{Message as DeflateMessage, RawWs};
 
 /// What a client needs to know to connect.
 pub struct ClientSpec {
@@ -38,6 +44,8 @@ pub struct ClientSpec {
     pub token: String,
     /// `subscribe` frames to send after the first `ready` (JSON form).
     pub subscribe: Vec<Value>,
+    /// Offer permessage-deflate.
+    pub deflate: bool,
 }
 
 /// What a client reports at the end.
@@ -73,7 +81,79 @@ pub struct Shared {
     pub stop: CancellationToken,
 }
 
-type Ws = WebSocketStream<TcpStream>;
+/// A client's connection: tungstenite, or the raw client when it offers deflate.
+enum Ws {
+    Plain(Box<WebSocketStream<TcpStream>>),
+    Deflate(Box<RawWs>),
+}
+
+/// What [`Ws::next`] hands back.
+enum Msg {
+    Binary(bytes::Bytes),
+    Close(String),
+    Other,
+}
+
+impl Ws {
+    /// The next message; data frames are counted in `counters` (wire bytes).
+    async fn next(&mut self, counters: &Counters) -> Option<Result<Msg>> {
+        match self {
+            Ws::Plain(ws) => Some(match ws.next().await? {
+                Ok(Message::Binary(b)) => {
+                    let n = b.len();
+                    let head = if n < 126 {
+                        2
+                    } else if n <= 0xffff {
+                        4
+                    } else {
+                        10
+                    };
+                    counters.wire_bytes.fetch_add((n + head) as u64, Ordering::Relaxed);
+                    Ok(Msg::Binary(b))
+                }
+                Ok(Message::Close(c)) => Ok(Msg::Close(format!("{c:?}"))),
+                Ok(_) => Ok(Msg::Other),
+                Err(e) => Err(e.into()),
+            }),
+            Ws::Deflate(ws) => Some(match ws.read_message().await {
+                Ok(DeflateMessage::Data {
+                    compressed,
+                    payload,
+                    wire_bytes,
+                    ..
+                }) => {
+                    counters.wire_bytes.fetch_add(wire_bytes as u64, Ordering::Relaxed);
+                    if compressed {
+                        counters.compressed_frames.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Msg::Binary(payload.into()))
+                }
+                Ok(DeflateMessage::Ping(p)) => ws.send_frame(0x8A, &p).await.map(|()| Msg::Other),
+                Ok(DeflateMessage::Close(code, reason)) => Ok(Msg::Close(format!("{code} {reason}"))),
+                Ok(DeflateMessage::Pong) => Ok(Msg::Other),
+                Err(e) => Err(e),
+            }),
+        }
+    }
+
+    async fn send_binary(&mut self, b: Vec<u8>) -> Result<()> {
+        match self {
+            Ws::Plain(ws) => Ok(ws.send(Message::binary(b)).await?),
+            Ws::Deflate(ws) => ws.send(0x2, &b, false).await,
+        }
+    }
+
+    async fn close(&mut self) {
+        match self {
+            Ws::Plain(ws) => {
+                let _ = WebSocketStream::close(ws, None).await;
+            }
+            Ws::Deflate(ws) => {
+                let _ = ws.send_frame(0x88, &1000u16.to_be_bytes()).await;
+            }
+        }
+    }
+}
 
 fn now_us() -> u64 {
     std::time::SystemTime::now()
@@ -87,6 +167,21 @@ async fn connect(spec: &ClientSpec, resume: Option<(&str, u64)>) -> Result<Ws> {
     socket.bind((spec.source, 0).into()).context("bind source address")?;
     let stream = socket.connect(spec.edge).await.context("tcp connect")?;
     stream.set_nodelay(true)?;
+    if spec.deflate {
+        let path = match resume {
+            Some((epoch, since)) => format!("/ws?epoch={epoch}&since={since}"),
+            None => "/ws".to_string(),
+        };
+        let bearer = format!("Bearer {}", spec.token);
+        let headers = [
+            ("Authorization", bearer.as_str()),
+            ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits"),
+        ];
+        let ws = RawWs::upgrade(stream, spec.edge, &path, &headers)
+            .await
+            .context("websocket handshake")?;
+        return Ok(Ws::Deflate(Box::new(ws)));
+    }
     let url = match resume {
         Some((epoch, since)) => format!("ws://{}/ws?epoch={epoch}&since={since}", spec.edge),
         None => format!("ws://{}/ws", spec.edge),
@@ -101,7 +196,7 @@ async fn connect(spec: &ClientSpec, resume: Option<(&str, u64)>) -> Result<Ws> {
     let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
         .await
         .context("websocket handshake")?;
-    Ok(ws)
+    Ok(Ws::Plain(Box::new(ws)))
 }
 
 /// Reads control frames until `op` arrives; events that come first are noted.
@@ -110,14 +205,14 @@ async fn until_op(ws: &mut Ws, op: &str, shared: &Shared, state: &mut State, tim
     loop {
         let next = tokio::select! {
             _ = shared.stop.cancelled() => bail!("stopped while waiting for {op}"),
-            n = tokio::time::timeout_at(deadline, ws.next()) => n,
+            n = tokio::time::timeout_at(deadline, ws.next(&shared.counters)) => n,
         };
         let msg = next
             .map_err(|_| anyhow!("no {op} within {timeout:?}"))?
             .ok_or_else(|| anyhow!("closed before {op}"))??;
-        let Message::Binary(b) = msg else {
-            if let Message::Close(c) = msg {
-                bail!("closed before {op}: {c:?}");
+        let Msg::Binary(b) = msg else {
+            if let Msg::Close(c) = msg {
+                bail!("closed before {op}: {c}");
             }
             continue;
         };
@@ -197,7 +292,7 @@ async fn subscribe(ws: &mut Ws, spec: &ClientSpec, shared: &Shared, state: &mut 
         frame["id"] = Value::from(i as u64 + 1);
         let mut buf = Vec::new();
         json_to_msgpack(&frame, &mut buf);
-        ws.send(Message::binary(buf)).await?;
+        ws.send_binary(buf).await?;
         until_op(ws, "ok", shared, state, Duration::from_secs(60)).await?;
     }
     Ok(())
@@ -311,7 +406,7 @@ async fn session(spec: &ClientSpec, shared: &Shared, state: &mut State, report: 
         loop {
             tokio::select! {
                 _ = shared.stop.cancelled() => {
-                    let _ = ws.close(None).await;
+                    ws.close().await;
                     return Ok(());
                 }
                 changed = storm.changed() => {
@@ -326,12 +421,12 @@ async fn session(spec: &ClientSpec, shared: &Shared, state: &mut State, report: 
                     resume = true;
                     break;
                 }
-                msg = ws.next() => match msg {
-                    Some(Ok(Message::Binary(b))) => {
+                msg = ws.next(&shared.counters) => match msg {
+                    Some(Ok(Msg::Binary(b))) => {
                         state.frame(&b, shared)?;
                     }
-                    Some(Ok(Message::Close(c))) => bail!("server closed: {c:?}"),
-                    Some(Ok(_)) => {}
+                    Some(Ok(Msg::Close(c))) => bail!("server closed: {c}"),
+                    Some(Ok(Msg::Other)) => {}
                     Some(Err(e)) => bail!("read: {e}"),
                     None => bail!("connection ended"),
                 }

@@ -118,6 +118,10 @@ pub struct LoadConfig {
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Clients offer permessage-deflate (RFC 7692) and inflate what comes
+    /// compressed (a raw client of the harness instead of tungstenite).
+    #[arg(long, default_value_t = false)]
+    pub deflate: bool,
     /// Symbols in the universe (w1, w2).
     #[arg(long, default_value_t = 500)]
     pub symbols: usize,
@@ -541,6 +545,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
                 json!({}),
             ),
             subscribe,
+            deflate: cfg.deflate,
         };
         let shared = shared.clone();
         tasks.spawn(async move {
@@ -568,6 +573,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
         "connected": connected,
         "connect_seconds": round(connect_s, 2),
         "load_average_start": load_start,
+        "deflate": cfg.deflate,
     });
 
     let mut producer = match cfg.scenario {
@@ -629,6 +635,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
             let producer = producer.take().context("producer")?;
             let ptask = tokio::spawn(producer.run(stop_producer.clone()));
             tokio::time::sleep(Duration::from_secs_f64(cfg.warmup_s)).await;
+            let (b0, z0) = (Counters::get(&c.wire_bytes), Counters::get(&c.compressed_frames));
             let (r0, f0, t0, s0) = (
                 Counters::get(&c.received),
                 Counters::get(&c.event_frames),
@@ -636,6 +643,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
                 sample_all(&procs, ticks),
             );
             tokio::time::sleep(Duration::from_secs_f64(cfg.duration_s)).await;
+            let (b1, z1) = (Counters::get(&c.wire_bytes), Counters::get(&c.compressed_frames));
             let (r1, f1, t1, s1) = (
                 Counters::get(&c.received),
                 Counters::get(&c.event_frames),
@@ -658,6 +666,9 @@ pub async fn run(cfg: LoadConfig) -> Result<Value> {
                 "deliveries": deliveries,
                 "deliveries_per_s": (deliveries as f64 / secs).round(),
                 "deliveries_per_frame": round(deliveries as f64 / (f1 - f0).max(1) as f64, 2),
+                "wire_bytes": b1 - b0,
+                "wire_bytes_per_delivery": round((b1 - b0) as f64 / deliveries.max(1) as f64, 1),
+                "compressed_frames": z1 - z0,
                 "events_per_s": cfg.rate,
                 "cpu_seconds": cpu,
                 "server_cpu_seconds": round(server_total, 3),

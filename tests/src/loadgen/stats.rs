@@ -117,6 +117,11 @@ pub struct Counters {
     pub dropped_rate_limited: AtomicU64,
     /// Events reported in `dropped` notices as slow consumer.
     pub dropped_slow_consumer: AtomicU64,
+    /// Bytes of data frames received on the wire (headers included,
+    /// compressed size when permessage-deflate is on).
+    pub wire_bytes: AtomicU64,
+    /// Data frames that came compressed (RSV1).
+    pub compressed_frames: AtomicU64,
 }
 
 impl Counters {

@@ -153,20 +153,17 @@ async fn snapshots_racing_live_ticks_end_with_the_latest_value_of_every_key() ->
             .await?;
     }
     producer.await??;
+    // Every client ends with the last tick of every key (read_until waits
+    // for exactly that), whatever its snapshot raced. A live tick already on
+    // its way may still land after a newer snapshot entry; the newer tick
+    // then follows it live (docs/PROTOCOL.md, "Snapshots").
     let want: HashMap<String, u64> = KEYS.iter().map(|k| (k.to_string(), TICKS)).collect();
-    for (i, c) in clients.iter_mut().enumerate() {
+    for c in clients.iter_mut() {
         let seen = read_until(c, 1, &want).await?;
-        // Per key, values never go back (a snapshot never lands after a newer live tick).
-        let mut last: HashMap<String, u64> = HashMap::new();
-        for e in &seen {
-            let (k, px) = (
-                e["key"].as_str().unwrap_or_default(),
-                e["data"]["px"].as_u64().unwrap_or(0),
-            );
-            if let Some(prev) = last.insert(k.to_string(), px) {
-                assert!(px > prev, "client {i}, key {k}: {px} after {prev}");
-            }
-        }
+        assert!(
+            seen.iter().any(|e| e["snapshot"] == true),
+            "every client got a snapshot"
+        );
     }
     Ok(())
 }

@@ -16,6 +16,12 @@ export interface WsTransportOptions {
   maxPayload?: number;
   /** Time the upgrade may take, in milliseconds (default 10000). */
   handshakeTimeoutMs?: number;
+  /**
+   * Offer permessage-deflate (RFC 7692; default true): the edge then
+   * compresses frames of 256 bytes or more (batches, large events), with no
+   * context kept between messages. `false` saves the client's zlib memory.
+   */
+  perMessageDeflate?: boolean;
 }
 
 /** A transport over the `ws` package: sends headers and sees pings. */
@@ -23,7 +29,7 @@ export function wsTransport(options: WsTransportOptions = {}): TransportFactory 
   return (req, h) => {
     const ws = new WebSocket(req.url, req.protocols, {
       headers: req.headers,
-      perMessageDeflate: false,
+      perMessageDeflate: options.perMessageDeflate ?? true,
       maxPayload: options.maxPayload ?? 16 << 20,
       handshakeTimeout: options.handshakeTimeoutMs ?? 10_000,
     });

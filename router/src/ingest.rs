@@ -178,6 +178,10 @@ impl<F: Future<Output = (InFlight, Result<(), PublishError>)>> Pipeline<F> {
     }
 }
 
+/// Longest a batch waits for its latest-event writes before it is matched
+/// anyway (see [`Worker::process`]).
+const LATEST_WAIT: Duration = Duration::from_millis(500);
+
 /// An event's stream sequence and publish time (unix ms).
 fn published(msg: &async_nats::jetstream::Message) -> (u64, u64) {
     match msg.info() {
@@ -354,11 +358,22 @@ impl Worker {
             events.push((msg, event, seq, ts));
         }
         // Keyed events are the latest of their key before this batch is
-        // matched (crate::latest: a snapshot misses nothing the live path did).
-        for ack in latest_acks {
-            if let Err(e) = ack.await {
+        // matched (crate::latest: a snapshot misses nothing the live path
+        // did). Bounded: snapshots are a convenience, and a latest-event
+        // store that does not answer (gone, or refused by NATS permissions)
+        // must not hold up delivery.
+        if !latest_acks.is_empty() {
+            let stored = async {
+                for ack in latest_acks {
+                    if let Err(e) = ack.await {
+                        metrics::counter!("switchyard_router_latest_write_errors_total").increment(1);
+                        tracing::warn!(error = %e, "storing a latest event failed");
+                    }
+                }
+            };
+            if tokio::time::timeout(LATEST_WAIT, stored).await.is_err() {
                 metrics::counter!("switchyard_router_latest_write_errors_total").increment(1);
-                tracing::warn!(error = %e, "storing a latest event failed");
+                tracing::warn!("latest events not acknowledged in time; matching the batch anyway");
             }
         }
         // The promise behind `ok`: every change stored before this batch was

@@ -163,25 +163,7 @@ pub enum ApiRequest {
     Stats,
 }
 
-impl ApiRequest {
-    /// The method name (for metrics and logs).
-    pub fn method(&self) -> &'static str {
-        match self {
-            ApiRequest::Disconnect { .. } => "disconnect",
-            ApiRequest::Revoke(_) => "revoke",
-            ApiRequest::Subscribe { .. } => "subscribe",
-            ApiRequest::Unsubscribe { .. } => "unsubscribe",
-            ApiRequest::Join { .. } => "join",
-            ApiRequest::Leave { .. } => "leave",
-            ApiRequest::List { .. } => "list",
-            ApiRequest::Presence { .. } => "presence",
-            ApiRequest::RoomPresence { .. } => "room_presence",
-            ApiRequest::Stats => "stats",
-        }
-    }
-}
-
-/// Every method name, for subscribing and for metrics labels.
+/// Every method name (the metrics labels).
 pub const METHODS: &[&str] = &[
     "disconnect",
     "revoke",

@@ -67,20 +67,17 @@ pub struct EdgeAnswer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EdgeOutcome {
-    /// Connections closed.
-    Closed(u64),
     /// `(user, connections)` for each asked user with at least one connection.
     Counts(Vec<(String, u32)>),
-    /// This edge's connections and distinct users.
+    /// This edge's open, authenticated connections (users come from the
+    /// delivery stage, where a user on two edges counts once).
     Stats {
-        /// Open, authenticated connections.
+        /// Connections.
         connections: u64,
-        /// Distinct users among them.
-        users: u64,
     },
     /// The revocations are in force.
     Applied,
-    /// Connections the command was carried out on.
+    /// Connections the command was carried out on (closed, for `disconnect`).
     Connections(u64),
     /// It could not do it (e.g. the revocations did not arrive in time).
     Failed(String),

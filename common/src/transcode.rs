@@ -217,6 +217,17 @@ fn value_len_within(buf: &[u8], open: usize) -> Result<usize, TranscodeError> {
     }
 }
 
+/// What a subscription with `fields` receives of `payload`: the top-level
+/// keys `keep` accepts, written to `scratch`, or `payload` whole when it is
+/// not a map (or does not parse), as docs/PROTOCOL.md ("`fields`") says.
+pub fn fields_of<'a>(payload: &'a [u8], keep: &dyn Fn(&str) -> bool, scratch: &'a mut Vec<u8>) -> &'a [u8] {
+    scratch.clear();
+    match trim_map_fields(payload, keep, scratch) {
+        Ok(true) => scratch,
+        Ok(false) | Err(_) => payload,
+    }
+}
+
 /// Implements `fields` (docs/PROTOCOL.md, "`fields`"): writes to `out` the
 /// map `payload` restricted to string keys accepted by `keep`, copying each
 /// kept key and value byte for byte and using the smallest map header for the

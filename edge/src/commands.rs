@@ -69,7 +69,7 @@ impl Commands {
                 user,
                 reconnect,
                 reason,
-            } => EdgeOutcome::Closed(self.disconnect(&user, reconnect, reason.as_deref())),
+            } => EdgeOutcome::Connections(self.disconnect(&user, reconnect, reason.as_deref())),
             EdgeCommand::Count { users } => EdgeOutcome::Counts(
                 users
                     .into_iter()
@@ -81,7 +81,6 @@ impl Commands {
             ),
             EdgeCommand::Stats => EdgeOutcome::Stats {
                 connections: self.table.connections_now() as u64,
-                users: self.table.user_count() as u64,
             },
             EdgeCommand::ExpectSnapshot { user, sub } => {
                 let conns = self.table.connections_of(&user);
@@ -91,11 +90,10 @@ impl Commands {
                 EdgeOutcome::Connections(conns.len() as u64)
             }
             EdgeCommand::Snapshot { user, sub, bodies } => {
-                let bodies: Vec<bytes::Bytes> = bodies.into_iter().map(|b| bytes::Bytes::from(b.into_vec())).collect();
+                let bodies = crate::snapshot::bodies(bodies);
                 let conns = self.table.connections_of(&user);
                 for conn in &conns {
-                    let sent = conn.snapshot_arrived(&sub, &bodies);
-                    metrics::counter!("switchyard_edge_snapshot_events_total").increment(sent as u64);
+                    conn.snapshot_arrived(&sub, &bodies);
                 }
                 EdgeOutcome::Connections(conns.len() as u64)
             }

@@ -328,8 +328,7 @@ impl ConnHandle {
     /// revocation may name (set again by every refresh).
     pub fn authenticated(&self, user: &str, exp_s: u64, token: TokenId) {
         let _ = self.user.set(Arc::from(user));
-        self.exp_s.store(exp_s, Ordering::Relaxed);
-        *self.token.lock().expect("token lock") = token;
+        self.refreshed(exp_s, token);
     }
 
     /// A refresh replaced the token.
@@ -452,7 +451,8 @@ impl ConnHandle {
         self.queue().expect_snapshot(sub, Instant::now());
     }
 
-    /// The snapshot of `sub` arrived: queues what may still be sent; how many.
+    /// The snapshot of `sub` arrived: queues what may still be sent
+    /// (counted in `switchyard_edge_snapshot_events_total`); how many.
     pub fn snapshot_arrived(&self, sub: &str, bodies: &[bytes::Bytes]) -> usize {
         let (n, wake) = {
             let mut q = self.queue();
@@ -460,6 +460,7 @@ impl ConnHandle {
             let n = q.snapshot_arrived(sub, bodies, Instant::now());
             (n, was_empty && !q.is_empty())
         };
+        metrics::counter!("switchyard_edge_snapshot_events_total").increment(n as u64);
         if wake {
             self.write_now();
         }

@@ -674,10 +674,8 @@ impl Reader {
         {
             Ok(ControlReply::Ok) => self.send(&ServerFrame::Ok { id }).await,
             Ok(ControlReply::Snapshot(bodies)) => {
-                let bodies: Vec<Bytes> = bodies.into_iter().map(|b| Bytes::from(b.into_vec())).collect();
                 if let Some(name) = snapshot_of.take() {
-                    let sent = conn.snapshot_arrived(&name, &bodies);
-                    metrics::counter!("switchyard_edge_snapshot_events_total").increment(sent as u64);
+                    conn.snapshot_arrived(&name, &crate::snapshot::bodies(bodies));
                 }
                 self.send(&ServerFrame::Ok { id }).await
             }

@@ -20,6 +20,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use serde_bytes::ByteBuf;
 use switchyard_common::delivery::body_has_sub;
 
 /// A snapshot not answered within this long is given up (its router went
@@ -28,6 +29,11 @@ const WATCH_FOR: Duration = Duration::from_secs(30);
 /// Most keys one watch notes; past it, the snapshot is dropped whole rather
 /// than risk an entry older than a live event.
 const MAX_KEYS: usize = 100_000;
+
+/// The router's snapshot bodies as the connection queues them.
+pub fn bodies(from_router: Vec<ByteBuf>) -> Vec<Bytes> {
+    from_router.into_iter().map(|b| Bytes::from(b.into_vec())).collect()
+}
 
 /// The snapshots a connection waits for (usually none or one).
 #[derive(Debug, Default)]

@@ -140,7 +140,7 @@ impl ApiService {
                 let mut connections = 0u64;
                 for outcome in answers {
                     match outcome {
-                        EdgeOutcome::Closed(n) => connections += n,
+                        EdgeOutcome::Connections(n) => connections += n,
                         other => return Err(failed(other)),
                     }
                 }
@@ -267,12 +267,12 @@ impl ApiService {
             return reply.map(|_| ());
         };
         // Sent even when the subscribe failed: it ends the edges' watch.
-        let bodies = match &reply {
-            Ok(ControlReply::Snapshot(bodies)) => bodies.clone(),
-            _ => Vec::new(),
+        let (bodies, done) = match reply {
+            Ok(ControlReply::Snapshot(bodies)) => (bodies, Ok(())),
+            other => (Vec::new(), other.map(|_| ())),
         };
         self.ask_edges(&EdgeCommand::Snapshot { user, sub, bodies }).await?;
-        reply.map(|_| ())
+        done
     }
 
     /// Connections per user, fleet-wide, for users with at least one.
@@ -316,7 +316,7 @@ impl ApiService {
         let mut stats = Stats::default();
         for outcome in self.ask_edges(&EdgeCommand::Stats).await? {
             match outcome {
-                EdgeOutcome::Stats { connections, .. } => {
+                EdgeOutcome::Stats { connections } => {
                     stats.edges += 1;
                     stats.connections += connections;
                 }

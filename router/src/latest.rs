@@ -203,19 +203,11 @@ impl Latest {
                 if kept.ts < oldest || !sub.matches(&query) {
                     continue;
                 }
-                let data: &[u8] = match &sub.fields {
+                let data = match &sub.fields {
                     Some(fields) => {
-                        trimmed.clear();
-                        match transcode::trim_map_fields(
-                            &kept.event.data,
-                            &|k| fields.iter().any(|f| f == k),
-                            &mut trimmed,
-                        ) {
-                            Ok(true) => &trimmed,
-                            _ => &kept.event.data,
-                        }
+                        transcode::fields_of(&kept.event.data, &|k| fields.iter().any(|f| f == k), &mut trimmed)
                     }
-                    None => &kept.event.data,
+                    None => &kept.event.data[..],
                 };
                 let mut body = Vec::with_capacity(data.len() + 64);
                 let extras = BodyExtras {
@@ -343,15 +335,21 @@ impl Latest {
             return;
         };
         let mut kept = self.kept.write().expect("latest lock");
+        // A key seen before (the usual case) is replaced without allocating.
+        if let Some(k) = kept.get_mut(sub_type).and_then(|keys| keys.get_mut(token)) {
+            *k = Kept { event, ts };
+            return;
+        }
         let keys = kept.entry(sub_type.to_string()).or_default();
-        let oldest = now_ms().saturating_sub(self.settings.retention.as_millis() as u64);
-        if keys.len() >= self.settings.max_keys_per_type && !keys.contains_key(token) {
+        if keys.len() >= self.settings.max_keys_per_type {
             // Expired keys make room first.
+            let oldest = now_ms().saturating_sub(self.settings.retention.as_millis() as u64);
+            let before = keys.len();
             keys.retain(|_, k| k.ts >= oldest);
+            metrics::gauge!("switchyard_router_latest_keys").decrement((before - keys.len()) as f64);
         }
         keys.insert(token.to_string(), Kept { event, ts });
-        let n: usize = kept.values().map(HashMap::len).sum();
-        metrics::gauge!("switchyard_router_latest_keys").set(n as f64);
+        metrics::gauge!("switchyard_router_latest_keys").increment(1.0);
     }
 }
 

@@ -154,18 +154,10 @@ impl Targeter {
         throttle_ms: Option<NonZeroU32>,
     ) -> Bytes {
         let mut trimmed = std::mem::take(&mut self.scratch);
-        trimmed.clear();
-        let use_trimmed = match fields {
-            None => false,
-            Some(fields) => match transcode::trim_map_fields(&event.data, &|k| fields.contains(&k), &mut trimmed) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::debug!(error = %e, "payload not trimmable; sent whole");
-                    false
-                }
-            },
+        let data = match fields {
+            None => &event.data[..],
+            Some(fields) => transcode::fields_of(&event.data, &|k| fields.contains(&k), &mut trimmed),
         };
-        let data: &[u8] = if use_trimmed { &trimmed } else { &event.data };
         let body = self.scratch_body(
             event,
             ts,

@@ -480,6 +480,11 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
 
   // ---- connection lifecycle ----
 
+  /** Whether a `close` listener just closed the client (read after the emit, past TypeScript's narrowing). */
+  private closedByListener(): boolean {
+    return this.stateValue === "closed";
+  }
+
   private setState(state: ConnectionState): void {
     const previous = this.stateValue;
     if (previous === state) return;
@@ -628,7 +633,8 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
       // No attempts while offline (they would fail and grow the backoff): the network's return starts the next one.
       this.waitingForNetwork = true;
       this.emit("close", { code, reason, willReconnect: true, waitingForNetwork: true });
-      this.setState("reconnecting");
+      // A listener that closed the client keeps it closed.
+      if (!this.closedByListener()) this.setState("reconnecting");
       return;
     }
     let delayMs: number;
@@ -642,9 +648,11 @@ export class ClientCore<E = Record<string, unknown>> extends Emitter<ClientEvent
       this.attempt++;
     }
     this.emit("close", { code, reason, willReconnect: true, delayMs });
+    // A listener that closed the client keeps it closed.
+    if (this.closedByListener()) return;
     this.setState("reconnecting");
     if (immediate) {
-      if (this.stateValue === "reconnecting") void this.open();
+      void this.open();
       return;
     }
     this.reconnectTimer = setTimeout(() => {

@@ -203,9 +203,8 @@ function release(client: AnyClient, name: string): void {
 /** Whether `e` was selected by the subscription `s`. */
 function selectedBy(e: SwitchyardEvent, s: Subscription): boolean {
   if (e.type !== s.type) return false;
-  if (Array.isArray(e.sub)) return e.sub.includes(s.sub);
-  // PROTOCOL.md does not say whether snapshots carry `sub`: one of the spec's type is taken as the spec's.
-  return e.snapshot === true;
+  // Subscription matches, snapshots included, name their subscriptions.
+  return Array.isArray(e.sub) && e.sub.includes(s.sub);
 }
 
 function fresh<T, S>(status: SubscriptionStatus, initialState: S): SubscriptionResult<T, S> {

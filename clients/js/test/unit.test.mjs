@@ -167,6 +167,22 @@ describe("client over a scripted server", () => {
     c.close();
   });
 
+  test("a close listener that closes the client keeps it closed", async () => {
+    const t = scripted();
+    const c = client(t, { reconnect: { initialDelayMs: 10, maxDelayMs: 20 } });
+    c.on("close", (x) => {
+      if (x.willReconnect) c.close();
+    });
+    c.connect();
+    await waitFor(() => t.sockets.length === 1, "socket");
+    t.sockets[0].ready();
+    t.sockets[0].h.close(1006, "lost");
+    assert.equal(c.state, "closed");
+    // No attempt comes after the backoff (20 ms at most here).
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(t.sockets.length, 1);
+  });
+
   test("reconnect advice sets the delay; the next connect resumes from the position", async () => {
     const t = scripted();
     const positions = [];

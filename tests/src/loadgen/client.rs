@@ -180,6 +180,14 @@ async fn connect(spec: &ClientSpec, resume: Option<(&str, u64)>) -> Result<Ws> {
         let ws = RawWs::upgrade(stream, spec.edge, &path, &headers)
             .await
             .context("websocket handshake")?;
+        // A run that asked for compression and did not get it measures nothing.
+        if !ws
+            .extensions
+            .as_deref()
+            .is_some_and(|e| e.starts_with("permessage-deflate"))
+        {
+            anyhow::bail!("the edge did not negotiate permessage-deflate: {:?}", ws.extensions);
+        }
         return Ok(Ws::Deflate(Box::new(ws)));
     }
     let url = match resume {

@@ -9,7 +9,6 @@ everything else sees typed functions. Encoding failures become
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Literal
 
 import msgpack
@@ -24,21 +23,6 @@ JSON_HEADERS = {"Content-Type": JSON_CONTENT_TYPE}
 
 class DecodeError(ValueError):
     """A payload that is not the MessagePack or JSON map it should be."""
-
-
-def _check_floats(value: Any, depth: int = 0) -> None:
-    """JSON has no NaN or infinity; refuse them instead of writing invalid JSON."""
-    if depth > 64:
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValidationError(f"JSON cannot carry {value!r}; use encoding='msgpack'")
-    elif isinstance(value, dict):
-        for v in value.values():
-            _check_floats(v, depth + 1)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _check_floats(v, depth + 1)
 
 
 def encode(value: Any, encoding: Encoding = "msgpack") -> bytes:

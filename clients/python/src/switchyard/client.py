@@ -106,7 +106,6 @@ class Switchyard:
         self._js = nc.jetstream()
         self._rpc: dict[str, RpcHandler] = {}
         self._authz: dict[str, Callable[[Any], Any]] = {}
-        self._presence_handlers: builtins.list[PresenceHandler] = []
         self._registrations: builtins.list[tuple[str, str, MsgCallback]] = []
         self._subs: builtins.list[NatsSubscription] = []
         self._pending: builtins.list[asyncio.Task[None]] = []
@@ -132,15 +131,20 @@ class Switchyard:
         rules.check_prefix(prefix)
         nats_options.setdefault("name", "switchyard-python")
         nc = await nats.connect(servers, **nats_options)
-        return cls(
-            nc,
-            prefix=prefix,
-            timeout=timeout,
-            queue=queue,
-            api_encoding=api_encoding,
-            max_concurrency=max_concurrency,
-            owns_connection=True,
-        )
+        try:
+            return cls(
+                nc,
+                prefix=prefix,
+                timeout=timeout,
+                queue=queue,
+                api_encoding=api_encoding,
+                max_concurrency=max_concurrency,
+                owns_connection=True,
+            )
+        except BaseException:
+            # A bad setting must not leave the connection open.
+            await nc.close()
+            raise
 
     @property
     def nc(self) -> NATS:
@@ -294,8 +298,6 @@ class Switchyard:
 
     def on_presence(self, handler: PresenceHandler) -> PresenceHandler:
         """Decorator: call ``handler(PresenceEvent)`` for every presence event (every replica gets every event)."""
-        self._presence_handlers.append(handler)
-
         async def cb(msg: Msg) -> None:
             ev = _presence_event(msg)
             if ev is None:
@@ -470,7 +472,17 @@ class Switchyard:
         timeout: float | None = None,
     ) -> None:
         """Adds (or replaces, by name) a subscription of ``user``, online or not, as the client op would."""
-        body = api.subscribe_request(user, sub, type, filters, min, max, fields, snapshot, throttle_ms)
+        body = api.subscribe_request(
+            user,
+            sub,
+            type,
+            filters=filters,
+            min=min,
+            max=max,
+            fields=fields,
+            snapshot=snapshot,
+            throttle_ms=throttle_ms,
+        )
         await self._api("subscribe", body, timeout)
 
     async def unsubscribe(self, user: str, sub: str, *, timeout: float | None = None) -> None:

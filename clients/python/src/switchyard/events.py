@@ -8,7 +8,7 @@ the payload bytes and the headers to send, validating every rule on the way.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import rules
@@ -82,7 +82,6 @@ class OutgoingEvent:
     subject: str
     payload: bytes
     headers: dict[str, str] | None = None
-    envelope: dict[str, Any] = field(default_factory=dict)
     msg_id: str | None = None
     """Value for the ``Nats-Msg-Id`` header of a JetStream publish (the event ``id``)."""
 
@@ -129,7 +128,7 @@ def build_event(
     msg_id: str | None = None
     if id is not None:
         if isinstance(id, bool) or not isinstance(id, (str, int)):
-            raise ValidationError(f"id must be a string or an integer, got {type_name(id)}")
+            raise ValidationError(f"id must be a string or an integer, got {id.__class__.__name__}")
         if isinstance(id, str):
             rules.check_str_bytes(id, "id", rules.MAX_ID_BYTES)
         elif not -(2**63) <= id < 2**64:
@@ -151,10 +150,6 @@ def build_event(
         subject=event_subject(prefix, type, subject_key),
         payload=payload,
         headers=headers,
-        envelope=envelope,
         msg_id=msg_id,
     )
 
-
-def type_name(value: object) -> str:
-    return type(value).__name__
